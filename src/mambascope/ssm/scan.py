@@ -1,0 +1,113 @@
+"""Selective scans of Mamba-1 (S6) and Mamba-2 (SSD), in pure PyTorch.
+
+Both return the scan output *without* the skip term D·u; the caller adds it, so that the tracer can
+expose y exactly as the model computes it.  Decays are formed in log space (Δ·A ≤ 0) and only ever
+exponentiated as non-positive sums, so long sequences and large Δ·A underflow to 0 instead of
+overflowing (never ratios of cumulative products).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def selective_scan(
+    u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *,
+    parallel: bool | None = None,
+) -> torch.Tensor:
+    """Mamba-1 scan (Gu & Dao 2023, Alg. 2, with B̄ = Δ·B as in the released kernels).
+
+    h_t = exp(Δ_t·A) ⊙ h_{t-1} + Δ_t·B_t·u_t,   y_t = C_t · h_t.
+
+    Args: u, dt [b, L, E]; A [E, N]; B, C [b, L, N].  Returns y [b, L, E] in fp32 (fp64 if u is fp64).
+    ``parallel``: a log-depth (Hillis–Steele) scan, the better choice on GPUs; the default picks it on
+    CUDA and the sequential recurrence elsewhere, where one fused multiply-add per step is memory-bound
+    and beats the O(L log L) work of the parallel form.
+    """
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, dt, A, B, C = (t.to(dtype) for t in (u, dt, A, B, C))
+    # Position-major [L, b, E, N] keeps each step's slice contiguous.
+    log_decay = (dt.unsqueeze(-1) * A).transpose(0, 1)
+    inputs = ((dt * u).unsqueeze(-1) * B.unsqueeze(2)).transpose(0, 1)
+    if parallel is None:
+        parallel = u.is_cuda
+    states = _doubling_scan(log_decay, inputs) if parallel else _sequential_scan(log_decay.exp_(), inputs)
+    return torch.einsum("lben,bln->ble", states, C)
+
+
+def _sequential_scan(decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    states = inputs  # written in place: states[t] = decay[t] * states[t-1] + inputs[t]
+    for t in range(1, states.shape[0]):
+        torch.addcmul(inputs[t], decay[t], states[t - 1], out=states[t])
+    return states
+
+
+def _doubling_scan(log_decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Inclusive scan of the affine maps h ↦ exp(a)·h + x along dim 0 in ⌈log2 L⌉ steps."""
+    a, x = log_decay.clone(), inputs.clone()
+    step = 1
+    while step < a.shape[0]:
+        x[step:] = x[step:] + a[step:].exp() * x[:-step]
+        a[step:] = a[step:] + a[:-step]
+        step *= 2
+    return x
+
+
+def segment_sum(a: torch.Tensor) -> torch.Tensor:
+    """S[..., t, s] = Σ_{k=s+1..t} a[..., k] for s ≤ t, −inf above the diagonal.
+
+    Summed directly over the segment (masked cumulative sum) rather than as a difference of two
+    cumulative sums, which would lose precision once the sums grow large.
+    """
+    Q = a.shape[-1]
+    below = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a.device), diagonal=-1)
+    expanded = a.unsqueeze(-1).expand(*a.shape, Q).masked_fill(~below, 0)
+    sums = expanded.cumsum(dim=-2)
+    causal = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a.device))
+    return sums.masked_fill(~causal, -torch.inf)
+
+
+def ssd_scan(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Mamba-2 state-space dual scan, chunked (Dao & Gu 2024, §6 "SSD algorithm").
+
+    h_t = exp(Δ_t·A_h)·h_{t-1} + Δ_t·B_t ⊗ x_t,  y_t = C_t · h_t, per head h.
+
+    Args: x [b, L, H, P]; dt [b, L, H]; A [H]; B, C [b, L, G, N] (head h reads group h // (H/G)).
+    Returns y [b, L, H, P] in fp32 (fp64 for fp64 x).
+    """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    b, L, H, P = x.shape
+    G = B.shape[2]
+    x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
+    B = B.repeat_interleave(H // G, dim=2)
+    C = C.repeat_interleave(H // G, dim=2)
+    pad = (-L) % chunk_size
+    if pad:
+        # Zero Δ on the padded tail: decay 1 and no input, so earlier states are untouched.
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    nc = (L + pad) // chunk_size
+    x, dt, B, C = (t.reshape(b, nc, chunk_size, *t.shape[2:]) for t in (x, dt, B, C))
+
+    a = (dt * A).permute(0, 3, 1, 2)  # [b, H, c, Q]
+    a_cum = a.cumsum(-1)
+    xdt = x * dt.unsqueeze(-1)
+    # Within each chunk: the quadratic (attention-like) form.
+    decay = segment_sum(a).exp()  # [b, H, c, Q, Q]
+    scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * decay
+    y = torch.einsum("bhcls,bcshp->bclhp", scores, xdt)
+    # Across chunks: each chunk's contribution to the state at its end, then a short recurrence.
+    to_end = (a_cum[..., -1:] - a_cum).exp()  # [b, H, c, Q]
+    chunk_states = torch.einsum("bcshn,bhcs,bcshp->bchpn", B, to_end, xdt)
+    chunk_decay = a_cum[..., -1].exp()  # [b, H, c]
+    state = torch.zeros_like(chunk_states[:, 0])
+    starts = []
+    for c in range(nc):
+        starts.append(state)
+        state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, c]
+    start_states = torch.stack(starts, dim=1)  # [b, c, H, P, N]
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, start_states, a_cum.exp())
+    return y.reshape(b, nc * chunk_size, H, P)[:, :L]
