@@ -1,0 +1,142 @@
+"""Held-out loss under interventions at the neuron unit (DESIGN.md §5, "Ablation" and "Pruning").
+
+Ablation replaces chosen neurons of ``post`` (Mamba ``mixer.hook_post``, GPT-2 ``mlp.hook_post``) by 0
+or by their mean over the selection split, and measures next-token loss on a disjoint held-out split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mambascope.trace import NEURON_UNIT, architecture, trace_stream
+from mambascope.trace.forward import Edit
+
+
+@dataclass(frozen=True)
+class LossResult:
+    """Mean next-token cross-entropy (nats/token) over ``tokens`` predicted tokens."""
+
+    loss: float
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+def heldout_loss(model: nn.Module, windows: torch.Tensor, *, edits: Mapping[str, Edit] | None = None,
+                 batch_size: int = 16) -> LossResult:
+    """Mean next-token loss of ``model`` on ``windows`` [n, T] (no padding), optionally under ``edits``."""
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be [n, T] with T >= 2, got {tuple(windows.shape)}")
+    total, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start:start + batch_size]
+        logits = trace_stream(model, batch, None, edits=edits).float()
+        targets = batch[:, 1:].to(logits.device)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        total += float(loss)
+        count += targets.numel()
+    return LossResult(total / count, count)
+
+
+def ablation_edits(model: nn.Module, neurons: Mapping[int, Sequence[int] | torch.Tensor], mode: str = "zero",
+                   means: Mapping[int, torch.Tensor] | None = None) -> dict[str, Edit]:
+    """Edits that set the given neurons of each layer's neuron unit to 0 (``zero``) or to ``means[layer]``.
+
+    neurons: layer -> neuron indices.  means: layer -> [E] mean activation over the selection split.
+    """
+    if mode not in ("zero", "mean"):
+        raise ValueError(f"unknown ablation mode {mode!r}: use 'zero' or 'mean'")
+    unit = NEURON_UNIT[architecture(model)]
+    edits: dict[str, Edit] = {}
+    for layer, index in neurons.items():
+        index = torch.as_tensor(index, dtype=torch.long)
+        if index.numel() == 0:
+            continue
+        if mode == "mean":
+            if means is None or layer not in means:
+                raise ValueError(f"mean ablation of layer {layer} needs its neuron means from the selection split")
+            value = means[layer][index]
+        else:
+            value = torch.zeros(index.numel())
+
+        def edit(post: torch.Tensor, index: torch.Tensor = index, value: torch.Tensor = value) -> torch.Tensor:
+            post = post.clone()
+            post[..., index.to(post.device)] = value.to(device=post.device, dtype=post.dtype)
+            return post
+
+        edits[f"blocks.{layer}.{unit}"] = edit
+    return edits
+
+
+def random_groups(n_neurons: int, size: int, draws: int, seed: int) -> list[torch.Tensor]:
+    """``draws`` random neuron index sets of ``size`` (the control for a group of that size)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randperm(n_neurons, generator=g)[:size].sort().values for _ in range(draws)]
+
+
+def _spread(values: list[float]) -> dict[str, float | list[float]]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0, "draws": values}
+
+
+def ablation_study(model: nn.Module, windows: torch.Tensor, groups: Mapping[str, Mapping[int, Sequence[int]]],
+                   means: Mapping[int, torch.Tensor], n_neurons: int, *, draws: int = 3, seed: int = 0,
+                   batch_size: int = 16) -> dict:
+    """Loss with each named group zero- and mean-ablated, against random groups of the same size per layer.
+
+    groups: group name -> {layer: neuron indices}.  Returns the baseline and, per group and mode, the
+    loss, its change, and the random control's mean, std and draws.  An empty group is reported as such.
+    """
+    base = heldout_loss(model, windows, batch_size=batch_size)
+    out: dict = {"baseline_loss": base.loss, "tokens": base.tokens, "draws": draws, "groups": {}}
+    for g_index, (name, layers) in enumerate(groups.items()):
+        size = {layer: len(idx) for layer, idx in layers.items() if len(idx)}
+        entry: dict = {"neurons": sum(size.values()), "per_layer": {str(k): v for k, v in size.items()}}
+        if not size:
+            out["groups"][name] = entry | {"skipped": "group is empty"}
+            continue
+        per_layer = {layer: random_groups(n_neurons, k, draws, seed + 1000 * g_index + layer)
+                     for layer, k in size.items()}
+        controls = [{layer: sets[d] for layer, sets in per_layer.items()} for d in range(draws)]
+        for mode in ("zero", "mean"):
+            loss = heldout_loss(model, windows, edits=ablation_edits(model, layers, mode, means),
+                                batch_size=batch_size).loss
+            rand = [heldout_loss(model, windows, edits=ablation_edits(model, c, mode, means),
+                                 batch_size=batch_size).loss for c in controls]
+            entry[mode] = {"loss": loss, "delta": loss - base.loss, "random": _spread(rand),
+                           "random_delta_mean": float(torch.tensor(rand).mean()) - base.loss}
+        out["groups"][name] = entry
+    return out
+
+
+def pruning_study(model: nn.Module, windows: torch.Tensor, priority: Mapping[int, torch.Tensor],
+                  ratios: Sequence[float] = (0.1, 0.25, 0.5), *, draws: int = 3, seed: int = 0,
+                  batch_size: int = 16) -> dict:
+    """Zero-prune the first ``ratio`` of each layer's neurons in ``priority`` order, against random pruning.
+
+    priority: layer -> [E] neuron indices, first = pruned first (e.g. dead, then rarely active, then
+    lowest importance).  Returns per ratio the loss before/after and the random control's spread.
+    """
+    base = heldout_loss(model, windows, batch_size=batch_size)
+    out: dict = {"baseline_loss": base.loss, "tokens": base.tokens, "ratios": {}}
+    for ratio in ratios:
+        if not 0 < ratio < 1:
+            raise ValueError(f"pruning ratio {ratio} must be in (0, 1)")
+        chosen = {layer: order[: round(ratio * order.numel())] for layer, order in priority.items()}
+        loss = heldout_loss(model, windows, edits=ablation_edits(model, chosen), batch_size=batch_size).loss
+        per_layer = {layer: random_groups(order.numel(), round(ratio * order.numel()), draws, seed + layer)
+                     for layer, order in priority.items()}
+        rand = [heldout_loss(model, windows, batch_size=batch_size,
+                             edits=ablation_edits(model, {layer: sets[d] for layer, sets in per_layer.items()})).loss
+                for d in range(draws)]
+        out["ratios"][str(ratio)] = {"pruned_per_layer": {str(k): int(v.numel()) for k, v in chosen.items()},
+                                     "loss": loss, "delta": loss - base.loss, "random": _spread(rand)}
+    return out
