@@ -5,8 +5,10 @@ from mambascope.interventions.ablation import (
     ablation_edits,
     ablation_study,
     heldout_loss,
+    next_token_loss_sum,
     pruning_study,
     random_groups,
 )
 
-__all__ = ["LossResult", "ablation_edits", "ablation_study", "heldout_loss", "pruning_study", "random_groups"]
+__all__ = ["LossResult", "ablation_edits", "ablation_study", "heldout_loss", "next_token_loss_sum", "pruning_study",
+           "random_groups"]

@@ -29,6 +29,14 @@ class LossResult:
         return math.exp(self.loss)
 
 
+def next_token_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy (nats) of logits [b, L, V] on input_ids [b, L], and the count."""
+    targets = input_ids[:, 1:].to(logits.device)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             targets.reshape(-1), reduction="sum")
+    return float(loss), targets.numel()
+
+
 def heldout_loss(model: nn.Module, windows: torch.Tensor, *, edits: Mapping[str, Edit] | None = None,
                  batch_size: int = 16) -> LossResult:
     """Mean next-token loss of ``model`` on ``windows`` [n, T] (no padding), optionally under ``edits``."""
@@ -37,12 +45,9 @@ def heldout_loss(model: nn.Module, windows: torch.Tensor, *, edits: Mapping[str,
     total, count = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start:start + batch_size]
-        logits = trace_stream(model, batch, None, edits=edits).float()
-        targets = batch[:, 1:].to(logits.device)
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        total += float(loss)
-        count += targets.numel()
+        loss, n = next_token_loss_sum(trace_stream(model, batch, None, edits=edits), batch)
+        total += loss
+        count += n
     return LossResult(total / count, count)
 
 
