@@ -1,0 +1,14 @@
+"""mambascope: neuron-level interpretability of Mamba state-space language models.
+
+load → trace → accumulate → analyze → report:
+``load_model`` / ``load_corpus`` (models/, data/), ``trace`` (trace/), the accumulators (neurons/),
+hidden attention (ssm/, attention_neurons.py, attribution/), interventions/, report/.
+"""
+
+from mambascope.data import load_corpus, tokenize_windows
+from mambascope.models import load_model
+from mambascope.trace import Trace, mixer_params, trace, trace_stream
+
+__version__ = "0.1.0"
+
+__all__ = ["Trace", "load_corpus", "load_model", "mixer_params", "tokenize_windows", "trace", "trace_stream"]
