@@ -218,3 +218,23 @@ def test_scan_survives_long_sequences_with_large_decay():
     for parallel in (False, True):
         y = selective_scan(u, dt, A, B, C, parallel=parallel)
         assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("kind,cfg,out", [("mamba", MAMBA1_CONFIGS[2], "hook_mixer_out"),
+                                          ("mamba2", MAMBA2_CONFIGS[0], "hook_mixer_out"),
+                                          ("gpt2", dict(n_embd=32, n_head=4), "hook_mlp_out")])
+def test_neuron_write_weights_and_unembedding(kind, cfg, out):
+    from mambascope.trace import neuron_write_weights, unembedding
+
+    model = _random_model(kind, cfg)
+    ids = torch.randint(0, 97, (2, 9))
+    tr = trace(model, ids)
+    W = neuron_write_weights(model, 1)
+    post = tr["blocks.1." + ("mlp.hook_post" if kind == "gpt2" else "mixer.hook_post")]
+    written = tr[f"blocks.1.{out}"] - (post @ W.T)
+    # what is left is the output projection's bias (or nothing)
+    assert torch.allclose(written, written[:1, :1].expand_as(written), atol=1e-5)
+    norm_w, W_U = unembedding(model)
+    assert W_U.shape == (97, norm_w.shape[0])
+    with pytest.raises(IndexError, match="out of range"):
+        neuron_write_weights(model, 2)

@@ -2,7 +2,15 @@
 
 from mambascope.trace.forward import Trace, check_inputs, trace, trace_stream
 from mambascope.trace.names import NEURON_UNIT, UNITS, all_names, resolve_names
-from mambascope.trace.params import MixerParams, architecture, mixer_params, n_layers
+from mambascope.trace.params import (
+    MixerParams,
+    architecture,
+    mixer_params,
+    n_layers,
+    neuron_write_weights,
+    unembedding,
+)
 
 __all__ = ["NEURON_UNIT", "UNITS", "MixerParams", "Trace", "all_names", "architecture", "check_inputs",
-           "mixer_params", "n_layers", "resolve_names", "trace", "trace_stream"]
+           "mixer_params", "n_layers", "neuron_write_weights", "resolve_names", "trace", "trace_stream",
+           "unembedding"]

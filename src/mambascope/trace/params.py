@@ -75,3 +75,22 @@ def mixer_params(model: nn.Module, layer: int) -> MixerParams:
         head_dim=mixer.head_dim, n_groups=mixer.n_groups, norm_weight=mixer.norm.weight.detach(),
         norm_eps=mixer.norm.variance_epsilon,
     )
+
+
+def neuron_write_weights(model: nn.Module, layer: int) -> torch.Tensor:
+    """[d_model, E]: column e is what neuron e writes into the residual stream per unit of activation.
+
+    Mamba: out_proj weight.  GPT-2: the MLP's c_proj (a ``Conv1D`` storing [E, d_model], transposed here).
+    """
+    count = n_layers(model)
+    if not 0 <= layer < count:
+        raise IndexError(f"layer {layer} out of range: the model has layers 0..{count - 1}")
+    if architecture(model) == "gpt2":
+        return model.transformer.h[layer].mlp.c_proj.weight.detach().T
+    return model.backbone.layers[layer].mixer.out_proj.weight.detach()
+
+
+def unembedding(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final norm weight [d_model], unembedding W_U [V, d_model]) for direct logit effects."""
+    final_norm = model.transformer.ln_f if architecture(model) == "gpt2" else model.backbone.norm_f
+    return final_norm.weight.detach(), model.lm_head.weight.detach()
