@@ -30,8 +30,7 @@ def scan_corpus(
 ) -> LossResult:
     """Trace ``windows`` [n, T] in batches; call ``consume(layer, units, input_ids)`` for every layer.
 
-    Returns the next-token loss of the unedited model over the same windows.  Non-finite activations
-    stop the run with the layer, unit and (window, position) of the first bad value.
+    Returns the next-token loss of the unedited model over the same windows.
     """
     if windows.dim() != 2 or windows.shape[0] == 0:
         raise ValueError(f"windows must be a non-empty [n, T] tensor, got {tuple(windows.shape)}")
@@ -39,18 +38,9 @@ def scan_corpus(
     bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc=description, disable=not progress)
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start:start + batch_size]
-
-        def checked(layer: int, units: dict[str, torch.Tensor], batch: torch.Tensor = batch,
-                    start: int = start) -> None:
-            for unit, tensor in units.items():
-                bad = ~torch.isfinite(tensor)
-                if bool(bad.any()):
-                    row, pos = (int(i) for i in bad.nonzero()[0][:2])
-                    raise FloatingPointError(f"non-finite value in blocks.{layer}.{unit} at window {start + row}, "
-                                             f"position {pos}")
-            consume(layer, units, batch)
-
-        loss, n = next_token_loss_sum(trace_stream(model, batch, checked, names=names), batch)
+        logits = trace_stream(model, batch, lambda layer, units, batch=batch: consume(layer, units, batch),
+                              names=names)
+        loss, n = next_token_loss_sum(logits, batch)
         total += loss
         count += n
         bar.update(batch.numel())
