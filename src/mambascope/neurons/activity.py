@@ -1,0 +1,113 @@
+"""Dead and rarely active neurons (Voita et al. 2023, "Neurons in Large Language Models: Dead,
+N-gram, Positional", §3 and Fig. 1a/1b; DESIGN.md §5)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from mambascope.neurons._common import Accumulator, check_open_unit, none_if_nan
+from mambascope.neurons.batch import LayerLabel, NeuronBatch
+
+
+def default_thresholds() -> Tensor:
+    """|post| thresholds of the dead-neuron sensitivity curve: 1e-4 … 1, four per decade (17 values)."""
+    return torch.logspace(-4, 0, 17, dtype=torch.float64)
+
+
+def _check_thresholds(thresholds: Sequence[float] | Tensor | None) -> Tensor:
+    if thresholds is None:
+        return default_thresholds()
+    t = torch.as_tensor(thresholds, dtype=torch.float64).flatten().cpu()
+    if t.numel() == 0:
+        raise ValueError("thresholds must contain at least one value")
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        raise ValueError(f"thresholds must be finite and >= 0, got {t.tolist()}")
+    if t.numel() > 1 and not bool((t[1:] > t[:-1]).all()):
+        raise ValueError(f"thresholds must be strictly increasing, got {t.tolist()}")
+    return t
+
+
+class ActivityAccumulator(Accumulator):
+    """Per-neuron activity over the valid tokens of a corpus.
+
+    Streams (per neuron e, over the N valid tokens): active count A_e = Σ_t active[t,e] (int64);
+    Σ post, Σ |post|, Σ post·active (float64); and, for each threshold θ_k of the grid,
+    C_{k,e} = #{t : |post[t,e]| > θ_k} (int64, compared in float64).
+
+    ``finalize()`` reports (Voita et al. 2023, §3): frequency f_e = A_e / N; **dead** ⇔ A_e = 0
+    (active on 0 of N tokens, N reported as ``tokens``); **rarely active** ⇔ 0 < f_e < ``rare_threshold``
+    (default 1%); % dead of the layer; mean frequency over the alive neurons (Fig. 1b); the
+    sensitivity curve % dead(θ_k) = 100·#{e : C_{k,e} = 0}/E over the |post| grid; mean post,
+    mean |post| (inputs of mean ablation and pruning importance) and mean post while active.
+    """
+
+    _config: ClassVar[tuple[str, ...]] = ("rare_threshold", "thresholds")
+    _state: ClassVar[tuple[str, ...]] = ("active_count", "above_count", "sum_post", "sum_abs", "sum_post_active")
+
+    def __init__(self, rare_threshold: float = 0.01, thresholds: Sequence[float] | Tensor | None = None,
+                 layer: LayerLabel = None) -> None:
+        super().__init__(layer)
+        self.rare_threshold = check_open_unit("rare_threshold", rare_threshold)
+        self.thresholds = _check_thresholds(thresholds)
+
+    def update(self, batch: NeuronBatch) -> None:
+        """Add one batch: only tokens with ``batch.valid`` count. NaN/Inf in post raises NonFiniteError."""
+        self._check_finite(batch)
+        if self._start(batch):
+            E, K, dev = batch.n_neurons, self.thresholds.numel(), batch.device
+            self.active_count = torch.zeros(E, dtype=torch.long, device=dev)
+            self.above_count = torch.zeros(K, E, dtype=torch.long, device=dev)
+            self.sum_post = torch.zeros(E, dtype=torch.float64, device=dev)
+            self.sum_abs = torch.zeros(E, dtype=torch.float64, device=dev)
+            self.sum_post_active = torch.zeros(E, dtype=torch.float64, device=dev)
+        E, K = self.n_neurons, self.thresholds.numel()
+        post = batch.post[batch.valid].to(torch.float64)  # [n, E]; float64 so sums do not depend on batching
+        act = batch.active[batch.valid]
+        self.n_tokens += post.shape[0]
+        self.active_count += act.sum(0)
+        self.sum_post += post.sum(0)
+        magnitude = post.abs()
+        self.sum_abs += magnitude.sum(0)
+        self.sum_post_active += torch.where(act, post, 0.0).sum(0)
+        # bucket i means θ_{i-1} < |x| <= θ_i, so |x| > θ_k ⇔ bucket >= k+1: one histogram per neuron
+        # ([K+1, E] via a single bincount) and a reverse cumsum give every threshold's count at once.
+        bucket = torch.bucketize(magnitude, self.thresholds.to(magnitude.device))
+        flat = (bucket * E + torch.arange(E, device=bucket.device)).reshape(-1)
+        hist = torch.bincount(flat, minlength=(K + 1) * E).view(K + 1, E)
+        self.above_count += hist.flip(0).cumsum(0).flip(0)[1:]
+
+    def finalize(self) -> dict[str, Any]:
+        """Per-neuron lists (length E) and per-layer summaries, JSON-ready; see the class docstring."""
+        self._require_data()
+        N, E = self.n_tokens, self.n_neurons
+        freq = self.active_count.double() / N
+        dead = self.active_count == 0
+        rare = (~dead) & (freq < self.rare_threshold)
+        alive_freq = freq[~dead]
+        count = self.active_count.double()
+        mean_active = torch.where(dead, float("nan"), self.sum_post_active / count.clamp_min(1))
+        return {
+            "tokens": N,
+            "n_neurons": E,
+            "active_count": self.active_count.tolist(),
+            "activation_frequency": freq.tolist(),
+            "dead_neurons": dead.nonzero().flatten().tolist(),
+            "n_dead": int(dead.sum()),
+            "pct_dead": 100.0 * float(dead.double().mean()),
+            "rare_threshold": self.rare_threshold,
+            "rarely_active": rare.nonzero().flatten().tolist(),
+            "n_rarely_active": int(rare.sum()),
+            # None when every neuron is dead: the mean over no neuron is undefined, not 0.
+            "mean_frequency_alive": float(alive_freq.mean()) if alive_freq.numel() else None,
+            "mean_post": (self.sum_post / N).tolist(),
+            "mean_abs_post": (self.sum_abs / N).tolist(),
+            "mean_post_active": none_if_nan(mean_active),
+            "dead_sensitivity": {
+                "thresholds": self.thresholds.tolist(),
+                "pct_dead": (100.0 * (self.above_count == 0).double().mean(1)).tolist(),
+            },
+        }

@@ -1,0 +1,267 @@
+"""Token and n-gram detector neurons (Voita et al. 2023, "Neurons in Large Language Models: Dead,
+N-gram, Positional", §4; DESIGN.md §5)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from mambascope.neurons._common import (
+    Accumulator,
+    check_positive_int,
+    check_unit_right_closed,
+    segment_order,
+    within_segment_cumsum_before,
+)
+from mambascope.neurons.batch import LayerLabel, NeuronBatch
+
+INT64_MAX = 2**63 - 1
+
+
+class CountTable:
+    """Sparse int64 counts keyed by int64 keys (here: neuron · Vⁿ + n-gram id).
+
+    New (key, count) pairs are buffered and reduced (``torch.unique`` + ``index_add``) once the buffer
+    is as large as the table, so each pair is re-sorted O(log) times in total instead of once per
+    batch. Memory: 16 bytes per distinct key.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.keys = torch.zeros(0, dtype=torch.long, device=device)
+        self.counts = torch.zeros(0, dtype=torch.long, device=device)
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._pending_size = 0
+
+    def add(self, keys: Tensor, counts: Tensor) -> None:
+        self._pending.append((keys, counts))
+        self._pending_size += keys.numel()
+        if self._pending_size >= max(self.keys.numel(), 1 << 20):
+            self.compact()
+
+    def compact(self) -> CountTable:
+        """Reduce to sorted unique keys with summed counts; returns self."""
+        if self._pending:
+            keys = torch.cat([self.keys] + [k.to(self.keys.device) for k, _ in self._pending])
+            counts = torch.cat([self.counts] + [c.to(self.keys.device) for _, c in self._pending])
+            self.keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+            self.counts = torch.zeros_like(self.keys).index_add_(0, inverse, counts)
+            self._pending, self._pending_size = [], 0
+        return self
+
+    def merge(self, other: CountTable) -> CountTable:
+        other.compact()
+        self.add(other.keys, other.counts)
+        return self.compact()
+
+    def clone(self) -> CountTable:
+        self.compact()
+        copy = CountTable(self.keys.device)
+        copy.keys, copy.counts = self.keys.clone(), self.counts.clone()
+        return copy
+
+
+def ngram_ids(token_ids: Tensor, valid: Tensor, n: int, vocab_size: int) -> tuple[Tensor, Tensor]:
+    """Id of the n-gram ENDING at each position, and whether it exists; both [b,L].
+
+    The trigger of an activation at k is tokens k−n+1 … k (never later tokens). id =
+    Σ_{j=0}^{n−1} token[k−j]·V^j. The n-gram exists only if all its n tokens are in the row (it does
+    not cross the window start) and valid (no padding, no excluded token such as BOS).
+    """
+    tok = torch.where(valid, token_ids, 0)
+    ids = tok.clone()
+    ok = valid.clone()
+    for j in range(1, n):  # n <= 3 in practice: shift by j and fold in the earlier token
+        shifted_tok = torch.zeros_like(tok)
+        shifted_ok = torch.zeros_like(valid)
+        shifted_tok[:, j:] = tok[:, :-j]  # both sides are empty when j >= L
+        shifted_ok[:, j:] = valid[:, :-j]
+        ids += shifted_tok * vocab_size**j
+        ok &= shifted_ok
+    return ids, ok
+
+
+def cover_counts(neuron: Tensor, counts: Tensor, n_neurons: int, coverage: float) -> tuple[Tensor, Tensor]:
+    """Per neuron: fewest distinct triggers whose counts reach ``coverage`` of its total, and the total.
+
+    ``neuron`` [m], ``counts`` [m] one row per (neuron, trigger) pair. Sorting each neuron's counts
+    descending, trigger j is needed iff the counts before it sum to < coverage·total, so
+    needed = #{j : cum_before_j < coverage·total}. Returns (needed [E] int64, total [E] int64);
+    needed is 0 for a neuron with no activation (undefined; callers mask it).
+    """
+    total = torch.zeros(n_neurons, dtype=torch.long, device=counts.device).index_add_(0, neuron, counts)
+    order = segment_order(neuron, counts)
+    seg, cnt = neuron[order], counts[order]
+    before = within_segment_cumsum_before(seg, cnt, n_neurons)
+    needed_row = before.double() < coverage * total[seg].double()
+    needed = torch.zeros_like(total).index_add_(0, seg, needed_row.long())
+    return needed, total
+
+
+class TokenDetectorAccumulator(Accumulator):
+    """Token detectors and n-gram coverage from exact (neuron, n-gram) activation counts.
+
+    Streams: occurrences occ[t] of each token type t over valid tokens ([V] int64, via bincount)
+    and, for each order n in {1} ∪ ``ngram_orders``, a sparse table of activation counts per
+    (neuron, n-gram ending at the active token), keys e·Vⁿ + id (see :func:`ngram_ids`).
+    Memory is 16 bytes per distinct (neuron, n-gram) pair seen active; bounded by the number of
+    active events, so a big corpus with a dense activity rule wants ``ngram_orders=(1,)``.
+
+    Token detector (Voita et al. 2023 §4, DESIGN.md §5): with c[t,e] the activations of neuron e on
+    token type t and A_e = Σ_t c[t,e], a type t *qualifies* for e iff occ[t] >= ``min_occurrences``
+    and c[t,e] >= ``min_precision``·occ[t] (it fires e on >= 95% of its occurrences). e is a detector
+    iff A_e > 0 and its ``max_types`` (5) qualifying types with the most activations cover
+    >= ``coverage``·A_e; this is exactly "some set of <= 5 qualifying types covers 95%". Its
+    triggers are the fewest of those (by count, ties by token id) that reach ``coverage``.
+
+    n-gram coverage (n = 1, 2, 3): for each neuron, the number of distinct n-grams needed to cover
+    ``coverage`` of its activations whose n-gram exists (activations at the first n−1 positions of a
+    window, or next to padding/BOS, have no n-gram and are not counted).
+    """
+
+    _config: ClassVar[tuple[str, ...]] = ("vocab_size", "max_types", "coverage", "min_precision",
+                                         "min_occurrences", "ngram_orders")
+    _state: ClassVar[tuple[str, ...]] = ("occurrences",)
+
+    def __init__(self, vocab_size: int, max_types: int = 5, coverage: float = 0.95,
+                 min_precision: float = 0.95, min_occurrences: int = 5,
+                 ngram_orders: Sequence[int] = (1, 2, 3), layer: LayerLabel = None) -> None:
+        super().__init__(layer)
+        self.vocab_size = check_positive_int("vocab_size", vocab_size)
+        self.max_types = check_positive_int("max_types", max_types)
+        self.coverage = check_unit_right_closed("coverage", coverage)
+        self.min_precision = check_unit_right_closed("min_precision", min_precision)
+        self.min_occurrences = check_positive_int("min_occurrences", min_occurrences)
+        orders = sorted({check_positive_int("ngram order", n) for n in ngram_orders})
+        self.ngram_orders = tuple(orders)
+        self._orders = tuple(sorted({1, *orders}))  # unigrams always: the detector test needs them
+        self.tables: dict[int, CountTable] = {}
+
+    def update(self, batch: NeuronBatch) -> None:
+        """Add one batch; activations and occurrences count on ``batch.valid`` tokens only."""
+        V = self.vocab_size
+        if self._start(batch):
+            E, dev = batch.n_neurons, batch.device
+            for n in self._orders:
+                if E * V**n > INT64_MAX:
+                    raise ValueError(f"{self._where()}: (neuron, {n}-gram) keys overflow int64 for "
+                                     f"{E} neurons and vocabulary {V}; drop order {n} from ngram_orders")
+            self.occurrences = torch.zeros(V, dtype=torch.long, device=dev)
+            self.tables = {n: CountTable(dev) for n in self._orders}
+        E = self.n_neurons
+        tok = batch.token_ids[batch.valid]
+        if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= V):
+            raise ValueError(f"{self._where()}: token ids must lie in [0, vocab_size={V}), got "
+                             f"[{int(tok.min())}, {int(tok.max())}]")
+        self.n_tokens += tok.numel()
+        self.occurrences += torch.bincount(tok, minlength=V)
+        for n in self._orders:
+            ids, ok = ngram_ids(batch.token_ids, batch.valid, n, V)
+            # flat indices of active events (token slot · E + neuron) whose n-gram exists
+            events = (batch.active & ok[..., None]).reshape(-1).nonzero().flatten()
+            keys = (events % E) * V**n + ids.reshape(-1)[events // E]
+            keys, counts = torch.unique(keys, return_counts=True)
+            self.tables[n].add(keys, counts)
+
+    def _adopt_extra(self, other: Accumulator) -> None:
+        assert isinstance(other, TokenDetectorAccumulator)
+        self.tables = {n: t.clone() for n, t in other.tables.items()}
+
+    def _merge_state(self, other: Accumulator) -> None:
+        assert isinstance(other, TokenDetectorAccumulator)
+        self.occurrences += other.occurrences.to(self.occurrences.device)
+        for n, table in self.tables.items():
+            table.merge(other.tables[n])
+
+    def _table(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(neuron, n-gram id, count) rows of order n, sorted by neuron then id."""
+        table = self.tables[n].compact()
+        modulus = self.vocab_size**n
+        return table.keys // modulus, table.keys % modulus, table.counts
+
+    def detectors(self) -> dict[str, Tensor]:
+        """Detector test as tensors: ``is_detector`` [E] bool, ``activations`` A_e [E], and one row per
+        trigger (``neuron``, ``token``, ``count``, ``occurrences``) grouped by neuron, count descending."""
+        E = self.n_neurons
+        neuron, token, count = self._table(1)
+        occ = self.occurrences[token]
+        qualifies = (occ >= self.min_occurrences) & (count.double() >= self.min_precision * occ.double())
+        activations = torch.zeros(E, dtype=torch.long, device=count.device).index_add_(0, neuron, count)
+        neuron, token, count, occ = neuron[qualifies], token[qualifies], count[qualifies], occ[qualifies]
+        order = segment_order(neuron, count)
+        neuron, token, count, occ = neuron[order], token[order], count[order], occ[order]
+        per_neuron = torch.bincount(neuron, minlength=E)
+        rank = torch.arange(neuron.numel(), device=neuron.device) - (per_neuron.cumsum(0) - per_neuron)[neuron]
+        top = rank < self.max_types
+        best = torch.zeros_like(activations).index_add_(0, neuron[top], count[top])
+        need = self.coverage * activations.double()
+        is_detector = (activations > 0) & (best.double() >= need)
+        before = within_segment_cumsum_before(neuron, count, E)
+        trigger = top & is_detector[neuron] & (before.double() < need[neuron])
+        return {"is_detector": is_detector, "activations": activations, "neuron": neuron[trigger],
+                "token": token[trigger], "count": count[trigger], "occurrences": occ[trigger]}
+
+    def finalize(self) -> dict[str, Any]:
+        """JSON-ready dict: ``token_detectors`` [{neuron, tokens, counts, precision, coverage}],
+        ``tokens_covered``, ``activations`` per neuron, ``ngram_coverage`` per order (see class doc)."""
+        self._require_data()
+        found = self.detectors()
+        det = found["is_detector"].nonzero().flatten()
+        n_triggers = torch.bincount(found["neuron"], minlength=self.n_neurons)[det]
+        covered = torch.zeros_like(found["activations"]).index_add_(0, found["neuron"], found["count"])
+        coverage = (covered[det].double() / found["activations"][det].double()).tolist()
+        splits = n_triggers.tolist()
+        tokens = torch.split(found["token"], splits)
+        counts = torch.split(found["count"], splits)
+        precision = torch.split(found["count"].double() / found["occurrences"].double(), splits)
+        # building the JSON records is a loop over the detectors found, not a computation
+        records = [
+            {"neuron": e, "tokens": t.tolist(), "counts": c.tolist(), "precision": p.tolist(), "coverage": cov}
+            for e, t, c, p, cov in zip(det.tolist(), tokens, counts, precision, coverage, strict=True)
+        ]
+        result: dict[str, Any] = {
+            "tokens": self.n_tokens,
+            "vocab_size": self.vocab_size,
+            "criteria": {"max_types": self.max_types, "coverage": self.coverage,
+                         "min_precision": self.min_precision, "min_occurrences": self.min_occurrences},
+            "activations": found["activations"].tolist(),
+            "token_detectors": records,
+            "n_token_detectors": len(records),
+            "tokens_covered": torch.unique(found["token"]).tolist(),
+            "ngram_coverage": {},
+        }
+        for n in self.ngram_orders:
+            neuron, _, count = self._table(n)
+            needed, total = cover_counts(neuron, count, self.n_neurons, self.coverage)
+            has = total > 0
+            values = needed[has].double()
+            result["ngram_coverage"][str(n)] = {
+                # None: a neuron without any activation that has an n-gram needs no cover (undefined)
+                "needed": [v if h else None for v, h in zip(needed.tolist(), has.tolist(), strict=True)],
+                "activations_counted": int(total.sum()),
+                "n_neurons_with_activations": int(has.sum()),
+                "mean": float(values.mean()) if values.numel() else None,
+                "median": float(values.quantile(0.5)) if values.numel() else None,
+                "quantiles": ({str(q): float(values.quantile(q)) for q in (0.1, 0.25, 0.75, 0.9)}
+                              if values.numel() else None),
+            }
+        return result
+
+
+def detector_tokens_by_layer(tokens_per_layer: Sequence[Iterable[int]]) -> list[dict[str, Any]]:
+    """Tokens covered by the detectors of each layer, in layer order, against the earlier layers.
+
+    ``tokens_per_layer[l]``: trigger token ids of layer l's detectors (``tokens_covered`` of its
+    finalize). Per layer: ``covered`` (count), ``cumulative`` (|∪_{l' <= l}|), ``new`` (sorted ids not
+    covered by any earlier layer) and ``n_new``. A loop over layers (a handful), not over neurons.
+    """
+    seen: set[int] = set()
+    out = []
+    for tokens in tokens_per_layer:
+        here = {int(t) for t in tokens}
+        new = sorted(here - seen)
+        seen |= here
+        out.append({"covered": len(here), "new": new, "n_new": len(new), "cumulative": len(seen)})
+    return out

@@ -1,0 +1,155 @@
+"""The analyses end to end: the neuron census (DESIGN.md §5) and the comprehensive analysis (§6, §8).
+
+Selection and evaluation never share tokens: the analysed windows are split into a selection part,
+which every accumulator sees, and a held-out tail (``heldout_fraction`` of the windows), on which
+ablation and pruning measure the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from mambascope.interventions import ablation_study, pruning_study
+from mambascope.neurons import LayerCensus, NeuronBatch, detector_suppression, detector_tokens_by_layer, group_overlap
+from mambascope.runner import scan_corpus
+from mambascope.trace import architecture, mixer_params, n_layers, neuron_write_weights, unembedding
+
+GROUPS = ("dead", "rarely_active", "positional", "token_detector", "delta_sensitive")
+
+
+def check_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
+    """The requested layer indices, validated (None = every layer)."""
+    count = n_layers(model)
+    if layers is None:
+        return list(range(count))
+    bad = [layer for layer in layers if not 0 <= layer < count]
+    if bad:
+        raise IndexError(f"layer {bad[0]} out of range: the model has layers 0..{count - 1}")
+    return sorted(set(layers))
+
+
+def split_windows(windows: torch.Tensor, heldout_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(selection, held-out): the last ``heldout_fraction`` of the windows (corpus order) are held out."""
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    n_heldout = round(windows.shape[0] * heldout_fraction)
+    if n_heldout < 1 or n_heldout >= windows.shape[0]:
+        raise ValueError(f"{windows.shape[0]} windows cannot be split into selection and held-out parts; "
+                         "give more text or a smaller --window")
+    return windows[:-n_heldout], windows[-n_heldout:]
+
+
+def _decode(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    return [tokenizer.decode([int(i)]) for i in ids]
+
+
+def _groups(layer_result: dict, arch: str, head_dim: int) -> dict[str, list[int]]:
+    delta = [d["index"] for d in layer_result["delta_sensitive"] or []]
+    if arch == "mamba2":  # Δ is per head: its neurons are the head's channels
+        delta = [h * head_dim + j for h in delta for j in range(head_dim)]
+    return {"dead": layer_result["dead_neurons"], "rarely_active": layer_result["rarely_active"],
+            "positional": layer_result["positional_neurons"],
+            "token_detector": [d["neuron"] for d in layer_result["token_detectors"]],
+            "delta_sensitive": delta if arch != "gpt2" else []}
+
+
+def pruning_priority(layer_result: dict, write_norms: torch.Tensor) -> torch.Tensor:
+    """Neuron order for pruning: dead, then rarely active (rarest first), then lowest importance,
+    importance = mean |post| × ‖write vector‖ (the neuron's out_proj column)."""
+    freq = torch.tensor(layer_result["activation_frequency"], dtype=torch.float64)
+    importance = torch.tensor(layer_result["activity"]["mean_abs_post"], dtype=torch.float64) * write_norms.double()
+    category = torch.full_like(freq, 2.0)
+    category[layer_result["rarely_active"]] = 1.0
+    category[layer_result["dead_neurons"]] = 0.0
+    secondary = torch.where(category == 1.0, freq, importance)
+    order = torch.argsort(secondary, stable=True)
+    return order[torch.argsort(category[order], stable=True)]
+
+
+def run_census(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layers: Sequence[int] | None = None,
+               heldout_fraction: float = 0.25, batch_size: int = 8, draws: int = 3, seed: int = 0,
+               ablation: bool = True, pruning_ratios: Sequence[float] = (0.1, 0.25, 0.5), progress: bool = True,
+               census_options: dict | None = None) -> dict[str, Any]:
+    """The neuron census of every chosen layer in one pass, then overlap, suppression, ablation, pruning.
+
+    windows: [n, T] token windows without padding (``tokenize_windows``).  Returns a JSON-ready dict:
+    ``tokens`` (selection / held-out), ``selection_loss``, ``layers`` {layer: per-layer census with
+    decoded detector tokens, ``suppression`` and ``overlap``}, ``detector_tokens_by_layer``, and, if
+    ``ablation``, ``ablation`` and ``pruning`` measured on the held-out windows.
+    """
+    arch = architecture(model)
+    layers = check_layers(model, layers)
+    select, heldout = split_windows(windows, heldout_fraction) if ablation else (windows, windows[:0])
+    vocab = model.get_input_embeddings().num_embeddings
+    census = {layer: LayerCensus(arch, vocab, layer=layer, **(census_options or {})) for layer in layers}
+    bos = tokenizer.bos_token_id
+    units = [f"blocks.{layer}.{u}" for layer in layers
+             for u in (["mlp.hook_post"] if arch == "gpt2" else ["mixer.hook_post", "mixer.hook_gate_pre",
+                                                                 "mixer.hook_dt"])]
+
+    def consume(layer: int, tensors: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
+        census[layer].update(NeuronBatch.from_layer(tensors, arch, ids.to(next(iter(tensors.values())).device),
+                                                    bos_token_id=bos, label=layer))
+
+    loss = scan_corpus(model, select, consume, names=units, batch_size=batch_size, progress=progress,
+                       description="census")
+    norm_weight, W_U = unembedding(model)
+    out: dict[str, Any] = {"tokens": {"selection": int(select.numel()), "heldout": int(heldout.numel()),
+                                      "window": int(windows.shape[1])},
+                           "selection_loss": loss.loss, "layers": {}}
+    head_dim = mixer_params(model, 0).head_dim if arch == "mamba2" else 1
+    groups, means, priority = {}, {}, {}
+    for layer in layers:
+        result = census[layer].finalize()
+        W = neuron_write_weights(model, layer).float()
+        for det in result["token_detectors"]:
+            det["token_strings"] = _decode(tokenizer, det["tokens"])
+        for d in result["delta_sensitive"] or []:
+            for t in d["top_tokens"] or []:
+                t["string"] = _decode(tokenizer, [t["token"]])[0]
+        result["suppression"] = detector_suppression(W, norm_weight.float(), W_U.float(), result["token_detectors"])
+        groups[layer] = _groups(result, arch, head_dim)
+        result["overlap"] = group_overlap(groups[layer], result["n_neurons"])
+        means[layer] = torch.tensor(result["activity"]["mean_post"])
+        priority[layer] = pruning_priority(result, W.norm(dim=0).cpu())
+        out["layers"][str(layer)] = result
+    out["detector_tokens_by_layer"] = detector_tokens_by_layer(
+        [out["layers"][str(layer)]["tokens_covered"] for layer in layers])
+    if ablation:
+        by_group = {g: {layer: groups[layer][g] for layer in layers} for g in GROUPS}
+        n_neurons = out["layers"][str(layers[0])]["n_neurons"]
+        out["ablation"] = ablation_study(model, heldout, by_group, means, n_neurons, draws=draws, seed=seed,
+                                         batch_size=batch_size)
+        out["pruning"] = pruning_study(model, heldout, priority, pruning_ratios, draws=draws, seed=seed,
+                                       batch_size=batch_size) | {
+            "priority": "dead, then rarely active (rarest first), then lowest mean|post| x |out_proj column|"}
+    return out
+
+
+def neuron_table(census: dict[str, Any]) -> pd.DataFrame:
+    """One row per layer x neuron: frequency, positional MI and correlation, detector tokens, Δ statistics."""
+    frames = []
+    for layer, r in census["layers"].items():
+        E = r["n_neurons"]
+        detector = {d["neuron"]: " ".join(repr(s) for s in d["token_strings"]) for d in r["token_detectors"]}
+        frame = pd.DataFrame({
+            "layer": int(layer), "neuron": range(E), "frequency": r["activation_frequency"],
+            "dead": [False] * E, "rarely_active": [False] * E, "positional_mi": r["positional_mi"],
+            "position_correlation": r["positional"]["position_correlation"],
+            "mean_post": r["activity"]["mean_post"], "mean_abs_post": r["activity"]["mean_abs_post"],
+            "detector_tokens": [detector.get(e, "") for e in range(E)],
+        })
+        frame.loc[r["dead_neurons"], "dead"] = True
+        frame.loc[r["rarely_active"], "rarely_active"] = True
+        frame["positional"] = frame["positional_mi"] > r["positional"]["positional_threshold"]
+        if r["delta"] is not None:
+            per_unit = E // r["delta"]["n_units"]  # 1 on Mamba-1; head_dim on Mamba-2 (Δ per head)
+            for key in ("mean", "std", "selectivity"):
+                frame[f"dt_{key}"] = [v for v in r["delta"][key] for _ in range(per_unit)]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)

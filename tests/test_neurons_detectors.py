@@ -1,0 +1,145 @@
+"""Token detectors and n-gram coverage: loop reference, hand-made cases, invariance, bad input."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from mambascope.neurons import (
+    CountTable,
+    EmptyAccumulatorError,
+    NeuronBatch,
+    TokenDetectorAccumulator,
+    detector_tokens_by_layer,
+    ngram_ids,
+)
+from neuron_reference import check_invariance, make_batch, ref_detectors
+
+
+def _row_batch(tokens, active, valid=None):
+    """One window; ``active`` [L, E] lists."""
+    tok = torch.tensor([tokens])
+    act = torch.tensor([active], dtype=torch.bool)
+    valid = torch.ones_like(tok, dtype=torch.bool) if valid is None else torch.tensor([valid])
+    return NeuronBatch(torch.zeros(act.shape), act, tok, torch.arange(tok.shape[1])[None], valid)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_matches_brute_force_reference(seed):
+    batch = make_batch(seed=seed)
+    acc = TokenDetectorAccumulator(vocab_size=8, min_occurrences=5)
+    acc.update(batch)
+    got = acc.finalize()
+    ref = ref_detectors(batch.token_ids, batch.active, batch.valid, min_occurrences=5)
+    assert {d["neuron"]: sorted(d["tokens"]) for d in got["token_detectors"]} == ref["detectors"]
+    assert ref["detectors"][2] == [2, 5]  # the planted detector is found; the random neurons are not
+    assert not {0, 6, 7} & set(ref["detectors"])
+    assert got["activations"] == ref["activations"]
+    assert got["tokens_covered"] == sorted({t for ts in ref["detectors"].values() for t in ts})
+    for n in (1, 2, 3):
+        assert got["ngram_coverage"][str(n)]["needed"] == ref["needed"][n], n
+    occ = torch.bincount(batch.token_ids[batch.valid], minlength=8)
+    for d in got["token_detectors"]:
+        assert d["precision"] == [d["counts"][i] / int(occ[t]) for i, t in enumerate(d["tokens"])]
+        assert d["counts"] == sorted(d["counts"], reverse=True)
+
+
+def test_precision_and_type_limits():
+    tokens = [1, 2] * 5 + [3] * 5
+    # neuron 0 fires on every 1; neuron 1 on every token (3 types, all precise); neuron 2 on 1 and on one 2
+    active = [[t == 1, True, t == 1 or (k == 1)] for k, t in enumerate(tokens)]
+    acc = TokenDetectorAccumulator(vocab_size=4, min_occurrences=5, max_types=5)
+    acc.update(_row_batch(tokens, active))
+    dets = {d["neuron"]: d["tokens"] for d in acc.finalize()["token_detectors"]}
+    # neuron 2: token 2 fires it on 1/5 of its occurrences, token 1 covers 5/6 < 95% → not a detector
+    assert dets == {0: [1], 1: [1, 2, 3]}
+    narrow = TokenDetectorAccumulator(vocab_size=4, min_occurrences=5, max_types=2)
+    narrow.update(_row_batch(tokens, active))
+    assert {d["neuron"] for d in narrow.finalize()["token_detectors"]} == {0}
+    rare = TokenDetectorAccumulator(vocab_size=4, min_occurrences=6)  # every type occurs only 5 times
+    rare.update(_row_batch(tokens, active))
+    assert rare.finalize()["token_detectors"] == []
+
+
+def test_precision_boundary_is_inclusive():
+    tokens = [1] * 20 + [2] * 5
+    # neuron 0 fires on 19 of the 20 ones (precision exactly 95%), neuron 1 on 18 of them (90%)
+    active = [[t == 1 and k != 0, t == 1 and k > 1] for k, t in enumerate(tokens)]
+    acc = TokenDetectorAccumulator(vocab_size=3)
+    acc.update(_row_batch(tokens, active))
+    out = acc.finalize()["token_detectors"]
+    assert [(d["neuron"], d["tokens"], d["precision"]) for d in out] == [(0, [1], [0.95])]
+
+
+def test_ngrams_end_at_the_active_token():
+    tokens = [5, 1, 2, 6, 1, 2, 7]
+    # neuron 0 fires at k = 2 and k = 5: backward bigrams (1,2),(1,2) → 1 needed (forward ones would be 2);
+    # trigrams (5,1,2),(6,1,2) → 2. Neuron 1 fires at k = 0 only: no bigram/trigram exists there.
+    active = [[k in (2, 5), k == 0] for k in range(7)]
+    acc = TokenDetectorAccumulator(vocab_size=8, min_occurrences=1)
+    acc.update(_row_batch(tokens, active))
+    cov = acc.finalize()["ngram_coverage"]
+    assert cov["1"]["needed"] == [1, 1]
+    assert cov["2"]["needed"] == [1, None] and cov["3"]["needed"] == [2, None]
+    assert cov["2"]["activations_counted"] == 2 and cov["1"]["activations_counted"] == 3
+    # an invalid (padding) token at k = 4 breaks the n-grams that contain it
+    gap = TokenDetectorAccumulator(vocab_size=8, min_occurrences=1)
+    gap.update(_row_batch(tokens, active, [k != 4 for k in range(7)]))
+    assert gap.finalize()["ngram_coverage"]["2"]["needed"] == [1, None]
+    assert gap.finalize()["ngram_coverage"]["2"]["activations_counted"] == 1
+
+
+def test_ngram_ids_encoding():
+    tok = torch.tensor([[3, 1, 2, 0]])
+    valid = torch.tensor([[True, True, True, False]])
+    ids, ok = ngram_ids(tok, valid, 3, 10)
+    assert ok.tolist() == [[False, False, True, False]]
+    assert int(ids[0, 2]) == 3 * 100 + 1 * 10 + 2
+    ids, ok = ngram_ids(tok[:, :2], valid[:, :2], 3, 10)  # window shorter than n
+    assert not ok.any()
+
+
+def test_count_table_matches_counter():
+    g = torch.Generator().manual_seed(0)
+    table, other, expected = CountTable(), CountTable(), Counter()
+    for i in range(5):
+        keys = torch.randint(0, 30, (40,), generator=g)
+        expected.update(keys.tolist())
+        u, c = torch.unique(keys, return_counts=True)
+        (table if i % 2 else other).add(u, c)
+    table.merge(other)
+    assert dict(zip(table.keys.tolist(), table.counts.tolist(), strict=True)) == dict(expected)
+    assert table.keys.tolist() == sorted(expected)
+
+
+def test_batch_size_and_merge_invariance():
+    check_invariance(lambda: TokenDetectorAccumulator(vocab_size=8), make_batch(seed=8))
+
+
+def test_tokens_by_layer():
+    out = detector_tokens_by_layer([[3, 1], [1, 4, 4], [], [5, 3]])
+    assert [o["covered"] for o in out] == [2, 2, 0, 2]
+    assert [o["new"] for o in out] == [[1, 3], [4], [], [5]]
+    assert [o["cumulative"] for o in out] == [2, 3, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"coverage": 0.0}, "coverage"), ({"min_precision": 1.5}, "min_precision"), ({"max_types": 0}, "max_types"),
+     ({"min_occurrences": 0}, "min_occurrences"), ({"vocab_size": 0}, "vocab_size"),
+     ({"ngram_orders": (0,)}, "ngram order")],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TokenDetectorAccumulator(**{"vocab_size": 8, **kwargs})
+
+
+def test_bad_input_and_empty():
+    with pytest.raises(EmptyAccumulatorError):
+        TokenDetectorAccumulator(vocab_size=8).finalize()
+    with pytest.raises(ValueError, match="vocab_size=4"):
+        TokenDetectorAccumulator(vocab_size=4).update(make_batch(V=8))
+    with pytest.raises(ValueError, match="overflow int64"):
+        TokenDetectorAccumulator(vocab_size=3_000_000).update(make_batch())
+    with pytest.raises(ValueError, match="ngram_orders"):
+        TokenDetectorAccumulator(vocab_size=8, ngram_orders=(1,)).merge(TokenDetectorAccumulator(vocab_size=8))
