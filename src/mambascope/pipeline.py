@@ -15,7 +15,15 @@ import torch
 from torch import nn
 
 from mambascope.interventions import ablation_study, pruning_study
-from mambascope.neurons import LayerCensus, NeuronBatch, detector_suppression, detector_tokens_by_layer, group_overlap
+from mambascope.neurons import (
+    LayerCensus,
+    NeuronBatch,
+    TopContextAccumulator,
+    detector_suppression,
+    detector_tokens_by_layer,
+    group_overlap,
+    top_logit_tokens,
+)
 from mambascope.runner import scan_corpus
 from mambascope.trace import architecture, mixer_params, n_layers, neuron_write_weights, unembedding
 
@@ -48,6 +56,27 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     return [tokenizer.decode([int(i)]) for i in ids]
 
 
+def _decoded_contexts(top: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """Token ids of the contexts to strings ("" before the window start)."""
+    ids = sorted({t for neuron in top["context_tokens"] for ctx in neuron for t in ctx if t >= 0})
+    text = dict(zip(ids, _decode(tokenizer, ids), strict=True))
+    top["tokens"] = [[[text.get(t, "") for t in ctx] for ctx in neuron] for neuron in top.pop("context_tokens")]
+    top["activations"] = top.pop("context_post")
+    return top
+
+
+def _logit_effects(W: torch.Tensor, norm_weight: torch.Tensor, W_U: torch.Tensor, tokenizer: Any,
+                   k: int = 10) -> dict[str, Any]:
+    """Each neuron's most promoted and most suppressed tokens through the final norm and unembedding."""
+    top = top_logit_tokens(W, norm_weight, W_U, k)
+    ids = sorted(set(top["promoted_tokens"].flatten().tolist()) | set(top["suppressed_tokens"].flatten().tolist()))
+    text = dict(zip(ids, _decode(tokenizer, ids), strict=True))
+    return {"promoted": [[text[t] for t in row] for row in top["promoted_tokens"].tolist()],
+            "promoted_values": top["promoted_effects"].tolist(),
+            "suppressed": [[text[t] for t in row] for row in top["suppressed_tokens"].tolist()],
+            "suppressed_values": top["suppressed_effects"].tolist()}
+
+
 def _groups(layer_result: dict, arch: str, head_dim: int) -> dict[str, list[int]]:
     delta = [d["index"] for d in layer_result["delta_sensitive"] or []]
     if arch == "mamba2":  # Δ is per head: its neurons are the head's channels
@@ -74,7 +103,8 @@ def pruning_priority(layer_result: dict, write_norms: torch.Tensor) -> torch.Ten
 def run_census(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layers: Sequence[int] | None = None,
                heldout_fraction: float = 0.25, batch_size: int = 8, draws: int = 3, seed: int = 0,
                ablation: bool = True, pruning_ratios: Sequence[float] = (0.1, 0.25, 0.5), progress: bool = True,
-               census_options: dict | None = None) -> dict[str, Any]:
+               census_options: dict | None = None, top_k_contexts: int = 5,
+               context_width: int = 16) -> dict[str, Any]:
     """The neuron census of every chosen layer in one pass, then overlap, suppression, ablation, pruning.
 
     windows: [n, T] token windows without padding (``tokenize_windows``).  Returns a JSON-ready dict:
@@ -92,9 +122,13 @@ def run_census(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layer
              for u in (["mlp.hook_post"] if arch == "gpt2" else ["mixer.hook_post", "mixer.hook_gate_pre",
                                                                  "mixer.hook_dt"])]
 
-    def consume(layer: int, tensors: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
-        census[layer].update(NeuronBatch.from_layer(tensors, arch, ids.to(next(iter(tensors.values())).device),
-                                                    bos_token_id=bos, label=layer))
+    tops = {layer: TopContextAccumulator(top_k_contexts, context_width, layer=layer) for layer in layers}
+
+    def consume(layer: int, tensors: dict[str, torch.Tensor], ids: torch.Tensor, rows: torch.Tensor) -> None:
+        device = next(iter(tensors.values())).device
+        batch = NeuronBatch.from_layer(tensors, arch, ids.to(device), bos_token_id=bos, label=layer, window_ids=rows)
+        census[layer].update(batch)
+        tops[layer].update(batch)
 
     loss = scan_corpus(model, select, consume, names=units, batch_size=batch_size, progress=progress,
                        description="census")
@@ -113,6 +147,8 @@ def run_census(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layer
             for t in d["top_tokens"] or []:
                 t["string"] = _decode(tokenizer, [t["token"]])[0]
         result["suppression"] = detector_suppression(W, norm_weight.float(), W_U.float(), result["token_detectors"])
+        result["top_contexts"] = _decoded_contexts(tops[layer].finalize(), tokenizer)
+        result["logit_effects"] = _logit_effects(W, norm_weight.float(), W_U.float(), tokenizer)
         groups[layer] = _groups(result, arch, head_dim)
         result["overlap"] = group_overlap(groups[layer], result["n_neurons"])
         means[layer] = torch.tensor(result["activity"]["mean_post"])

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from mambascope.interventions import LossResult, next_token_loss_sum
 from mambascope.trace import trace_stream
 
-LayerConsumer = Callable[[int, dict[str, torch.Tensor], torch.Tensor], None]
+LayerConsumer = Callable[[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor], None]
 
 
 def scan_corpus(
@@ -28,7 +28,8 @@ def scan_corpus(
     progress: bool = True,
     description: str = "tracing",
 ) -> LossResult:
-    """Trace ``windows`` [n, T] in batches; call ``consume(layer, units, input_ids)`` for every layer.
+    """Trace ``windows`` [n, T] in batches; call ``consume(layer, units, input_ids, window_ids)`` for every
+    layer, ``window_ids`` [b] being the rows' indices in ``windows``.
 
     Returns the next-token loss of the unedited model over the same windows.
     """
@@ -38,8 +39,9 @@ def scan_corpus(
     bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc=description, disable=not progress)
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start:start + batch_size]
-        logits = trace_stream(model, batch, lambda layer, units, batch=batch: consume(layer, units, batch),
-                              names=names)
+        rows = torch.arange(start, start + batch.shape[0])
+        logits = trace_stream(model, batch, lambda layer, units, batch=batch, rows=rows:
+                              consume(layer, units, batch, rows), names=names)
         loss, n = next_token_loss_sum(logits, batch)
         total += loss
         count += n

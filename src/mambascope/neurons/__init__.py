@@ -17,6 +17,7 @@ from mambascope.neurons.detectors import (
 from mambascope.neurons.overlap import group_overlap
 from mambascope.neurons.positional import PositionalAccumulator, positional_information
 from mambascope.neurons.suppression import detector_suppression, direct_logit_effects, top_logit_tokens
+from mambascope.neurons.top_contexts import TopContextAccumulator
 
 __all__ = [
     "ActivityAccumulator",
@@ -28,6 +29,7 @@ __all__ = [
     "NonFiniteError",
     "PositionalAccumulator",
     "TokenDetectorAccumulator",
+    "TopContextAccumulator",
     "cover_counts",
     "default_thresholds",
     "detector_suppression",

@@ -75,6 +75,7 @@ class NeuronBatch:
     valid: Tensor
     dt: Tensor | None = None
     layer: LayerLabel = None
+    window_ids: Tensor | None = None
 
     def __post_init__(self) -> None:
         where = layer_name(self.layer)
@@ -100,6 +101,9 @@ class NeuronBatch:
                                     or not self.dt.is_floating_point()):
             raise ValueError(f"{where}: dt must be a float tensor [batch, pos, channels] with batch, pos = "
                              f"{(b, L)}, got {self.dt.dtype} {tuple(self.dt.shape)}")
+        if self.window_ids is not None and self.window_ids.shape != (b,):
+            raise ValueError(f"{where}: window_ids must have shape [batch] = {(b,)}, "
+                             f"got {tuple(self.window_ids.shape)}")
         tensors = [self.post, self.active, self.token_ids, self.positions, self.valid]
         if self.dt is not None:
             tensors.append(self.dt)
@@ -129,6 +133,7 @@ class NeuronBatch:
         rule: str = "gate",
         eps: float = 0.0,
         label: LayerLabel = None,
+        window_ids: Tensor | None = None,
     ) -> NeuronBatch:
         """Build a batch from one layer of a trace: ``layer`` maps unit names without ``blocks.{l}.``.
 
@@ -146,7 +151,8 @@ class NeuronBatch:
         non-pad token, so left padding shifts it (pad slots get 0 and are invalid anyway).
         ``valid`` = attention_mask & (input_ids != bos_token_id): BOS is excluded from every statistic
         but keeps its position (the first real token then sits at position 1).
-        ``label`` names the layer in error messages.
+        ``label`` names the layer in error messages.  ``window_ids`` [b]: the rows' indices in the corpus's
+        windows, for statistics that point back at contexts (top activations).
         """
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHS}")
@@ -185,4 +191,5 @@ class NeuronBatch:
         positions = (mask.long().cumsum(1) - 1).clamp_min(0)
         valid = mask if bos_token_id is None else mask & (input_ids != bos_token_id)
         return cls(post=post, active=active, token_ids=input_ids.long(), positions=positions,
-                   valid=valid, dt=dt, layer=label)
+                   valid=valid, dt=dt, layer=label,
+                   window_ids=None if window_ids is None else window_ids.to(post.device).long())
