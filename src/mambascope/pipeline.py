@@ -77,7 +77,8 @@ def _logit_effects(W: torch.Tensor, norm_weight: torch.Tensor, W_U: torch.Tensor
             "suppressed_values": top["suppressed_effects"].tolist()}
 
 
-def _groups(layer_result: dict, arch: str, head_dim: int) -> dict[str, list[int]]:
+def neuron_groups(layer_result: dict, arch: str, head_dim: int) -> dict[str, list[int]]:
+    """The census groups of one layer as neuron indices (Mamba-2's Δ-sensitive heads → their channels)."""
     delta = [d["index"] for d in layer_result["delta_sensitive"] or []]
     if arch == "mamba2":  # Δ is per head: its neurons are the head's channels
         delta = [h * head_dim + j for h in delta for j in range(head_dim)]
@@ -100,29 +101,24 @@ def pruning_priority(layer_result: dict, write_norms: torch.Tensor) -> torch.Ten
     return order[torch.argsort(category[order], stable=True)]
 
 
-def run_census(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layers: Sequence[int] | None = None,
-               heldout_fraction: float = 0.25, batch_size: int = 8, draws: int = 3, seed: int = 0,
-               ablation: bool = True, pruning_ratios: Sequence[float] = (0.1, 0.25, 0.5), progress: bool = True,
-               census_options: dict | None = None, top_k_contexts: int = 5,
-               context_width: int = 16) -> dict[str, Any]:
-    """The neuron census of every chosen layer in one pass, then overlap, suppression, ablation, pruning.
+def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layers: Sequence[int] | None = None,
+                batch_size: int = 8, progress: bool = True, census_options: dict | None = None,
+                top_k_contexts: int = 5, context_width: int = 16) -> dict[str, Any]:
+    """The neuron census of every chosen layer in one traced pass over ``windows`` [n, T] (no padding).
 
-    windows: [n, T] token windows without padding (``tokenize_windows``).  Returns a JSON-ready dict:
-    ``tokens`` (selection / held-out), ``selection_loss``, ``layers`` {layer: per-layer census with
-    decoded detector tokens, ``suppression`` and ``overlap``}, ``detector_tokens_by_layer``, and, if
-    ``ablation``, ``ablation`` and ``pruning`` measured on the held-out windows.
+    Returns ``tokens``, ``window``, ``loss`` (next-token loss on the same windows), ``layers`` {layer:
+    ``LayerCensus.finalize()`` + decoded detector tokens, ``suppression``, ``overlap``, ``top_contexts``,
+    ``logit_effects``} and ``detector_tokens_by_layer``.
     """
     arch = architecture(model)
     layers = check_layers(model, layers)
-    select, heldout = split_windows(windows, heldout_fraction) if ablation else (windows, windows[:0])
     vocab = model.get_input_embeddings().num_embeddings
     census = {layer: LayerCensus(arch, vocab, layer=layer, **(census_options or {})) for layer in layers}
+    tops = {layer: TopContextAccumulator(top_k_contexts, context_width, layer=layer) for layer in layers}
     bos = tokenizer.bos_token_id
     units = [f"blocks.{layer}.{u}" for layer in layers
              for u in (["mlp.hook_post"] if arch == "gpt2" else ["mixer.hook_post", "mixer.hook_gate_pre",
                                                                  "mixer.hook_dt"])]
-
-    tops = {layer: TopContextAccumulator(top_k_contexts, context_width, layer=layer) for layer in layers}
 
     def consume(layer: int, tensors: dict[str, torch.Tensor], ids: torch.Tensor, rows: torch.Tensor) -> None:
         device = next(iter(tensors.values())).device
@@ -130,14 +126,12 @@ def run_census(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layer
         census[layer].update(batch)
         tops[layer].update(batch)
 
-    loss = scan_corpus(model, select, consume, names=units, batch_size=batch_size, progress=progress,
+    loss = scan_corpus(model, windows, consume, names=units, batch_size=batch_size, progress=progress,
                        description="census")
-    norm_weight, W_U = unembedding(model)
-    out: dict[str, Any] = {"tokens": {"selection": int(select.numel()), "heldout": int(heldout.numel()),
-                                      "window": int(windows.shape[1])},
-                           "selection_loss": loss.loss, "layers": {}}
+    norm_weight, W_U = (t.float() for t in unembedding(model))
     head_dim = mixer_params(model, 0).head_dim if arch == "mamba2" else 1
-    groups, means, priority = {}, {}, {}
+    out: dict[str, Any] = {"tokens": int(windows.numel()), "window": int(windows.shape[1]), "loss": loss.loss,
+                           "layers": {}}
     for layer in layers:
         result = census[layer].finalize()
         W = neuron_write_weights(model, layer).float()
@@ -146,24 +140,54 @@ def run_census(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layer
         for d in result["delta_sensitive"] or []:
             for t in d["top_tokens"] or []:
                 t["string"] = _decode(tokenizer, [t["token"]])[0]
-        result["suppression"] = detector_suppression(W, norm_weight.float(), W_U.float(), result["token_detectors"])
+        result["suppression"] = detector_suppression(W, norm_weight, W_U, result["token_detectors"])
+        result["overlap"] = group_overlap(neuron_groups(result, arch, head_dim), result["n_neurons"])
         result["top_contexts"] = _decoded_contexts(tops[layer].finalize(), tokenizer)
-        result["logit_effects"] = _logit_effects(W, norm_weight.float(), W_U.float(), tokenizer)
-        groups[layer] = _groups(result, arch, head_dim)
-        result["overlap"] = group_overlap(groups[layer], result["n_neurons"])
-        means[layer] = torch.tensor(result["activity"]["mean_post"])
-        priority[layer] = pruning_priority(result, W.norm(dim=0).cpu())
+        result["logit_effects"] = _logit_effects(W, norm_weight, W_U, tokenizer)
         out["layers"][str(layer)] = result
     out["detector_tokens_by_layer"] = detector_tokens_by_layer(
         [out["layers"][str(layer)]["tokens_covered"] for layer in layers])
-    if ablation:
-        by_group = {g: {layer: groups[layer][g] for layer in layers} for g in GROUPS}
-        n_neurons = out["layers"][str(layers[0])]["n_neurons"]
-        out["ablation"] = ablation_study(model, heldout, by_group, means, n_neurons, draws=draws, seed=seed,
-                                         batch_size=batch_size)
-        out["pruning"] = pruning_study(model, heldout, priority, pruning_ratios, draws=draws, seed=seed,
-                                       batch_size=batch_size) | {
-            "priority": "dead, then rarely active (rarest first), then lowest mean|post| x |out_proj column|"}
+    return out
+
+
+def census_interventions(model: nn.Module, layer_results: dict[str, dict], heldout: torch.Tensor, *,
+                         draws: int = 3, seed: int = 0, batch_size: int = 8,
+                         pruning_ratios: Sequence[float] = (0.1, 0.25, 0.5)) -> dict[str, Any]:
+    """Ablation of every census group and pruning, measured on ``heldout`` windows the census never saw.
+
+    Reads the groups, the neurons' means (mean ablation) and the pruning priority from the census
+    results.  Returns ``{"ablation": ..., "pruning": ...}``.
+    """
+    arch = architecture(model)
+    head_dim = mixer_params(model, 0).head_dim if arch == "mamba2" else 1
+    layers = [int(layer) for layer in layer_results]
+    groups = {layer: neuron_groups(layer_results[str(layer)], arch, head_dim) for layer in layers}
+    means = {layer: torch.tensor(layer_results[str(layer)]["activity"]["mean_post"]) for layer in layers}
+    priority = {layer: pruning_priority(layer_results[str(layer)],
+                                        neuron_write_weights(model, layer).float().norm(dim=0).cpu())
+                for layer in layers}
+    by_group = {g: {layer: groups[layer][g] for layer in layers} for g in GROUPS}
+    n_neurons = layer_results[str(layers[0])]["n_neurons"]
+    ablation = ablation_study(model, heldout, by_group, means, n_neurons, draws=draws, seed=seed,
+                              batch_size=batch_size)
+    pruning = pruning_study(model, heldout, priority, pruning_ratios, draws=draws, seed=seed, batch_size=batch_size)
+    pruning["priority"] = "dead, then rarely active (rarest first), then lowest mean|post| x |out_proj column|"
+    return {"ablation": ablation, "pruning": pruning}
+
+
+def run_census(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layers: Sequence[int] | None = None,
+               heldout_fraction: float = 0.25, batch_size: int = 8, draws: int = 3, seed: int = 0,
+               ablation: bool = True, pruning_ratios: Sequence[float] = (0.1, 0.25, 0.5), progress: bool = True,
+               census_options: dict | None = None) -> dict[str, Any]:
+    """``census_pass`` on the selection windows, then (if ``ablation``) ``census_interventions`` on the
+    held-out tail.  Returns the census dict with ``ablation`` and ``pruning`` added."""
+    select, heldout = split_windows(windows, heldout_fraction) if ablation else (windows, None)
+    out = census_pass(model, tokenizer, select, layers=layers, batch_size=batch_size, progress=progress,
+                      census_options=census_options)
+    if heldout is not None:
+        out["heldout_tokens"] = int(heldout.numel())
+        out.update(census_interventions(model, out["layers"], heldout, draws=draws, seed=seed,
+                                        batch_size=batch_size, pruning_ratios=pruning_ratios))
     return out
 
 
