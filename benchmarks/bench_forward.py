@@ -15,10 +15,10 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
-from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM  # noqa: E402
+import torch
+from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
-from mambascope.trace import trace_stream  # noqa: E402
+from mambascope.trace import trace_stream
 
 CONFIGS = {
     "mamba-tiny": lambda: MambaConfig(vocab_size=4096, hidden_size=128, num_hidden_layers=4, state_size=16),

@@ -7,6 +7,7 @@ prints one line and exits with status 2; an interrupt exits with 130 after keepi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -31,6 +32,78 @@ def _add_corpus_args(p: argparse.ArgumentParser, window: int = 128, max_tokens: 
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
 
 
+def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices (default: all)")
+    p.add_argument("--heldout-fraction", type=float, default=0.25,
+                   help="share of the windows held out for ablation/pruning/faithfulness (default: %(default)s)")
+    p.add_argument("--draws", type=int, default=3, help="random-control draws (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=out, help="output directory (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _prepare(args: argparse.Namespace):
+    """Load model, corpus and windows; claim the output directory first so a bad --out fails fast."""
+    import torch
+
+    from mambascope.data import load_corpus, tokenize_windows
+    from mambascope.models import load_model
+    from mambascope.pipeline import model_info
+    from mambascope.results import ResultsDir
+
+    torch.manual_seed(args.seed)
+    out = ResultsDir(args.out, overwrite=args.overwrite)  # nothing is written before the first save
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    corpus = load_corpus(args.corpus, split=args.split)
+    windows = tokenize_windows(corpus.texts, tokenizer, args.window, max_tokens=args.max_tokens or None)
+    info = {"model": model_info(model, args.model),
+            "corpus": {"name": corpus.name, "split": corpus.split, "texts": windows.n_texts,
+                       "skipped_texts": windows.n_skipped, "short_texts": windows.n_short,
+                       "tokens": windows.n_tokens, "windows": windows.n_windows, "window": args.window}}
+    return model, tokenizer, windows.ids, info, out
+
+
+def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
+    from mambascope.pipeline import neuron_table, print_analysis_summary, run_analysis
+
+    model, tokenizer, windows, info, out = _prepare(args)
+    try:
+        results = run_analysis(
+            model, tokenizer, windows, info=info, layers=args.layers, stages=stages,
+            attention_layers=getattr(args, "attention_layers", None), methods=getattr(args, "methods", None),
+            heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, draws=args.draws, seed=args.seed,
+            progress=not args.quiet, save=out.save)
+    except KeyboardInterrupt:
+        if not out.file("results.json").exists():
+            out.discard()
+            raise
+        path = out.commit()
+        print(f"mambascope: interrupted; finished parts kept in {path / 'results.json'}", file=sys.stderr)
+        return 130
+    except BaseException:
+        out.discard()
+        raise
+    if results["layers"]:
+        out.save_table(neuron_table({"layers": results["layers"]}))
+    path = out.commit()
+    print_analysis_summary(results)
+    print(f"results: {path / 'results.json'}")
+    return 1 if results["errors"] else 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    return _run(args, ("census", "interventions", "attention_neurons"))
+
+
+def _cmd_census(args: argparse.Namespace) -> int:
+    return _run(args, ("census", "interventions") if not args.no_ablation else ("census",))
+
+
+def _cmd_attention(args: argparse.Namespace) -> int:
+    return _run(args, ("attention_neurons",))
+
+
 def _cmd_train_tiny(args: argparse.Namespace) -> int:
     from mambascope.models import train_tiny
 
@@ -44,6 +117,29 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mambascope", description="Neuron-level interpretability of Mamba models.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("analyze", help="every analysis on one model and corpus, with figures and report")
+    _add_model_args(p)
+    _add_corpus_args(p)
+    _add_run_args(p, "mambascope-out")
+    p.add_argument("--attention-layers", type=int, nargs="+", default=None,
+                   help="layers for attention neurons (default: as --layers)")
+    p.add_argument("--methods", nargs="+", default=None, help="attention-neuron methods (default: all)")
+    p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("census", help="dead, rare, positional, detector, Δ neurons; ablation and pruning")
+    _add_model_args(p)
+    _add_corpus_args(p)
+    _add_run_args(p, "mambascope-census")
+    p.add_argument("--no-ablation", action="store_true", help="skip ablation and pruning")
+    p.set_defaults(func=_cmd_census)
+
+    p = sub.add_parser("attention", help="hidden attention, attention neurons and their faithfulness")
+    _add_model_args(p)
+    _add_corpus_args(p)
+    _add_run_args(p, "mambascope-attention")
+    p.add_argument("--methods", nargs="+", default=None, help="attention-neuron methods (default: all)")
+    p.set_defaults(func=_cmd_attention)
 
     p = sub.add_parser("train-tiny", help="train a bundled-size model on the built-in corpus")
     p.add_argument("--arch", required=True, choices=["mamba", "mamba2", "gpt2"])
@@ -61,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # kernel-fallback notices are not the user's concern
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ ablation and pruning measure the loss.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -213,3 +214,159 @@ def neuron_table(census: dict[str, Any]) -> pd.DataFrame:
                 frame[f"dt_{key}"] = [v for v in r["delta"][key] for _ in range(per_unit)]
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def model_info(model: nn.Module, name: str) -> dict[str, Any]:
+    """What the results file says about the model."""
+    arch = architecture(model)
+    width = neuron_write_weights(model, 0).shape
+    return {"name": name, "arch": arch, "n_layers": n_layers(model), "d_model": int(width[0]),
+            "d_inner": int(width[1]), "parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "device": str(next(model.parameters()).device)}
+
+
+STAGES = ("census", "interventions", "attention_neurons")
+
+
+def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, info: dict[str, Any],
+                 layers: Sequence[int] | None = None, attention_layers: Sequence[int] | None = None,
+                 methods: Sequence[str] | None = None, stages: Sequence[str] = STAGES,
+                 heldout_fraction: float = 0.25, attention_windows: int = 16, faithfulness: bool = True,
+                 batch_size: int = 8, draws: int = 3, seed: int = 0, progress: bool = True,
+                 save: Any = None) -> dict[str, Any]:
+    """Every analysis in ``stages`` on ``windows`` [n, T]; the results-file dict (DESIGN.md §8).
+
+    ``info`` holds ``model`` and ``corpus`` descriptions.  Selection (census, attention-neuron ranking)
+    uses the first part of the windows, held-out evaluation (ablation, pruning, faithfulness) the last
+    ``heldout_fraction``.  A stage that fails is recorded in ``errors`` by name with its reason and the
+    others run; ``save(results)`` is called after each stage, so an interrupt (re-raised) loses nothing
+    finished, and ``incomplete`` lists the stages that did not run.
+    """
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}")
+    layers = check_layers(model, layers)
+    select, heldout = split_windows(windows, heldout_fraction)
+    results: dict[str, Any] = {**info, "layers": {}, "census": None, "ablation": None, "pruning": None,
+                               "attention_neurons": None, "errors": {}, "timings": {}, "incomplete": list(stages)}
+    results["corpus"] = {**results.get("corpus", {}), "selection_tokens": int(select.numel()),
+                         "heldout_tokens": int(heldout.numel())}
+
+    def census() -> None:
+        out = census_pass(model, tokenizer, select, layers=layers, batch_size=batch_size, progress=progress)
+        results["layers"] = out.pop("layers")
+        results["census"] = out
+
+    def interventions() -> None:
+        if not results["layers"]:
+            raise RuntimeError("needs the census, which did not finish")
+        results.update(census_interventions(model, results["layers"], heldout, draws=draws, seed=seed,
+                                            batch_size=batch_size))
+
+    def attention() -> None:
+        from mambascope.attention_neurons import run_attention_analysis
+
+        n = min(attention_windows, select.shape[0], heldout.shape[0])
+        results["attention_neurons"] = run_attention_analysis(
+            model, select[:n], layers=list(attention_layers if attention_layers is not None else layers),
+            methods=methods, faithfulness=faithfulness, select_windows=select[:n], eval_windows=heldout[:n],
+            batch_size=batch_size, seed=seed, draws=draws)
+
+    work = {"census": census, "interventions": interventions, "attention_neurons": attention}
+    for name in [s for s in STAGES if s in stages]:
+        start = time.perf_counter()
+        try:
+            work[name]()
+        except KeyboardInterrupt:
+            results["errors"][name] = "interrupted"
+            if save is not None:
+                save(results)
+            raise
+        except Exception as exc:  # one failing analysis must not take the others down (DESIGN.md §6)
+            results["errors"][name] = f"{type(exc).__name__}: {exc}"
+        results["timings"][name] = round(time.perf_counter() - start, 3)
+        results["incomplete"].remove(name)
+        if save is not None:
+            save(results)
+    return results
+
+
+def _windows(tokenizer: Any, texts: Sequence[str], window: int, max_tokens: int | None) -> torch.Tensor:
+    from mambascope.data import tokenize_windows
+
+    return tokenize_windows(texts, tokenizer, window, max_tokens=max_tokens).ids
+
+
+def _as_layers(layer_idx: int | Sequence[int] | None) -> list[int] | None:
+    return [layer_idx] if isinstance(layer_idx, int) else layer_idx
+
+
+def run_complete_neuron_analysis(model: nn.Module, tokenizer: Any, texts: Sequence[str],
+                                 layer_idx: int | Sequence[int] | None = None, *, window: int = 128,
+                                 max_tokens: int | None = None, **options: Any) -> dict[str, Any]:
+    """The seed's name for the neuron census of ``texts``: dead, rarely active, positional, token
+    detectors, Δ-sensitive, overlap, ablation and pruning (``run_census``) for ``layer_idx`` (None = all).
+
+    Returns ``run_census``'s dict: ``tokens``, ``window``, ``loss``, ``layers`` {layer: per-layer keys of
+    DESIGN.md §8}, ``detector_tokens_by_layer``, ``heldout_tokens``, ``ablation``, ``pruning``.
+    """
+    return run_census(model, tokenizer, _windows(tokenizer, texts, window, max_tokens),
+                      layers=_as_layers(layer_idx), **options)
+
+
+def run_comprehensive_analysis(model: nn.Module, tokenizer: Any, texts: Sequence[str], layer_idx: int = 0, *,
+                               window: int = 128, max_tokens: int | None = None, model_name: str = "model",
+                               **options: Any) -> dict[str, Any]:
+    """The seed's entry point: every analysis on ``texts``, attention neurons on ``layer_idx``.
+
+    Returns the results-file dict plus ``analysis_results`` = {census, attention_neurons, ablation,
+    pruning} (the seed's layout: ``results["analysis_results"]["attention_neurons"]``).
+    """
+    windows = _windows(tokenizer, texts, window, max_tokens)
+    info = {"model": model_info(model, model_name),
+            "corpus": {"name": "texts", "texts": len(texts), "tokens": int(windows.numel()), "window": window}}
+    results = run_analysis(model, tokenizer, windows, info=info, attention_layers=[layer_idx], **options)
+    results["analysis_results"] = {key: results[key] for key in ("census", "attention_neurons", "ablation",
+                                                                  "pruning")}
+    return results
+
+
+def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
+    """A short plain-text summary of a results dict: per-layer census counts, losses, attention, errors."""
+    lines = []
+    model, corpus = results.get("model", {}), results.get("corpus", {})
+    lines.append(f"model {model.get('name')} ({model.get('arch')}, {model.get('n_layers')} layers, "
+                 f"d_inner {model.get('d_inner')}); corpus {corpus.get('name')} "
+                 f"{corpus.get('split', '')} {corpus.get('tokens')} tokens")
+    if results.get("layers"):
+        lines.append(f"{'layer':>5} {'dead %':>7} {'rare':>5} {'alive freq':>10} {'positional':>10} "
+                     f"{'detectors':>9} {'Δ top sel.':>10}")
+        for layer, r in results["layers"].items():
+            delta = r.get("delta_sensitive")
+            sel = f"{delta[0]['selectivity']:.3f}" if delta else "n/a"
+            alive = r.get("mean_frequency_alive")
+            lines.append(f"{layer:>5} {r['pct_dead']:>7.2f} {len(r['rarely_active']):>5} "
+                         f"{alive if alive is None else round(alive, 3)!s:>10} {len(r['positional_neurons']):>10} "
+                         f"{len(r['token_detectors']):>9} {sel:>10}")
+    if results.get("census"):
+        lines.append(f"loss on the selection windows: {results['census']['loss']:.4f} nats/token")
+    if results.get("ablation"):
+        a = results["ablation"]
+        lines.append(f"held-out loss {a['baseline_loss']:.4f}; zero-ablation Δloss per group (random control):")
+        for name, g in a["groups"].items():
+            if "zero" in g:
+                lines.append(f"  {name:<16} {g['neurons']:>6} neurons  {g['zero']['delta']:+.4f} "
+                             f"({g['zero']['random_delta_mean']:+.4f})")
+            else:
+                lines.append(f"  {name:<16} {g.get('skipped', '')}")
+    attention = results.get("attention_neurons")
+    if attention and isinstance(attention.get("methods"), dict):
+        for method, per_layer in attention["methods"].items():
+            for layer, summary in per_layer.items():
+                if isinstance(summary, dict) and "neuron_diversity" in summary:
+                    lines.append(f"attention neurons {method} layer {layer}: mean activation "
+                                 f"{summary['mean_activation']:.4g}, diversity {summary['neuron_diversity']:.3f}")
+    for name, reason in results.get("errors", {}).items():
+        lines.append(f"FAILED {name}: {reason}")
+    print("\n".join(lines), file=file)

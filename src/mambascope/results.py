@@ -47,31 +47,39 @@ class ResultsDir:
         self.staging = parent / f".{self.path.name}.partial-{os.getpid()}"
         if self.staging.exists():
             shutil.rmtree(self.staging)
-        (self.staging / "figures").mkdir(parents=True)
+
+    def _ensure(self) -> Path:
+        (self.staging / "figures").mkdir(parents=True, exist_ok=True)
+        return self.staging
 
     @property
     def figures(self) -> Path:
-        return self.staging / "figures"
+        return self._ensure() / "figures"
 
     def file(self, name: str) -> Path:
-        return self.staging / name
+        return self._ensure() / name
 
     def save(self, results: dict) -> None:
-        tmp = self.staging / "results.json.tmp"
+        tmp = self._ensure() / "results.json.tmp"
         tmp.write_text(json.dumps(to_jsonable(results), indent=1, allow_nan=False))
         tmp.replace(self.staging / "results.json")
 
     def save_table(self, table: pd.DataFrame, stem: str = "neurons") -> Path:
         """Parquet, or CSV where pyarrow cannot write the table."""
         try:
-            path = self.staging / f"{stem}.parquet"
+            path = self._ensure() / f"{stem}.parquet"
             table.to_parquet(path, index=False)
         except (ImportError, ValueError):
             path = self.staging / f"{stem}.csv"
             table.to_csv(path, index=False)
         return path
 
+    def discard(self) -> None:
+        """Drop the staged files (a run that failed before finishing anything)."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+
     def commit(self) -> Path:
+        self._ensure()
         if self.path.exists():
             shutil.rmtree(self.path)
         self.staging.replace(self.path)

@@ -1,5 +1,19 @@
-"""Selective scans and hidden-attention kernels (pure PyTorch)."""
+"""Selective scans and exact hidden-attention kernels (pure PyTorch)."""
 
+from mambascope.ssm.hidden_attention import (
+    KINDS,
+    REDUCTIONS,
+    AttentionMemoryError,
+    AttentionPlan,
+    attention_plan,
+    block_bias,
+    hidden_attention,
+    layer_units,
+    s6_attention,
+    ssd_attention,
+)
 from mambascope.ssm.scan import segment_sum, selective_scan, ssd_scan
 
-__all__ = ["segment_sum", "selective_scan", "ssd_scan"]
+__all__ = ["KINDS", "REDUCTIONS", "AttentionMemoryError", "AttentionPlan", "attention_plan", "block_bias",
+           "hidden_attention", "layer_units", "s6_attention", "segment_sum", "selective_scan", "ssd_attention",
+           "ssd_scan"]
