@@ -11,7 +11,6 @@ from mambascope.ssm.hidden_attention import (
     attention_plan,
     block_bias,
     hidden_attention,
-    layer_units,
     s6_attention,
     ssd_attention,
 )
@@ -342,10 +341,3 @@ def test_bad_input_errors():
     assert plan.result_shape == (2, 1, 12)
     assert hidden_attention(layer, params, "s6", reduce="mean", rows=[3],
                             max_bytes=plan.result_bytes + plan.fixed_bytes + plan.unit_bytes).shape == (2, 1, 12)
-
-
-def test_layer_units_strips_the_block_prefix():
-    t = torch.zeros(1)
-    trace = {"blocks.0.mixer.hook_dt": t, "blocks.1.mixer.hook_dt": t + 1, "blocks.10.mixer.hook_B": t}
-    assert layer_units(trace, 1) == {"mixer.hook_dt": trace["blocks.1.mixer.hook_dt"]}
-    assert set(layer_units(trace, 0)) == {"mixer.hook_dt"}

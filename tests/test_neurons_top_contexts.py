@@ -50,8 +50,9 @@ def test_matches_brute_force_for_any_batching(batch_size):
         assert got["windows"][e] == [w for _, w, *_ in peaks]
         assert got["positions"][e] == [p for _, _, p, *_ in peaks]
         assert got["context_tokens"][e] == [c for *_, c, _ in peaks]
-        for mine, (value, *_, acts) in zip(got["context_post"][e], peaks, strict=True):
-            assert all((a is None and b is None) or math.isclose(a, b, rel_tol=1e-6) for a, b in zip(mine, acts))
+        for mine, (*_, acts) in zip(got["context_post"][e], peaks, strict=True):
+            assert all((a is None and b is None) or math.isclose(a, b, rel_tol=1e-6)
+                       for a, b in zip(mine, acts, strict=True))
         assert got["values"][e] == pytest.approx([v for v, *_ in peaks])
 
 

@@ -7,8 +7,10 @@ hidden attention (ssm/, attention_neurons.py, attribution/), interventions/, rep
 
 from mambascope.data import load_corpus, tokenize_windows
 from mambascope.models import load_model
+from mambascope.ssm import block_bias, hidden_attention
 from mambascope.trace import Trace, mixer_params, trace, trace_stream
 
 __version__ = "0.1.0"
 
-__all__ = ["Trace", "load_corpus", "load_model", "mixer_params", "tokenize_windows", "trace", "trace_stream"]
+__all__ = ["Trace", "block_bias", "hidden_attention", "load_corpus", "load_model", "mixer_params", "tokenize_windows",
+           "trace", "trace_stream"]

@@ -51,7 +51,7 @@ IndexLike = int | slice | range | Sequence[int] | Tensor | None
 
 __all__ = [
     "DEFAULT_WORK_BYTES", "KINDS", "REDUCTIONS", "AttentionMemoryError", "AttentionPlan", "attention_plan",
-    "available_bytes", "block_bias", "hidden_attention", "layer_units", "s6_attention", "ssd_attention",
+    "available_bytes", "block_bias", "hidden_attention", "s6_attention", "ssd_attention",
 ]
 
 
@@ -243,12 +243,6 @@ def _ssd(dt: Tensor, logdecay: Tensor, B: Tensor, C: Tensor, rows: Tensor | None
 
 
 # --------------------------------------------------------------------------------------- layer inputs
-
-
-def layer_units(trace: Mapping[str, Tensor], layer: int) -> dict[str, Tensor]:
-    """The traced tensors of one layer keyed by unit name (``blocks.{layer}.`` stripped)."""
-    prefix = f"blocks.{layer}."
-    return {name[len(prefix):]: t for name, t in trace.items() if name.startswith(prefix)}
 
 
 def _check_kind(kind: str, params: MixerParams) -> None:
@@ -534,7 +528,7 @@ def hidden_attention(
     """Exact hidden attention of one Mamba mixer layer.
 
     layer: the traced tensors of the layer keyed by unit name without ``blocks.{l}.`` (see
-      :func:`layer_units`): ``mixer.hook_dt``, ``mixer.hook_B``, ``mixer.hook_C`` for every kind; ``block``
+      ``Trace.layer``): ``mixer.hook_dt``, ``mixer.hook_B``, ``mixer.hook_C`` for every kind; ``block``
       also needs ``mixer.hook_conv`` and ``mixer.hook_gate_pre`` (or ``mixer.hook_gate``), and on Mamba-2
       ``mixer.hook_y`` (for the RMSNorm scale).
     params: the layer's :class:`~mambascope.trace.params.MixerParams`.
