@@ -16,13 +16,17 @@ from mambascope.neurons._common import Accumulator, check_positive_int
 from mambascope.neurons.batch import LayerLabel, NeuronBatch
 
 
-def _best(magnitude: Tensor, windows: Tensor, positions: Tensor, k: int) -> Tensor:
-    """Column indices [E, ≤k] of the k best per row: |value| descending, then window, then position
-    ascending, so that ties resolve the same way however the corpus was batched (stable sorts, last key first)."""
-    order = torch.argsort(positions, dim=1, stable=True)
-    order = order.gather(1, torch.argsort(windows.gather(1, order), dim=1, stable=True))
-    order = order.gather(1, torch.argsort(magnitude.gather(1, order), dim=1, descending=True, stable=True))
-    return order[:, :k]
+def _best(magnitude: Tensor, token_index: Tensor, k: int) -> Tensor:
+    """Column indices [E, ≤k] of the k best per row: |value| descending, then corpus token index ascending.
+
+    One exact ``topk`` over int64 keys: the bits of a non-negative fp32 are ordered like its value, so
+    (magnitude bits << 32) | (2³² − 1 − index) orders by magnitude, ties to the earlier token, whatever
+    the batching.  Negative magnitudes mark invalid tokens and sort last.
+    """
+    bits = magnitude.float().clamp_min(0).view(torch.int32).long()
+    key = (bits << 32) | (0xFFFFFFFF - token_index)
+    key = torch.where(magnitude >= 0, key, -1)
+    return key.topk(min(k, key.shape[1]), dim=1).indices
 
 
 class TopContextAccumulator(Accumulator):
@@ -41,6 +45,7 @@ class TopContextAccumulator(Accumulator):
         super().__init__(layer)
         self.k = check_positive_int("k", k)
         self.width = check_positive_int("width", width)
+        self.window_length: int | None = None  # L of the first batch, to number tokens across the corpus
 
     def update(self, batch: NeuronBatch) -> None:
         if batch.window_ids is None:
@@ -49,9 +54,10 @@ class TopContextAccumulator(Accumulator):
         first = self._start(batch)
         b, L, E = batch.post.shape
         score = batch.post.abs().masked_fill(~batch.valid[..., None], -1.0).permute(2, 0, 1).reshape(E, b * L)
-        rows = batch.window_ids[:, None].expand(b, L).reshape(1, -1).expand(E, -1)
-        cols = torch.arange(L, device=score.device).repeat(b)[None].expand(E, -1)
-        flat = _best(score, rows, cols, self.k)  # [E, k]
+        if self.window_length is None:
+            self.window_length = L
+        token_index = (batch.window_ids[:, None] * self.window_length + torch.arange(L, device=score.device))
+        flat = _best(score, token_index.reshape(1, -1).expand(E, -1), self.k)  # [E, k]
         row, pos = flat // L, flat % L
         keep = score.gather(1, flat) >= 0  # fewer valid tokens than k leaves invalid picks
         offsets = torch.arange(self.width - 1, -1, -1, device=pos.device)
@@ -79,14 +85,15 @@ class TopContextAccumulator(Accumulator):
     def _keep(self, candidate: dict[str, Tensor]) -> None:
         """Merge candidates into the state and keep the best k per neuron in a batching-independent order."""
         merged = {name: torch.cat([getattr(self, name), candidate[name]], dim=1) for name in self._state}
-        order = _best(merged["values"].abs().nan_to_num(-1.0), merged["windows"], merged["positions"], self.k)
+        token_index = merged["windows"] * self.window_length + merged["positions"]
+        order = _best(merged["values"].abs().nan_to_num(-1.0), token_index, self.k)
         for name in self._state:
             t = merged[name]
             idx = order if t.dim() == 2 else order[..., None].expand(-1, -1, t.shape[2])
             setattr(self, name, t.gather(1, idx))
 
     def _adopt_extra(self, other: Accumulator) -> None:
-        pass
+        self.window_length = other.window_length
 
     def _merge_state(self, other: Accumulator) -> None:
         self._keep({name: getattr(other, name) for name in self._state})
