@@ -1,4 +1,4 @@
-"""The ``mambascope`` command line: ``analyze``, ``census``, ``attention``, ``train-tiny``.
+"""The ``mambascope`` command line: ``analyze``, ``census``, ``attention``, ``compare``, ``train-tiny``.
 
 Every flag has a default.  A user error (unknown model, unreadable corpus, layer out of range, ...)
 prints one line and exits with status 2; an interrupt exits with 130 after keeping what was finished.
@@ -7,6 +7,7 @@ prints one line and exits with status 2; an interrupt exits with 130 after keepi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -104,6 +105,36 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     return _run(args, ("attention_neurons",))
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mambascope.compare import compare_models, comparison_table
+    from mambascope.data import load_corpus
+    from mambascope.report.compare_plots import plot_comparison
+    from mambascope.results import ResultsDir, to_jsonable
+
+    out = ResultsDir(args.out, overwrite=args.overwrite)
+    corpus = load_corpus(args.corpus, split=args.split)
+    try:
+        comparison = compare_models(args.models, corpus.texts, window=args.window, max_tokens=args.max_tokens or None,
+                                    device=args.device, batch_size=args.batch_size, progress=not args.quiet)
+        comparison["corpus"] = {"name": corpus.name, "split": corpus.split, "texts": len(corpus.texts)}
+        figures = plot_comparison(comparison, out.figures)
+        comparison["figures"] = {k: (v.name if hasattr(v, "name") else f"skipped: {v}") for k, v in figures.items()}
+        out.file("comparison.json").write_text(json.dumps(to_jsonable(comparison), indent=1, allow_nan=False))
+        out.save_table(comparison_table(comparison), "comparison")
+    except BaseException:
+        out.discard()
+        raise
+    path = out.commit()
+    table = comparison_table(comparison)
+    columns = ["model", "layer", "depth", "pct_dead", "pct_positional", "token_detectors", "mean_dt_selectivity",
+               "entropy", "sink_mass"]
+    print(table[[c for c in columns if c in table]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    for name, reason in comparison["errors"].items():
+        print(f"FAILED {name}: {reason}")
+    print(f"comparison: {path / 'comparison.json'}")
+    return 0
+
+
 def _cmd_train_tiny(args: argparse.Namespace) -> int:
     from mambascope.models import train_tiny
 
@@ -140,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p, "mambascope-attention")
     p.add_argument("--methods", nargs="+", default=None, help="attention-neuron methods (default: all)")
     p.set_defaults(func=_cmd_attention)
+
+    p = sub.add_parser("compare", help="the same census and attention statistics across models")
+    p.add_argument("--models", nargs="+", default=["tiny-mamba", "tiny-mamba2", "tiny-gpt"],
+                   help="bundled names, local directories or hub ids (default: %(default)s)")
+    p.add_argument("--device", default="auto")
+    _add_corpus_args(p)
+    p.add_argument("--out", default="mambascope-compare", help="output directory (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("train-tiny", help="train a bundled-size model on the built-in corpus")
     p.add_argument("--arch", required=True, choices=["mamba", "mamba2", "gpt2"])
