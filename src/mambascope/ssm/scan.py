@@ -22,8 +22,8 @@ def selective_scan(
 
     Args: u, dt [b, L, E]; A [E, N]; B, C [b, L, N].  Returns y [b, L, E] in fp32 (fp64 if u is fp64).
     ``parallel``: a log-depth (Hillis–Steele) scan, the better choice on GPUs; the default picks it on
-    CUDA and the sequential recurrence elsewhere, where one fused multiply-add per step is memory-bound
-    and beats the O(L log L) work of the parallel form.
+    CUDA and whenever autograd must see the scan, and the sequential recurrence elsewhere, where one
+    fused in-place multiply-add per step is memory-bound and beats the O(L log L) work of the parallel form.
     """
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     u, dt, A, B, C = (t.to(dtype) for t in (u, dt, A, B, C))
@@ -31,7 +31,8 @@ def selective_scan(
     log_decay = (dt.unsqueeze(-1) * A).transpose(0, 1)
     inputs = ((dt * u).unsqueeze(-1) * B.unsqueeze(2)).transpose(0, 1)
     if parallel is None:
-        parallel = u.is_cuda
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, dt, A, B, C))
+        parallel = u.is_cuda or needs_grad
     states = _doubling_scan(log_decay, inputs) if parallel else _sequential_scan(log_decay.exp_(), inputs)
     return torch.einsum("lben,bln->ble", states, C)
 
@@ -45,11 +46,11 @@ def _sequential_scan(decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
 
 def _doubling_scan(log_decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """Inclusive scan of the affine maps h ↦ exp(a)·h + x along dim 0 in ⌈log2 L⌉ steps."""
-    a, x = log_decay.clone(), inputs.clone()
+    a, x = log_decay, inputs
     step = 1
-    while step < a.shape[0]:
-        x[step:] = x[step:] + a[step:].exp() * x[:-step]
-        a[step:] = a[step:] + a[:-step]
+    while step < a.shape[0]:  # out of place, so autograd can differentiate through it
+        x = torch.cat([x[:step], x[step:] + a[step:].exp() * x[:-step]])
+        a = torch.cat([a[:step], a[step:] + a[:-step]])
         step *= 2
     return x
 

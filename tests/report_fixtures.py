@@ -1,0 +1,167 @@
+"""Results dicts for the report tests, from real runs of the pipeline on small random models.
+
+Built once per test session (``functools.cache``) and shared by tests/test_report.py and
+tests/test_browser.py.  Everything is computed by the package itself: a small tokenizer trained on the
+built-in corpus, a random 2-layer Mamba-1 (and GPT-2), ``run_analysis`` (census, interventions,
+attention neurons with faithfulness).  Two things are test-specific and marked as such:
+
+* the census thresholds are loosened (``CENSUS_OPTIONS``) so that every neuron group of a *random*
+  model is non-empty and each table and figure of the report has rows to show;
+* ``attention_rows`` is not produced by the pipeline yet: it is computed here as documented (the exact
+  hidden-attention row α[t, ·] of the neuron's channel at its top context's peak t, over the context
+  tokens) from ``MambaAttentionNeurons.extract_attention_vectors``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import functools
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+
+CENSUS_OPTIONS = {"rare_threshold": 0.45, "mi_threshold": 0.04, "min_precision": 0.6, "coverage": 0.3,
+                  "min_occurrences": 2, "max_types": 5}
+WINDOW = 32
+N_WINDOWS = 16  # 12 selection + 4 held-out windows
+ATTENTION_METHODS = ["attention_weighted", "rollout"]
+
+
+@functools.cache
+def _corpus() -> tuple[Any, torch.Tensor]:
+    from mambascope.data import load_corpus, tokenize_windows
+    from mambascope.models.tokenizer import train_tokenizer
+
+    texts = load_corpus("builtin", "validation").texts[:200]
+    tok = train_tokenizer(texts, vocab_size=512)
+    windows = tokenize_windows(texts, tok, WINDOW, max_tokens=WINDOW * N_WINDOWS).ids
+    return tok, windows
+
+
+def _roundtrip(results: dict) -> dict:
+    """As ``results.json`` stores it: to_jsonable (NaN → null) and back."""
+    from mambascope.results import to_jsonable
+
+    return json.loads(json.dumps(to_jsonable(results), allow_nan=False))
+
+
+def _run(model: torch.nn.Module, name: str, stages: tuple[str, ...]) -> dict:
+    from mambascope import pipeline
+
+    tok, windows = _corpus()
+    info = {"model": pipeline.model_info(model, name),
+            "corpus": {"name": "builtin", "split": "validation", "tokens": int(windows.numel()),
+                       "windows": int(windows.shape[0]), "window": WINDOW}}
+    census_pass = functools.partial(pipeline.census_pass, census_options=CENSUS_OPTIONS)
+    with mock.patch.object(pipeline, "census_pass", census_pass):  # test-only: loosened thresholds
+        results = pipeline.run_analysis(model, tok, windows, info=info, stages=stages, attention_layers=[1],
+                                        methods=ATTENTION_METHODS, attention_windows=4, batch_size=8, draws=3,
+                                        progress=False)
+    return results
+
+
+def _attention_rows(model: torch.nn.Module, results: dict) -> None:
+    """Add ``attention_rows`` to each census layer: the exact hidden-attention row of every neuron's channel
+    at the peak of its top context, over that context's tokens (None before the window start)."""
+    from mambascope.attention_neurons import MambaAttentionNeurons
+    from mambascope.pipeline import split_windows
+
+    _, windows = _corpus()
+    select, _ = split_windows(windows, 0.25)
+    layers = [int(k) for k in results["layers"]]
+    data = MambaAttentionNeurons(model).extract_attention_vectors(select, layers, methods="attention_weighted")
+    for layer in layers:
+        alpha = data[layer]["attention_matrix"]  # [b, E, L, L]
+        top = results["layers"][str(layer)]["top_contexts"]
+        width = top["width"]
+        rows = {"neurons": [], "tokens": [], "values": []}
+        for e, (wins, poss) in enumerate(zip(top["windows"], top["positions"], strict=True)):
+            if not wins:
+                continue
+            w, t = wins[0], poss[0]
+            keys = range(t - width + 1, t + 1)
+            rows["neurons"].append(e)
+            rows["tokens"].append(list(top["tokens"][e][0]))
+            rows["values"].append([float(alpha[w, e, t, s]) if s >= 0 else None for s in keys])
+        results["layers"][str(layer)]["attention_rows"] = rows
+
+
+@functools.cache
+def _mamba() -> tuple[dict, dict]:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, state_size=8)).eval()
+    results = _run(model, "tiny-random-mamba", ("census", "interventions", "attention_neurons"))
+    plain = _roundtrip(results)
+    _attention_rows(model, results)
+    return plain, _roundtrip(results)
+
+
+def mamba_results(with_attention_rows: bool = True) -> dict:
+    """A fresh copy of the Mamba-1 results (with the test-computed ``attention_rows`` unless told not)."""
+    plain, rows = _mamba()
+    return copy.deepcopy(rows if with_attention_rows else plain)
+
+
+@functools.cache
+def _gpt2() -> dict:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    return _roundtrip(_run(model, "tiny-random-gpt2", ("census", "interventions")))
+
+
+def gpt2_results() -> dict:
+    """A fresh copy of GPT-2 results: census and interventions, no attention-neuron stage."""
+    return copy.deepcopy(_gpt2())
+
+
+@functools.cache
+def _census_only() -> tuple[dict, dict]:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from mambascope.pipeline import model_info, run_census
+
+    tok, windows = _corpus()
+    torch.manual_seed(1)
+    model = MambaForCausalLM(MambaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, state_size=8)).eval()
+    census = _roundtrip(run_census(model, tok, windows, progress=False, draws=2))
+    return model_info(model, "tiny-random-mamba"), census
+
+
+def census_results() -> dict:
+    """The brief's layout: ``run_census``'s dict nested under ``census`` (layers, ablation, pruning inside)."""
+    info, census = _census_only()
+    return {"model": copy.deepcopy(info), "corpus": {"name": "builtin", "split": "validation"},
+            "census": copy.deepcopy(census), "errors": {}, "timings": {}}
+
+
+def _report(results: dict, prefix: str) -> tuple[list[Path], Path]:
+    from mambascope.report import create_comprehensive_report, render_report
+
+    out = Path(tempfile.mkdtemp(prefix=f"mambascope-report-test-{prefix}-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    figures = create_comprehensive_report(results, out / "figures")
+    return figures, render_report(results, out, figures)
+
+
+@functools.cache
+def mamba_report() -> tuple[list[Path], Path]:
+    """(figures, report.html) of ``mamba_results()``, drawn once per session into a temporary directory
+    (removed at exit).  ``figures`` is the FigureSet of ``create_comprehensive_report``."""
+    return _report(mamba_results(), "mamba")
+
+
+@functools.cache
+def gpt2_report() -> tuple[list[Path], Path]:
+    """(figures, report.html) of ``gpt2_results()``, drawn once per session."""
+    return _report(gpt2_results(), "gpt2")
