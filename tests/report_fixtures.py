@@ -3,13 +3,9 @@
 Built once per test session (``functools.cache``) and shared by tests/test_report.py and
 tests/test_browser.py.  Everything is computed by the package itself: a small tokenizer trained on the
 built-in corpus, a random 2-layer Mamba-1 (and GPT-2), ``run_analysis`` (census, interventions,
-attention neurons with faithfulness).  Two things are test-specific and marked as such:
-
-* the census thresholds are loosened (``CENSUS_OPTIONS``) so that every neuron group of a *random*
-  model is non-empty and each table and figure of the report has rows to show;
-* ``attention_rows`` is not produced by the pipeline yet: it is computed here as documented (the exact
-  hidden-attention row α[t, ·] of the neuron's channel at its top context's peak t, over the context
-  tokens) from ``MambaAttentionNeurons.extract_attention_vectors``.
+attention neurons with faithfulness).  One thing is test-specific: the census thresholds are loosened
+(``CENSUS_OPTIONS``) so that every neuron group of a *random* model is non-empty and each table and
+figure of the report has rows to show.
 """
 
 from __future__ import annotations
@@ -66,48 +62,23 @@ def _run(model: torch.nn.Module, name: str, stages: tuple[str, ...]) -> dict:
     return results
 
 
-def _attention_rows(model: torch.nn.Module, results: dict) -> None:
-    """Add ``attention_rows`` to each census layer: the exact hidden-attention row of every neuron's channel
-    at the peak of its top context, over that context's tokens (None before the window start)."""
-    from mambascope.attention_neurons import MambaAttentionNeurons
-    from mambascope.pipeline import split_windows
-
-    _, windows = _corpus()
-    select, _ = split_windows(windows, 0.25)
-    layers = [int(k) for k in results["layers"]]
-    data = MambaAttentionNeurons(model).extract_attention_vectors(select, layers, methods="attention_weighted")
-    for layer in layers:
-        alpha = data[layer]["attention_matrix"]  # [b, E, L, L]
-        top = results["layers"][str(layer)]["top_contexts"]
-        width = top["width"]
-        rows = {"neurons": [], "tokens": [], "values": []}
-        for e, (wins, poss) in enumerate(zip(top["windows"], top["positions"], strict=True)):
-            if not wins:
-                continue
-            w, t = wins[0], poss[0]
-            keys = range(t - width + 1, t + 1)
-            rows["neurons"].append(e)
-            rows["tokens"].append(list(top["tokens"][e][0]))
-            rows["values"].append([float(alpha[w, e, t, s]) if s >= 0 else None for s in keys])
-        results["layers"][str(layer)]["attention_rows"] = rows
-
-
 @functools.cache
-def _mamba() -> tuple[dict, dict]:
+def _mamba() -> dict:
     from transformers import MambaConfig, MambaForCausalLM
 
     torch.manual_seed(0)
     model = MambaForCausalLM(MambaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, state_size=8)).eval()
     results = _run(model, "tiny-random-mamba", ("census", "interventions", "attention_neurons"))
-    plain = _roundtrip(results)
-    _attention_rows(model, results)
-    return plain, _roundtrip(results)
+    return _roundtrip(results)
 
 
 def mamba_results(with_attention_rows: bool = True) -> dict:
-    """A fresh copy of the Mamba-1 results (with the test-computed ``attention_rows`` unless told not)."""
-    plain, rows = _mamba()
-    return copy.deepcopy(rows if with_attention_rows else plain)
+    """A fresh copy of the Mamba-1 results (without the pipeline's ``attention_rows`` if told so)."""
+    results = copy.deepcopy(_mamba())
+    if not with_attention_rows:
+        for r in results["layers"].values():
+            del r["attention_rows"]
+    return results
 
 
 @functools.cache

@@ -101,3 +101,22 @@ def test_an_interrupt_keeps_finished_stages(small_checkpoints, windows, monkeypa
     with pytest.raises(KeyboardInterrupt):
         run_analysis(model, tok, windows, info={}, progress=False, save=saved.append)
     assert saved[-1]["layers"] and saved[-1]["incomplete"] == ["interventions", "attention_neurons"]
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_context_attention_rows_are_the_hidden_attention(kind, small_checkpoints, windows):
+    from mambascope.ssm import hidden_attention
+    from mambascope.trace import mixer_params, trace
+
+    model, tok = load_model(small_checkpoints[kind], device="cpu")
+    out = census_pass(model, tok, windows, layers=[1], progress=False)
+    layer = out["layers"]["1"]
+    rows, top = layer["attention_rows"], layer["top_contexts"]
+    assert rows["neurons"] == list(range(layer["n_neurons"]))
+    params = mixer_params(model, 1)
+    for e in (0, layer["n_neurons"] - 1):
+        w, t = top["windows"][e][0], top["positions"][e][0]
+        full = hidden_attention(trace(model, windows[w:w + 1]).layer(1), params, "s6")[0, e // params.head_dim, t]
+        expected = [float(full[s]) if s >= 0 else None for s in range(t - top["width"] + 1, t + 1)]
+        assert rows["values"][e] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+        assert rows["tokens"][e] == top["tokens"][e][0]

@@ -1,4 +1,4 @@
-"""The ``mambascope`` command line: ``analyze``, ``census``, ``attention``, ``compare``, ``train-tiny``.
+"""The ``mambascope`` command line: ``analyze``, ``census``, ``attention``, ``compare``, ``report``, ``train-tiny``.
 
 Every flag has a default.  A user error (unknown model, unreadable corpus, layer out of range, ...)
 prints one line and exits with status 2; an interrupt exits with 130 after keeping what was finished.
@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 USER_ERRORS = (ValueError, KeyError, IndexError, FileNotFoundError, FileExistsError, PermissionError,
                FloatingPointError, MemoryError, NotADirectoryError)
@@ -42,6 +43,7 @@ def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--out", default=out, help="output directory (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-report", dest="report", action="store_false", help="skip figures and report.html")
 
 
 def _prepare(args: argparse.Namespace):
@@ -87,10 +89,38 @@ def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
         raise
     if results["layers"]:
         out.save_table(neuron_table({"layers": results["layers"]}))
+    if args.report:
+        _render(results, out.staging)
+        out.save(results)
     path = out.commit()
     print_analysis_summary(results)
     print(f"results: {path / 'results.json'}")
+    if args.report and "report" not in results["errors"]:
+        print(f"report:  {path / 'report.html'}")
     return 1 if results["errors"] else 0
+
+
+def _render(results: dict, directory: Path) -> None:
+    """Figures and report.html into ``directory``; a failure is recorded under errors["report"]."""
+    from mambascope.report import create_comprehensive_report, render_report
+
+    try:
+        figures = create_comprehensive_report(results, directory / "figures")
+        render_report(results, directory, figures)
+    except Exception as exc:  # the results stay valid without their report
+        results["errors"]["report"] = f"{type(exc).__name__}: {exc}"
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mambascope.report import create_comprehensive_report, render_report
+    from mambascope.results import load_results
+
+    directory = Path(args.directory)
+    results = load_results(directory)
+    figures = create_comprehensive_report(results, directory / "figures")
+    path = render_report(results, directory, figures)
+    print(f"report: {path}")
+    return 0
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -171,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p, "mambascope-attention")
     p.add_argument("--methods", nargs="+", default=None, help="attention-neuron methods (default: all)")
     p.set_defaults(func=_cmd_attention)
+
+    p = sub.add_parser("report", help="re-render figures and report.html from a results directory")
+    p.add_argument("directory", help="a directory holding results.json")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("compare", help="the same census and attention statistics across models")
     p.add_argument("--models", nargs="+", default=["tiny-mamba", "tiny-mamba2", "tiny-gpt"],

@@ -26,7 +26,8 @@ from mambascope.neurons import (
     top_logit_tokens,
 )
 from mambascope.runner import scan_corpus
-from mambascope.trace import architecture, mixer_params, n_layers, neuron_write_weights, unembedding
+from mambascope.ssm import hidden_attention
+from mambascope.trace import architecture, mixer_params, n_layers, neuron_write_weights, trace, unembedding
 
 GROUPS = ("dead", "rarely_active", "positional", "token_detector", "delta_sensitive")
 
@@ -148,7 +149,46 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
         out["layers"][str(layer)] = result
     out["detector_tokens_by_layer"] = detector_tokens_by_layer(
         [out["layers"][str(layer)]["tokens_covered"] for layer in layers])
+    context_attention_rows(model, windows, out["layers"], batch_size=batch_size)
     return out
+
+
+def context_attention_rows(model: nn.Module, windows: torch.Tensor, layer_results: dict[str, dict],
+                           batch_size: int = 8) -> None:
+    """Add ``attention_rows`` to each Mamba layer result: for every neuron, the exact hidden-attention row
+    α[t, ·] of its channel (Mamba-2: its head) at the peak t of its top context, over that context's
+    tokens (None before the window start).  Only the rows asked for are computed (``rows=`` fast path).
+    """
+    arch = architecture(model)
+    if arch == "gpt2":
+        return
+    tops = {int(layer): r["top_contexts"] for layer, r in layer_results.items()}
+    rows = {layer: {"neurons": [], "tokens": [], "values": []} for layer in tops}
+    needed = sorted({wins[0] for top in tops.values() for wins in top["windows"] if wins})
+    for start in range(0, len(needed), batch_size):
+        chunk = needed[start:start + batch_size]
+        tr = trace(model, windows[chunk], names=["mixer.hook_dt", "mixer.hook_B", "mixer.hook_C"])
+        for layer, top in tops.items():
+            params, width = mixer_params(model, layer), top["width"]
+            units = tr.layer(layer)
+            for i, window in enumerate(chunk):  # a loop over contexts, each computing only its rows
+                neurons = [e for e, wins in enumerate(top["windows"]) if wins and wins[0] == window]
+                if not neurons:
+                    continue
+                peaks = [top["positions"][e][0] for e in neurons]
+                channels = [e // params.head_dim for e in neurons]  # head_dim is 1 on Mamba-1
+                alpha = hidden_attention({k: v[i:i + 1] for k, v in units.items()}, params, "s6",
+                                         channels=sorted(set(channels)), rows=sorted(set(peaks)))[0]
+                c_index = {c: j for j, c in enumerate(sorted(set(channels)))}
+                r_index = {p: j for j, p in enumerate(sorted(set(peaks)))}
+                for e, c, t in zip(neurons, channels, peaks, strict=True):
+                    row = alpha[c_index[c], r_index[t]].tolist()
+                    rows[layer]["neurons"].append(e)
+                    rows[layer]["tokens"].append(list(top["tokens"][e][0]))
+                    rows[layer]["values"].append([row[s] if s >= 0 else None for s in range(t - width + 1, t + 1)])
+    for layer, r in rows.items():
+        order = sorted(range(len(r["neurons"])), key=r["neurons"].__getitem__)
+        layer_results[str(layer)]["attention_rows"] = {key: [v[j] for j in order] for key, v in r.items()}
 
 
 def census_interventions(model: nn.Module, layer_results: dict[str, dict], heldout: torch.Tensor, *,
