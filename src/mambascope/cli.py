@@ -169,7 +169,8 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
     from mambascope.models import train_tiny
 
     stats = train_tiny(args.arch, args.out, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                       lr=args.lr, seed=args.seed, device=args.device, tokenizer=args.tokenizer)
+                       lr=args.lr, seed=args.seed, device=args.device, tokenizer=args.tokenizer,
+                       num_threads=args.threads)
     print(f"saved {args.arch} to {args.out}: held-out loss {stats['val_loss']:.3f} nats/token "
           f"(unigram {stats['unigram_loss']:.3f})")
     return 0
@@ -219,10 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-tiny", help="train a bundled-size model on the built-in corpus")
     p.add_argument("--arch", required=True, choices=["mamba", "mamba2", "gpt2"])
     p.add_argument("--out", required=True, help="output directory (Hugging Face format)")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--tokenizer", default=None, help="reuse this tokenizer directory instead of training one")

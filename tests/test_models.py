@@ -1,0 +1,251 @@
+"""Model loading, the shared tokenizer, the bundled models, and the tiny-model trainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mambascope.data import load_corpus, tokenize_windows
+from mambascope.models import BUNDLED, bundled_path, load_model, resolve_device, resolve_dtype, train_tokenizer
+from mambascope.models.train import build_config, selective_scan_unbind, train_tiny, unigram_loss
+
+ARCH_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+BUNDLED_ARCH = {"tiny-mamba": "mamba", "tiny-mamba2": "mamba2", "tiny-gpt": "gpt2"}
+# Smallest shapes that still exercise every code path (Mamba-2: 2 heads, 1 group, chunking).
+TINY = {
+    "mamba": {"hidden_size": 16, "num_hidden_layers": 2, "state_size": 4},
+    "mamba2": {"hidden_size": 16, "num_hidden_layers": 2, "head_dim": 16, "num_heads": 2, "state_size": 8,
+               "chunk_size": 8},
+    "gpt2": {"n_embd": 16, "n_layer": 2, "n_head": 2, "n_inner": 32},
+}
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer() -> Any:
+    return train_tokenizer(load_corpus("builtin", "validation").texts[:100], vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def offline(request: pytest.FixtureRequest) -> None:
+    """Hub offline for the whole module, so no test waits on network retries."""
+    import huggingface_hub.constants
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    request.addfinalizer(mp.undo)
+
+
+# --- tokenizer -------------------------------------------------------------------------------------
+
+
+def test_tokenizer_is_deterministic_byte_level_and_round_trips(small_tokenizer: Any, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    again = train_tokenizer(load_corpus("builtin", "validation").texts[:100], vocab_size=300)
+    assert again.backend_tokenizer.to_str() == small_tokenizer.backend_tokenizer.to_str()
+    assert len(small_tokenizer) == 300
+    assert small_tokenizer.bos_token == small_tokenizer.eos_token == "<|endoftext|>"
+    text = "naïve café → ✓ def f(x):\n    return x ** 2"
+    ids = small_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert small_tokenizer.unk_token_id not in ids  # byte-level: nothing is unknown
+    assert small_tokenizer.decode(ids) == text
+    small_tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded(text, add_special_tokens=False)["input_ids"] == ids
+    assert loaded.bos_token_id == small_tokenizer.bos_token_id == 0
+
+
+# --- load_model ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "gpt2"])
+def test_load_local_checkpoint(arch: str, small_tokenizer: Any, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(build_config(arch, len(small_tokenizer), 0, 32, **TINY[arch]))
+    model.save_pretrained(tmp_path)
+    small_tokenizer.save_pretrained(tmp_path)
+    loaded, tok = load_model(str(tmp_path), device="cpu")
+    assert type(loaded).__name__ == ARCH_CLASS[arch]
+    assert not loaded.training and next(loaded.parameters()).dtype == torch.float32
+    assert tok("hello world")["input_ids"] == small_tokenizer("hello world")["input_ids"]
+    x = torch.randint(0, len(small_tokenizer), (2, 12))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)
+    half, _ = load_model(str(tmp_path), device="auto", dtype="bfloat16")
+    assert next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"unsupported architecture 'bert'.*MambaForCausalLM.*"
+                                         r"Mamba2ForCausalLM.*GPT2LMHeadModel"):
+        load_model(str(tmp_path))
+
+
+def test_missing_paths_and_unknown_names(tmp_path: Path, offline: None) -> None:
+    bundled = "bundled models: tiny-mamba, tiny-mamba2, tiny-gpt"
+    with pytest.raises(FileNotFoundError, match=f"no such directory.*{bundled}"):
+        load_model(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=f"has no config.json.*{bundled}"):
+        load_model(str(tmp_path))
+    with pytest.raises(ValueError, match=f"did you mean 'tiny-mamba'.*{bundled}"):
+        load_model("tiny-mamb")
+    with pytest.raises(ValueError, match=f"Hub is offline.*{bundled}"):
+        load_model("someone/not-a-local-dir")
+
+
+def test_device_and_dtype_resolution() -> None:
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_dtype(None) is torch.float32
+    assert resolve_dtype("float16") is torch.float16 and resolve_dtype(torch.bfloat16) is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("float8")
+    with pytest.raises(ValueError, match="floating-point"):
+        resolve_dtype(torch.int64)
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("gpu0")
+
+
+# --- bundled models --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(BUNDLED))
+def test_bundled_model_is_small_trained_and_beats_unigram(name: str) -> None:
+    path = bundled_path(name)
+    if not (path / "model.safetensors").is_file():
+        pytest.fail(f"bundled model {name} is missing: train it with the command in docs/models.md")
+    assert (path / "model.safetensors").stat().st_size <= 8 * 2**20
+    stats = json.loads((path / "training.json").read_text(encoding="utf-8"))
+    assert stats["arch"] == BUNDLED_ARCH[name] and stats["layers"] >= 4
+    assert stats["val_loss"] <= 0.75 * stats["unigram_loss"]
+
+    model, tok = load_model(name, device="cpu")
+    assert type(model).__name__ == ARCH_CLASS[BUNDLED_ARCH[name]]
+    assert sum(p.numel() for p in model.parameters()) == stats["parameters"] <= 2_000_000
+    assert model.config.tie_word_embeddings
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    # All three share one tokenizer.
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shared = (bundled_path("tiny-mamba") / file).read_text(encoding="utf-8")
+        assert (path / file).read_text(encoding="utf-8") == shared
+    # Independent check of the recorded loss on a few validation windows with the loaded weights:
+    # a random model scores about ln(4096) = 8.3 nats, worse than the unigram baseline.
+    val = load_corpus("builtin", "validation").texts
+    windows = tokenize_windows(val, tok, 64, max_tokens=64 * 8).ids
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    train_ids = torch.tensor([i for t in load_corpus("builtin", "train").texts[:300]
+                              for i in tok(t, add_special_tokens=False)["input_ids"]])
+    assert float(loss) < 0.85 * unigram_loss(train_ids, windows, len(tok))
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+def test_unbind_scan_matches_transformers_reference_bit_for_bit() -> None:
+    from transformers.models.mamba.modeling_mamba import mamba_selective_scan
+
+    g = torch.Generator().manual_seed(0)
+    b, E, L, N = 2, 6, 9, 4
+
+    def inputs() -> list[torch.Tensor]:
+        g.manual_seed(0)
+        shapes = [(b, E, L), (b, E, L), (E, N), (b, N, L), (b, N, L), (E,), (b, E, L), (E,)]
+        ts = [torch.randn(s, generator=g) for s in shapes]
+        ts[2] = -ts[2].abs()
+        return [t.requires_grad_() for t in ts]
+
+    results = []
+    for fn in (mamba_selective_scan, selective_scan_unbind):
+        u, dt, A, B, C, D, z, bias = inputs()
+        out, last = fn(u, dt, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, return_last_state=True)
+        grads = torch.autograd.grad((out.sin().sum() + last.sum()), [u, dt, A, B, C, D, z, bias])
+        results.append((out, last, grads))
+    (o1, l1, g1), (o2, l2, g2) = results
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    assert all(torch.equal(a, c) for a, c in zip(g1, g2, strict=True))
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A .txt corpus of 80 built-in documents: big enough for both splits, quick to tokenize."""
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text("\n\n".join(t.replace("\n\n", "\n") for t in load_corpus("builtin", "train").texts[:80]),
+                    encoding="utf-8")
+    return str(path)
+
+
+def _train(arch: str, out: Path, seed: int, tok: Any, corpus: str, lr: float = 1e-3) -> dict[str, Any]:
+    return train_tiny(arch, out, steps=3, batch_size=2, seq_len=16, lr=lr, seed=seed, device="cpu",
+                      tokenizer=tok, log=lambda _: None, max_eval_windows=4, config_overrides=TINY[arch],
+                      corpus=corpus)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "gpt2"])
+def test_train_tiny_runs_saves_and_is_deterministic(
+    arch: str, small_tokenizer: Any, small_corpus: str, tmp_path: Path
+) -> None:
+    stats = _train(arch, tmp_path / "a", 0, small_tokenizer, small_corpus)
+    _train(arch, tmp_path / "b", 0, small_tokenizer, small_corpus)
+    _train(arch, tmp_path / "c", 1, small_tokenizer, small_corpus)
+    _train(arch, tmp_path / "z", 0, small_tokenizer, small_corpus, lr=0.0)  # the seed-0 initialisation
+    a, b, c, z = (_weights(tmp_path / k) for k in "abcz")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    # Training moved the weights away from the initialisation the same seed starts from.
+    assert any(not torch.equal(a[k], z[k]) for k in a)
+
+    assert {"config.json", "model.safetensors", "tokenizer.json", "training.json"} <= {
+        p.name for p in (tmp_path / "a").iterdir()}
+    recorded = json.loads((tmp_path / "a" / "training.json").read_text(encoding="utf-8"))
+    assert recorded["val_loss"] == stats["val_loss"] > 0 and recorded["steps"] == 3 and recorded["seed"] == 0
+    assert recorded["parameters"] == sum(t.numel() for t in a.values())
+    model, _ = load_model(str(tmp_path / "a"), device="cpu")
+    assert type(model).__name__ == ARCH_CLASS[arch]
+
+
+def test_mamba1_training_forward_matches_transformers_fallback(small_tokenizer: Any) -> None:
+    """The swapped scan changes speed only: the HF training-mode loss and gradients are identical."""
+    from transformers import AutoModelForCausalLM
+
+    from mambascope.models.train import _training_scan
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(build_config("mamba", 300, 0, 16, **TINY["mamba"])).train()
+    x = torch.randint(0, 300, (2, 16))
+    losses, grads = [], []
+    for patched in (False, True):
+        model.zero_grad()
+        if patched:
+            with _training_scan("mamba"):
+                loss = model(input_ids=x, labels=x).loss
+        else:
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert torch.equal(losses[0], losses[1])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))
+
+
+def test_train_tiny_rejects_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown architecture 'rwkv'.*mamba, mamba2, gpt2"):
+        train_tiny("rwkv", tmp_path, steps=1)
+    with pytest.raises(ValueError, match="steps must be positive"):
+        train_tiny("gpt2", tmp_path, steps=0)
