@@ -80,14 +80,21 @@ def _logit_effects(W: torch.Tensor, norm_weight: torch.Tensor, W_U: torch.Tensor
 
 
 def neuron_groups(layer_result: dict, arch: str, head_dim: int) -> dict[str, list[int]]:
-    """The census groups of one layer as neuron indices (Mamba-2's Δ-sensitive heads → their channels)."""
-    delta = [d["index"] for d in layer_result["delta_sensitive"] or []]
-    if arch == "mamba2":  # Δ is per head: its neurons are the head's channels
-        delta = [h * head_dim + j for h in delta for j in range(head_dim)]
+    """The census groups of one layer as neuron indices.
+
+    Δ-sensitive: the most selective Δ units (``delta_sensitive``, sorted by selectivity), at most a quarter
+    of the layer's Δ units so that the group never is the whole layer (Mamba-2 has few heads); a
+    Mamba-2 head counts as all of its channels.
+    """
+    delta = []
+    if layer_result.get("delta_sensitive"):
+        cap = max(1, layer_result["delta"]["n_units"] // 4)
+        delta = [d["index"] for d in layer_result["delta_sensitive"][:cap]]
+        delta = [h * head_dim + j for h in delta for j in range(head_dim)]  # head_dim is 1 on Mamba-1
     return {"dead": layer_result["dead_neurons"], "rarely_active": layer_result["rarely_active"],
             "positional": layer_result["positional_neurons"],
             "token_detector": [d["neuron"] for d in layer_result["token_detectors"]],
-            "delta_sensitive": delta if arch != "gpt2" else []}
+            "delta_sensitive": delta}
 
 
 def pruning_priority(layer_result: dict, write_norms: torch.Tensor) -> torch.Tensor:
