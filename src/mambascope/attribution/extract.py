@@ -1,0 +1,430 @@
+"""One traced forward → everything the attention-neuron methods need (docs/methods.md).
+
+:func:`extract` runs the tracer once (with autograd only when a gradient method is requested), takes
+the target log-probability at each row's query position, backpropagates it once, and computes the
+hidden-attention pieces each requested method uses with :func:`mambascope.ssm.hidden_attention.hidden_attention`
+(Mamba) or the traced softmax pattern (GPT-2).  What it returns, :class:`AttentionData`, is a dict
+``layer -> {name: tensor}`` for the requested layers plus the shared attributes (query, target, rollout
+chain).  All stored tensors are detached, fp32 (fp64 for an fp64 model), on the model's device.
+
+Units per architecture (the "neurons" whose activation/importance the methods score):
+
+* Mamba-1 / Mamba-2: the d_inner channels of ``mixer.hook_post`` (the project's neuron).  Each channel d
+  aggregates its own input u[:, d] with its attention α_d (Mamba-1) or its head's α_h (Mamba-2).
+* GPT-2: the attention heads.  A head is the transformer's unit that aggregates tokens with an attention
+  row; an MLP neuron never mixes positions, so attention-derived scores cannot be assigned to it.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mambascope.ssm.hidden_attention import AttentionMemoryError, hidden_attention
+from mambascope.trace import architecture, mixer_params, n_layers, trace
+
+METHODS = ("attention_weighted", "gradient_guided", "rollout", "block", "gradient_x_post")
+GRADIENT_METHODS = frozenset({"gradient_guided", "gradient_x_post"})
+MAMBA_ONLY = frozenset({"block"})
+STORE = ("full", "vectors", "rows")
+
+__all__ = ["GRADIENT_METHODS", "MAMBA_ONLY", "METHODS", "STORE", "AttentionData", "check_layers", "check_methods",
+           "extract", "gpt2_value_writes", "resolve_query"]
+
+
+class AttentionData(dict):
+    """``layer -> {name: tensor}`` for the requested layers, plus what every layer shares.
+
+    Per-layer keys (present only when stored/needed; shapes with b = batch, L = positions,
+    C = attention units: d_inner channels (Mamba-1), heads (Mamba-2, GPT-2); U = scored units: d_inner
+    (Mamba), heads (GPT-2)):
+
+    * ``attention_matrix`` [b, C, L, L] — exact s6 α (Mamba, DESIGN.md §4) or softmax probabilities (GPT-2);
+      only with ``store="full"``.
+    * ``attention_vectors`` [b, L, L] — the mean of ``attention_matrix`` over C; ``store`` "full"/"vectors".
+    * ``query_attention`` [b, C, L] — row q_b of each unit's attention for batch row b.
+    * Mamba: ``ssm_input`` u [b, L, E]; ``gate_q`` [b, E] the effective gate at the query (post = gate·y);
+      ``write_norm`` [E] ‖out_proj[:, d]‖₂; ``grad_y_q`` [b, E] ∂target/∂y at the query (gradient methods);
+      ``post_x_grad`` [b, L, E] post·∂target/∂post; ``block_query`` [b, E, L] and ``x`` [b, L, E] (block).
+    * GPT-2: ``value_norm`` and ``value_write_norm`` [b, H, L] (‖v_{s,h}‖, ‖W_O,h v_{s,h}‖);
+      ``grad_query_attention`` [b, H, L] ∂target/∂A_h[q, :]; ``grad_x_attention`` [b, H, L] Σ_s (∇A ⊙ A)[t, s].
+
+    Attributes: ``arch``, ``layers`` (requested, in order), ``methods`` (extracted), ``input_ids`` [b, L],
+    ``attention_mask`` [b, L] (all ones when none was given), ``query`` [b], ``target_token`` [b],
+    ``target_kind`` (per row "next" = the actual next token, "argmax" = the model's prediction),
+    ``target_logprob`` [b], ``rollout_matrices`` (layer -> [b, L, L] row-normalised Ā for layers
+    0..max(layers), when rollout was extracted), ``n_units`` (layer -> U), ``unit`` ("channel" | "head"),
+    ``errors`` (method -> reason, for method pieces that failed with ``on_error="record"``), ``store``.
+    """
+
+    arch: str
+    layers: list[int]
+    methods: list[str]
+    input_ids: Tensor
+    attention_mask: Tensor
+    query: Tensor
+    target_token: Tensor
+    target_kind: list[str]
+    target_logprob: Tensor
+    rollout_matrices: dict[int, Tensor]
+    n_units: dict[int, int]
+    unit: str
+    errors: dict[str, str]
+    store: str
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def check_methods(methods: str | Iterable[str] | None, arch: str) -> list[str]:
+    """Validated method names (default: every method the architecture supports)."""
+    if methods is None:
+        return [m for m in METHODS if arch != "gpt2" or m not in MAMBA_ONLY]
+    if isinstance(methods, str):
+        methods = [methods]
+    out: list[str] = []
+    for m in methods:
+        check_method(m, arch)
+        if m not in out:
+            out.append(m)
+    return out
+
+
+def check_method(method: str, arch: str) -> None:
+    """ValueError for an unknown method or a Mamba-only method on a transformer."""
+    if method not in METHODS:
+        raise ValueError(f"unknown attention-neuron method {method!r}; valid methods: {', '.join(METHODS)}")
+    if method in MAMBA_ONLY and arch == "gpt2":
+        raise ValueError(f"method {method!r} is Mamba-only (it needs a selective-scan mixer); this model is "
+                         f"GPT-2 style: use one of {', '.join(m for m in METHODS if m not in MAMBA_ONLY)}")
+
+
+def check_layers(model: nn.Module, layer_indices: int | Sequence[int] | None) -> list[int]:
+    """Validated, de-duplicated layer indices (negative count from the end; None = every layer)."""
+    count = n_layers(model)
+    if layer_indices is None:
+        return list(range(count))
+    if isinstance(layer_indices, int):
+        layer_indices = [layer_indices]
+    out: list[int] = []
+    for layer in layer_indices:
+        if isinstance(layer, bool):
+            raise TypeError(f"layer indices must be integers, got {layer!r}")
+        try:
+            layer = operator.index(layer)  # int, numpy or 0-d tensor integers
+        except TypeError:
+            raise TypeError(f"layer indices must be integers, got {layer!r}") from None
+        if not -count <= layer < count:
+            raise IndexError(f"layer {layer} out of range: the model has layers 0..{count - 1}")
+        layer %= count
+        if layer not in out:
+            out.append(layer)
+    if not out:
+        raise ValueError("no layers requested")
+    if architecture(model) != "gpt2":
+        for layer in out:
+            mixer = getattr(model.backbone.layers[layer], "mixer", None)
+            if mixer is None or not hasattr(mixer, "A_log"):
+                raise ValueError(f"layer {layer} has no Mamba mixer (selective scan); attention neurons need one")
+    return out
+
+
+def resolve_query(query: int | Sequence[int] | Tensor | None, mask: Tensor) -> Tensor:
+    """[b] query positions: default the last valid token of each row; an int applies to every row
+    (negative counts from the end); a sequence/tensor gives one position per row.  Raises IndexError
+    when out of range, ValueError when a query falls on padding."""
+    b, L = mask.shape
+    if not bool(mask.bool().any(1).all()):
+        raise ValueError("a row of attention_mask has no tokens")
+    if query is None:
+        # last index with mask 1: L-1 minus the position of the first 1 in the reversed row
+        return (L - 1 - mask.flip(1).float().argmax(1)).long()
+    q = torch.as_tensor(query, device=mask.device)
+    if q.is_floating_point() or q.dtype == torch.bool:
+        raise TypeError(f"query positions must be integers, got {q.dtype}")
+    q = q.long().reshape(-1)
+    if q.numel() == 1:
+        q = q.expand(b)
+    if q.numel() != b:
+        raise ValueError(f"query must be one position or one per row ({b}), got {q.numel()}")
+    bad = (q < -L) | (q >= L)
+    if bool(bad.any()):
+        raise IndexError(f"query position {int(q[bad][0])} out of range for sequences of {L} tokens "
+                         f"(valid 0..{L - 1}, or -{L}..-1 from the end)")
+    q = q % L
+    on_pad = ~mask[torch.arange(b, device=mask.device), q].bool()
+    if bool(on_pad.any()):
+        row = int(on_pad.nonzero()[0, 0])
+        raise ValueError(f"query position {int(q[row])} of row {row} is padding (attention_mask 0)")
+    return q.clone()
+
+
+# --------------------------------------------------------------------------------------- GPT-2 values
+
+
+def gpt2_value_writes(model: nn.Module, layer: int, resid_pre: Tensor) -> tuple[Tensor, Tensor]:
+    """(v [b, H, L, dh], W_O [H, dh, D]) of GPT-2 layer ``layer`` from its traced input ``hook_resid_pre``.
+
+    v = the value part of c_attn(ln_1(resid_pre)); W_O,h = rows h·dh..(h+1)·dh of c_proj's weight
+    (``Conv1D`` stores [in, out]), so hook_attn_out[t] = Σ_h Σ_s A_h[t, s]·v_{s,h}·W_O,h + c_proj.bias.
+    Stopgap: this reads ln_1/c_attn/c_proj outside ``trace/`` because the tracer exposes no value unit;
+    it belongs in ``trace/`` as ``attn.hook_v`` plus a write-weight accessor (the tests check the identity
+    above against the traced ``hook_attn_out``).
+    """
+    block = model.transformer.h[layer]
+    attn = block.attn
+    b, L, _ = resid_pre.shape
+    H, dh = attn.num_heads, attn.head_dim
+    with torch.no_grad():
+        v = attn.c_attn(block.ln_1(resid_pre)).split(attn.split_size, dim=-1)[2]
+        v = v.reshape(b, L, H, dh).transpose(1, 2).float()
+        W = attn.c_proj.weight.detach().float().reshape(H, dh, -1)
+    return v, W
+
+
+# -------------------------------------------------------------------------------------------- extract
+
+
+def _mamba2_gate(y: Tensor, gate: Tensor, norm_weight: Tensor, groups: int, eps: float) -> Tensor:
+    """Effective gate e with post = e ⊙ y for Mamba-2's gated RMSNorm (DESIGN.md §3, HF MambaRMSNormGated):
+    e = w ⊙ SiLU(z) ⊙ rsqrt(mean_group((y·SiLU z)²) + eps)."""
+    gated = (y * gate).reshape(*y.shape[:-1], groups, -1)
+    r = torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps)
+    return norm_weight * (gate.reshape(gated.shape) * r).reshape(y.shape)
+
+
+def _names(arch: str, methods: list[str], requested: list[int], chain: list[int]) -> list[str]:
+    names: set[str] = set()
+    if arch == "gpt2":
+        for layer in set(requested) | set(chain):
+            names.add(f"blocks.{layer}.attn.hook_pattern")
+        if "attention_weighted" in methods:
+            names.update(f"blocks.{layer}.hook_resid_pre" for layer in requested)
+        return sorted(names)
+    base = ("mixer.hook_dt", "mixer.hook_B", "mixer.hook_C")
+    for layer in set(requested) | set(chain):
+        names.update(f"blocks.{layer}.{u}" for u in base)
+    per_layer = ["mixer.hook_ssm_input", "mixer.hook_gate", "mixer.hook_y"]
+    if "gradient_x_post" in methods:
+        per_layer.append("mixer.hook_post")
+    if "block" in methods:
+        per_layer += ["mixer.hook_x", "mixer.hook_conv", "mixer.hook_gate_pre"]
+    for layer in requested:
+        names.update(f"blocks.{layer}.{u}" for u in per_layer)
+    return sorted(names)
+
+
+def _row_normalise(m: Tensor) -> Tensor:
+    """Rows divided by their sum; an all-zero row (nothing attended) stays zero."""
+    s = m.sum(-1, keepdim=True)
+    return m / torch.where(s > 0, s, torch.ones_like(s))
+
+
+def extract(
+    model: nn.Module,
+    input_ids: Tensor,
+    layer_indices: int | Sequence[int] | None = None,
+    attention_mask: Tensor | None = None,
+    *,
+    methods: str | Iterable[str] | None = None,
+    query: int | Sequence[int] | Tensor | None = None,
+    store: str = "full",
+    max_bytes: int | None = None,
+    on_error: str = "raise",
+) -> AttentionData:
+    """Trace ``model`` once on ``input_ids`` [b, L] and extract what ``methods`` need for ``layer_indices``.
+
+    ``store``: ``"full"`` keeps ``attention_matrix`` [b, C, L, L] and ``attention_vectors``; ``"vectors"``
+    only ``attention_vectors`` [b, L, L] (a chunked channel mean, never the full tensor); ``"rows"`` only
+    the query rows the methods use.  A full matrix that does not fit raises the kernel's
+    ``AttentionMemoryError`` (its message lists the smaller requests; ``store="rows"`` here).
+    ``on_error``: ``"raise"`` or ``"record"`` — a failing method-specific piece is then stored in
+    ``data.errors[method]`` and the other methods go on.
+    Rollout needs every layer 0..max(layer_indices) (its product starts at layer 0), so those layers are
+    traced and their channel-mean |α| stored in ``data.rollout_matrices``.
+    """
+    arch = architecture(model)
+    if store not in STORE:
+        raise ValueError(f"unknown store {store!r}; valid: {', '.join(STORE)}")
+    if on_error not in ("raise", "record"):
+        raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
+    requested = check_layers(model, layer_indices)
+    errors: dict[str, str] = {}
+    if on_error == "raise":
+        methods = check_methods(methods, arch)
+    else:
+        # Record mode (integrate_mamba_attention_neurons): a bad method name is that method's failure only.
+        wanted = check_methods(None, arch) if methods is None else [methods] if isinstance(methods, str) else methods
+        valid: list[str] = []
+        for m in wanted:
+            try:
+                check_method(m, arch)
+            except ValueError as exc:
+                errors[m] = str(exc)
+                continue
+            if m not in valid:
+                valid.append(m)
+        methods = valid
+    device = model.get_input_embeddings().weight.device
+    input_ids = input_ids.to(device)
+    mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)).long()
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(input_ids.shape)}")
+    q = resolve_query(query, mask)
+    b, L = input_ids.shape
+    rows = torch.arange(b, device=device)
+    chain = list(range(max(requested) + 1)) if "rollout" in methods else []
+    grad = any(m in GRADIENT_METHODS for m in methods)
+
+    names = _names(arch, methods, requested, chain)
+    trace_mask = None if attention_mask is None else mask
+    try:
+        tr = trace(model, input_ids, names, attention_mask=trace_mask, grad=grad)
+    except RuntimeError as exc:
+        if not grad or on_error == "raise":
+            raise
+        # Only the autograd forward failed: that is the gradient methods' failure; the others still run
+        # from a plain forward (a second trace only on this error path).
+        for m in methods:
+            if m in GRADIENT_METHODS:
+                errors[m] = f"autograd forward failed: {type(exc).__name__}: {exc}"
+        methods = [m for m in methods if m not in GRADIENT_METHODS]
+        grad = False
+        tr = trace(model, input_ids, names, attention_mask=trace_mask)
+    # Target: log p(actual next token) where one exists at q+1, else log p(argmax prediction).
+    logp = torch.log_softmax(tr.logits[rows, q].float(), dim=-1)  # [b, V]
+    has_next = (q + 1 < L) & mask.gather(1, (q + 1).clamp_max(L - 1)[:, None])[:, 0].bool()
+    nxt = input_ids.gather(1, (q + 1).clamp_max(L - 1)[:, None])[:, 0]
+    target = torch.where(has_next, nxt, logp.argmax(-1))
+    target_lp = logp[rows, target]
+
+    grads: dict[str, Tensor] = {}
+    if grad:
+        if arch == "gpt2":
+            wrt = [f"blocks.{layer}.attn.hook_pattern" for layer in requested]
+        else:
+            wrt = [f"blocks.{layer}.mixer.hook_y" for layer in requested if "gradient_guided" in methods]
+            wrt += [f"blocks.{layer}.mixer.hook_post" for layer in requested if "gradient_x_post" in methods]
+        # Rows of a batch never interact, so d(Σ_b target_b)/d(unit of row b) = d target_b / d(unit of row b).
+        got = torch.autograd.grad(target_lp.sum(), [tr[n] for n in wrt], materialize_grads=True)
+        grads = {n: g.detach() for n, g in zip(wrt, got, strict=True)}
+
+    data = AttentionData()
+    data.arch, data.layers, data.methods, data.store = arch, requested, list(methods), store
+    data.input_ids, data.attention_mask, data.query = input_ids, mask, q
+    data.target_token, data.target_logprob = target.detach(), target_lp.detach()
+    data.target_kind = ["next" if bool(h) else "argmax" for h in has_next]
+    data.rollout_matrices, data.n_units, data.errors = {}, {}, errors
+    data.unit = "head" if arch == "gpt2" else "channel"
+
+    def attempt(method: str, fn) -> None:
+        if method not in methods or method in data.errors:
+            return
+        try:
+            fn()
+        except Exception as exc:
+            if on_error == "raise":
+                raise
+            data.errors[method] = f"{type(exc).__name__}: {exc}"
+
+    kernel_mask = None if attention_mask is None else mask
+    with torch.no_grad():
+        for layer in sorted(set(requested) | set(chain)):
+            units = {k: v.detach() for k, v in tr.layer(layer).items()}
+            entry: dict[str, Tensor] = {}
+            is_requested = layer in requested
+            if arch == "gpt2":
+                pattern = units["attn.hook_pattern"].float()  # [b, H, L, L]
+                if is_requested:
+                    data.n_units[layer] = pattern.shape[1]
+                    if store == "full":
+                        entry["attention_matrix"] = pattern
+                    if store in ("full", "vectors"):
+                        entry["attention_vectors"] = pattern.mean(1)
+                    entry["query_attention"] = pattern[rows, :, q]
+                if "rollout" in methods:
+                    data.rollout_matrices[layer] = _row_normalise(pattern.mean(1))
+                if is_requested:
+                    name = f"blocks.{layer}.attn.hook_pattern"
+
+                    def aw(entry=entry, units=units, layer=layer) -> None:
+                        v, W = gpt2_value_writes(model, layer, units["hook_resid_pre"])
+                        entry["value_norm"] = v.norm(dim=-1)
+                        entry["value_write_norm"] = torch.einsum("bhsp,hpd->bhsd", v, W).norm(dim=-1)
+
+                    def gg(entry=entry, name=name) -> None:
+                        entry["grad_query_attention"] = grads[name].float()[rows, :, q]
+
+                    def gxp(entry=entry, name=name, pattern=pattern) -> None:
+                        entry["grad_x_attention"] = (grads[name].float() * pattern).sum(-1)
+
+                    attempt("attention_weighted", aw)
+                    attempt("gradient_guided", gg)
+                    attempt("gradient_x_post", gxp)
+            else:
+                params = mixer_params(model, layer)
+                if is_requested:
+                    data.n_units[layer] = params.d_inner
+                    full = None
+                    if store == "full":
+                        try:
+                            full = hidden_attention(units, params, "s6", attention_mask=kernel_mask,
+                                                    max_bytes=max_bytes)
+                        except AttentionMemoryError as exc:
+                            raise AttentionMemoryError(
+                                f"layer {layer}: {exc} Here: extract with store='rows' (only the query rows the "
+                                "methods use) or store='vectors' (the [b, L, L] channel mean).") from exc
+                        entry["attention_matrix"] = full
+                        entry["attention_vectors"] = full.mean(1)
+                        entry["query_attention"] = full[rows, :, q]
+                    else:
+                        if store == "vectors":
+                            entry["attention_vectors"] = hidden_attention(
+                                units, params, "s6", reduce="mean", attention_mask=kernel_mask, max_bytes=max_bytes)
+                        uniq, inv = torch.unique(q, return_inverse=True)
+                        qrows = hidden_attention(units, params, "s6", rows=uniq, attention_mask=kernel_mask,
+                                                 max_bytes=max_bytes)
+                        entry["query_attention"] = qrows[rows, :, inv]
+                    wd = entry["query_attention"].dtype
+                    u = units["mixer.hook_ssm_input"].to(wd)
+                    y, gate = units["mixer.hook_y"].to(wd), units["mixer.hook_gate"].to(wd)
+                    if params.arch == "mamba2":
+                        gate = _mamba2_gate(y, gate, params.norm_weight.to(wd), params.n_groups, params.norm_eps)
+                    entry["ssm_input"] = u
+                    entry["gate_q"] = gate[rows, q]
+                    entry["write_norm"] = params.out_proj_weight.to(wd).norm(dim=0)
+                    if "gradient_guided" in methods:
+                        entry["grad_y_q"] = grads[f"blocks.{layer}.mixer.hook_y"].to(wd)[rows, q]
+                    if "gradient_x_post" in methods:
+                        name = f"blocks.{layer}.mixer.hook_post"
+                        entry["post_x_grad"] = units["mixer.hook_post"].to(wd) * grads[name].to(wd)
+
+                    def blk(entry=entry, units=units, params=params) -> None:
+                        uniq, inv = torch.unique(q, return_inverse=True)
+                        m = hidden_attention(units, params, "block", rows=uniq, attention_mask=kernel_mask,
+                                             max_bytes=max_bytes)
+                        entry["block_query"] = m[rows, :, inv]
+                        entry["x"] = units["mixer.hook_x"].to(m.dtype)
+
+                    attempt("block", blk)
+                if "rollout" in methods:
+                    full = entry.get("attention_matrix")
+                    absmean = full.abs().mean(1) if full is not None else hidden_attention(
+                        units, params, "s6", reduce="absmean", attention_mask=kernel_mask, max_bytes=max_bytes)
+                    data.rollout_matrices[layer] = _row_normalise(absmean)
+            if is_requested:
+                data[layer] = entry
+    # keep the requested order for iteration
+    ordered = {layer: data[layer] for layer in requested}
+    data.clear()
+    data.update(ordered)
+    return data
+
+
+def per_channel(data: AttentionData, layer: int, t: Tensor, dim: int = 1) -> Tensor:
+    """Expand a per-attention-unit tensor to per scored unit: Mamba-2 heads → their head_dim channels."""
+    U, C = data.n_units[layer], t.shape[dim]
+    return t if U == C else t.repeat_interleave(U // C, dim=dim)

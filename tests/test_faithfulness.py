@@ -1,0 +1,121 @@
+"""Faithfulness evaluation (docs/methods.md): perturbation curves, neuron ablation against random units."""
+
+import json
+
+import pytest
+import torch
+
+from mambascope.attribution import evaluate_faithfulness, faithfulness_table
+from mambascope.attribution.faithfulness import perturbed_logprob, token_ranking
+from mambascope.interventions import ablation_edits, heldout_loss
+from mambascope.trace import trace
+from test_attention_neurons import V, make_model, one_thread  # noqa: F401  (autouse fixture)
+
+T = 10
+
+
+def windows(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=["mamba2", "gpt2"])
+def evaluated(request):
+    model = make_model(request.param)
+    sel, ev = windows(4, 1), windows(5, 2)
+    res = evaluate_faithfulness(model, sel, ev, [0, 1], ["attention_weighted", "rollout", "gradient_x_post"],
+                                k=3 if request.param != "gpt2" else 1, steps=4, seed=0, batch_size=3)
+    return request.param, model, sel, ev, res
+
+
+def test_token_curves(evaluated):
+    _, model, _, ev, res = evaluated
+    json.dumps(res, allow_nan=False)
+    tok = res["token"]
+    assert tok["fractions"] == [0.0, 0.25, 0.5, 0.75, 1.0] and tok["query_position"] == T - 2
+    assert tok["removed_counts"] == [0, 2, 4, 6, 8]
+    # the unperturbed log-prob of the actual next token, from a plain forward
+    with torch.no_grad():
+        logits = trace(model, ev, []).logits[:, T - 2]
+    base = torch.log_softmax(logits, -1).gather(1, ev[:, T - 1:])[:, 0].mean()
+    assert tok["baseline_logprob"] == pytest.approx(float(base), abs=1e-5)
+    rows = [tok["random"]] + [tok["methods"][m][str(layer)] for m in tok["methods"] for layer in (0, 1)]
+    assert set(tok["methods"]) == {"attention_weighted", "rollout", "gradient_x_post"}
+    for row in rows:
+        assert len(row["morf"]) == len(row["lerf"]) == 5
+        # f = 0 removes nothing; f = 1 removes the whole context whatever the order
+        assert row["morf"][0] == pytest.approx(float(base), abs=1e-5)
+        assert row["lerf"][0] == pytest.approx(float(base), abs=1e-5)
+        assert row["morf"][-1] == pytest.approx(row["lerf"][-1], abs=1e-5)
+        assert row["difference"] == pytest.approx(row["lerf_area"] - row["morf_area"])
+        want = sum((a + b) / 2 * 0.25 for a, b in zip(row["morf"][:-1], row["morf"][1:], strict=True))
+        assert row["morf_area"] == pytest.approx(want)
+    assert tok["random"]["seeds"] == 3 and len(tok["random"]["per_seed_difference"]) == 3
+
+
+def test_neuron_ablation_against_random(evaluated):
+    kind, model, _, ev, res = evaluated
+    neu = res["neuron"]
+    assert neu["unit"] == ("head" if kind == "gpt2" else "channel")
+    assert neu["baseline_loss"] == pytest.approx(heldout_loss(model, ev).loss)
+    for layer in ("0", "1"):
+        rnd = neu["random"][layer]
+        assert len(rnd["losses"]) == 3 and rnd["delta_std"] >= 0
+        for method in ("attention_weighted", "rollout", "gradient_x_post"):
+            ent = neu["methods"][method][layer]
+            assert len(ent["units"]) == ent["k"] == rnd["k"]
+    if kind != "gpt2":  # the reported loss is ablation_edits' zero-ablation of exactly those units
+        ent = neu["methods"]["rollout"]["1"]
+        loss = heldout_loss(model, ev, edits=ablation_edits(model, {1: ent["units"]})).loss
+        assert ent["loss"] == pytest.approx(loss)
+    table = faithfulness_table(res)
+    assert set(table["method"]) == {"attention_weighted", "rollout", "gradient_x_post", "random"}
+    assert len(table) == 4 * 2
+    assert {"morf_area", "lerf_area", "area_difference", "delta_loss", "random_delta_mean", "random_delta_std"} <= set(
+        table.columns)
+
+
+def test_gpt2_head_ablation_removes_the_heads_write():
+    """Zeroing a head's pattern (the GPT-2 unit ablation) equals subtracting that head's write from attn_out."""
+    from mambascope.attribution import gpt2_value_writes
+    from mambascope.attribution.faithfulness import _head_edits
+
+    model = make_model("gpt2")
+    ids = windows(2, 5)
+    tr = trace(model, ids, ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_pattern", "blocks.0.hook_attn_out"])
+    ablated = trace(model, ids, ["blocks.0.hook_attn_out"], edits=_head_edits(0, torch.tensor([2])))
+    v, W = gpt2_value_writes(model, 0, tr["blocks.0.hook_resid_pre"])
+    write = torch.einsum("bts,bsp,pd->btd", tr["blocks.0.attn.hook_pattern"][:, 2], v[:, 2], W[2])
+    diff = tr["blocks.0.hook_attn_out"] - ablated["blocks.0.hook_attn_out"]
+    assert torch.allclose(diff, write, atol=1e-5)
+
+
+def test_perturbation_masks_exactly_the_ranked_positions():
+    model = make_model("mamba2")
+    ids = windows(2, 7)
+    q = T - 2
+    rel = torch.rand(2, q, generator=torch.Generator().manual_seed(0))
+    order = token_ranking(rel, torch.Generator().manual_seed(1))
+    assert torch.equal(order, rel.argsort(1, descending=True))  # no ties: plain descending order
+    target = ids[:, q + 1]
+    got = perturbed_logprob(model, ids, order, [0, 3], q, target)
+    mask = torch.ones(2, q + 1, dtype=torch.long)
+    mask[torch.arange(2)[:, None], order[:, :3]] = 0
+    with torch.no_grad():
+        logits = trace(model, ids[:, : q + 1], [], attention_mask=mask).logits[:, q]
+    assert torch.allclose(got[:, 1], torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0], atol=1e-6)
+    # ties are broken at random, not by position
+    flat = token_ranking(torch.zeros(1, 50), torch.Generator().manual_seed(2))
+    assert not torch.equal(flat[0], torch.arange(50))
+
+
+def test_failures_and_input_errors():
+    gpt = make_model("gpt2")
+    sel, ev = windows(3, 1), windows(3, 2)
+    res = evaluate_faithfulness(gpt, sel, ev, [1], ["block", "attention_weighted"], k=1, steps=2,
+                                neuron_level=False, batch_size=4)
+    assert "Mamba-only" in res["errors"]["block"] and "attention_weighted" in res["token"]["methods"]
+    assert "block" not in set(faithfulness_table(res)["method"])
+    with pytest.raises(ValueError, match="disjoint"):
+        evaluate_faithfulness(gpt, ev, ev, [0], ["rollout"], k=1, token_level=False)
+    with pytest.raises(ValueError, match="draws"):
+        evaluate_faithfulness(gpt, sel, ev, [0], ["rollout"], draws=2)
