@@ -38,3 +38,14 @@ def small_checkpoints(tmp_path_factory, small_tokenizer):
         small_tokenizer.save_pretrained(path)
         paths[kind] = str(path)
     return paths
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models are dominated by per-op overhead, which extra threads only add to on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

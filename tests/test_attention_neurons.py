@@ -16,7 +16,6 @@ from mambascope.attention_neurons import (
     integrate_mamba_attention_neurons,
     run_attention_analysis,
 )
-from mambascope.attribution import gpt2_value_writes
 from mambascope.report.attention_plots import plot_attention_neurons_analysis
 from mambascope.ssm.hidden_attention import AttentionMemoryError, hidden_attention
 from mambascope.trace import mixer_params, trace
@@ -134,12 +133,14 @@ def test_gpt2_attention_matrix_is_hf_softmax():
 
 
 def test_gpt2_value_writes_rebuild_attention_output():
+    from mambascope.trace import head_write_weights
+
     model = make_model("gpt2")
     ids, _ = padded_batch()
-    tr = trace(model, ids, ["hook_resid_pre", "attn.hook_pattern", "hook_attn_out"])
+    tr = trace(model, ids, ["attn.hook_v", "attn.hook_pattern", "hook_attn_out"])
     for layer in (0, 1):
-        v, W = gpt2_value_writes(model, layer, tr[f"blocks.{layer}.hook_resid_pre"])
-        out = torch.einsum("bhts,bhsp,hpd->btd", tr[f"blocks.{layer}.attn.hook_pattern"], v, W)
+        v, W = tr[f"blocks.{layer}.attn.hook_v"], head_write_weights(model, layer)
+        out = torch.einsum("bhts,bshp,hpd->btd", tr[f"blocks.{layer}.attn.hook_pattern"], v, W)
         out = out + model.transformer.h[layer].attn.c_proj.bias
         assert rel(out, tr[f"blocks.{layer}.hook_attn_out"]) < 1e-5
 

@@ -76,15 +76,15 @@ def test_neuron_ablation_against_random(evaluated):
 
 def test_gpt2_head_ablation_removes_the_heads_write():
     """Zeroing a head's pattern (the GPT-2 unit ablation) equals subtracting that head's write from attn_out."""
-    from mambascope.attribution import gpt2_value_writes
     from mambascope.attribution.faithfulness import _head_edits
+    from mambascope.trace import head_write_weights
 
     model = make_model("gpt2")
     ids = windows(2, 5)
-    tr = trace(model, ids, ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_pattern", "blocks.0.hook_attn_out"])
+    tr = trace(model, ids, ["blocks.0.attn.hook_v", "blocks.0.attn.hook_pattern", "blocks.0.hook_attn_out"])
     ablated = trace(model, ids, ["blocks.0.hook_attn_out"], edits=_head_edits(0, torch.tensor([2])))
-    v, W = gpt2_value_writes(model, 0, tr["blocks.0.hook_resid_pre"])
-    write = torch.einsum("bts,bsp,pd->btd", tr["blocks.0.attn.hook_pattern"][:, 2], v[:, 2], W[2])
+    v, W = tr["blocks.0.attn.hook_v"], head_write_weights(model, 0)
+    write = torch.einsum("bts,bsp,pd->btd", tr["blocks.0.attn.hook_pattern"][:, 2], v[:, :, 2], W[2])
     diff = tr["blocks.0.hook_attn_out"] - ablated["blocks.0.hook_attn_out"]
     assert torch.allclose(diff, write, atol=1e-5)
 

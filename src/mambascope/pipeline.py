@@ -407,13 +407,23 @@ def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
                              f"({g['zero']['random_delta_mean']:+.4f})")
             else:
                 lines.append(f"  {name:<16} {g.get('skipped', '')}")
-    attention = results.get("attention_neurons")
-    if attention and isinstance(attention.get("methods"), dict):
-        for method, per_layer in attention["methods"].items():
-            for layer, summary in per_layer.items():
-                if isinstance(summary, dict) and "neuron_diversity" in summary:
-                    lines.append(f"attention neurons {method} layer {layer}: mean activation "
-                                 f"{summary['mean_activation']:.4g}, diversity {summary['neuron_diversity']:.3f}")
+    attention = results.get("attention_neurons") or {}
+    for method, per_layer in attention.get("results", {}).items():
+        for layer, summary in per_layer.items():
+            diversity = summary.get("neuron_diversity")
+            lines.append(f"attention neurons {method:<18} layer {layer}: mean activation "
+                         f"{summary['mean_activation']:.4g}, diversity "
+                         f"{'undefined' if diversity is None else f'{diversity:.3f}'}")
+    table = (attention.get("faithfulness") or {}).get("table")
+    if table:
+        lines.append("faithfulness (token: LeRF − MoRF area, larger = more faithful; neuron: Δloss of top-k ablation)")
+        for row in table:
+            area, delta = row.get("area_difference"), row.get("delta_loss")
+            lines.append(f"  {row['method']:<18} layer {row['layer']}: area diff "
+                         f"{'n/a' if area is None else f'{area:+.4f}'}, Δloss "
+                         f"{'n/a' if delta is None else f'{delta:+.4f}'}")
+    for method, reason in attention.get("errors", {}).items():
+        lines.append(f"FAILED attention neurons {method}: {reason}")
     for name, reason in results.get("errors", {}).items():
         lines.append(f"FAILED {name}: {reason}")
     print("\n".join(lines), file=file)

@@ -12,7 +12,6 @@ from mambascope.attribution.extract import (
     check_layers,
     check_methods,
     extract,
-    gpt2_value_writes,
     resolve_query,
 )
 from mambascope.attribution.faithfulness import (
@@ -35,6 +34,5 @@ __all__ = [
     "evaluate_faithfulness",
     "extract",
     "faithfulness_table",
-    "gpt2_value_writes",
     "resolve_query",
 ]

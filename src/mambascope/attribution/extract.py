@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from mambascope.ssm.hidden_attention import AttentionMemoryError, hidden_attention
-from mambascope.trace import architecture, mixer_params, n_layers, trace
+from mambascope.ssm.hidden_attention import AttentionMemoryError, hidden_attention, output_gate
+from mambascope.trace import architecture, head_write_weights, mixer_params, n_layers, trace
 
 METHODS = ("attention_weighted", "gradient_guided", "rollout", "block", "gradient_x_post")
 GRADIENT_METHODS = frozenset({"gradient_guided", "gradient_x_post"})
@@ -32,7 +32,7 @@ MAMBA_ONLY = frozenset({"block"})
 STORE = ("full", "vectors", "rows")
 
 __all__ = ["GRADIENT_METHODS", "MAMBA_ONLY", "METHODS", "STORE", "AttentionData", "check_layers", "check_methods",
-           "extract", "gpt2_value_writes", "resolve_query"]
+           "extract", "resolve_query"]
 
 
 class AttentionData(dict):
@@ -165,35 +165,7 @@ def resolve_query(query: int | Sequence[int] | Tensor | None, mask: Tensor) -> T
 # --------------------------------------------------------------------------------------- GPT-2 values
 
 
-def gpt2_value_writes(model: nn.Module, layer: int, resid_pre: Tensor) -> tuple[Tensor, Tensor]:
-    """(v [b, H, L, dh], W_O [H, dh, D]) of GPT-2 layer ``layer`` from its traced input ``hook_resid_pre``.
-
-    v = the value part of c_attn(ln_1(resid_pre)); W_O,h = rows h·dh..(h+1)·dh of c_proj's weight
-    (``Conv1D`` stores [in, out]), so hook_attn_out[t] = Σ_h Σ_s A_h[t, s]·v_{s,h}·W_O,h + c_proj.bias.
-    Stopgap: this reads ln_1/c_attn/c_proj outside ``trace/`` because the tracer exposes no value unit;
-    it belongs in ``trace/`` as ``attn.hook_v`` plus a write-weight accessor (the tests check the identity
-    above against the traced ``hook_attn_out``).
-    """
-    block = model.transformer.h[layer]
-    attn = block.attn
-    b, L, _ = resid_pre.shape
-    H, dh = attn.num_heads, attn.head_dim
-    with torch.no_grad():
-        v = attn.c_attn(block.ln_1(resid_pre)).split(attn.split_size, dim=-1)[2]
-        v = v.reshape(b, L, H, dh).transpose(1, 2).float()
-        W = attn.c_proj.weight.detach().float().reshape(H, dh, -1)
-    return v, W
-
-
 # -------------------------------------------------------------------------------------------- extract
-
-
-def _mamba2_gate(y: Tensor, gate: Tensor, norm_weight: Tensor, groups: int, eps: float) -> Tensor:
-    """Effective gate e with post = e ⊙ y for Mamba-2's gated RMSNorm (DESIGN.md §3, HF MambaRMSNormGated):
-    e = w ⊙ SiLU(z) ⊙ rsqrt(mean_group((y·SiLU z)²) + eps)."""
-    gated = (y * gate).reshape(*y.shape[:-1], groups, -1)
-    r = torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps)
-    return norm_weight * (gate.reshape(gated.shape) * r).reshape(y.shape)
 
 
 def _names(arch: str, methods: list[str], requested: list[int], chain: list[int]) -> list[str]:
@@ -202,7 +174,7 @@ def _names(arch: str, methods: list[str], requested: list[int], chain: list[int]
         for layer in set(requested) | set(chain):
             names.add(f"blocks.{layer}.attn.hook_pattern")
         if "attention_weighted" in methods:
-            names.update(f"blocks.{layer}.hook_resid_pre" for layer in requested)
+            names.update(f"blocks.{layer}.attn.hook_v" for layer in requested)
         return sorted(names)
     base = ("mixer.hook_dt", "mixer.hook_B", "mixer.hook_C")
     for layer in set(requested) | set(chain):
@@ -351,7 +323,8 @@ def extract(
                     name = f"blocks.{layer}.attn.hook_pattern"
 
                     def aw(entry=entry, units=units, layer=layer) -> None:
-                        v, W = gpt2_value_writes(model, layer, units["hook_resid_pre"])
+                        v = units["attn.hook_v"].transpose(1, 2).float()  # [b, H, L, dh]
+                        W = head_write_weights(model, layer).float()
                         entry["value_norm"] = v.norm(dim=-1)
                         entry["value_write_norm"] = torch.einsum("bhsp,hpd->bhsd", v, W).norm(dim=-1)
 
@@ -391,8 +364,7 @@ def extract(
                     wd = entry["query_attention"].dtype
                     u = units["mixer.hook_ssm_input"].to(wd)
                     y, gate = units["mixer.hook_y"].to(wd), units["mixer.hook_gate"].to(wd)
-                    if params.arch == "mamba2":
-                        gate = _mamba2_gate(y, gate, params.norm_weight.to(wd), params.n_groups, params.norm_eps)
+                    gate = output_gate(y, gate, params)
                     entry["ssm_input"] = u
                     entry["gate_q"] = gate[rows, q]
                     entry["write_norm"] = params.out_proj_weight.to(wd).norm(dim=0)

@@ -315,4 +315,7 @@ def faithfulness_table(result: dict) -> pd.DataFrame:
                 row |= {"k": ent["k"], "delta_loss": ent["delta"], "random_delta_mean": rnd["delta_mean"],
                         "random_delta_std": rnd["delta_std"], "z_vs_random": ent["z_vs_random"]}
             rows.append(row)
-    return pd.DataFrame(rows)
+    columns = ["method", "layer", "morf_area", "lerf_area", "area_difference", "k", "delta_loss", "delta_loss_std",
+               "random_delta_mean", "random_delta_std", "z_vs_random"]
+    table = pd.DataFrame(rows)
+    return table[[c for c in columns if c in table.columns]]

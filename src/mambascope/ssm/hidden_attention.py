@@ -51,7 +51,7 @@ IndexLike = int | slice | range | Sequence[int] | Tensor | None
 
 __all__ = [
     "DEFAULT_WORK_BYTES", "KINDS", "REDUCTIONS", "AttentionMemoryError", "AttentionPlan", "attention_plan",
-    "available_bytes", "block_bias", "hidden_attention", "s6_attention", "ssd_attention",
+    "available_bytes", "block_bias", "hidden_attention", "output_gate", "s6_attention", "ssd_attention",
 ]
 
 
@@ -370,11 +370,23 @@ def _block_gates(layer: Mapping[str, Tensor], params: MixerParams, lay: _Layer) 
         gate = gate.to(lay.wd)
     if lay.arch == "mamba2":
         (y,) = _need(layer, "mixer.hook_y")
-        v = (y.to(lay.wd) * gate).reshape(lay.b, lay.L, params.n_groups, -1)
-        r = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + params.norm_eps)  # MambaRMSNormGated's scale
-        norm_w = params.norm_weight.to(device=gate.device, dtype=lay.wd)
-        gate = norm_w * (gate.reshape(v.shape) * r).reshape(lay.b, lay.L, lay.E)
+        gate = output_gate(y.to(lay.wd), gate, params)
     return gate.transpose(1, 2).contiguous(), sig.transpose(1, 2).contiguous()
+
+
+def output_gate(y: Tensor, gate: Tensor, params: MixerParams) -> Tensor:
+    """The per-channel factor e [b, L, E] with post = e ⊙ y, given y and SiLU(z) [b, L, E].
+
+    Mamba-1: e = SiLU(z).  Mamba-2 (HF MambaRMSNormGated): e = norm_weight ⊙ SiLU(z) ⊙ r with the
+    per-token, per-group scale r = rsqrt(mean_group((y ⊙ SiLU z)²) + eps) read as a diagonal.
+    """
+    if params.arch != "mamba2":
+        return gate
+    b, L, E = y.shape
+    v = (y * gate).reshape(b, L, params.n_groups, -1)
+    r = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + params.norm_eps)
+    norm_w = params.norm_weight.to(device=gate.device, dtype=gate.dtype)
+    return norm_w * (gate.reshape(v.shape) * r).reshape(b, L, E)
 
 
 def _block_rows(lay: _Layer, params: MixerParams, channels: Tensor, rows: Tensor | None,

@@ -5,6 +5,7 @@ from mambascope.trace.names import NEURON_UNIT, UNITS, all_names, resolve_names
 from mambascope.trace.params import (
     MixerParams,
     architecture,
+    head_write_weights,
     mixer_params,
     n_layers,
     neuron_write_weights,
@@ -12,5 +13,5 @@ from mambascope.trace.params import (
 )
 
 __all__ = ["NEURON_UNIT", "UNITS", "MixerParams", "Trace", "all_names", "architecture", "check_inputs",
-           "mixer_params", "n_layers", "neuron_write_weights", "resolve_names", "trace", "trace_stream",
-           "unembedding"]
+           "head_write_weights", "mixer_params", "n_layers", "neuron_write_weights", "resolve_names", "trace",
+           "trace_stream", "unembedding"]

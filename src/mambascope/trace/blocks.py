@@ -104,7 +104,9 @@ def gpt2_block(block: nn.Module, h: torch.Tensor, mask: torch.Tensor | None, emi
     h = emit("hook_resid_pre", h)
     q, k, v = attn.c_attn(block.ln_1(h)).split(attn.split_size, dim=-1)
     b, L, _ = q.shape
-    q, k, v = (t.view(b, L, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+    v = emit("attn.hook_v", v.view(b, L, attn.num_heads, attn.head_dim))
+    q, k = (t.view(b, L, attn.num_heads, attn.head_dim) for t in (q, k))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     scale = attn.head_dim**-0.5 if attn.scale_attn_weights else 1.0
     if attn.scale_attn_by_inverse_layer_idx:
         scale /= float(layer + 1)

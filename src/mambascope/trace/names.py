@@ -43,6 +43,7 @@ UNITS: dict[str, dict[str, str]] = {
     },
     "gpt2": {
         "hook_resid_pre": "b,L,D",
+        "attn.hook_v": "b,L,H,dh",
         "attn.hook_pattern": "b,H,L,L",
         "hook_attn_out": "b,L,D",
         "hook_resid_mid": "b,L,D",

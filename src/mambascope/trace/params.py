@@ -90,6 +90,18 @@ def neuron_write_weights(model: nn.Module, layer: int) -> torch.Tensor:
     return model.backbone.layers[layer].mixer.out_proj.weight.detach()
 
 
+def head_write_weights(model: nn.Module, layer: int) -> torch.Tensor:
+    """[H, d_head, d_model]: W_O of each attention head of a GPT-2 layer, so that
+    hook_attn_out[t] = Σ_h Σ_s pattern_h[t, s] · v[s, h] · W_O[h] + c_proj.bias (c_proj is a ``Conv1D``, [in, out])."""
+    if architecture(model) != "gpt2":
+        raise ValueError("head_write_weights needs a GPT-2 style model; Mamba layers have no attention heads")
+    count = n_layers(model)
+    if not 0 <= layer < count:
+        raise IndexError(f"layer {layer} out of range: the model has layers 0..{count - 1}")
+    attn = model.transformer.h[layer].attn
+    return attn.c_proj.weight.detach().reshape(attn.num_heads, attn.head_dim, -1)
+
+
 def unembedding(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(final norm weight [d_model], unembedding W_U [V, d_model]) for direct logit effects."""
     final_norm = model.transformer.ln_f if architecture(model) == "gpt2" else model.backbone.norm_f
