@@ -55,4 +55,14 @@ def test_compare_cli(tmp_path, capsys, small_checkpoints):
     assert len(comparison["models"]) == 3
     assert (out / "figures" / "compare_pct_dead.png").stat().st_size > 0
     assert (out / "comparison.parquet").exists()
+    page = (out / "comparison.html").read_text()
+    assert 'id="comparison"' in page and "data:image/png;base64," in page
     assert "comparison:" in capsys.readouterr().out
+
+
+def test_compare_cli_on_the_bundled_models(tmp_path, capsys):
+    out = tmp_path / "bundled"
+    assert main(["compare", "--window", "64", "--max-tokens", "512", "--out", str(out), "--quiet"]) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert set(comparison["models"]) == {"tiny-mamba", "tiny-mamba2", "tiny-gpt"}
+    assert {r["arch"] for r in comparison["layers"]} == {"mamba", "mamba2", "gpt2"}

@@ -139,6 +139,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from mambascope.compare import compare_models, comparison_table
     from mambascope.data import load_corpus
     from mambascope.report.compare_plots import plot_comparison
+    from mambascope.report.html import render_comparison_report
     from mambascope.results import ResultsDir, to_jsonable
 
     out = ResultsDir(args.out, overwrite=args.overwrite)
@@ -151,6 +152,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         comparison["figures"] = {k: (v.name if hasattr(v, "name") else f"skipped: {v}") for k, v in figures.items()}
         out.file("comparison.json").write_text(json.dumps(to_jsonable(comparison), indent=1, allow_nan=False))
         out.save_table(comparison_table(comparison), "comparison")
+        render_comparison_report(comparison, out.staging, figures)
     except BaseException:
         out.discard()
         raise

@@ -799,3 +799,40 @@ def render_report(results: Mapping[str, Any], out_dir: str | Path, figures: Sequ
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def render_comparison_report(comparison: Mapping[str, Any], out_dir: str | Path,
+                             figures: Mapping[str, Any] | None = None) -> Path:
+    """Write ``out_dir/comparison.html``: one self-contained page with the comparison section (models,
+    per-layer table by relative depth, one figure per statistic, failures by name)."""
+    out_dir = Path(out_dir)
+    model_keys = ("arch", "n_layers", "d_model", "d_inner", "parameters", "analysed_tokens", "text_characters",
+                  "text_tokens", "chars_per_token", "loss")
+    models = _table(["model", *model_keys],
+                    [[name, *[_r4(m.get(k)) if isinstance(m.get(k), float) else m.get(k) for k in model_keys]]
+                     for name, m in comparison.get("models", {}).items()])
+    rows = comparison.get("layers", [])
+    columns = [c for c in (rows[0] if rows else {}) if c not in ("arch",)]
+    layers = _table(columns, [[_r4(r.get(c)) if isinstance(r.get(c), float) else r.get(c) for c in columns]
+                              for r in rows])
+    images = []
+    for stat, path in (figures or {}).items():
+        if isinstance(path, Path) and path.exists():
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            images.append(f'<figure><img alt="{_e(stat)}" src="data:image/png;base64,{data}">'
+                          f"<figcaption>{_e(path.name)}</figcaption></figure>")
+        else:
+            images.append(_note(f"Figure '{stat}' not drawn: {path}"))
+    errors = "".join(_error(f"{name}: {reason}") for name, reason in comparison.get("errors", {}).items())
+    corpus = comparison.get("corpus", {})
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>mambascope comparison</title><style>{CSS}</style></head>
+<body><main id="report"><h1>Model comparison</h1>
+<p class="muted">{_e(corpus.get("name", ""))} {_e(corpus.get("split", ""))}: each model on the same texts with its own
+tokenizer and its own neuron unit; depth is layer / (layers − 1).</p>
+<section id="comparison"><h2>Comparison</h2><h3>Models</h3>{models}<h3>Per layer</h3>{layers}
+{"".join(images)}{errors}</section></main></body></html>
+"""
+    path = out_dir / "comparison.html"
+    path.write_text(page, encoding="utf-8")
+    return path
