@@ -7,6 +7,7 @@ ablation and pruning measure the loss.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -321,7 +322,10 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
             batch_size=batch_size, seed=seed, draws=draws)
 
     work = {"census": census, "interventions": interventions, "attention_neurons": attention}
-    for name in [s for s in STAGES if s in stages]:
+    todo = [s for s in STAGES if s in stages]
+    for index, name in enumerate(todo, 1):
+        if progress:
+            print(f"[{index}/{len(todo)}] {name.replace('_', ' ')}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
             work[name]()
