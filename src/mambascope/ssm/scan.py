@@ -58,14 +58,13 @@ def _doubling_scan(log_decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tenso
 def segment_sum(a: torch.Tensor) -> torch.Tensor:
     """S[..., t, s] = Σ_{k=s+1..t} a[..., k] for s ≤ t, −inf above the diagonal.
 
-    Summed directly over the segment (masked cumulative sum) rather than as a difference of two
-    cumulative sums, which would lose precision once the sums grow large.
+    A difference of cumulative sums taken in float64 and rounded once, so its error is relative to the
+    segment itself even when the running sums grow large (an fp32 difference would not be).
     """
     Q = a.shape[-1]
-    below = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a.device), diagonal=-1)
-    expanded = a.unsqueeze(-1).expand(*a.shape, Q).masked_fill(~below, 0)
-    sums = expanded.cumsum(dim=-2)
-    causal = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a.device))
+    cum = a.double().cumsum(-1)
+    sums = (cum[..., :, None] - cum[..., None, :]).to(a.dtype)
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril()
     return sums.masked_fill(~causal, -torch.inf)
 
 
