@@ -201,7 +201,7 @@ def context_attention_rows(model: nn.Module, windows: torch.Tensor, layer_result
 
 def census_interventions(model: nn.Module, layer_results: dict[str, dict], heldout: torch.Tensor, *,
                          draws: int = 3, seed: int = 0, batch_size: int = 8,
-                         pruning_ratios: Sequence[float] = (0.1, 0.25, 0.5)) -> dict[str, Any]:
+                         pruning_ratios: Sequence[float] = (0.1, 0.25, 0.5), progress: bool = False) -> dict[str, Any]:
     """Ablation of every census group and pruning, measured on ``heldout`` windows the census never saw.
 
     Reads the groups, the neurons' means (mean ablation) and the pruning priority from the census
@@ -218,8 +218,9 @@ def census_interventions(model: nn.Module, layer_results: dict[str, dict], heldo
     by_group = {g: {layer: groups[layer][g] for layer in layers} for g in GROUPS}
     n_neurons = layer_results[str(layers[0])]["n_neurons"]
     ablation = ablation_study(model, heldout, by_group, means, n_neurons, draws=draws, seed=seed,
-                              batch_size=batch_size)
-    pruning = pruning_study(model, heldout, priority, pruning_ratios, draws=draws, seed=seed, batch_size=batch_size)
+                              batch_size=batch_size, progress=progress)
+    pruning = pruning_study(model, heldout, priority, pruning_ratios, draws=draws, seed=seed, batch_size=batch_size,
+                            progress=progress)
     pruning["priority"] = "dead, then rarely active (rarest first), then lowest mean|post| x |out_proj column|"
     return {"ablation": ablation, "pruning": pruning}
 
@@ -310,7 +311,7 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
         if not results["layers"]:
             raise RuntimeError("needs the census, which did not finish")
         results.update(census_interventions(model, results["layers"], heldout, draws=draws, seed=seed,
-                                            batch_size=batch_size))
+                                            batch_size=batch_size, progress=progress))
 
     def attention() -> None:
         from mambascope.attention_neurons import run_attention_analysis

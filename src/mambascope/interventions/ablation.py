@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from mambascope.trace import NEURON_UNIT, architecture, trace_stream
 from mambascope.trace.forward import Edit
@@ -38,7 +39,7 @@ def next_token_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[
 
 
 def heldout_loss(model: nn.Module, windows: torch.Tensor, *, edits: Mapping[str, Edit] | None = None,
-                 batch_size: int = 16) -> LossResult:
+                 batch_size: int = 16, bar: tqdm | None = None) -> LossResult:
     """Mean next-token loss of ``model`` on ``windows`` [n, T] (no padding), optionally under ``edits``."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [n, T] with T >= 2, got {tuple(windows.shape)}")
@@ -48,6 +49,8 @@ def heldout_loss(model: nn.Module, windows: torch.Tensor, *, edits: Mapping[str,
         loss, n = next_token_loss_sum(trace_stream(model, batch, None, edits=edits), batch)
         total += loss
         count += n
+        if bar is not None:
+            bar.update(batch.numel())
     return LossResult(total / count, count)
 
 
@@ -94,13 +97,14 @@ def _spread(values: list[float]) -> dict[str, float | list[float]]:
 
 def ablation_study(model: nn.Module, windows: torch.Tensor, groups: Mapping[str, Mapping[int, Sequence[int]]],
                    means: Mapping[int, torch.Tensor], n_neurons: int, *, draws: int = 3, seed: int = 0,
-                   batch_size: int = 16) -> dict:
+                   batch_size: int = 16, progress: bool = False) -> dict:
     """Loss with each named group zero- and mean-ablated, against random groups of the same size per layer.
 
     groups: group name -> {layer: neuron indices}.  Returns the baseline and, per group and mode, the
     loss, its change, and the random control's mean, std and draws.  An empty group is reported as such.
     """
-    base = heldout_loss(model, windows, batch_size=batch_size)
+    bar = tqdm(unit="tok", unit_scale=True, desc="ablation", disable=not progress)
+    base = heldout_loss(model, windows, batch_size=batch_size, bar=bar)
     out: dict = {"baseline_loss": base.loss, "tokens": base.tokens, "draws": draws, "groups": {}}
     for g_index, (name, layers) in enumerate(groups.items()):
         size = {layer: len(idx) for layer, idx in layers.items() if len(idx)}
@@ -113,35 +117,38 @@ def ablation_study(model: nn.Module, windows: torch.Tensor, groups: Mapping[str,
         controls = [{layer: sets[d] for layer, sets in per_layer.items()} for d in range(draws)]
         for mode in ("zero", "mean"):
             loss = heldout_loss(model, windows, edits=ablation_edits(model, layers, mode, means),
-                                batch_size=batch_size).loss
+                                batch_size=batch_size, bar=bar).loss
             rand = [heldout_loss(model, windows, edits=ablation_edits(model, c, mode, means),
-                                 batch_size=batch_size).loss for c in controls]
+                                 batch_size=batch_size, bar=bar).loss for c in controls]
             entry[mode] = {"loss": loss, "delta": loss - base.loss, "random": _spread(rand),
                            "random_delta_mean": float(torch.tensor(rand).mean()) - base.loss}
         out["groups"][name] = entry
+    bar.close()
     return out
 
 
 def pruning_study(model: nn.Module, windows: torch.Tensor, priority: Mapping[int, torch.Tensor],
                   ratios: Sequence[float] = (0.1, 0.25, 0.5), *, draws: int = 3, seed: int = 0,
-                  batch_size: int = 16) -> dict:
+                  batch_size: int = 16, progress: bool = False) -> dict:
     """Zero-prune the first ``ratio`` of each layer's neurons in ``priority`` order, against random pruning.
 
     priority: layer -> [E] neuron indices, first = pruned first (e.g. dead, then rarely active, then
     lowest importance).  Returns per ratio the loss before/after and the random control's spread.
     """
-    base = heldout_loss(model, windows, batch_size=batch_size)
+    bar = tqdm(unit="tok", unit_scale=True, desc="pruning", disable=not progress)
+    base = heldout_loss(model, windows, batch_size=batch_size, bar=bar)
     out: dict = {"baseline_loss": base.loss, "tokens": base.tokens, "ratios": {}}
     for ratio in ratios:
         if not 0 < ratio < 1:
             raise ValueError(f"pruning ratio {ratio} must be in (0, 1)")
         chosen = {layer: order[: round(ratio * order.numel())] for layer, order in priority.items()}
-        loss = heldout_loss(model, windows, edits=ablation_edits(model, chosen), batch_size=batch_size).loss
+        loss = heldout_loss(model, windows, edits=ablation_edits(model, chosen), batch_size=batch_size, bar=bar).loss
         per_layer = {layer: random_groups(order.numel(), round(ratio * order.numel()), draws, seed + layer)
                      for layer, order in priority.items()}
-        rand = [heldout_loss(model, windows, batch_size=batch_size,
+        rand = [heldout_loss(model, windows, batch_size=batch_size, bar=bar,
                              edits=ablation_edits(model, {layer: sets[d] for layer, sets in per_layer.items()})).loss
                 for d in range(draws)]
         out["ratios"][str(ratio)] = {"pruned_per_layer": {str(k): int(v.numel()) for k, v in chosen.items()},
                                      "loss": loss, "delta": loss - base.loss, "random": _spread(rand)}
+    bar.close()
     return out
