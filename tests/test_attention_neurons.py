@@ -24,15 +24,6 @@ V = 61
 ARCHS = ["mamba", "mamba2", "gpt2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only contend on a shared CPU (50x slower under load); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_model(kind: str, layers: int = 2, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "mamba":

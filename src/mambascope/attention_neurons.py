@@ -38,7 +38,7 @@ from mambascope.attribution.extract import (
     check_methods,
     extract,
 )
-from mambascope.attribution.methods import compute_method
+from mambascope.attribution.methods import compute_method, method_records
 from mambascope.results import to_jsonable
 from mambascope.trace import architecture, n_layers
 
@@ -250,18 +250,9 @@ def run_attention_analysis(
     errors: dict[str, str] = {}
     sums: dict[str, dict[int, dict[str, Any]]] = {}
     n = 0
-    for start in range(0, windows.shape[0], batch_size):  # a loop over batches
-        batch = windows[start:start + batch_size]
-        active = [m for m in wanted if m not in errors]
-        data = extract(model, batch, layers, methods=active, query=query, store="rows", on_error="record")
-        errors.update(data.errors)
-        for method in [m for m in active if m not in errors]:
-            try:
-                recs = compute_method(data, method)
-            except Exception as exc:
-                errors[method] = f"{type(exc).__name__}: {exc}"
-                sums.pop(method, None)
-                continue
+    for batch, _, records in method_records(model, windows, layers, wanted, query=query, batch_size=batch_size,
+                                            errors=errors):
+        for method, recs in records.items():
             for layer, rec in recs.items():
                 acc = sums.setdefault(method, {}).get(layer)
                 if acc is None:

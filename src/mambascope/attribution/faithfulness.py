@@ -18,14 +18,14 @@ units (``draws`` ≥ 3 draws, mean and std).  ``random`` is always a row.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from mambascope.attribution.extract import METHODS, check_layers, check_method, extract
-from mambascope.attribution.methods import compute_method
+from mambascope.attribution.methods import method_records
 from mambascope.interventions.ablation import ablation_edits, heldout_loss, random_groups
 from mambascope.trace import architecture, trace_stream
 from mambascope.trace.forward import Edit
@@ -123,11 +123,6 @@ def _unit_edits(model: nn.Module, layer: int, index: Tensor) -> dict[str, Edit]:
     return ablation_edits(model, {layer: index})
 
 
-def _batches(windows: Tensor, size: int) -> Iterable[Tensor]:
-    for start in range(0, windows.shape[0], size):  # a loop over batches
-        yield windows[start:start + size]
-
-
 def evaluate_faithfulness(
     model: nn.Module,
     select_windows: Tensor,
@@ -203,20 +198,12 @@ def _token_level(model: nn.Module, windows: Tensor, layers: list[int], methods: 
     # one generator per random seed, kept across batches so every window gets its own permutation
     rand_gens = [torch.Generator().manual_seed(seed * 1000 + 1 + s) for s in range(random_seeds)]
     base_sum, n = 0.0, 0
-    for batch in _batches(windows, batch_size):
-        active = [m for m in methods if m not in errors]
-        data = extract(model, batch, layers, methods=active, query=q, store="rows", on_error="record")
-        errors.update(data.errors)
+    for batch, data, records in method_records(model, windows, layers, methods, query=q, batch_size=batch_size,
+                                               errors=errors):
         target = data.target_token
         base_sum += float(data.target_logprob.double().sum())
         n += batch.shape[0]
-        for method in [m for m in active if m not in errors]:
-            try:
-                recs = compute_method(data, method)
-            except Exception as exc:
-                errors[method] = f"{type(exc).__name__}: {exc}"
-                sums.pop(method, None)
-                continue
+        for method, recs in records.items():
             for layer in layers:
                 order = token_ranking(recs[layer]["relevance"][:, :q].double(), gen)
                 acc = sums.setdefault(method, {}).setdefault(
@@ -244,20 +231,10 @@ def _neuron_level(model: nn.Module, select: Tensor, evalw: Tensor, layers: list[
     q = select.shape[1] - 2
     imp: dict[str, dict[int, Tensor]] = {}
     n_units: dict[int, int] = {}
-    for batch in _batches(select, batch_size):
-        active = [m for m in methods if m not in errors]
-        if not active:
-            break
-        data = extract(model, batch, layers, methods=active, query=q, store="rows", on_error="record")
-        errors.update(data.errors)
+    for _, data, records in method_records(model, select, layers, methods, query=q, batch_size=batch_size,
+                                           errors=errors):
         n_units.update(data.n_units)
-        for method in [m for m in active if m not in errors]:
-            try:
-                recs = compute_method(data, method)
-            except Exception as exc:
-                errors[method] = f"{type(exc).__name__}: {exc}"
-                imp.pop(method, None)
-                continue
+        for method, recs in records.items():
             for layer in layers:
                 s = recs[layer]["importance_per_row"].double().sum(0).cpu()
                 per = imp.setdefault(method, {})

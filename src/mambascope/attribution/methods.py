@@ -15,12 +15,19 @@ matrix (out_proj), c(d) the attention unit of channel d.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from mambascope.attribution.extract import GRADIENT_METHODS, METHODS, AttentionData, check_method, per_channel
+from mambascope.attribution.extract import (
+    GRADIENT_METHODS,
+    METHODS,
+    AttentionData,
+    check_method,
+    extract,
+    per_channel,
+)
 
 MethodFn = Callable[[AttentionData], dict[int, dict]]
 
@@ -190,3 +197,25 @@ def compute_method(data: AttentionData, method: str) -> dict[int, dict]:
     check_method(method, data.arch)
     with torch.no_grad():
         return METHOD_FUNCTIONS[method](data)
+
+
+def method_records(model: nn.Module, windows: Tensor, layers: list[int], methods: list[str], *,
+                   query: int | None, batch_size: int,
+                   errors: dict[str, str]) -> Iterator[tuple[Tensor, AttentionData, dict[str, dict]]]:
+    """Per batch of ``windows``: one extraction, then every method's per-layer records.
+
+    Yields (batch, data, {method: records}).  A method that fails is recorded in ``errors`` by name with its
+    reason and left out of later batches; callers drop what they accumulated for it (DESIGN.md §6).
+    """
+    for start in range(0, windows.shape[0], batch_size):  # a loop over batches
+        batch = windows[start:start + batch_size]
+        active = [m for m in methods if m not in errors]
+        data = extract(model, batch, layers, methods=active, query=query, store="rows", on_error="record")
+        errors.update(data.errors)
+        records: dict[str, dict] = {}
+        for method in [m for m in active if m not in errors]:
+            try:
+                records[method] = compute_method(data, method)
+            except Exception as exc:  # one failing method must not stop the others
+                errors[method] = f"{type(exc).__name__}: {exc}"
+        yield batch, data, records
