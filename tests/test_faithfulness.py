@@ -9,7 +9,7 @@ from mambascope.attribution import evaluate_faithfulness, faithfulness_table
 from mambascope.attribution.faithfulness import perturbed_logprob, token_ranking
 from mambascope.interventions import ablation_edits, heldout_loss
 from mambascope.trace import trace
-from test_attention_neurons import V, make_model, one_thread  # noqa: F401  (autouse fixture)
+from test_attention_neurons import V, make_model
 
 T = 10
 
