@@ -70,17 +70,23 @@ def _hf_logits_and_posts(model, ids, mask):
     return logits, posts
 
 
-@pytest.mark.parametrize("kind,cfg", [("mamba", c) for c in MAMBA1_CONFIGS] + [("mamba2", c) for c in MAMBA2_CONFIGS]
-                         + [("gpt2", dict(n_embd=32, n_head=4)), ("gpt2", dict(n_embd=24, n_head=2, n_inner=40))])
-def test_traced_forward_equals_model(kind, cfg):
-    model = _random_model(kind, cfg)
-    ids, mask = _padded_batch(97)
+def _assert_traced_equals_model(model, ids, mask):
+    """Logits within 1e-4 and post equal to out_proj's input within 1e-5 (relative), on the real tokens."""
     ref, posts = _hf_logits_and_posts(model, ids, mask)
     tr = trace(model, ids, attention_mask=mask)
     valid = mask.bool()
     assert _rel(tr.logits[valid], ref[valid]) < 1e-4
     for layer, post in posts.items():
         assert _rel(tr[f"blocks.{layer}.mixer.hook_post"][valid], post[valid]) < 1e-5
+    return tr
+
+
+@pytest.mark.parametrize("kind,cfg", [("mamba", c) for c in MAMBA1_CONFIGS] + [("mamba2", c) for c in MAMBA2_CONFIGS]
+                         + [("gpt2", dict(n_embd=32, n_head=4)), ("gpt2", dict(n_embd=24, n_head=2, n_inner=40))])
+def test_traced_forward_equals_model(kind, cfg):
+    model = _random_model(kind, cfg)
+    ids, mask = _padded_batch(97)
+    tr = _assert_traced_equals_model(model, ids, mask)
     # every unit of every layer, with the documented rank
     for layer in range(2):
         for unit, shape in UNITS[kind].items():
@@ -249,12 +255,7 @@ def test_bundled_models_trace_exactly(name):
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert not bool(mask.all())  # the batch really is padded
-    ref, posts = _hf_logits_and_posts(model, ids, mask)
-    tr = trace(model, ids, attention_mask=mask)
-    valid = mask.bool()
-    assert _rel(tr.logits[valid], ref[valid]) < 1e-4
-    for layer, post in posts.items():
-        assert _rel(tr[f"blocks.{layer}.mixer.hook_post"][valid], post[valid]) < 1e-5
+    _assert_traced_equals_model(model, ids, mask)
 
 
 def test_gradients_flow_through_the_traced_scan():

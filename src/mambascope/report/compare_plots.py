@@ -27,7 +27,7 @@ COMPARISON_PLOTS = {
 }
 
 
-def plot_comparison(comparison: dict[str, Any], out_dir: str | Path, show: bool = False) -> dict[str, Path | str]:
+def plot_comparison(comparison: dict[str, Any], out_dir: str | Path) -> dict[str, Path | str]:
     """Write ``compare_<statistic>.png`` for every statistic present; returns {statistic: path or reason}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -50,8 +50,6 @@ def plot_comparison(comparison: dict[str, Any], out_dir: str | Path, show: bool 
         fig.tight_layout()
         path = out_dir / f"compare_{stat}.png"
         fig.savefig(path, dpi=110)
-        if show:
-            plt.show()
         plt.close(fig)
         written[stat] = path
     return written
