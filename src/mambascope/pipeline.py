@@ -56,7 +56,7 @@ def split_windows(windows: torch.Tensor, heldout_fraction: float) -> tuple[torch
 
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> list[str]:
-    return [tokenizer.decode([int(i)]) for i in ids]
+    return tokenizer.batch_decode([[int(i)] for i in ids])
 
 
 def _decoded_contexts(top: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
@@ -172,7 +172,12 @@ def context_attention_rows(model: nn.Module, windows: torch.Tensor, layer_result
         return
     tops = {int(layer): r["top_contexts"] for layer, r in layer_results.items()}
     rows = {layer: {"neurons": [], "tokens": [], "values": []} for layer in tops}
-    needed = sorted({wins[0] for top in tops.values() for wins in top["windows"] if wins})
+    by_window: dict[int, dict[int, list[int]]] = {layer: {} for layer in tops}  # layer -> window -> neurons
+    for layer, top in tops.items():
+        for e, wins in enumerate(top["windows"]):
+            if wins:
+                by_window[layer].setdefault(wins[0], []).append(e)
+    needed = sorted({w for per in by_window.values() for w in per})
     for start in range(0, len(needed), batch_size):
         chunk = needed[start:start + batch_size]
         tr = trace(model, windows[chunk], names=["mixer.hook_dt", "mixer.hook_B", "mixer.hook_C"])
@@ -180,7 +185,7 @@ def context_attention_rows(model: nn.Module, windows: torch.Tensor, layer_result
             params, width = mixer_params(model, layer), top["width"]
             units = tr.layer(layer)
             for i, window in enumerate(chunk):  # a loop over contexts, each computing only its rows
-                neurons = [e for e, wins in enumerate(top["windows"]) if wins and wins[0] == window]
+                neurons = by_window[layer].get(window)
                 if not neurons:
                     continue
                 peaks = [top["positions"][e][0] for e in neurons]

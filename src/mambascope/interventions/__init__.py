@@ -1,14 +1,13 @@
 """Interventions on the neuron unit: held-out loss, zero/mean ablation, pruning."""
 
 from mambascope.interventions.ablation import (
-    LossResult,
     ablation_edits,
     ablation_study,
     heldout_loss,
-    next_token_loss_sum,
     pruning_study,
     random_groups,
 )
+from mambascope.runner import LossResult, next_token_loss_sum
 
 __all__ = ["LossResult", "ablation_edits", "ablation_study", "heldout_loss", "next_token_loss_sum", "pruning_study",
            "random_groups"]

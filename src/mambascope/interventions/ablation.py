@@ -6,52 +6,21 @@ or by their mean over the selection split, and measures next-token loss on a dis
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mambascope.trace import NEURON_UNIT, architecture, trace_stream
+from mambascope.runner import LossResult, scan_corpus
+from mambascope.trace import NEURON_UNIT, architecture
 from mambascope.trace.forward import Edit
-
-
-@dataclass(frozen=True)
-class LossResult:
-    """Mean next-token cross-entropy (nats/token) over ``tokens`` predicted tokens."""
-
-    loss: float
-    tokens: int
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.loss)
-
-
-def next_token_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token cross-entropy (nats) of logits [b, L, V] on input_ids [b, L], and the count."""
-    targets = input_ids[:, 1:].to(logits.device)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                             targets.reshape(-1), reduction="sum")
-    return float(loss), targets.numel()
 
 
 def heldout_loss(model: nn.Module, windows: torch.Tensor, *, edits: Mapping[str, Edit] | None = None,
                  batch_size: int = 16, bar: tqdm | None = None) -> LossResult:
     """Mean next-token loss of ``model`` on ``windows`` [n, T] (no padding), optionally under ``edits``."""
-    if windows.dim() != 2 or windows.shape[1] < 2:
-        raise ValueError(f"windows must be [n, T] with T >= 2, got {tuple(windows.shape)}")
-    total, count = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start:start + batch_size]
-        loss, n = next_token_loss_sum(trace_stream(model, batch, None, edits=edits), batch)
-        total += loss
-        count += n
-        if bar is not None:
-            bar.update(batch.numel())
-    return LossResult(total / count, count)
+    return scan_corpus(model, windows, None, edits=edits, batch_size=batch_size, progress=False, bar=bar)
 
 
 def ablation_edits(model: nn.Module, neurons: Mapping[int, Sequence[int] | torch.Tensor], mode: str = "zero",

@@ -78,6 +78,15 @@ def mamba2_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     return torch.stack(ys, dim=1)
 
 
+def _masked_conv(x: Tensor, conv_weight: Tensor, conv_bias: Tensor | None,
+                 mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(x with padding zeroed, causal conv of it, u = SiLU(conv) with padding zeroed), as HF does."""
+    m = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
+    x = x * m[..., None]
+    conv = causal_conv(x, conv_weight, conv_bias)
+    return x, conv, silu(conv) * m[..., None]
+
+
 def mamba1_mixer(
     x: Tensor, z: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, dt: Tensor, B: Tensor, C: Tensor,
     A: Tensor, D: Tensor, mask: Tensor | None = None,
@@ -88,11 +97,7 @@ def mamba1_mixer(
     h_t = exp(Δ_t·A) ⊙ h_{t-1} + Δ_t·B_t·u_t,  y_t = C_t·h_t + D·u_t,  post = y ⊙ SiLU(z).
     Returns the tracer's unit names (without ``blocks.{l}.``) mapped to [b, L, ...] tensors.
     """
-    b, L, _ = x.shape
-    m = torch.ones(b, L, dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
-    x = x * m[..., None]
-    conv = causal_conv(x, conv_weight, conv_bias)
-    u = silu(conv) * m[..., None]
+    x, conv, u = _masked_conv(x, conv_weight, conv_bias, mask)
     y = mamba1_scan(u, dt, A, B, C, D)
     gate = silu(z)
     return {
@@ -115,10 +120,7 @@ def mamba2_mixer(
     """
     b, L, E = x.shape
     G = B.shape[2]
-    m = torch.ones(b, L, dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
-    x = x * m[..., None]
-    conv = causal_conv(x, conv_weight, conv_bias)
-    u = silu(conv) * m[..., None]
+    x, conv, u = _masked_conv(x, conv_weight, conv_bias, mask)
     y = mamba2_scan(u, dt, A, B, C, D)
     gate = silu(z)
     v = (y * gate).reshape(b, L, G, E // G)
