@@ -16,7 +16,7 @@ def _run(capsys, *argv):
 def test_census_writes_results_and_table(tmp_path, capsys, small_checkpoints):
     out = tmp_path / "census"
     code, stdout, _ = _run(capsys, "census", "--model", small_checkpoints["mamba2"], "--window", "32",
-                           "--max-tokens", "512", "--draws", "1", "--out", str(out), "--quiet")
+                           "--max-tokens", "512", "--draws", "3", "--out", str(out), "--quiet")
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["corpus"]["tokens"] == 512 and results["model"]["arch"] == "mamba2"
@@ -44,15 +44,16 @@ def test_user_errors_are_one_line(tmp_path, capsys, small_checkpoints, argv, mes
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys, small_checkpoints):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
     args = ["census", "--model", small_checkpoints["gpt2"], "--window", "32", "--max-tokens", "256",
             "--no-ablation", "--out", str(out), "--quiet"]
+    assert _run(capsys, *args)[0] == 0
+    first = (out / "results.json").read_text()
     code, _, err = _run(capsys, *args)
     assert code == 2 and "--overwrite" in err
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "results.json").read_text() == first
     code, _, _ = _run(capsys, *args, "--overwrite")
-    assert code == 0 and (out / "results.json").exists() and not (out / "keep.txt").exists()
+    assert code == 0 and (out / "results.json").exists() and (out / ".mambascope").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no staging, old copy or lock left behind
 
 
 def test_interrupt_keeps_finished_parts(tmp_path, capsys, small_checkpoints, monkeypatch):
@@ -65,6 +66,6 @@ def test_interrupt_keeps_finished_parts(tmp_path, capsys, small_checkpoints, mon
     out = tmp_path / "o"
     code, _, err = _run(capsys, "census", "--model", small_checkpoints["mamba"], "--window", "32",
                         "--max-tokens", "512", "--out", str(out), "--quiet")
-    assert code == 130 and "finished parts kept" in err
+    assert code == 130 and "finished stages kept" in err
     results = json.loads((out / "results.json").read_text())
     assert results["layers"] and results["incomplete"] == ["interventions"]

@@ -1,20 +1,35 @@
 """The ``mambascope`` command line: ``analyze``, ``census``, ``attention``, ``compare``, ``report``, ``train-tiny``.
 
-Every flag has a default.  A user error (unknown model, unreadable corpus, layer out of range, ...)
-prints one line and exits with status 2; an interrupt exits with 130 after keeping what was finished.
+Every flag has a default and is checked before any work starts.  Exit codes, the same for every subcommand
+(docs/design.md §13): 0 ok, 1 a stage failed, 2 bad input, 130 interrupted (Ctrl-C or SIGTERM).  A failure
+prints one line naming the file or flag; ``--debug`` prints the traceback too.  Outputs go through
+:class:`mambascope.outputs.OutputDir`: built beside the destination, swapped in only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shutil
+import signal
 import sys
+import tempfile
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+OK, FAILED, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
+# Raised for what the user gave us (flags, files, models): exit 2.  Anything else reaching main() is a failure.
 USER_ERRORS = (ValueError, KeyError, IndexError, FileNotFoundError, FileExistsError, PermissionError,
-               FloatingPointError, MemoryError, NotADirectoryError)
+               NotADirectoryError, IsADirectoryError)
+SPLITS = ("train", "validation", "all")
+
+
+def _common_args() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
+    p.add_argument("--debug", action="store_true", help="print the traceback of a failure")
+    return p
 
 
 def _add_model_args(p: argparse.ArgumentParser, model: str = "tiny-mamba") -> None:
@@ -27,7 +42,8 @@ def _add_model_args(p: argparse.ArgumentParser, model: str = "tiny-mamba") -> No
 def _add_corpus_args(p: argparse.ArgumentParser, window: int = 128, max_tokens: int | None = 65536) -> None:
     p.add_argument("--corpus", default="builtin", help="builtin, a .txt or .jsonl file, or a datasets name "
                    "(default: %(default)s)")
-    p.add_argument("--split", default="validation", help="corpus split to analyse (default: %(default)s)")
+    p.add_argument("--split", default=None, help="train, validation or all (default: validation for builtin and "
+                   "datasets names, all for a file of your own)")
     p.add_argument("--window", type=int, default=window, help="tokens per window, T (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=max_tokens,
                    help="token budget; 0 = the whole split (default: %(default)s)")
@@ -38,66 +54,140 @@ def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices (default: all)")
     p.add_argument("--heldout-fraction", type=float, default=0.25,
                    help="share of the windows held out for ablation/pruning/faithfulness (default: %(default)s)")
-    p.add_argument("--draws", type=int, default=3, help="random-control draws (default: %(default)s)")
+    p.add_argument("--draws", type=int, default=3, help="random-control draws, at least 3 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=out, help="output directory (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_out_args(p, out)
     p.add_argument("--no-report", dest="report", action="store_false", help="skip figures and report.html")
 
 
+def _add_out_args(p: argparse.ArgumentParser, out: str | None) -> None:
+    p.add_argument("--out", default=out, required=out is None, help="output directory" +
+                   ("" if out is None else " (default: %(default)s)"))
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing mambascope output (kept until the new one is complete)")
+
+
+def _at_least(args: argparse.Namespace, flag: str, low: float) -> None:
+    value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+    if value is not None and value < low:
+        raise ValueError(f"{flag} must be at least {low:g}, got {value:g}")
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Every check that needs no model: fails in milliseconds rather than after minutes of work."""
+    for flag, low in (("--window", 2), ("--batch-size", 1), ("--max-tokens", 0), ("--draws", 3), ("--steps", 1),
+                      ("--seq-len", 2), ("--threads", 1)):
+        _at_least(args, flag, low)
+    if getattr(args, "max_tokens", 0) and args.max_tokens < args.window:
+        raise ValueError(f"--max-tokens {args.max_tokens} is smaller than one window (--window {args.window}); "
+                         "raise it, or pass 0 for the whole corpus")
+    if hasattr(args, "heldout_fraction") and not 0 < args.heldout_fraction < 1:
+        raise ValueError(f"--heldout-fraction must be between 0 and 1 (exclusive), got {args.heldout_fraction}")
+    if getattr(args, "lr", 1.0) <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    for flag in ("layers", "attention_layers"):
+        negative = [v for v in getattr(args, flag, None) or () if v < 0]
+        if negative:
+            raise ValueError(f"--{flag.replace('_', '-')} {negative[0]}: layer indices start at 0")
+    if getattr(args, "methods", None):
+        from mambascope.attribution import METHODS
+
+        unknown = [m for m in args.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if hasattr(args, "split"):
+        if args.split is None:
+            args.split = "all" if Path(args.corpus).suffix.lower() in (".txt", ".jsonl") else "validation"
+        if args.split not in SPLITS:
+            raise ValueError(f"--split {args.split!r}: choose train, validation or all")
+    if getattr(args, "device", None):
+        from mambascope.models.loading import resolve_device
+
+        resolve_device(args.device)
+
+
+def _check_model_flags(args: argparse.Namespace, model) -> None:
+    """The checks that need the loaded model: layer indices and the window against the model's limits."""
+    from mambascope.pipeline import check_layers
+
+    for flag in ("layers", "attention_layers"):
+        try:
+            check_layers(model, getattr(args, flag, None))
+        except IndexError as exc:
+            raise IndexError(f"--{flag.replace('_', '-')}: {exc}") from None
+    limit = getattr(model.config, "n_positions", None)  # learned position embeddings end there
+    if limit is not None and args.window > limit:
+        raise ValueError(f"--window {args.window} exceeds the model's maximum length of {limit} tokens")
+
+
 def _prepare(args: argparse.Namespace):
-    """Load model, corpus and windows; claim the output directory first so a bad --out fails fast."""
+    """Load model, corpus and windows, checking the model-dependent flags before the corpus is read."""
     import torch
 
     from mambascope.data import load_corpus, tokenize_windows
     from mambascope.models import load_model
     from mambascope.pipeline import model_info
-    from mambascope.results import ResultsDir
 
     torch.manual_seed(args.seed)
-    out = ResultsDir(args.out, overwrite=args.overwrite)  # nothing is written before the first save
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    _check_model_flags(args, model)
     corpus = load_corpus(args.corpus, split=args.split)
     windows = tokenize_windows(corpus.texts, tokenizer, args.window, max_tokens=args.max_tokens or None)
     info = {"model": model_info(model, args.model),
             "corpus": {"name": corpus.name, "split": corpus.split, "texts": windows.n_texts,
                        "skipped_texts": windows.n_skipped, "short_texts": windows.n_short,
                        "tokens": windows.n_tokens, "windows": windows.n_windows, "window": args.window}}
-    return model, tokenizer, windows.ids, info, out
+    return model, tokenizer, windows.ids, info
+
+
+def _claim(args: argparse.Namespace, kind: str):
+    from mambascope.outputs import OutputDir
+
+    return OutputDir(args.out, overwrite=args.overwrite, kind=kind)
+
+
+def _keep_finished(out, interrupted: bool) -> None:
+    """After an interrupt or failure: say where the finished stages are (never over an earlier output)."""
+    where = out.abandon()
+    what = "interrupted" if interrupted else "failed"
+    if where is None:
+        print(f"mambascope: {what} before any stage finished; {out.path} is unchanged", file=sys.stderr)
+    elif where == out.path:
+        print(f"mambascope: {what}; finished stages kept in {where / 'results.json'}", file=sys.stderr)
+    else:
+        print(f"mambascope: {what}; {out.path} is unchanged, finished stages kept in {where / 'results.json'}",
+              file=sys.stderr)
 
 
 def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     from mambascope.pipeline import neuron_table, print_analysis_summary, run_analysis
+    from mambascope.results import save_json, save_table
 
-    model, tokenizer, windows, info, out = _prepare(args)
-    try:
-        results = run_analysis(
-            model, tokenizer, windows, info=info, layers=args.layers, stages=stages,
-            attention_layers=getattr(args, "attention_layers", None), methods=getattr(args, "methods", None),
-            heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, draws=args.draws, seed=args.seed,
-            progress=not args.quiet, save=out.save)
-    except KeyboardInterrupt:
-        if not out.file("results.json").exists():
-            out.discard()
+    with _claim(args, args.command) as out:
+        model, tokenizer, windows, info = _prepare(args)
+        try:
+            results = run_analysis(
+                model, tokenizer, windows, info=info, layers=args.layers, stages=stages,
+                attention_layers=getattr(args, "attention_layers", None), methods=getattr(args, "methods", None),
+                heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, draws=args.draws,
+                seed=args.seed, progress=not args.quiet, save=lambda r: save_json(out.file("results.json"), r))
+            if results["layers"]:
+                save_table(out.staging, neuron_table({"layers": results["layers"]}))
+            if args.report:
+                _render(results, out.staging)
+                save_json(out.file("results.json"), results)
+        except KeyboardInterrupt:
+            _keep_finished(out, interrupted=True)
+            return INTERRUPTED
+        except BaseException:
+            _keep_finished(out, interrupted=False)
             raise
         path = out.commit()
-        print(f"mambascope: interrupted; finished parts kept in {path / 'results.json'}", file=sys.stderr)
-        return 130
-    except BaseException:
-        out.discard()
-        raise
-    if results["layers"]:
-        out.save_table(neuron_table({"layers": results["layers"]}))
-    if args.report:
-        _render(results, out.staging)
-        out.save(results)
-    path = out.commit()
     print_analysis_summary(results)
     print(f"results: {path / 'results.json'}")
     if args.report and "report" not in results["errors"]:
         print(f"report:  {path / 'report.html'}")
-    return 1 if results["errors"] else 0
+    return FAILED if results["errors"] else OK
 
 
 def _render(results: dict, directory: Path) -> None:
@@ -112,15 +202,35 @@ def _render(results: dict, directory: Path) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    """Re-render into a scratch folder inside DIR, then swap figures/ and report.html in (results.json untouched)."""
+    from mambascope.outputs import OutputLock, signals_deferred
     from mambascope.report import create_comprehensive_report, render_report
     from mambascope.results import load_results
 
+    results = load_results(args.directory)
     directory = Path(args.directory)
-    results = load_results(directory)
-    figures = create_comprehensive_report(results, directory / "figures")
-    path = render_report(results, directory, figures)
-    print(f"report: {path}")
-    return 0
+    directory = directory if directory.is_dir() else directory.parent
+    lock = OutputLock(directory.resolve(), flag="report")
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=directory))
+    except OSError as exc:
+        lock.release()
+        raise PermissionError(f"cannot write the report into {directory}: {exc.strerror or exc}") from None
+    try:
+        figures = create_comprehensive_report(results, scratch / "figures")
+        render_report(results, scratch, figures)
+        old = directory / f".figures-old-{os.getpid()}"
+        with signals_deferred():
+            if (directory / "figures").exists():
+                os.rename(directory / "figures", old)
+            os.rename(scratch / "figures", directory / "figures")
+            os.replace(scratch / "report.html", directory / "report.html")
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        lock.release()
+    print(f"report: {directory / 'report.html'}")
+    return OK
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -140,49 +250,52 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from mambascope.data import load_corpus
     from mambascope.report.compare_plots import plot_comparison
     from mambascope.report.html import render_comparison_report
-    from mambascope.results import ResultsDir, to_jsonable
+    from mambascope.results import save_json, save_table
 
-    out = ResultsDir(args.out, overwrite=args.overwrite)
-    corpus = load_corpus(args.corpus, split=args.split)
-    try:
+    with _claim(args, "comparison") as out:
+        corpus = load_corpus(args.corpus, split=args.split)
         comparison = compare_models(args.models, corpus.texts, window=args.window, max_tokens=args.max_tokens or None,
                                     device=args.device, batch_size=args.batch_size, progress=not args.quiet)
         comparison["corpus"] = {"name": corpus.name, "split": corpus.split, "texts": len(corpus.texts)}
         figures = plot_comparison(comparison, out.figures)
         comparison["figures"] = {k: (v.name if hasattr(v, "name") else f"skipped: {v}") for k, v in figures.items()}
-        out.file("comparison.json").write_text(json.dumps(to_jsonable(comparison), indent=1, allow_nan=False))
-        out.save_table(comparison_table(comparison), "comparison")
+        save_json(out.file("comparison.json"), comparison)
+        save_table(out.staging, comparison_table(comparison), "comparison")
         render_comparison_report(comparison, out.staging, figures)
-    except BaseException:
-        out.discard()
-        raise
-    path = out.commit()
+        path = out.commit()
     table = comparison_table(comparison)
     columns = ["model", "layer", "depth", "pct_dead", "pct_positional", "token_detectors", "mean_dt_selectivity",
                "entropy", "sink_mass"]
     print(table[[c for c in columns if c in table]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     for name, reason in comparison["errors"].items():
-        print(f"FAILED {name}: {reason}")
+        print(f"FAILED {name}: {reason}", file=sys.stderr)
     print(f"comparison: {path / 'comparison.json'}")
-    return 0
+    return FAILED if comparison["errors"] else OK
 
 
 def _cmd_train_tiny(args: argparse.Namespace) -> int:
     from mambascope.models import train_tiny
 
-    stats = train_tiny(args.arch, args.out, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                       lr=args.lr, seed=args.seed, device=args.device, tokenizer=args.tokenizer,
-                       num_threads=args.threads)
-    print(f"saved {args.arch} to {args.out}: held-out loss {stats['val_loss']:.3f} nats/token "
+    if args.tokenizer is not None and not (Path(args.tokenizer) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no tokenizer.json there; give a directory saved "
+                                "by a tokenizer's save_pretrained (e.g. a bundled model's)")
+    with _claim(args, "model") as out:
+        stats = train_tiny(args.arch, out.staging, steps=args.steps, batch_size=args.batch_size,
+                           seq_len=args.seq_len, lr=args.lr, seed=args.seed, device=args.device,
+                           tokenizer=args.tokenizer, num_threads=args.threads)
+        path = out.commit()
+    print(f"saved {args.arch} to {path}: held-out loss {stats['val_loss']:.3f} nats/token "
           f"(unigram {stats['unigram_loss']:.3f})")
-    return 0
+    return OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mambascope", description="Neuron-level interpretability of Mamba models.")
+    parser = argparse.ArgumentParser(prog="mambascope", description="Neuron-level interpretability of Mamba models.",
+                                     epilog="exit codes: 0 ok, 1 a stage failed, 2 bad input, 130 interrupted")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = [_common_args()]
 
-    p = sub.add_parser("analyze", help="every analysis on one model and corpus, with figures and report")
+    p = sub.add_parser("analyze", parents=common, help="every analysis on one model and corpus, with report")
     _add_model_args(p)
     _add_corpus_args(p)
     _add_run_args(p, "mambascope-out")
@@ -191,37 +304,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None, help="attention-neuron methods (default: all)")
     p.set_defaults(func=_cmd_analyze)
 
-    p = sub.add_parser("census", help="dead, rare, positional, detector, Δ neurons; ablation and pruning")
+    p = sub.add_parser("census", parents=common, help="dead, rare, positional, detector, Δ neurons; ablation")
     _add_model_args(p)
     _add_corpus_args(p)
     _add_run_args(p, "mambascope-census")
     p.add_argument("--no-ablation", action="store_true", help="skip ablation and pruning")
     p.set_defaults(func=_cmd_census)
 
-    p = sub.add_parser("attention", help="hidden attention, attention neurons and their faithfulness")
+    p = sub.add_parser("attention", parents=common, help="hidden attention, attention neurons, faithfulness")
     _add_model_args(p)
     _add_corpus_args(p)
     _add_run_args(p, "mambascope-attention")
     p.add_argument("--methods", nargs="+", default=None, help="attention-neuron methods (default: all)")
     p.set_defaults(func=_cmd_attention)
 
-    p = sub.add_parser("report", help="re-render figures and report.html from a results directory")
+    p = sub.add_parser("report", parents=common, help="re-render figures and report.html from a results directory")
     p.add_argument("directory", help="a directory holding results.json")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("compare", help="the same census and attention statistics across models")
+    p = sub.add_parser("compare", parents=common, help="the same census and attention statistics across models")
     p.add_argument("--models", nargs="+", default=["tiny-mamba", "tiny-mamba2", "tiny-gpt"],
                    help="bundled names, local directories or hub ids (default: %(default)s)")
     p.add_argument("--device", default="auto")
     _add_corpus_args(p)
-    p.add_argument("--out", default="mambascope-compare", help="output directory (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    _add_out_args(p, "mambascope-compare")
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("train-tiny", help="train a bundled-size model on the built-in corpus")
+    p = sub.add_parser("train-tiny", parents=common, help="train a bundled-size model on the built-in corpus")
     p.add_argument("--arch", required=True, choices=["mamba", "mamba2", "gpt2"])
-    p.add_argument("--out", required=True, help="output directory (Hugging Face format)")
+    _add_out_args(p, None)
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
@@ -234,19 +345,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a run exactly like Ctrl-C: finished stages kept, exit 130
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _quiet_libraries() -> None:
+    """The weight-loading bar and kernel-fallback notices of transformers are not the user's concern."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # kernel-fallback notices are not the user's concern
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        _check_flags(args)
+        _quiet_libraries()
         return args.func(args)
     except KeyboardInterrupt:
         print("mambascope: interrupted", file=sys.stderr)
-        return 130
-    except USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"mambascope: error: {message}", file=sys.stderr)
-        return 2
+        return INTERRUPTED
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        user = isinstance(exc, USER_ERRORS) and not (isinstance(exc, OSError) and exc.errno is not None)
+        kind = "error" if user else f"failed ({type(exc).__name__})"
+        hint = "" if user or args.debug else " (rerun with --debug for the traceback)"
+        print(f"mambascope: {kind}: {_one_line(exc)}{hint}", file=sys.stderr)
+        return BAD_INPUT if user else FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

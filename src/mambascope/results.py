@@ -1,8 +1,7 @@
-"""The results directory: ``results.json``, the per-neuron table, ``figures/`` (DESIGN.md §8).
+"""The results directory: ``results.json``, the per-neuron table, ``figures/`` (docs/design.md §8).
 
-A run writes into a staging directory next to the destination and saves ``results.json`` after every
-finished stage, so an interrupted run keeps what it finished.  The destination is replaced only at the
-end (or at the interrupt), never half-overwritten; an existing one is refused unless ``overwrite``.
+Writing goes through :class:`mambascope.outputs.OutputDir` (staged, swapped in when complete); every file
+here is itself written atomically, so a reader never sees half of one.
 """
 
 from __future__ import annotations
@@ -10,12 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+
+from mambascope.outputs import write_atomic
+
+REQUIRED_KEYS = ("model", "corpus", "errors")  # what every results.json has (report/results_schema.json)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -33,63 +35,51 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-class ResultsDir:
-    """Staged output directory.  Use ``save(results)`` after each stage and ``commit()`` at the end."""
+def save_json(path: Path, value: Any) -> Path:
+    """``value`` as JSON at ``path``, atomically (NaN/inf written as null)."""
+    write_atomic(path, json.dumps(to_jsonable(value), indent=1, allow_nan=False))
+    return path
 
-    def __init__(self, path: str | Path, overwrite: bool = False):
-        self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise FileExistsError(f"output directory {self.path} exists; pass --overwrite to replace it")
-        parent = self.path.resolve().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(parent, os.W_OK):
-            raise PermissionError(f"cannot write to {parent}")
-        self.staging = parent / f".{self.path.name}.partial-{os.getpid()}"
-        if self.staging.exists():
-            shutil.rmtree(self.staging)
 
-    def _ensure(self) -> Path:
-        (self.staging / "figures").mkdir(parents=True, exist_ok=True)
-        return self.staging
-
-    @property
-    def figures(self) -> Path:
-        return self._ensure() / "figures"
-
-    def file(self, name: str) -> Path:
-        return self._ensure() / name
-
-    def save(self, results: dict) -> None:
-        tmp = self._ensure() / "results.json.tmp"
-        tmp.write_text(json.dumps(to_jsonable(results), indent=1, allow_nan=False))
-        tmp.replace(self.staging / "results.json")
-
-    def save_table(self, table: pd.DataFrame, stem: str = "neurons") -> Path:
-        """Parquet, or CSV where pyarrow cannot write the table."""
+def save_table(directory: Path, table: pd.DataFrame, stem: str = "neurons") -> Path:
+    """``directory/stem.parquet`` (CSV where pyarrow cannot write the table), atomically."""
+    for suffix, write in ((".parquet", table.to_parquet), (".csv", table.to_csv)):
+        path = directory / f"{stem}{suffix}"
+        tmp = directory / f".{stem}{suffix}.tmp-{os.getpid()}"
         try:
-            path = self._ensure() / f"{stem}.parquet"
-            table.to_parquet(path, index=False)
+            write(tmp, index=False)
         except (ImportError, ValueError):
-            path = self.staging / f"{stem}.csv"
-            table.to_csv(path, index=False)
+            tmp.unlink(missing_ok=True)
+            continue
+        os.replace(tmp, path)
         return path
-
-    def discard(self) -> None:
-        """Drop the staged files (a run that failed before finishing anything)."""
-        shutil.rmtree(self.staging, ignore_errors=True)
-
-    def commit(self) -> Path:
-        self._ensure()
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.staging.replace(self.path)
-        return self.path
+    raise ValueError(f"cannot write the {stem} table as Parquet or CSV")
 
 
 def load_results(path: str | Path) -> dict:
-    """Read ``results.json`` from a results directory (or the file itself)."""
+    """Read ``results.json`` from a results directory (or the file itself), checked to be one.
+
+    Raises FileNotFoundError / ValueError naming the file for a missing, unreadable or malformed file.
+    """
     path = Path(path)
     file = path / "results.json" if path.is_dir() else path
     if not file.exists():
-        raise FileNotFoundError(f"no results.json in {path}")
-    return json.loads(file.read_text())
+        raise FileNotFoundError(f"no results.json in {path}: give a directory written by mambascope analyze, "
+                                "census or attention")
+    if file.is_dir():
+        raise ValueError(f"{file} is a directory, not a results file")
+    try:
+        results = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not a text file; expected mambascope's results.json") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                         "rerun the analysis to rewrite it") from None
+    if not isinstance(results, dict):
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(results),
+                                                                                                 "null")
+        raise ValueError(f"{file} is not a mambascope results file: it holds a JSON {kind}, not an object")
+    missing = [key for key in REQUIRED_KEYS if key not in results]
+    if missing:
+        raise ValueError(f"{file} is not a mambascope results file: it lacks {', '.join(missing)}")
+    return results

@@ -1,0 +1,271 @@
+"""Output directories that never lose a result (docs/design.md §13).
+
+A run never writes into its destination ``DIR``.  It holds a lock beside it (``.DIR.lock``), builds the new
+output in a staging folder beside it (``.DIR.partial-PID``: the same file system, so renames are atomic) and
+swaps it in only when it is complete:
+
+    DIR -> .DIR.old-PID,   .DIR.partial-PID -> DIR,   remove .DIR.old-PID
+
+A run killed at any point leaves ``DIR`` as it was, or (killed between the two renames) ``.DIR.old-PID``,
+which the next run on ``DIR`` puts back.  Every output carries a marker file, ``.mambascope``, so that
+``--overwrite`` replaces only what mambascope wrote.  Safe places are never replaced: ``/``, the home
+directory, the working directory and its parents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import glob
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+MARKER = ".mambascope"
+
+Notice = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(f"mambascope: {message}", file=sys.stderr)
+
+
+class OutputBusyError(FileExistsError):
+    """Another live process holds the lock of this output directory."""
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX: the directory entry needs its own fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``: temp file, fsync, rename; a reader never sees a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends (they are delivered then, not lost)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _refuse_unsafe(path: Path, flag: str) -> None:
+    """``/``, ``$HOME``, the working directory and its parents are never an output to replace."""
+    cwd = Path.cwd().resolve()
+    unsafe = {Path("/"): "the root directory", Path.home().resolve(): "your home directory",
+              cwd: "the working directory", **{p: "a parent of the working directory" for p in cwd.parents}}
+    if path in unsafe:
+        raise ValueError(f"{flag} {path} is {unsafe[path]}, which mambascope never replaces; "
+                         "name a new directory, e.g. mambascope-out")
+
+
+class OutputLock:
+    """An exclusive ``flock`` on ``.DIR.lock`` beside ``DIR``.
+
+    The kernel drops the lock when its process dies (SIGKILL included), so a crashed run never blocks the
+    next one; the file names the holder so that a refused run can say who holds it.
+    """
+
+    def __init__(self, path: Path, flag: str = "--out"):
+        self.path = path.parent / f".{path.name}.lock"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputBusyError(f"{flag} {path} is in use by another mambascope run ({holder}); wait for it "
+                                      "to finish or choose another directory") from None
+            # A holder that released and unlinked between our open and our flock leaves us a dead inode.
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _readable_os_error(exc: OSError, what: str) -> ValueError | PermissionError:
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionError(f"cannot write {what}: {reason}; choose a directory you can write to")
+    return ValueError(f"cannot write {what}: {reason}")
+
+
+def marker(path: Path) -> dict[str, Any] | None:
+    """The marker of a mambascope output directory, or None if ``path`` is not one."""
+    try:
+        data = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("tool") == "mambascope" else None
+
+
+class OutputDir:
+    """A destination directory claimed for one run.
+
+    ``staging`` is where the run writes; ``commit()`` swaps it in; ``abandon()`` (interrupt, failure) keeps
+    what finished without ever replacing an existing output.  Use as a context manager: the lock is released
+    and an unfinished staging folder abandoned on exit.
+    """
+
+    def __init__(self, path: str | Path, *, overwrite: bool = False, kind: str = "analysis", flag: str = "--out",
+                 notice: Notice = _stderr):
+        self.path = Path(os.path.abspath(Path(path).expanduser()))
+        self.kind, self.flag, self.notice = kind, flag, notice
+        _refuse_unsafe(self.path.resolve(), flag)
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"{flag} {path} is a file, not a directory; choose a directory")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _readable_os_error(exc, f"{flag} {path}") from None
+        try:
+            self.lock = OutputLock(self.path, flag)
+        except OSError as exc:
+            if isinstance(exc, OutputBusyError):
+                raise
+            raise _readable_os_error(exc, f"{flag} {path}") from None
+        try:
+            self._recover()
+            self._check_replaceable(overwrite)
+            self.staging = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
+            if self.staging.exists():
+                shutil.rmtree(self.staging)
+            self._write_marker("running")  # also the probe that the run can write here at all
+        except OSError as exc:
+            self.lock.release()
+            raise _readable_os_error(exc, f"{flag} {path}") from None
+        except BaseException:
+            self.lock.release()
+            raise
+        self.committed = False
+
+    # -- claiming ---------------------------------------------------------------------------------------
+    def _siblings(self, tag: str) -> list[Path]:
+        return sorted(self.path.parent.glob(f".{glob.escape(self.path.name)}.{tag}-*"))
+
+    def _recover(self) -> None:
+        """Put back or clear what killed runs left (we hold the lock: nothing else is running here)."""
+        for old in self._siblings("old"):
+            if not self.path.exists():
+                os.rename(old, self.path)
+                self.notice(f"restored {self.path} from {old.name}, left by a run killed while swapping it in")
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+                self.notice(f"removed {old}, the previous output of a run killed after its swap")
+        for part in self._siblings("partial"):
+            if (part / "results.json").is_file():
+                self.notice(f"{part} holds the finished stages of an interrupted run (results.json); kept, "
+                            "delete it when you no longer need it")
+            else:
+                shutil.rmtree(part, ignore_errors=True)
+                self.notice(f"removed {part}, the staging folder of a crashed run with no finished stage")
+
+    def _check_replaceable(self, overwrite: bool) -> None:
+        if not self.path.exists() or not any(self.path.iterdir()):
+            return
+        if not overwrite:
+            raise FileExistsError(f"output directory {self.path} exists; pass --overwrite to replace it (the old "
+                                  "one stays until the new one is complete)")
+        if marker(self.path) is None:
+            raise ValueError(f"--overwrite refuses {self.path}: it is not a mambascope output (no {MARKER} "
+                             "marker); remove it yourself or choose another directory")
+
+    def _write_marker(self, status: str) -> None:
+        self.staging.mkdir(parents=True, exist_ok=True)
+        info = {"tool": "mambascope", "kind": self.kind, "status": status, "pid": os.getpid(),
+                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_atomic(self.staging / MARKER, json.dumps(info))
+
+    # -- writing ----------------------------------------------------------------------------------------
+    @property
+    def figures(self) -> Path:
+        (self.staging / "figures").mkdir(exist_ok=True)
+        return self.staging / "figures"
+
+    def file(self, name: str) -> Path:
+        return self.staging / name
+
+    # -- finishing --------------------------------------------------------------------------------------
+    def commit(self, status: str = "complete") -> Path:
+        """Swap the staging folder in as ``path``; the previous output is removed only afterwards."""
+        self._write_marker(status)
+        old = self.path.parent / f".{self.path.name}.old-{os.getpid()}" if self.path.exists() else None
+        with signals_deferred():  # Ctrl-C cannot land between the two renames; SIGKILL is what _recover is for
+            if old is not None:
+                os.rename(self.path, old)
+            os.rename(self.staging, self.path)
+            self.committed = True
+        fsync_dir(self.path.parent)
+        if old is not None:
+            try:
+                shutil.rmtree(old)
+            except OSError as exc:
+                self.notice(f"the new output is complete; the previous one was moved to {old} and could not be "
+                            f"removed ({exc.strerror or exc}): delete it by hand")
+        return self.path
+
+    def abandon(self) -> Path | None:
+        """After an interrupt or failure: where the finished stages are now, or None if nothing finished.
+
+        With no earlier output they become ``path`` (marked incomplete); an existing output is never
+        replaced by an incomplete one, so they stay in the staging folder.
+        """
+        if self.committed:
+            return self.path
+        if not (self.staging / "results.json").is_file():
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return None
+        if self.path.exists() and any(self.path.iterdir()):
+            self._write_marker("incomplete")
+            return self.staging
+        return self.commit("incomplete")
+
+    def close(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> OutputDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if not self.committed:
+                self.abandon()
+        finally:
+            self.close()
