@@ -17,6 +17,7 @@ import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 OK, FAILED, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
 # Raised for what the user gave us (flags, files, models): exit 2.  Anything else reaching main() is a failure.
@@ -25,8 +26,15 @@ USER_ERRORS = (ValueError, KeyError, IndexError, FileNotFoundError, FileExistsEr
 SPLITS = ("train", "validation", "all")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (and exit 2), like every other mambascope error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(BAD_INPUT, f"mambascope: error: {message} (see {self.prog} --help)\n")
+
+
 def _common_args() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
     p.add_argument("--debug", action="store_true", help="print the traceback of a failure")
     return p
@@ -121,7 +129,7 @@ def _check_model_flags(args: argparse.Namespace, model) -> None:
 
 
 def _prepare(args: argparse.Namespace):
-    """Load model, corpus and windows, checking the model-dependent flags before the corpus is read."""
+    """Load corpus, model and windows, checking the model-dependent flags before any tokenization."""
     import torch
 
     from mambascope.data import load_corpus, tokenize_windows
@@ -129,10 +137,13 @@ def _prepare(args: argparse.Namespace):
     from mambascope.pipeline import model_info
 
     torch.manual_seed(args.seed)
+    corpus = load_corpus(args.corpus, split=args.split)  # a bad corpus fails before a large model loads
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     _check_model_flags(args, model)
-    corpus = load_corpus(args.corpus, split=args.split)
-    windows = tokenize_windows(corpus.texts, tokenizer, args.window, max_tokens=args.max_tokens or None)
+    try:
+        windows = tokenize_windows(corpus.texts, tokenizer, args.window, max_tokens=args.max_tokens or None)
+    except ValueError as exc:
+        raise ValueError(f"--corpus {corpus.name}: {exc}") from None
     info = {"model": model_info(model, args.model),
             "corpus": {"name": corpus.name, "split": corpus.split, "texts": windows.n_texts,
                        "skipped_texts": windows.n_skipped, "short_texts": windows.n_short,
@@ -146,17 +157,14 @@ def _claim(args: argparse.Namespace, kind: str):
     return OutputDir(args.out, overwrite=args.overwrite, kind=kind)
 
 
-def _keep_finished(out, interrupted: bool) -> None:
-    """After an interrupt or failure: say where the finished stages are (never over an earlier output)."""
+def _keep_finished(out) -> str:
+    """After an interrupt or failure: where the finished stages are (never over an earlier output)."""
     where = out.abandon()
-    what = "interrupted" if interrupted else "failed"
     if where is None:
-        print(f"mambascope: {what} before any stage finished; {out.path} is unchanged", file=sys.stderr)
-    elif where == out.path:
-        print(f"mambascope: {what}; finished stages kept in {where / 'results.json'}", file=sys.stderr)
-    else:
-        print(f"mambascope: {what}; {out.path} is unchanged, finished stages kept in {where / 'results.json'}",
-              file=sys.stderr)
+        return f"nothing had finished; {out.path} is unchanged"
+    if where == out.path:
+        return f"finished stages kept in {where / 'results.json'}"
+    return f"{out.path} is unchanged; finished stages kept in {where / 'results.json'}"
 
 
 def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
@@ -177,10 +185,12 @@ def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
                 _render(results, out.staging)
                 save_json(out.file("results.json"), results)
         except KeyboardInterrupt:
-            _keep_finished(out, interrupted=True)
+            print(f"mambascope: interrupted; {_keep_finished(out)}", file=sys.stderr)
             return INTERRUPTED
         except BaseException:
-            _keep_finished(out, interrupted=False)
+            kept = _keep_finished(out)
+            if not kept.startswith("nothing"):
+                print(f"mambascope: {kept}", file=sys.stderr)
             raise
         path = out.commit()
     print_analysis_summary(results)
@@ -290,9 +300,9 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mambascope", description="Neuron-level interpretability of Mamba models.",
+    parser = _Parser(prog="mambascope", description="Neuron-level interpretability of Mamba models.",
                                      epilog="exit codes: 0 ok, 1 a stage failed, 2 bad input, 130 interrupted")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     common = [_common_args()]
 
     p = sub.add_parser("analyze", parents=common, help="every analysis on one model and corpus, with report")
@@ -368,7 +378,10 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a one-line usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else BAD_INPUT
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         _check_flags(args)

@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,13 +68,24 @@ def write_atomic(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends (they are delivered then, not lost)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to their usual handlers.
+
+    Python handlers, not a signal mask: in a process with other threads (torch's), a masked signal is simply
+    taken by another thread, and Python still runs its handler in the main thread at once.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread can set handlers
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 def _refuse_unsafe(path: Path, flag: str) -> None:
@@ -148,12 +160,14 @@ class OutputDir:
                  notice: Notice = _stderr):
         self.path = Path(os.path.abspath(Path(path).expanduser()))
         self.kind, self.flag, self.notice = kind, flag, notice
-        _refuse_unsafe(self.path.resolve(), flag)
-        if self.path.exists() and not self.path.is_dir():
-            raise FileExistsError(f"{flag} {path} is a file, not a directory; choose a directory")
         try:
+            _refuse_unsafe(self.path.resolve(), flag)
+            if self.path.exists() and not self.path.is_dir():
+                raise FileExistsError(f"{flag} {path} is a file, not a directory; choose a directory")
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            if exc.errno is None:  # ours, already readable
+                raise
             raise _readable_os_error(exc, f"{flag} {path}") from None
         try:
             self.lock = OutputLock(self.path, flag)
@@ -227,18 +241,18 @@ class OutputDir:
         """Swap the staging folder in as ``path``; the previous output is removed only afterwards."""
         self._write_marker(status)
         old = self.path.parent / f".{self.path.name}.old-{os.getpid()}" if self.path.exists() else None
-        with signals_deferred():  # Ctrl-C cannot land between the two renames; SIGKILL is what _recover is for
+        with signals_deferred():  # Ctrl-C waits for the swap to finish; SIGKILL is what _recover is for
             if old is not None:
                 os.rename(self.path, old)
             os.rename(self.staging, self.path)
             self.committed = True
-        fsync_dir(self.path.parent)
-        if old is not None:
-            try:
-                shutil.rmtree(old)
-            except OSError as exc:
-                self.notice(f"the new output is complete; the previous one was moved to {old} and could not be "
-                            f"removed ({exc.strerror or exc}): delete it by hand")
+            fsync_dir(self.path.parent)
+            if old is not None:
+                try:
+                    shutil.rmtree(old)
+                except OSError as exc:
+                    self.notice(f"the new output is complete; the previous one was moved to {old} and could not "
+                                f"be removed ({exc.strerror or exc}): delete it by hand")
         return self.path
 
     def abandon(self) -> Path | None:

@@ -1,0 +1,535 @@
+"""Bad input and faults against the CLI and the public API (docs/design.md §13).
+
+Each case asserts the exit code (0 ok, 1 a stage failed, 2 bad input, 130 interrupted), that the user sees one
+line naming the cause, and that nothing was lost or left behind.  Signals with real processes are in
+test_signals.py.
+"""
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mambascope.cli import main
+
+FAST = ["--window", "32", "--max-tokens", "256", "--no-ablation", "--no-report", "--quiet"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line(err: str, *needles: str) -> str:
+    """The single mambascope error line of ``err``, checked to name each of ``needles``."""
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.startswith("mambascope: error")
+             or line.startswith("mambascope: failed")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_output(tmp_path_factory, small_checkpoints):
+    """A complete census output of the small GPT-2 checkpoint, made once; tests copy it."""
+    path = tmp_path_factory.mktemp("done") / "out"
+    assert main(["census", "--model", small_checkpoints["gpt2"], *FAST, "--out", str(path)]) == 0
+    return path
+
+
+@pytest.fixture
+def old_output(tmp_path, finished_output):
+    path = tmp_path / "out"
+    shutil.copytree(finished_output, path)
+    return path
+
+
+def census(small_checkpoints, out, *extra, arch="gpt2"):
+    return ["census", "--model", small_checkpoints[arch], *FAST, "--out", out, *extra]
+
+
+# -- flags: refused in milliseconds, before any model, corpus or output is touched --------------------------
+
+FLAG_CASES = [
+    (["census", "--window", "1"], "--window"),
+    (["census", "--window", "0"], "--window"),
+    (["census", "--batch-size", "0"], "--batch-size"),
+    (["census", "--max-tokens", "-5"], "--max-tokens"),
+    (["census", "--max-tokens", "100", "--window", "128"], "--max-tokens"),
+    (["census", "--draws", "0"], "--draws"),
+    (["census", "--draws", "2"], "--draws"),
+    (["census", "--heldout-fraction", "0"], "--heldout-fraction"),
+    (["census", "--heldout-fraction", "1.5"], "--heldout-fraction"),
+    (["census", "--layers", "-1"], "--layers"),
+    (["analyze", "--attention-layers", "-2"], "--attention-layers"),
+    (["analyze", "--methods", "bogus_method"], "bogus_method"),
+    (["attention", "--methods", "rollout", "nope"], "nope"),
+    (["census", "--split", "test"], "--split"),
+    (["census", "--device", "tpu"], "tpu"),
+    (["census", "--device", "cuda:7"], "cuda"),
+    (["census", "--dtype", "int8"], "--dtype"),
+    (["census", "--window", "ten"], "--window"),
+    (["census", "--bogus-flag"], "--bogus-flag"),
+    (["frobnicate"], "frobnicate"),
+    (["train-tiny", "--arch", "mamba"], "--out"),
+    (["train-tiny", "--arch", "rwkv", "--out", "x"], "--arch"),
+    (["train-tiny", "--arch", "mamba", "--out", "x", "--threads", "0"], "--threads"),
+    (["train-tiny", "--arch", "mamba", "--out", "x", "--steps", "0"], "--steps"),
+    (["train-tiny", "--arch", "mamba", "--out", "x", "--seq-len", "1"], "--seq-len"),
+    (["train-tiny", "--arch", "mamba", "--out", "x", "--lr", "0"], "--lr"),
+    (["compare", "--window", "1"], "--window"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", FLAG_CASES, ids=[" ".join(a) for a, _ in FLAG_CASES])
+def test_bad_flags_fail_before_any_work(tmp_path, monkeypatch, capsys, argv, flag):
+    if "cuda" in " ".join(argv):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    one_line(err, flag)
+    assert list(tmp_path.iterdir()) == []  # no output, staging folder or lock
+
+
+# -- flags that need the model: checked right after loading, before the corpus is tokenized -----------------
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--layers", "7"], "--layers: layer 7 out of range"),
+    (["--layers", "0", "2"], "--layers: layer 2"),
+    (["--window", "200"], "--window 200 exceeds"),
+], ids=["layer-7", "layer-2-of-2", "window-over-n_positions"])
+def test_model_dependent_flags(tmp_path, capsys, small_checkpoints, argv, flag):
+    args = census(small_checkpoints, tmp_path / "o")
+    code, _, err = run(capsys, *args, *argv)
+    assert code == 2
+    one_line(err, flag)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_attention_layers_out_of_range(tmp_path, capsys, small_checkpoints):
+    code, _, err = run(capsys, "analyze", "--model", small_checkpoints["mamba"], "--attention-layers", "7",
+                       "--out", tmp_path / "o", "--quiet")
+    assert code == 2
+    one_line(err, "--attention-layers")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- output paths --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", [".", "..", "/", "~"])
+def test_overwrite_refuses_safe_places(tmp_path, monkeypatch, capsys, small_checkpoints, where):
+    home = tmp_path / "home"
+    work = home / "project"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("precious")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, *census(small_checkpoints, where, "--overwrite"))
+    assert code == 2
+    one_line(err, "never replaces")
+    assert snapshot(tmp_path) == before
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_mambascope_output(tmp_path, capsys, small_checkpoints):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "cat.jpg").write_bytes(b"\xff\xd8 not really")
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, *census(small_checkpoints, out, "--overwrite"))
+    assert code == 2
+    one_line(err, "not a mambascope output")
+    assert snapshot(tmp_path) == before
+
+
+def test_existing_output_without_overwrite(tmp_path, capsys, small_checkpoints, old_output):
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, *census(small_checkpoints, old_output))
+    assert code == 2
+    one_line(err, "--overwrite")
+    assert snapshot(tmp_path) == before
+
+
+def test_an_empty_existing_directory_is_used(tmp_path, capsys, small_checkpoints):
+    (tmp_path / "o").mkdir()
+    code, _, _ = run(capsys, *census(small_checkpoints, tmp_path / "o"))
+    assert code == 0 and (tmp_path / "o" / "results.json").is_file()
+
+
+def test_out_is_a_file(tmp_path, capsys, small_checkpoints):
+    (tmp_path / "o").write_text("a file")
+    code, _, err = run(capsys, *census(small_checkpoints, tmp_path / "o", "--overwrite"))
+    assert code == 2
+    one_line(err, "is a file")
+    assert (tmp_path / "o").read_text() == "a file"
+
+
+def test_out_below_a_file(tmp_path, capsys, small_checkpoints):
+    (tmp_path / "f").write_text("a file")
+    code, _, err = run(capsys, *census(small_checkpoints, tmp_path / "f" / "o"))
+    assert code == 2
+    one_line(err, "--out")
+
+
+def test_out_not_writable(capsys, small_checkpoints):
+    # /sys refuses new directories even to root (CI runs as root, so chmod proves nothing there).
+    code, _, err = run(capsys, *census(small_checkpoints, "/sys/mambascope-test-out"))
+    assert code == 2
+    one_line(err, "/sys/mambascope-test-out")
+
+
+def test_out_name_too_long(tmp_path, capsys, small_checkpoints):
+    code, _, err = run(capsys, *census(small_checkpoints, tmp_path / ("x" * 300)))
+    assert code == 2
+    one_line(err, "too long")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_run_on_the_same_out_fails_at_once(tmp_path, capsys, small_checkpoints, old_output):
+    from mambascope.outputs import OutputLock
+
+    before = snapshot(old_output)
+    holder = OutputLock(old_output)  # flock is per open file: this holds it against the run below
+    try:
+        code, _, err = run(capsys, *census(small_checkpoints, old_output, "--overwrite"))
+    finally:
+        holder.release()
+    assert code == 2
+    one_line(err, "in use by another mambascope run", f"process {os.getpid()}")
+    assert snapshot(old_output) == before
+
+
+def test_overwrite_replaces_a_mambascope_output(tmp_path, capsys, small_checkpoints, old_output):
+    code, _, _ = run(capsys, *census(small_checkpoints, old_output, "--overwrite", "--layers", "1"))
+    assert code == 0
+    assert list(json.loads((old_output / "results.json").read_text())["layers"]) == ["1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_overwrite_whose_old_output_cannot_be_removed(tmp_path, capsys, small_checkpoints, old_output,
+                                                      monkeypatch):
+    """The old output is moved aside before the swap: a failure to delete it loses nothing."""
+    import mambascope.outputs as outputs
+
+    real_rmtree = shutil.rmtree
+
+    def stubborn(path, *args, **kwargs):
+        if ".old-" in str(path) and not kwargs.get("ignore_errors"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.shutil, "rmtree", stubborn)
+    old = snapshot(old_output)
+    code, _, err = run(capsys, *census(small_checkpoints, old_output, "--overwrite", "--layers", "1"))
+    assert code == 0 and "could not be removed" in err
+    assert (old_output / ".mambascope").exists() and list(json.loads(
+        (old_output / "results.json").read_text())["layers"]) == ["1"]
+    (moved,) = tmp_path.glob(".out.old-*")
+    assert snapshot(moved) == old
+
+
+def test_full_disk_keeps_the_old_output(tmp_path, capsys, small_checkpoints, old_output, monkeypatch):
+    import mambascope.results as results
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(results, "write_atomic", full)
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, *census(small_checkpoints, old_output, "--overwrite"))
+    assert code == 1
+    one_line(err, "No space left on device", "results.json")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_stage_failure_keeps_the_old_output_and_says_where_the_new_one_is(tmp_path, capsys, small_checkpoints,
+                                                                              old_output, monkeypatch):
+    import mambascope.pipeline as pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline, "census_interventions", broken)
+    before = snapshot(old_output)
+    args = ["census", "--model", small_checkpoints["gpt2"], "--window", "32", "--max-tokens", "512", "--draws", "3",
+            "--no-report", "--quiet", "--out", old_output, "--overwrite"]
+    code, _, _ = run(capsys, *args)
+    assert code == 1  # a stage failed; the run itself completed
+    results = json.loads((old_output / "results.json").read_text())
+    assert "boom" in results["errors"]["interventions"] and results["layers"]
+    assert snapshot(old_output) != before and not list(tmp_path.glob(".out.*"))
+
+
+def test_stranded_folders_are_reported_and_cleared(tmp_path, capsys, small_checkpoints, old_output):
+    empty = tmp_path / ".out.partial-999999"
+    empty.mkdir()
+    (empty / ".mambascope").write_text("{}")
+    finished = tmp_path / ".out.partial-999998"
+    finished.mkdir()
+    (finished / "results.json").write_text("{}")
+    code, _, err = run(capsys, *census(small_checkpoints, old_output, "--overwrite"))
+    assert code == 0
+    assert not empty.exists() and "removed" in err and str(empty) in err
+    assert finished.exists() and "kept" in err  # finished stages are never deleted for tidiness
+
+
+def test_an_output_lost_in_the_middle_of_a_swap_is_restored(tmp_path, capsys, small_checkpoints, old_output):
+    before = snapshot(old_output)
+    aside = tmp_path / ".out.old-999999"
+    old_output.rename(aside)  # what a run killed between its two renames leaves
+    code, _, err = run(capsys, *census(small_checkpoints, old_output))
+    assert code == 2 and "restored" in err  # put back, and then (no --overwrite) refused as existing
+    one_line(err, "--overwrite")
+    assert snapshot(old_output) == before and not aside.exists()
+
+
+def test_train_tiny_refuses_an_existing_model(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    code, _, err = run(capsys, "train-tiny", "--arch", "mamba", "--out", model, "--steps", "1")
+    assert code == 2
+    one_line(err, "--overwrite")
+    assert snapshot(model) == {"config.json": b"{}"}
+
+
+def test_train_tiny_bad_tokenizer(tmp_path, capsys):
+    code, _, err = run(capsys, "train-tiny", "--arch", "mamba", "--out", tmp_path / "m", "--tokenizer",
+                       tmp_path / "nowhere")
+    assert code == 2
+    one_line(err, "--tokenizer")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- models ----------------------------------------------------------------------------------------------------
+
+def _broken_checkpoint(source: str, where: Path, damage: str) -> Path:
+    path = where / "ckpt"
+    shutil.copytree(source, path)
+    weights = path / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "garbage":
+        weights.write_bytes(os.urandom(4096))
+    elif damage == "no-weights":
+        weights.unlink()
+    elif damage == "config-not-json":
+        (path / "config.json").write_text("{ not json")
+    elif damage == "config-list":
+        (path / "config.json").write_text("[1, 2]")
+    elif damage == "wrong-shape":
+        config = json.loads((path / "config.json").read_text())
+        config["n_embd"] = 64
+        (path / "config.json").write_text(json.dumps(config))
+    elif damage == "no-tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                     "merges.txt"):
+            (path / name).unlink(missing_ok=True)
+    elif damage == "unsupported":
+        config = json.loads((path / "config.json").read_text())
+        config["model_type"] = "bert"
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+MODEL_DAMAGE = ["truncated", "empty", "garbage", "no-weights", "config-not-json", "config-list", "wrong-shape",
+                "no-tokenizer", "unsupported"]
+
+
+@pytest.mark.parametrize("damage", MODEL_DAMAGE)
+def test_broken_checkpoints(tmp_path, capsys, small_checkpoints, damage):
+    path = _broken_checkpoint(small_checkpoints["gpt2"], tmp_path, damage)
+    code, _, err = run(capsys, *census(small_checkpoints, tmp_path / "o"), "--model", path)
+    assert code == 2
+    one_line(err, "ckpt")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
+
+
+@pytest.mark.parametrize("name,needle", [
+    ("tiny-mamab", "did you mean 'tiny-mamba'"),
+    ("./no/such/dir", "no such directory"),
+    ("someone/some-model", "offline"),
+])
+def test_unknown_models(tmp_path, capsys, small_checkpoints, name, needle):
+    code, _, err = run(capsys, *census(small_checkpoints, tmp_path / "o"), "--model", name)
+    assert code == 2
+    one_line(err, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- corpora ---------------------------------------------------------------------------------------------------
+
+def _corpus(tmp_path: Path, kind: str) -> Path:
+    files = {
+        "empty": ("c.txt", b""),
+        "blank": ("c.txt", b"\n\n   \n"),
+        "binary": ("c.txt", os.urandom(2048) + b"\xff\xfe"),
+        "latin-1": ("c.txt", "café au lait, déjà vu\n".encode("latin-1") * 50),
+        "jsonl-bad-line": ("c.jsonl", b'{"text": "fine"}\n{not json\n'),
+        "jsonl-no-text": ("c.jsonl", b'{"body": "x"}\n'),
+        "jsonl-list": ("c.jsonl", b'[1, 2]\n'),
+        "csv": ("c.csv", b"a,b\n1,2\n"),
+    }
+    name, data = files[kind]
+    (tmp_path / name).write_bytes(data)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("kind", ["empty", "blank", "binary", "latin-1", "jsonl-bad-line", "jsonl-no-text",
+                                  "jsonl-list", "csv"])
+def test_bad_corpora_name_the_file(tmp_path, capsys, small_checkpoints, kind):
+    corpus = _corpus(tmp_path, kind)
+    code, _, err = run(capsys, *census(small_checkpoints, tmp_path / "o"), "--corpus", corpus)
+    assert code == 2
+    one_line(err, corpus.name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [corpus.name]
+
+
+def test_missing_corpus_file(tmp_path, capsys, small_checkpoints):
+    code, _, err = run(capsys, *census(small_checkpoints, tmp_path / "o"), "--corpus", tmp_path / "nope.txt")
+    assert code == 2
+    one_line(err, "nope.txt")
+
+
+def test_a_users_three_document_file_is_analysed_whole(tmp_path, capsys, small_checkpoints):
+    from mambascope.data import load_corpus
+
+    builtin = load_corpus("builtin", "validation").texts
+    docs = sorted(builtin, key=len)[-3:]
+    (tmp_path / "mine.txt").write_text("\n\n".join(docs))
+    code, _, err = run(capsys, *census(small_checkpoints, tmp_path / "o"), "--corpus", tmp_path / "mine.txt")
+    assert code == 0, err
+    corpus = json.loads((tmp_path / "o" / "results.json").read_text())["corpus"]
+    assert corpus["split"] == "all" and corpus["texts"] == 3
+
+
+def test_too_little_text_for_a_held_out_split(tmp_path, capsys, small_checkpoints):
+    (tmp_path / "tiny.txt").write_text("only a handful of words")
+    code, _, err = run(capsys, "census", "--model", small_checkpoints["gpt2"], "--window", "8", "--corpus",
+                       tmp_path / "tiny.txt", "--out", tmp_path / "o", "--quiet")
+    assert code == 2
+    one_line(err, "windows")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.txt"]
+
+
+# -- results files (report) ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "no results.json"),
+    ("[1, 2, 3]", "JSON array"),
+    ("null", "JSON null"),
+    ("\"text\"", "JSON string"),
+    ("{\"model\": {}", "not valid JSON"),
+    ("{}", "lacks model, corpus, errors"),
+    (b"\x89PNG\r\n\x1a\n\xff\xfe", "not a text file"),
+    ("dir", "is a directory"),
+])
+def test_report_on_malformed_results(tmp_path, capsys, content, needle):
+    target = tmp_path / "r"
+    target.mkdir()
+    if content == "dir":
+        (target / "results.json").mkdir()
+    elif isinstance(content, bytes):
+        (target / "results.json").write_bytes(content)
+    elif content is not None:
+        (target / "results.json").write_text(content)
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "report", target)
+    assert code == 2
+    one_line(err, needle)
+    assert snapshot(tmp_path) == before
+
+
+def test_report_on_a_missing_directory(tmp_path, capsys):
+    code, _, err = run(capsys, "report", tmp_path / "absent")
+    assert code == 2
+    one_line(err, "absent")
+
+
+def test_report_rerenders_in_place(capsys, old_output):
+    results = (old_output / "results.json").read_bytes()
+    code, out, _ = run(capsys, "report", old_output)
+    assert code == 0 and "report.html" in out
+    assert (old_output / "report.html").stat().st_size > 1000 and list((old_output / "figures").glob("*.png"))
+    assert (old_output / "results.json").read_bytes() == results
+    assert not [p for p in old_output.iterdir() if p.name.startswith((".report-", ".figures-old"))]
+
+
+# -- compare ---------------------------------------------------------------------------------------------------
+
+def test_compare_with_a_failed_model_exits_1(tmp_path, capsys, small_checkpoints):
+    broken = _broken_checkpoint(small_checkpoints["gpt2"], tmp_path, "truncated")
+    code, _, err = run(capsys, "compare", "--models", small_checkpoints["mamba"], small_checkpoints["mamba2"], broken,
+                       "--window", "32",
+                       "--max-tokens", "256", "--out", tmp_path / "cmp", "--quiet")
+    assert code == 1
+    assert "FAILED" in err and "ckpt" in err
+    assert (tmp_path / "cmp" / "comparison.json").is_file()
+
+
+# -- the public API ---------------------------------------------------------------------------------------------
+
+def test_api_load_results_is_checked(tmp_path):
+    from mambascope.results import load_results
+
+    (tmp_path / "results.json").write_text("[]")
+    with pytest.raises(ValueError, match="JSON array"):
+        load_results(tmp_path)
+
+
+def test_api_output_dir_refuses_the_working_directory(tmp_path, monkeypatch):
+    from mambascope.outputs import OutputDir
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="working directory"):
+        OutputDir(".", overwrite=True)
+
+
+def test_api_output_dir_leaves_nothing_when_nothing_finished(tmp_path):
+    from mambascope.outputs import OutputDir
+
+    with OutputDir(tmp_path / "o") as out:
+        assert out.staging.is_dir()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("window", [0, -3])
+def test_api_tokenize_windows_rejects_bad_windows(small_tokenizer, window):
+    from mambascope.data import tokenize_windows
+
+    with pytest.raises(ValueError, match="window"):
+        tokenize_windows(["some text"], small_tokenizer, window)
+
+
+def test_api_trace_rejects_out_of_vocabulary_ids(small_checkpoints):
+    import torch
+
+    from mambascope import load_model, trace
+
+    model, _ = load_model(small_checkpoints["mamba"], device="cpu")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        trace(model, torch.tensor([[1, 2, 10_000]]))
+
+
+def test_api_load_corpus_bad_split():
+    from mambascope.data import load_corpus
+
+    with pytest.raises(ValueError, match="split"):
+        load_corpus("builtin", split="test")
