@@ -19,9 +19,22 @@ from mambascope.outputs import MARKER, OutputDir
 RUNNER = Path(__file__).with_name("signal_runner.py")
 
 
-def census_args(checkpoint: str, out: Path, *extra: str) -> list[str]:
-    return ["census", "--model", checkpoint, "--window", "32", "--max-tokens", "512", "--draws", "3",
-            "--no-report", "--quiet", "--out", str(out), *extra]
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Part of the built-in validation split as a text file (reading it is much faster than building it)."""
+    from mambascope.data import load_corpus
+
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    path.write_text("\n\n".join(load_corpus("builtin", "validation").texts[:200]))
+    return path
+
+
+@pytest.fixture
+def census_args(small_checkpoints, corpus):
+    def args(out: Path, *extra: str) -> list[str]:
+        return ["census", "--model", small_checkpoints["gpt2"], "--corpus", str(corpus), "--window", "32",
+                "--max-tokens", "512", "--draws", "3", "--no-report", "--quiet", "--out", str(out), *extra]
+    return args
 
 
 def killed_run(signal_name: str, point: str, argv: list[str]) -> subprocess.CompletedProcess:
@@ -51,9 +64,9 @@ def previous(tmp_path_factory, small_checkpoints):
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_interrupt_at_a_stage_boundary_keeps_the_finished_stage(tmp_path, small_checkpoints, signal_name):
+def test_interrupt_at_a_stage_boundary_keeps_the_finished_stage(tmp_path, census_args, signal_name):
     out = tmp_path / "out"
-    run = killed_run(signal_name, "save:1", census_args(small_checkpoints["gpt2"], out))
+    run = killed_run(signal_name, "save:1", census_args(out))
     assert run.returncode == 130, run.stderr
     assert "Traceback" not in run.stderr and "finished stages kept" in run.stderr
     results = json.loads((out / "results.json").read_text())
@@ -63,11 +76,11 @@ def test_interrupt_at_a_stage_boundary_keeps_the_finished_stage(tmp_path, small_
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_interrupting_an_overwrite_keeps_the_old_output(tmp_path, small_checkpoints, previous, signal_name):
+def test_interrupting_an_overwrite_keeps_the_old_output(tmp_path, census_args, previous, signal_name):
     out = tmp_path / "out"
     shutil.copytree(previous, out)
     before = snapshot(out)
-    run = killed_run(signal_name, "save:1", census_args(small_checkpoints["gpt2"], out, "--overwrite"))
+    run = killed_run(signal_name, "save:1", census_args(out, "--overwrite"))
     assert run.returncode == 130, run.stderr
     assert snapshot(out) == before
     (staging,) = tmp_path.glob(".out.partial-*")
@@ -75,18 +88,18 @@ def test_interrupting_an_overwrite_keeps_the_old_output(tmp_path, small_checkpoi
     assert json.loads((staging / "results.json").read_text())["incomplete"] == ["interventions"]
 
 
-def test_sigterm_while_loading_leaves_nothing(tmp_path, small_checkpoints):
-    run = killed_run("SIGTERM", "load", census_args(small_checkpoints["gpt2"], tmp_path / "out"))
+def test_sigterm_while_loading_leaves_nothing(tmp_path, census_args):
+    run = killed_run("SIGTERM", "load", census_args(tmp_path / "out"))
     assert run.returncode == 130, run.stderr
     assert "interrupted" in run.stderr and "Traceback" not in run.stderr
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sigkill_at_a_stage_boundary_then_the_next_run(tmp_path, small_checkpoints, previous):
+def test_sigkill_at_a_stage_boundary_then_the_next_run(tmp_path, census_args, previous):
     out = tmp_path / "out"
     shutil.copytree(previous, out)
     before = snapshot(out)
-    run = killed_run("SIGKILL", "save:1", census_args(small_checkpoints["gpt2"], out, "--overwrite"))
+    run = killed_run("SIGKILL", "save:1", census_args(out, "--overwrite"))
     assert run.returncode == -9
     assert snapshot(out) == before
     (staging,) = tmp_path.glob(".out.partial-*")
@@ -97,11 +110,11 @@ def test_sigkill_at_a_stage_boundary_then_the_next_run(tmp_path, small_checkpoin
     assert snapshot(out) == before
 
 
-def test_sigkill_inside_the_swap_is_undone_by_the_next_run(tmp_path, small_checkpoints, previous):
+def test_sigkill_inside_the_swap_is_undone_by_the_next_run(tmp_path, census_args, previous):
     out = tmp_path / "out"
     shutil.copytree(previous, out)
     before = snapshot(out)
-    run = killed_run("SIGKILL", "swap", census_args(small_checkpoints["gpt2"], out, "--overwrite"))
+    run = killed_run("SIGKILL", "swap", census_args(out, "--overwrite"))
     assert run.returncode == -9
     assert not out.exists() and list(tmp_path.glob(".out.old-*"))  # killed between the two renames
     notices = []
@@ -112,10 +125,10 @@ def test_sigkill_inside_the_swap_is_undone_by_the_next_run(tmp_path, small_check
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_an_interrupt_inside_the_swap_waits_for_it(tmp_path, small_checkpoints, previous, signal_name):
+def test_an_interrupt_inside_the_swap_waits_for_it(tmp_path, census_args, previous, signal_name):
     out = tmp_path / "out"
     shutil.copytree(previous, out)
-    run = killed_run(signal_name, "swap", census_args(small_checkpoints["gpt2"], out, "--overwrite"))
+    run = killed_run(signal_name, "swap", census_args(out, "--overwrite"))
     assert run.returncode == 130, run.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["incomplete"] == [] and results["ablation"] is not None  # the new, complete output

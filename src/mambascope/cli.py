@@ -368,13 +368,15 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _quiet_libraries() -> None:
-    """The weight-loading bar and kernel-fallback notices of transformers are not the user's concern."""
+def _quiet_libraries(quiet: bool) -> None:
+    """Kernel-fallback notices of transformers are not the user's concern; its weight-loading bar goes with
+    ``--quiet`` like every other bar."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        from transformers.utils import logging
 
-    logging.disable_progress_bar()
+        logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -385,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         _check_flags(args)
-        _quiet_libraries()
+        _quiet_libraries(args.quiet)
         return args.func(args)
     except KeyboardInterrupt:
         print("mambascope: interrupted", file=sys.stderr)

@@ -132,7 +132,10 @@ class OutputLock:
             self._fd = None
 
 
-def _readable_os_error(exc: OSError, what: str) -> ValueError | PermissionError:
+def _readable_os_error(exc: OSError, what: str) -> OSError | ValueError:
+    """An OSError of the file system as one line about ``what``; our own messages (no errno) pass as they are."""
+    if exc.errno is None:
+        return exc
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return PermissionError(f"cannot write {what}: {reason}; choose a directory you can write to")
@@ -166,8 +169,6 @@ class OutputDir:
                 raise FileExistsError(f"{flag} {path} is a file, not a directory; choose a directory")
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            if exc.errno is None:  # ours, already readable
-                raise
             raise _readable_os_error(exc, f"{flag} {path}") from None
         try:
             self.lock = OutputLock(self.path, flag)
