@@ -1,4 +1,4 @@
-"""Attention neurons (DESIGN.md §6, docs/methods.md): the seed's API, and each method against an
+"""Attention neurons (docs/design.md §6, docs/methods.md): the seed's API, and each method against an
 independent computation (the hidden-attention kernel, Hugging Face's own attention probabilities,
 an explicit rollout product, autograd through a materialised α)."""
 

@@ -1,4 +1,4 @@
-"""Attention neurons: neurons scored through the hidden attention of Mamba models (the seed's API, DESIGN.md §6).
+"""Attention neurons: neurons scored through the hidden attention of Mamba models (the seed's API, docs/design.md §6).
 
     an = MambaAttentionNeurons(model)
     data = an.extract_attention_vectors(input_ids, layer_indices=[0, 1])

@@ -1,4 +1,4 @@
-"""The results directory: ``results.json``, the per-neuron table, ``figures/`` (DESIGN.md §8).
+"""The results directory: ``results.json``, the per-neuron table, ``figures/`` (docs/design.md §8, §13).
 
 A run writes into a staging directory next to the destination and saves ``results.json`` after every
 finished stage, so an interrupted run keeps what it finished.  The destination is replaced only at the

@@ -1,4 +1,4 @@
-"""Exact hidden attention of the selective scan (DESIGN.md §4).
+"""Exact hidden attention of the selective scan (docs/design.md §4).
 
 Mamba-1, channel d, s ≤ t (Ali et al. 2024, "The Hidden Attention of Mamba Models", eq. 9–11, with the
 Euler B̄ = Δ·B of the released kernels):
