@@ -1,6 +1,6 @@
 """Slow, obviously-correct reference implementations of the neuron statistics (plain Python loops).
 
-Used only by the tests of ``mambascope.neurons`` on tiny inputs. Definitions: DESIGN.md §5 and
+Used only by the tests of ``mambascope.neurons`` on tiny inputs. Definitions: docs/design.md §5 and
 Voita et al. 2023, "Neurons in Large Language Models: Dead, N-gram, Positional".
 """
 

@@ -1,4 +1,4 @@
-"""Attention neurons (DESIGN.md §6, docs/methods.md): the seed's API, and each method against an
+"""Attention neurons (docs/design.md §6, docs/methods.md): the seed's API, and each method against an
 independent computation (the hidden-attention kernel, Hugging Face's own attention probabilities,
 an explicit rollout product, autograd through a materialised α)."""
 
@@ -359,5 +359,7 @@ def test_run_attention_analysis_is_json_and_plots(tmp_path):
     for obj, name in [(summary, "summary.png"), (res, "integrate.png")]:
         path = plot_attention_neurons_analysis(obj, 1, tmp_path / name)
         assert path.stat().st_size > 10_000
-    an = res["analyzer"]
-    assert an.visualize_neurons(res["mamba_neurons"]["rollout"], 1, tmp_path / "v.png").stat().st_size > 10_000
+    # create_mamba_neurons records alone, with the extraction's channel-mean attention as the heatmap
+    records, vectors = res["mamba_neurons"]["rollout"], res["attention_data"][1]["attention_vectors"][0]
+    path = plot_attention_neurons_analysis(records, 1, tmp_path / "records.png", attention=vectors)
+    assert path.stat().st_size > 10_000

@@ -1,4 +1,4 @@
-"""Hidden attention (DESIGN.md §4) against independent computations: the loop reference mixers and scans of
+"""Hidden attention (docs/design.md §4) against independent computations: the loop reference mixers and scans of
 ``mambascope.ssm.reference``, autograd Jacobians of those loops, and the fp64 result of the same inputs."""
 
 import dataclasses

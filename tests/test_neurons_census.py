@@ -1,4 +1,4 @@
-"""LayerCensus: DESIGN.md §8 keys, JSON-serializable, consistent with its accumulators, merge-invariant."""
+"""LayerCensus: docs/design.md §8 keys, JSON-serializable, consistent with its accumulators, merge-invariant."""
 
 import json
 

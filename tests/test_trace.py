@@ -1,4 +1,4 @@
-"""The tracer against the model's own forward (DESIGN.md §3): logits, and post at out_proj's input."""
+"""The tracer against the model's own forward (docs/design.md §3): logits, and post at out_proj's input."""
 
 import pytest
 import torch

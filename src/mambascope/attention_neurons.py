@@ -1,4 +1,4 @@
-"""Attention neurons: neurons scored through the hidden attention of Mamba models (the seed's API, DESIGN.md §6).
+"""Attention neurons: neurons scored through the hidden attention of Mamba models (the seed's API, docs/design.md §6).
 
     an = MambaAttentionNeurons(model)
     data = an.extract_attention_vectors(input_ids, layer_indices=[0, 1])
@@ -18,13 +18,15 @@ query position (default the last valid token of each row).
 
 Nothing here substitutes data for a failed computation: errors are raised, or (in
 :func:`integrate_mamba_attention_neurons`) recorded per method in ``errors``.
+
+The seed's 6-panel figure is the report's ``mambascope.report.plot_attention_neurons_analysis``, which takes
+these results; the analysis never imports the report (docs/design.md §2, §6).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -161,17 +163,6 @@ class MambaAttentionNeurons:
         if result["method"] is not None:
             self.analysis.setdefault(result["method"], {})[layer_idx] = result
         return result
-
-    def visualize_neurons(self, neurons: Mapping[int, Mapping[str, Any]], layer_idx: int, path: str | Path,
-                          show: bool = False) -> Path:
-        """Save the 6-panel figure of ``neurons`` at ``layer_idx`` to ``path`` (see plot_attention_neurons_analysis)."""
-        from mambascope.report.attention_plots import plot_attention_neurons_analysis
-
-        attention = None
-        data = self.attention_data
-        if data is not None and layer_idx in data and "attention_vectors" in data[layer_idx]:
-            attention = data[layer_idx]["attention_vectors"][0]
-        return plot_attention_neurons_analysis(neurons, layer_idx, path, attention=attention, show=show)
 
 
 def integrate_mamba_attention_neurons(

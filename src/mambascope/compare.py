@@ -1,4 +1,4 @@
-"""Cross-model comparison on the same definitions (DESIGN.md §5; the seed's ``compare_models.py``).
+"""Cross-model comparison on the same definitions (docs/design.md §5; the seed's ``compare_models.py``).
 
 Every model is analysed on the same texts with its own tokenizer and its own neuron unit (Mamba
 ``mixer.hook_post`` with gate activity; transformer ``mlp.hook_post`` with activation > 0), so rates

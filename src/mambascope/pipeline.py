@@ -1,4 +1,4 @@
-"""The analyses end to end: the neuron census (DESIGN.md §5) and the comprehensive analysis (§6, §8).
+"""The analyses end to end: the neuron census (docs/design.md §5) and the comprehensive analysis (§6, §8).
 
 Selection and evaluation never share tokens: the analysed windows are split into a selection part,
 which every accumulator sees, and a held-out tail (``heldout_fraction`` of the windows), on which
@@ -289,7 +289,7 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
                  heldout_fraction: float = 0.25, attention_windows: int = 16, faithfulness: bool = True,
                  batch_size: int = 8, draws: int = 3, seed: int = 0, progress: bool = True,
                  save: Any = None) -> dict[str, Any]:
-    """Every analysis in ``stages`` on ``windows`` [n, T]; the results-file dict (DESIGN.md §8).
+    """Every analysis in ``stages`` on ``windows`` [n, T]; the results-file dict (docs/design.md §8).
 
     ``info`` holds ``model`` and ``corpus`` descriptions.  Selection (census, attention-neuron ranking)
     uses the first part of the windows, held-out evaluation (ablation, pruning, faithfulness) the last
@@ -340,7 +340,7 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
             if save is not None:
                 save(results)
             raise
-        except Exception as exc:  # one failing analysis must not take the others down (DESIGN.md §6)
+        except Exception as exc:  # one failing analysis must not take the others down (docs/design.md §6)
             results["errors"][name] = f"{type(exc).__name__}: {exc}"
         results["timings"][name] = round(time.perf_counter() - start, 3)
         results["incomplete"].remove(name)
@@ -366,7 +366,7 @@ def run_complete_neuron_analysis(model: nn.Module, tokenizer: Any, texts: Sequen
     detectors, Δ-sensitive, overlap, ablation and pruning (``run_census``) for ``layer_idx`` (None = all).
 
     Returns ``run_census``'s dict: ``tokens``, ``window``, ``loss``, ``layers`` {layer: per-layer keys of
-    DESIGN.md §8}, ``detector_tokens_by_layer``, ``heldout_tokens``, ``ablation``, ``pruning``.
+    docs/design.md §8}, ``detector_tokens_by_layer``, ``heldout_tokens``, ``ablation``, ``pruning``.
     """
     return run_census(model, tokenizer, _windows(tokenizer, texts, window, max_tokens),
                       layers=_as_layers(layer_idx), **options)

@@ -42,7 +42,7 @@ class AttentionData(dict):
     C = attention units: d_inner channels (Mamba-1), heads (Mamba-2, GPT-2); U = scored units: d_inner
     (Mamba), heads (GPT-2)):
 
-    * ``attention_matrix`` [b, C, L, L] — exact s6 α (Mamba, DESIGN.md §4) or softmax probabilities (GPT-2);
+    * ``attention_matrix`` [b, C, L, L] — exact s6 α (Mamba, docs/design.md §4) or softmax probabilities (GPT-2);
       only with ``store="full"``.
     * ``attention_vectors`` [b, L, L] — the mean of ``attention_matrix`` over C; ``store`` "full"/"vectors".
     * ``query_attention`` [b, C, L] — row q_b of each unit's attention for batch row b.

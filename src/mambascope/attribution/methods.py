@@ -205,7 +205,7 @@ def method_records(model: nn.Module, windows: Tensor, layers: list[int], methods
     """Per batch of ``windows``: one extraction, then every method's per-layer records.
 
     Yields (batch, data, {method: records}).  A method that fails is recorded in ``errors`` by name with its
-    reason and left out of later batches; callers drop what they accumulated for it (DESIGN.md §6).
+    reason and left out of later batches; callers drop what they accumulated for it (docs/design.md §6).
     """
     for start in range(0, windows.shape[0], batch_size):  # a loop over batches
         batch = windows[start:start + batch_size]

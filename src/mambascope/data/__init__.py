@@ -1,4 +1,4 @@
-"""Corpora, tokenization and fixed-length windows (DESIGN.md §5, §7)."""
+"""Corpora, tokenization and fixed-length windows (docs/design.md §5, §7)."""
 
 from mambascope.data.corpus import BUILTIN_MODULES, Corpus, builtin_texts, in_validation, load_corpus, split_texts
 from mambascope.data.windows import Windows, tokenize_windows

@@ -1,6 +1,6 @@
 """Corpora: the built-in standard-library corpus, local text / JSONL files, and ``datasets`` names.
 
-The built-in corpus (DESIGN.md §7) is text that every Python install carries: the pydoc topics
+The built-in corpus (docs/design.md §7) is text that every Python install carries: the pydoc topics
 (``pydoc_data.topics.topics``) and the docstrings of a fixed list of standard-library modules, their
 public classes, functions and methods. Pure-Python modules are read from their source files with
 ``ast`` (nothing is imported or executed, and runtime patches by other libraries cannot leak in); the

@@ -1,4 +1,4 @@
-"""Fixed-length token windows (DESIGN.md §5: positional analysis uses windows of T tokens, no padding).
+"""Fixed-length token windows (docs/design.md §5: positional analysis uses windows of T tokens, no padding).
 
 Windows are cut **per document** and never cross a document boundary. A document's tokens (after an
 optional BOS) are cut into consecutive non-overlapping windows of exactly T tokens from its start;

@@ -1,4 +1,4 @@
-"""Held-out loss under interventions at the neuron unit (DESIGN.md §5, "Ablation" and "Pruning").
+"""Held-out loss under interventions at the neuron unit (docs/design.md §5, "Ablation" and "Pruning").
 
 Ablation replaces chosen neurons of ``post`` (Mamba ``mixer.hook_post``, GPT-2 ``mlp.hook_post``) by 0
 or by their mean over the selection split, and measures next-token loss on a disjoint held-out split.

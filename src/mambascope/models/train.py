@@ -1,4 +1,4 @@
-"""Train the bundled tiny models (DESIGN.md §7) with the models' own Hugging Face forward.
+"""Train the bundled tiny models (docs/design.md §7) with the models' own Hugging Face forward.
 
 Data: the built-in corpus (``load_corpus("builtin")``). Each split becomes one token stream, every
 document preceded by ``<|endoftext|>``; the train stream is cut into non-overlapping windows of

@@ -1,4 +1,4 @@
-"""Neuron analyses as streaming accumulators: update per batch, merge across workers, finalize (DESIGN.md §5).
+"""Neuron analyses as streaming accumulators: update per batch, merge across workers, finalize (docs/design.md §5).
 
 Definitions follow Voita et al. 2023, "Neurons in Large Language Models: Dead, N-gram, Positional".
 """

@@ -1,5 +1,5 @@
 """Dead and rarely active neurons (Voita et al. 2023, "Neurons in Large Language Models: Dead,
-N-gram, Positional", §3 and Fig. 1a/1b; DESIGN.md §5)."""
+N-gram, Positional", §3 and Fig. 1a/1b; docs/design.md §5)."""
 
 from __future__ import annotations
 

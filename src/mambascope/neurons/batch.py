@@ -1,4 +1,4 @@
-"""One batch of traced neuron activations, as every neuron accumulator consumes it (DESIGN.md §3, §5).
+"""One batch of traced neuron activations, as every neuron accumulator consumes it (docs/design.md §3, §5).
 
 The accumulators in this package (update / merge / finalize) never see the model: they read a
 :class:`NeuronBatch` built from the tracer's per-layer mapping with :meth:`NeuronBatch.from_layer`.
@@ -17,7 +17,7 @@ from mambascope.trace.names import NEURON_UNIT
 ARCHS = ("mamba", "mamba2", "gpt2")
 RULES = ("gate", "magnitude")
 
-# Unit whose sign decides whether a Mamba neuron is active: the gate z (DESIGN.md §3).
+# Unit whose sign decides whether a Mamba neuron is active: the gate z (docs/design.md §3).
 GATE_UNIT = "mixer.hook_gate_pre"
 DT_UNIT = "mixer.hook_dt"
 
@@ -137,7 +137,7 @@ class NeuronBatch:
     ) -> NeuronBatch:
         """Build a batch from one layer of a trace: ``layer`` maps unit names without ``blocks.{l}.``.
 
-        ``post`` = ``layer[NEURON_UNIT[arch]]`` [b,L,E]. Activity rule (DESIGN.md §3):
+        ``post`` = ``layer[NEURON_UNIT[arch]]`` [b,L,E]. Activity rule (docs/design.md §3):
 
         - ``rule="gate"``: Mamba (``"mamba"``, ``"mamba2"``) active ⇔ ``mixer.hook_gate_pre`` z > 0,
           i.e. the gate SiLU(z) is open, the analogue of ReLU > 0 in OPT (Voita et al. 2023).

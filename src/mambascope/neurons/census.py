@@ -1,7 +1,7 @@
-"""One layer's neuron census: every streaming statistic of DESIGN.md §5 in one update / merge / finalize.
+"""One layer's neuron census: every streaming statistic of docs/design.md §5 in one update / merge / finalize.
 
 Definitions follow Voita et al. 2023, "Neurons in Large Language Models: Dead, N-gram, Positional"
-(see the modules of each accumulator); the result has the per-layer keys of DESIGN.md §8.
+(see the modules of each accumulator); the result has the per-layer keys of docs/design.md §8.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from mambascope.neurons.delta import DeltaAccumulator, TokenChannels
 from mambascope.neurons.detectors import TokenDetectorAccumulator
 from mambascope.neurons.positional import PositionalAccumulator
 
-# finalize() keys promoted to the top level (DESIGN.md §8); the rest stays in the sub-dicts.
+# finalize() keys promoted to the top level (docs/design.md §8); the rest stays in the sub-dicts.
 _ACTIVITY_TOP = ("tokens", "n_neurons", "dead_neurons", "n_dead", "pct_dead", "activation_frequency",
                  "rarely_active", "mean_frequency_alive")
 _POSITIONAL_TOP = ("positional_neurons", "positional_mi")
@@ -29,7 +29,7 @@ class LayerCensus:
     ``arch`` "mamba" | "mamba2" | "gpt2" decides whether Δ is expected: Mamba batches must carry
     ``dt`` (per channel on Mamba-1, per head on Mamba-2); GPT-2 has none and reports
     ``delta_sensitive`` = None (not applicable). ``layer`` labels errors and the result.
-    Keyword options are those of the accumulators (defaults: Voita et al. 2023 / DESIGN.md §5).
+    Keyword options are those of the accumulators (defaults: Voita et al. 2023 / docs/design.md §5).
     """
 
     def __init__(self, arch: str, vocab_size: int, *, layer: LayerLabel = None,
@@ -73,7 +73,7 @@ class LayerCensus:
         return self
 
     def finalize(self) -> dict[str, Any]:
-        """JSON-serializable per-layer result (DESIGN.md §8).
+        """JSON-serializable per-layer result (docs/design.md §8).
 
         Top level: ``layer``, ``arch``, ``tokens`` (N valid tokens), ``n_neurons``, ``dead_neurons``,
         ``n_dead``, ``pct_dead``, ``activation_frequency``, ``rarely_active``, ``mean_frequency_alive``,

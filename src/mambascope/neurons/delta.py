@@ -1,4 +1,4 @@
-"""Δ-sensitive channels / heads of a Mamba layer, from the real Δ (DESIGN.md §5).
+"""Δ-sensitive channels / heads of a Mamba layer, from the real Δ (docs/design.md §5).
 
 Companion to the neuron statistics of Voita et al. 2023 ("Neurons in Large Language Models: Dead,
 N-gram, Positional"); Δ has no transformer counterpart, so its definitions are ours (§5):

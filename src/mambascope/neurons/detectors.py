@@ -1,5 +1,5 @@
 """Token and n-gram detector neurons (Voita et al. 2023, "Neurons in Large Language Models: Dead,
-N-gram, Positional", §4; DESIGN.md §5)."""
+N-gram, Positional", §4; docs/design.md §5)."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ class TokenDetectorAccumulator(Accumulator):
     Memory is 16 bytes per distinct (neuron, n-gram) pair seen active; bounded by the number of
     active events, so a big corpus with a dense activity rule wants ``ngram_orders=(1,)``.
 
-    Token detector (Voita et al. 2023 §4, DESIGN.md §5): with c[t,e] the activations of neuron e on
+    Token detector (Voita et al. 2023 §4, docs/design.md §5): with c[t,e] the activations of neuron e on
     token type t and A_e = Σ_t c[t,e], a type t *qualifies* for e iff occ[t] >= ``min_occurrences``
     and c[t,e] >= ``min_precision``·occ[t] (it fires e on >= 95% of its occurrences). e is a detector
     iff A_e > 0 and its ``max_types`` (5) qualifying types with the most activations cover

@@ -1,4 +1,4 @@
-"""Overlap between neuron groups of one layer (DESIGN.md §5: "counts and Jaccard between all groups")."""
+"""Overlap between neuron groups of one layer (docs/design.md §5: "counts and Jaccard between all groups")."""
 
 from __future__ import annotations
 

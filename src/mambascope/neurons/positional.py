@@ -1,5 +1,5 @@
 """Positional neurons (Voita et al. 2023, "Neurons in Large Language Models: Dead, N-gram,
-Positional", §5; DESIGN.md §5)."""
+Positional", §5; docs/design.md §5)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class PositionalAccumulator(Accumulator):
     Streams: valid tokens per position n(pos) [T] and active counts per (position, neuron) [T,E]
     (int64); for the Pearson correlation of post x with position p, Σx, Σx², Σxp [E] and Σp, Σp²
     (float64). T grows to max position + 1 seen; batches are not required to share a window length
-    (no check), but the measure assumes fixed-length windows without padding (DESIGN.md §5).
+    (no check), but the measure assumes fixed-length windows without padding (docs/design.md §5).
 
     ``finalize()``: ``positional_mi`` I per neuron (see :func:`positional_information`), positional
     ⇔ I > ``mi_threshold`` (default 0.05, Voita et al.); Pearson r = cov(x,p)/(σ_x σ_p) from the

@@ -1,5 +1,5 @@
 """Direct logit effect of neurons and self-suppression of token detectors (Voita et al. 2023,
-"Neurons in Large Language Models: Dead, N-gram, Positional", §4; DESIGN.md §5). No model runs.
+"Neurons in Large Language Models: Dead, N-gram, Positional", §4; docs/design.md §5). No model runs.
 
 Direct logit effect of neuron e on vocabulary token v:
 

@@ -1,6 +1,6 @@
 """The report layer: matplotlib figures and the single-file HTML report of a results dict.
 
-It only reads results (``results.json``, DESIGN.md §8) and never runs a model::
+It only reads results (``results.json``, docs/design.md §8) and never runs a model::
 
     from mambascope.results import load_results
     from mambascope.report import create_comprehensive_report, render_report

@@ -1,4 +1,4 @@
-"""Read-only accessors over a results dict (DESIGN.md §8), shared by the figures and the HTML report.
+"""Read-only accessors over a results dict (docs/design.md §8), shared by the figures and the HTML report.
 
 The report never runs a model: everything comes from ``results.json``.  These helpers find each part
 where the pipeline puts it (``run_analysis`` keeps the per-layer census at the top-level ``layers`` and

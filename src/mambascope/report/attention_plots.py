@@ -1,4 +1,4 @@
-"""The seed's 6-panel attention-neuron figure (DESIGN.md §6, ``plot_attention_neurons_analysis``).
+"""The seed's 6-panel attention-neuron figure (docs/design.md §6, ``plot_attention_neurons_analysis``).
 
 Panels: (1) activation histogram, (2) top-10 units by importance, (3) activation vs importance,
 (4) attention heatmap (the layer's channel-mean hidden attention of window 0 when available, otherwise

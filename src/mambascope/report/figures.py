@@ -1,4 +1,4 @@
-"""Matplotlib figures of a results dict (DESIGN.md §5, §8): PNG files, Agg rendering, nothing shown.
+"""Matplotlib figures of a results dict (docs/design.md §5, §8): PNG files, Agg rendering, nothing shown.
 
 Every ``plot_*`` function takes the results dict (``results.json`` as loaded by ``load_results``) and an
 output directory, writes one PNG (a few write one per layer) and returns its path(s).  A figure whose

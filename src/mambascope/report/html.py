@@ -1,4 +1,4 @@
-"""The single-file HTML report of a results dict (DESIGN.md §8): ``report.html``.
+"""The single-file HTML report of a results dict (docs/design.md §8): ``report.html``.
 
 One self-contained file (inline CSS and JavaScript, figures embedded as base64 PNG, no network): a
 summary of the model and corpus, a section per analysis with its figures and tables, the errors, and

@@ -1,4 +1,4 @@
-"""The instrumented forward: one pass yields every internal unit (DESIGN.md §3)."""
+"""The instrumented forward: one pass yields every internal unit (docs/design.md §3)."""
 
 from mambascope.trace.forward import Trace, check_inputs, trace, trace_stream
 from mambascope.trace.names import NEURON_UNIT, UNITS, all_names, resolve_names

@@ -142,7 +142,7 @@ def trace(
 ) -> Trace:
     """Run the model once and return every requested unit: ``trace["blocks.0.mixer.hook_post"]``.
 
-    Units and shapes are listed in ``mambascope.trace.UNITS`` (DESIGN.md §3).  For a corpus, prefer
+    Units and shapes are listed in ``mambascope.trace.UNITS`` (docs/design.md §3).  For a corpus, prefer
     ``trace_stream``, which never holds more than one layer's units.
     """
     tensors: dict[str, torch.Tensor] = {}

@@ -1,4 +1,4 @@
-"""Hook names of the traced units (DESIGN.md §3), following TransformerLens where a counterpart exists.
+"""Hook names of the traced units (docs/design.md §3), following TransformerLens where a counterpart exists.
 
 Every tensor is ``[batch, pos, ...]``. Per layer ``l`` the full name is ``blocks.{l}.<unit>``.
 """
@@ -54,7 +54,7 @@ UNITS: dict[str, dict[str, str]] = {
     },
 }
 
-# The unit each architecture calls "the neuron" (DESIGN.md §3).
+# The unit each architecture calls "the neuron" (docs/design.md §3).
 NEURON_UNIT = {"mamba": "mixer.hook_post", "mamba2": "mixer.hook_post", "gpt2": "mlp.hook_post"}
 
 

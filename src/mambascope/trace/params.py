@@ -1,14 +1,16 @@
 """Per-layer parameters that analyses need besides traced activations (A, D, conv, out_proj, norms).
 
-Only ``trace/`` reads module internals; everything downstream receives these plain tensors.
+Only ``trace/`` reads module internals; everything downstream receives these plain tensors.  The
+record type :class:`~mambascope.ssm.params.MixerParams` belongs to ``ssm/`` (math on tensors), which
+never imports ``trace/`` (docs/design.md §2).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
+
+from mambascope.ssm.params import MixerParams
 
 
 def architecture(model: nn.Module) -> str:
@@ -24,31 +26,6 @@ def architecture(model: nn.Module) -> str:
 
 def n_layers(model: nn.Module) -> int:
     return model.config.num_hidden_layers if architecture(model) != "gpt2" else model.config.n_layer
-
-
-@dataclass(frozen=True)
-class MixerParams:
-    """Parameters of one Mamba mixer, as plain tensors (fp32 copies are made by the consumer).
-
-    Mamba-1: ``A`` [E, N], ``D`` [E]. Mamba-2: ``A`` [H], ``D`` [H], channels e belong to head
-    ``e // head_dim`` and to group ``e // (E // n_groups)``.
-    ``conv_weight`` [E, K] and ``conv_bias`` [E] are the depthwise causal conv of the x channels only.
-    ``out_proj_weight`` [d_model, E]. ``norm_weight`` [E] is Mamba-2's gated RMSNorm (None on Mamba-1).
-    """
-
-    arch: str
-    A: torch.Tensor
-    D: torch.Tensor
-    conv_weight: torch.Tensor
-    conv_bias: torch.Tensor | None
-    out_proj_weight: torch.Tensor
-    d_inner: int
-    d_state: int
-    n_heads: int
-    head_dim: int
-    n_groups: int
-    norm_weight: torch.Tensor | None = None
-    norm_eps: float = 0.0
 
 
 def mixer_params(model: nn.Module, layer: int) -> MixerParams:
