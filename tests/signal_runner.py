@@ -3,7 +3,9 @@
     python tests/signal_runner.py SIGNAL POINT -- ARGV...
 
 POINT: ``load`` (while the model loads), ``save:N`` (right after the N-th results.json is written: a stage
-boundary), ``swap`` (inside the final swap, between moving the old output aside and moving the new one in).
+boundary), ``swap`` (inside the final swap, between moving the old output aside and moving the new one in),
+``batch:N`` (right after the census's N-th traced batch, before any checkpoint of it), ``ckpt-write:N``
+(inside the N-th census checkpoint write: its temp file written, not yet renamed).
 """
 
 import os
@@ -16,7 +18,8 @@ from mambascope.cli import main
 
 
 def fire() -> None:
-    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 is signalled; torchrun stops the others
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
 
 
 def after(function, when):
@@ -37,6 +40,22 @@ elif point.startswith("save:"):
                               or saves.count("results.json") == int(point[5:]))
 elif point == "swap":
     os.rename = after(os.rename, lambda src, dst: ".old-" in str(dst))
+elif point.startswith("batch:"):
+    import mambascope.scale as scale
+
+    batches = []
+    scale.trace_stream = after(scale.trace_stream, lambda *a: batches.append(1) or len(batches) == int(point[6:]))
+elif point.startswith("ckpt-write:"):
+    writes, replace = [], os.replace
+
+    def replace_or_die(src, dst):
+        if ".checkpoint-" in str(dst):
+            writes.append(dst)
+            if len(writes) == int(point[11:]):
+                fire()
+        return replace(src, dst)
+
+    os.replace = replace_or_die
 else:
     raise SystemExit(f"unknown point {point}")
 sys.exit(main(sys.argv[4:]))

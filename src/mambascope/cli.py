@@ -68,6 +68,14 @@ def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--no-report", dest="report", action="store_false", help="skip figures and report.html")
 
 
+def _add_scale_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue the census of an interrupted run with the same "
+                   "--out from its checkpoint (the same model, corpus and flags)")
+    p.add_argument("--checkpoint-every", default="10m", metavar="N|TIME",
+                   help="checkpoint the census every N batches or every TIME (90s, 10m, 1h); 0 = never "
+                   "(default: %(default)s)")
+
+
 def _add_out_args(p: argparse.ArgumentParser, out: str | None) -> None:
     p.add_argument("--out", default=out, required=out is None, help="output directory" +
                    ("" if out is None else " (default: %(default)s)"))
@@ -108,6 +116,10 @@ def _check_flags(args: argparse.Namespace) -> None:
             args.split = "all" if Path(args.corpus).suffix.lower() in (".txt", ".jsonl") else "validation"
         if args.split not in SPLITS:
             raise ValueError(f"--split {args.split!r}: choose train, validation or all")
+    if hasattr(args, "checkpoint_every"):
+        from mambascope.scale import parse_every
+
+        parse_every(args.checkpoint_every)
     if getattr(args, "device", None):
         from mambascope.models.loading import resolve_device
 
@@ -152,9 +164,48 @@ def _prepare(args: argparse.Namespace):
 
 
 def _claim(args: argparse.Namespace, kind: str):
-    from mambascope.outputs import OutputDir
+    from mambascope.outputs import OutputDir, marker
 
-    return OutputDir(args.out, overwrite=args.overwrite, kind=kind)
+    resuming = getattr(args, "resume", False) and (marker(Path(args.out)) or {}).get("status") == "incomplete"
+    return OutputDir(args.out, overwrite=args.overwrite or resuming, kind=kind)
+
+
+def _check_checkpoints(args: argparse.Namespace, world: int) -> None:
+    """Rank 0, holding the output's lock: an unfinished census's checkpoints are continued (--resume), replaced
+    (--overwrite) or refused."""
+    from mambascope.scale import checkpoint_paths, remove_checkpoints
+
+    found = checkpoint_paths(args.out)
+    if not found:
+        return
+    if not args.resume:
+        if not args.overwrite:
+            raise FileExistsError(f"--out {args.out} has the checkpoint of an unfinished census ({found[0].name}); "
+                                  "pass --resume to continue it or --overwrite to start over")
+        remove_checkpoints(args.out)
+        return
+    worlds = {int(p.name.rsplit("-of-", 1)[1]) for p in found if p.name.rsplit("-of-", 1)[1].isdigit()}
+    if worlds != {world}:
+        raise ValueError(f"--resume: the checkpoint of --out {args.out} was made by {', '.join(map(str, worlds))} "
+                         f"process(es), this run has {world}; resume with the same number (torchrun "
+                         "--nproc_per_node and --nnodes)")
+
+
+def _scan_plan(args: argparse.Namespace, ranks, model, windows, info: dict):
+    """The census scan of this rank: checkpointed beside --out, resumed with --resume (checked here, before
+    any work)."""
+    from mambascope.pipeline import split_windows
+    from mambascope.scale import Checkpointer, ScanPlan, checkpoint_path, parse_every, weights_digest
+
+    batches, seconds = parse_every(args.checkpoint_every)
+    fingerprint = {
+        "model": {**{k: v for k, v in info["model"].items() if k != "device"}, "weights_sha256": weights_digest(model)},
+        "corpus": {k: info["corpus"][k] for k in ("name", "split", "tokens", "windows", "window")},
+        "settings": {"layers": args.layers, "heldout_fraction": args.heldout_fraction}}
+    ckpt = Checkpointer(checkpoint_path(args.out, ranks), fingerprint, batches, seconds, resume=args.resume)
+    select, _ = split_windows(windows, args.heldout_fraction)
+    ckpt.prepare(select, args.batch_size, ranks, model.get_input_embeddings().weight.device)
+    return ScanPlan(ranks, ckpt if batches or seconds or args.resume else None)
 
 
 def _keep_finished(out) -> str:
@@ -168,17 +219,50 @@ def _keep_finished(out) -> str:
 
 
 def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
+    """Under ``torchrun`` every rank runs its share of the census; rank 0 alone claims --out, merges the
+    ranks' accumulators, runs the other stages and writes (docs/design.md §9)."""
+    from mambascope.scale import close_distributed, init_distributed
+
+    ranks, args.device = init_distributed(args.device)
+    try:
+        return _run_main(args, stages, ranks) if ranks.main else _run_rank(args, stages, ranks)
+    finally:
+        close_distributed()
+
+
+def _run_rank(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
+    """A rank other than 0: its share of the census pass, sent to rank 0; nothing written but its checkpoint."""
+    from mambascope.pipeline import census_accumulate, split_windows
+    from mambascope.scale import scan_function
+
+    args.quiet = True
+    _quiet_libraries(True)
+    model, tokenizer, windows, info = _prepare(args)
+    if "census" in stages:
+        plan = _scan_plan(args, ranks, model, windows, info)
+        census_accumulate(model, tokenizer, split_windows(windows, args.heldout_fraction)[0], layers=args.layers,
+                          batch_size=args.batch_size, progress=False, scan=scan_function(plan))
+    return OK
+
+
+def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
     from mambascope.pipeline import neuron_table, print_analysis_summary, run_analysis
     from mambascope.results import save_json, save_table
+    from mambascope.scale import remove_checkpoints, scan_function
 
     with _claim(args, args.command) as out:
+        if "census" in stages:
+            _check_checkpoints(args, ranks.world)
         model, tokenizer, windows, info = _prepare(args)
+        plan = _scan_plan(args, ranks, model, windows, info) if "census" in stages else None
+        info["processes"] = ranks.world  # that shared the census pass (torchrun); the other stages run here
         try:
             results = run_analysis(
                 model, tokenizer, windows, info=info, layers=args.layers, stages=stages,
                 attention_layers=getattr(args, "attention_layers", None), methods=getattr(args, "methods", None),
                 heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, draws=args.draws,
-                seed=args.seed, progress=not args.quiet, save=lambda r: save_json(out.file("results.json"), r))
+                seed=args.seed, progress=not args.quiet, save=lambda r: save_json(out.file("results.json"), r),
+                scan=None if plan is None else scan_function(plan))
             if results["layers"]:
                 save_table(out.staging, neuron_table({"layers": results["layers"]}))
             if args.report:
@@ -193,6 +277,8 @@ def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
                 print(f"mambascope: {kept}", file=sys.stderr)
             raise
         path = out.commit()
+    if "census" in stages:
+        remove_checkpoints(args.out)
     print_analysis_summary(results)
     print(f"results: {path / 'results.json'}")
     if args.report and "report" not in results["errors"]:
@@ -312,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-layers", type=int, nargs="+", default=None,
                    help="layers for attention neurons (default: as --layers)")
     p.add_argument("--methods", nargs="+", default=None, help="attention-neuron methods (default: all)")
+    _add_scale_args(p)
     p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("census", parents=common, help="dead, rare, positional, detector, Δ neurons; ablation")
@@ -319,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_args(p)
     _add_run_args(p, "mambascope-census")
     p.add_argument("--no-ablation", action="store_true", help="skip ablation and pruning")
+    _add_scale_args(p)
     p.set_defaults(func=_cmd_census)
 
     p = sub.add_parser("attention", parents=common, help="hidden attention, attention neurons, faithfulness")

@@ -51,11 +51,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``: temp file, fsync, rename; a reader never sees a partial file."""
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Replace ``path`` with ``text`` (str: UTF-8; bytes as they are): temp file, fsync, rename; a reader never
+    sees a partial file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    binary = isinstance(text, bytes)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as pd
@@ -26,7 +26,7 @@ from mambascope.neurons import (
     group_overlap,
     top_logit_tokens,
 )
-from mambascope.runner import scan_corpus
+from mambascope.runner import LossResult, scan_corpus
 from mambascope.ssm import hidden_attention
 from mambascope.trace import architecture, mixer_params, n_layers, neuron_write_weights, trace, unembedding
 
@@ -111,15 +111,14 @@ def pruning_priority(layer_result: dict, write_norms: torch.Tensor) -> torch.Ten
     return order[torch.argsort(category[order], stable=True)]
 
 
-def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layers: Sequence[int] | None = None,
-                batch_size: int = 8, progress: bool = True, census_options: dict | None = None,
-                top_k_contexts: int = 5, context_width: int = 16) -> dict[str, Any]:
-    """The neuron census of every chosen layer in one traced pass over ``windows`` [n, T] (no padding).
-
-    Returns ``tokens``, ``window``, ``loss`` (next-token loss on the same windows), ``layers`` {layer:
-    ``LayerCensus.finalize()`` + decoded detector tokens, ``suppression``, ``overlap``, ``top_contexts``,
-    ``logit_effects``} and ``detector_tokens_by_layer``.
-    """
+def census_accumulate(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *,
+                      layers: Sequence[int] | None = None, batch_size: int = 8, progress: bool = True,
+                      census_options: dict | None = None, top_k_contexts: int = 5, context_width: int = 16,
+                      scan: Callable[..., LossResult] | None = None
+                      ) -> tuple[dict[int, LayerCensus], dict[int, TopContextAccumulator], LossResult]:
+    """The traced pass of the census: every chosen layer's ``LayerCensus`` and ``TopContextAccumulator`` fed
+    with ``windows`` [n, T], and the next-token loss.  ``scan``: ``scale.scan_function(plan)`` for a resumable
+    or multi-process pass (default: one plain ``scan_corpus``)."""
     arch = architecture(model)
     layers = check_layers(model, layers)
     vocab = model.get_input_embeddings().num_embeddings
@@ -136,8 +135,30 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
         census[layer].update(batch)
         tops[layer].update(batch)
 
-    loss = scan_corpus(model, windows, consume, names=units, batch_size=batch_size, progress=progress,
-                       description="census")
+    if scan is None:
+        loss = scan_corpus(model, windows, consume, names=units, batch_size=batch_size, progress=progress,
+                           description="census")
+    else:  # the scan may restore (resume) or merge (ranks) the accumulators in these dicts
+        loss = scan(model, windows, consume, {"census": census, "tops": tops}, names=units,
+                    batch_size=batch_size, progress=progress, description="census")
+    return census, tops, loss
+
+
+def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layers: Sequence[int] | None = None,
+                batch_size: int = 8, progress: bool = True, census_options: dict | None = None,
+                top_k_contexts: int = 5, context_width: int = 16,
+                scan: Callable[..., LossResult] | None = None) -> dict[str, Any]:
+    """The neuron census of every chosen layer in one traced pass over ``windows`` [n, T] (no padding).
+
+    Returns ``tokens``, ``window``, ``loss`` (next-token loss on the same windows), ``layers`` {layer:
+    ``LayerCensus.finalize()`` + decoded detector tokens, ``suppression``, ``overlap``, ``top_contexts``,
+    ``logit_effects``} and ``detector_tokens_by_layer``.  ``scan``: as in ``census_accumulate``.
+    """
+    arch = architecture(model)
+    layers = check_layers(model, layers)
+    census, tops, loss = census_accumulate(model, tokenizer, windows, layers=layers, batch_size=batch_size,
+                                           progress=progress, census_options=census_options,
+                                           top_k_contexts=top_k_contexts, context_width=context_width, scan=scan)
     norm_weight, W_U = (t.float() for t in unembedding(model))
     head_dim = mixer_params(model, 0).head_dim if arch == "mamba2" else 1
     out: dict[str, Any] = {"tokens": int(windows.numel()), "window": int(windows.shape[1]), "loss": loss.loss,
@@ -288,14 +309,15 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
                  methods: Sequence[str] | None = None, stages: Sequence[str] = STAGES,
                  heldout_fraction: float = 0.25, attention_windows: int = 16, faithfulness: bool = True,
                  batch_size: int = 8, draws: int = 3, seed: int = 0, progress: bool = True,
-                 save: Any = None) -> dict[str, Any]:
+                 save: Any = None, scan: Callable[..., LossResult] | None = None) -> dict[str, Any]:
     """Every analysis in ``stages`` on ``windows`` [n, T]; the results-file dict (docs/design.md §8).
 
     ``info`` holds ``model`` and ``corpus`` descriptions.  Selection (census, attention-neuron ranking)
     uses the first part of the windows, held-out evaluation (ablation, pruning, faithfulness) the last
     ``heldout_fraction``.  A stage that fails is recorded in ``errors`` by name with its reason and the
     others run; ``save(results)`` is called after each stage, so an interrupt (re-raised) loses nothing
-    finished, and ``incomplete`` lists the stages that did not run.
+    finished, and ``incomplete`` lists the stages that did not run.  ``scan``: the census's traced pass
+    (``census_accumulate``), e.g. resumable or shared by ``torchrun`` ranks.
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -308,7 +330,8 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
                          "heldout_tokens": int(heldout.numel())}
 
     def census() -> None:
-        out = census_pass(model, tokenizer, select, layers=layers, batch_size=batch_size, progress=progress)
+        out = census_pass(model, tokenizer, select, layers=layers, batch_size=batch_size, progress=progress,
+                          scan=scan)
         results["layers"] = out.pop("layers")
         results["census"] = out
 

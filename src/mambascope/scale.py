@@ -1,0 +1,311 @@
+"""The census pass at corpus scale: resumable (checkpoints) and data-parallel (``torch.distributed``).
+
+docs/design.md §9.  One scan visits the windows in global batches of ``batch_size``; batch ``b`` belongs to
+rank ``b mod K`` of K processes (1 without ``torchrun``).  Each rank feeds its batches to its own accumulators
+and checkpoints them, with the number of global batches passed and its loss sums, every ``every_batches``
+batches or ``every_seconds`` seconds and once more when its scan is done.  A checkpoint is the pickled state
+(``torch.save``) written atomically (temp file, fsync, rename: ``outputs.write_atomic``), so a run killed at
+any moment, even during a write, leaves the previous checkpoint whole; resuming restores the accumulators
+exactly and continues with the next batch, so no batch is counted twice or lost.
+
+Checkpoints are per rank, ``.DIR.checkpoint-R-of-K`` beside the output ``DIR``: ranks never wait for each
+other to checkpoint, and each resumes its own share.  A resume must use the same K.  At the end the ranks'
+accumulator states go to rank 0 (``gather_object``) and are merged there in rank order with their own
+``merge``; the accumulators are exact and batching-independent, so K processes give the counts of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mambascope.outputs import write_atomic
+from mambascope.runner import LayerConsumer, LossResult, next_token_loss_sum
+from mambascope.trace import trace_stream
+
+CHECKPOINT_FORMAT = 1
+DEFAULT_EVERY = "10m"
+
+
+# -- processes ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among ``world`` processes (``world`` = 1 without ``torch.distributed``)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_ranks() -> Ranks:
+    """The ranks ``torchrun`` announces in the environment (RANK, WORLD_SIZE); one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Ranks(int(os.environ.get("RANK", "0")), world) if world > 1 else Ranks()
+
+
+def init_distributed(device: str) -> tuple[Ranks, str]:
+    """Join the ``torchrun`` process group: NCCL with one GPU per rank (``LOCAL_RANK``) when ``device`` is CUDA,
+    Gloo on CPU.  Returns the ranks and the device this rank must use."""
+    import torch.distributed as dist
+
+    ranks = launched_ranks()
+    if ranks.world == 1:
+        return ranks, device
+    from mambascope.models.loading import resolve_device
+
+    if resolve_device(device).type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device, backend = f"cuda:{local}", "nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Ranks(dist.get_rank(), dist.get_world_size()), device
+
+
+def close_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------
+def parse_every(text: str) -> tuple[int | None, float | None]:
+    """``--checkpoint-every``: ``N`` batches, or a time ``Ns`` / ``Nm`` / ``Nh``; ``0`` = never.
+
+    Returns (batches, seconds), one of them None (both None for never)."""
+    text = str(text).strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text and text[-1] in units:
+            seconds = float(text[:-1]) * units[text[-1]]
+            if seconds <= 0:
+                raise ValueError
+            return None, seconds
+        batches = int(text)
+        if batches < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--checkpoint-every {text!r}: give a number of batches (e.g. 500), a time "
+                         "(e.g. 90s, 10m, 1h) or 0 for never") from None
+    return (batches or None), None
+
+
+def checkpoint_paths(out: str | Path) -> list[Path]:
+    """Every census checkpoint beside the output directory ``out``, of any rank and process count."""
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    return sorted(out.parent.glob(f".{out.name}.checkpoint-*-of-*"))
+
+
+def checkpoint_path(out: str | Path, ranks: Ranks) -> Path:
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    return out.parent / f".{out.name}.checkpoint-{ranks.rank}-of-{ranks.world}"
+
+
+def remove_checkpoints(out: str | Path) -> None:
+    """After a committed output: its checkpoints (and temp files of killed writes) are no longer needed."""
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    for path in [*checkpoint_paths(out), *out.parent.glob(f"..{out.name}.checkpoint-*.tmp-*")]:
+        path.unlink(missing_ok=True)
+
+
+def windows_digest(windows: torch.Tensor) -> str:
+    """SHA-256 of the token ids [n, T] (int64, row-major): the corpus a checkpoint was made on."""
+    return hashlib.sha256(windows.to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over every parameter's name, shape and float64 sum: a different checkpoint of the same
+    architecture (another training step) differs here.  One reduction per parameter, no copy to the CPU."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}{tuple(p.shape)}{float(p.detach().double().sum())!r}".encode())
+    return h.hexdigest()
+
+
+def _to_bytes(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes, device: torch.device | str) -> Any:
+    # weights_only=False: the state holds our accumulator objects; the file is our own, beside our own output.
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
+
+
+def _differs(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
+    """The first differing field of two fingerprints, as 'group field: saved vs now', or None."""
+    for group in now:
+        for key in sorted(set(now[group]) | set(saved.get(group, {}))):
+            a, b = saved.get(group, {}).get(key), now[group].get(key)
+            if a != b:
+                return f"different {group}: {key} {a!r} then, {b!r} now"
+    return None
+
+
+@dataclass
+class Checkpointer:
+    """Where and how often one rank checkpoints, and what the checkpoint must match to be resumed.
+
+    ``fingerprint``: {"model": {...}, "corpus": {...}, "settings": {...}}; the scan adds the corpus digest.
+    """
+
+    path: Path
+    fingerprint: dict[str, dict[str, Any]]
+    every_batches: int | None = None
+    every_seconds: float | None = None
+    resume: bool = False
+    saved: dict[str, Any] | None = field(default=None, init=False)
+    prepared: bool = field(default=False, init=False)
+    writes: int = field(default=0, init=False)
+    seconds_writing: float = field(default=0.0, init=False)
+
+    def prepare(self, windows: torch.Tensor, batch_size: int, ranks: Ranks, device: torch.device | str) -> None:
+        """Complete the fingerprint with the scan's inputs and, when resuming, load and check the checkpoint:
+        called before any work so that a mismatch is a bad input (exit 2), not a failed stage."""
+        if self.prepared:
+            return
+        self.fingerprint["corpus"]["windows_sha256"] = windows_digest(windows)
+        self.fingerprint["settings"].update(batch_size=batch_size, processes=ranks.world, rank=ranks.rank)
+        self.saved = self._load(device) if self.resume and self.path.is_file() else None
+        self.prepared = True
+
+    def _load(self, device: torch.device | str) -> dict[str, Any]:
+        try:
+            saved = _from_bytes(self.path.read_bytes(), device)
+        except Exception as exc:  # only a file not of ours can fail here: ours are replaced atomically
+            raise ValueError(f"--resume: cannot read the checkpoint {self.path} ({type(exc).__name__}); delete "
+                             "it or pass --overwrite to start over") from None
+        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"--resume: {self.path} is not a checkpoint of this mambascope version; "
+                             "delete it or pass --overwrite to start over")
+        reason = _differs(saved["fingerprint"], self.fingerprint)
+        if reason is not None:
+            raise ValueError(f"--resume: the checkpoint {self.path.name} was made with {reason}; pass the same "
+                             "flags, or --overwrite to start over")
+        return saved
+
+    def save(self, scan_state: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        data = _to_bytes({"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, **scan_state})
+        write_atomic(self.path, data)
+        self.writes += 1
+        self.seconds_writing += time.perf_counter() - start
+
+
+# -- the scan -------------------------------------------------------------------------------------------
+@dataclass
+class ScanPlan:
+    """How ``scaled_scan`` runs: this rank among the processes, and its checkpoints (None = none)."""
+
+    ranks: Ranks = field(default_factory=Ranks)
+    checkpoint: Checkpointer | None = None
+
+
+def _restore(state: dict[str, dict], saved: dict[str, dict]) -> None:
+    """Replace the accumulators in place: the consumer closes over these very dicts."""
+    for key, accumulators in state.items():
+        accumulators.clear()
+        accumulators.update(saved[key])
+
+
+def scaled_scan(model: nn.Module, windows: torch.Tensor, consume: LayerConsumer, state: dict[str, dict], *,
+                plan: ScanPlan, names: str | Iterable[str] | None = None, batch_size: int = 8,
+                progress: bool = True, description: str = "census") -> LossResult:
+    """``runner.scan_corpus`` for this rank's batches of ``windows`` [n, T], checkpointed, then merged.
+
+    ``state``: {name: {key: accumulator}}, every accumulator ``consume`` feeds (checkpointed, restored in
+    place and merged across ranks with ``merge``).  ``window_ids`` stay global row indices of ``windows``.
+    On rank 0 returns the loss over all ranks' windows and leaves the merged accumulators in ``state``;
+    other ranks return their own share's loss (their ``state`` is then of no use).
+    """
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be a non-empty [n, T] tensor with T >= 2, got {tuple(windows.shape)}")
+    device = model.get_input_embeddings().weight.device
+    ranks, ckpt = plan.ranks, plan.checkpoint
+    n_batches = -(-windows.shape[0] // batch_size)
+    position, total, count = 0, 0.0, 0
+    if ckpt is not None:
+        ckpt.prepare(windows, batch_size, ranks, device)
+        if ckpt.saved is not None:
+            saved, ckpt.saved = ckpt.saved, None  # restored once; the state lives on in the accumulators
+            _restore(state, saved["state"])
+            position, total, count = saved["position"], saved["loss_sum"], saved["loss_count"]
+    mine = [b for b in range(n_batches) if b % ranks.world == ranks.rank]
+    done = sum(windows[b * batch_size:(b + 1) * batch_size].numel() for b in mine if b < position)
+    bar = tqdm(total=sum(windows[b * batch_size:(b + 1) * batch_size].numel() for b in mine), initial=done,
+               unit="tok", unit_scale=True, desc=description, disable=not progress)
+    if position and progress:
+        print(f"mambascope: resumed the census at batch {position} of {n_batches}", file=sys.stderr)
+    last_save, since_save = time.monotonic(), 0
+    for b in (b for b in mine if b >= position):
+        start = b * batch_size
+        batch = windows[start:start + batch_size]
+        rows = torch.arange(start, start + batch.shape[0])
+        logits = trace_stream(model, batch, lambda layer, units, batch=batch, rows=rows:
+                              consume(layer, units, batch, rows), names=names)
+        loss, n = next_token_loss_sum(logits, batch)
+        total, count, since_save = total + loss, count + n, since_save + 1
+        bar.update(batch.numel())
+        if ckpt is not None and _due(ckpt, since_save, last_save):
+            ckpt.save({"position": b + 1, "loss_sum": total, "loss_count": count, "state": state})
+            last_save, since_save = time.monotonic(), 0
+    bar.close()
+    if ckpt is not None and since_save:  # the finished share: a kill during what follows redoes no batch
+        ckpt.save({"position": n_batches, "loss_sum": total, "loss_count": count, "state": state})
+    if ranks.world > 1:
+        total, count = _gather_merge(state, total, count, ranks, device)
+    return LossResult(total / count, count)
+
+
+def _due(ckpt: Checkpointer, since_save: int, last_save: float) -> bool:
+    if ckpt.every_batches is not None:
+        return since_save >= ckpt.every_batches
+    return ckpt.every_seconds is not None and time.monotonic() - last_save >= ckpt.every_seconds
+
+
+def _gather_merge(state: dict[str, dict], total: float, count: int, ranks: Ranks,
+                  device: torch.device) -> tuple[float, int]:
+    """Send every rank's accumulators and loss sums to rank 0 and merge them there in rank order."""
+    import torch.distributed as dist
+
+    mine = _to_bytes({"state": state, "loss_sum": total, "loss_count": count})
+    gathered: list[bytes] | None = [b""] * ranks.world if ranks.main else None
+    dist.gather_object(mine, gathered, dst=0)
+    if not ranks.main:
+        return total, count
+    assert gathered is not None
+    for data in gathered[1:]:
+        other = _from_bytes(data, device)
+        for key, accumulators in state.items():
+            for name, accumulator in accumulators.items():
+                accumulator.merge(other["state"][key][name])
+        total, count = total + other["loss_sum"], count + other["loss_count"]
+    return total, count
+
+
+def scan_function(plan: ScanPlan) -> Callable[..., LossResult]:
+    """``scaled_scan`` bound to ``plan``, in the form ``pipeline.census_pass(scan=...)`` calls."""
+
+    def scan(model: nn.Module, windows: torch.Tensor, consume: LayerConsumer, state: dict[str, dict],
+             **options: Any) -> LossResult:
+        return scaled_scan(model, windows, consume, state, plan=plan, **options)
+
+    return scan

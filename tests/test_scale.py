@@ -1,0 +1,140 @@
+"""The census at scale (docs/design.md §9): killed at any point and resumed, or shared by torchrun processes,
+it gives the results of one uninterrupted process.  Real processes, real signals, real torchrun."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mambascope.cli import main
+
+RUNNER = Path(__file__).with_name("signal_runner.py")
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error",
+       "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+VOLATILE = ("timings", "processes")  # wall-clock times; how many processes ran
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from mambascope.data import load_corpus
+
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    path.write_text("\n\n".join(load_corpus("builtin", "validation").texts[:200]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def census_args(small_checkpoints, corpus):
+    def args(out: Path, *extra: str, model: str = "mamba") -> list[str]:
+        return ["census", "--model", small_checkpoints[model], "--corpus", str(corpus), "--window", "32",
+                "--max-tokens", "640", "--batch-size", "2", "--draws", "3", "--no-report", "--quiet",
+                "--checkpoint-every", "2", "--device", "cpu", "--out", str(out), *extra]
+    return args
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, census_args) -> dict:
+    """One uninterrupted process."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    assert main(census_args(out)) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def assert_same(a, b, rel: float, where: str = "results") -> None:
+    """Equal structure, strings and integers; floats within ``rel`` relative (NaN equal to NaN)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a) == sorted(b), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for key in a:
+            if key not in VOLATILE:
+                assert_same(a[key], b[key], rel, f"{where}.{key}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, rel, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel, abs_tol=1e-300), \
+            f"{where}: {a!r} vs {b!r}"
+    else:
+        assert type(a) is type(b) and a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def killed_run(signal_name: str, point: str, argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(RUNNER), signal_name, point, "--", *argv], capture_output=True,
+                          text=True, env=ENV, timeout=300)
+
+
+def checkpoint(out: Path) -> dict:
+    (path,) = out.parent.glob(f".{out.name}.checkpoint-0-of-1")
+    return torch.load(path, weights_only=False)
+
+
+# 15 selection windows in batches of 2 = 8 batches, a checkpoint every 2 batches and one when the scan ends.
+@pytest.mark.parametrize(("signal_name", "point", "position"), [
+    ("SIGKILL", "batch:3", 2),        # between checkpoints: batch 3 was counted, then lost, and is redone
+    ("SIGKILL", "ckpt-write:2", 2),   # inside the second checkpoint's write: the first one stands
+    ("SIGKILL", "ckpt-write:1", None),  # inside the first write: no checkpoint at all, the resume starts over
+    ("SIGKILL", "save:1", 8),         # the census stage is finished and saved; killed during ablation
+    ("SIGTERM", "batch:5", 4),        # a polite stop: exit 130, the checkpoint kept
+])
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, census_args, reference, signal_name, point, position):
+    out = tmp_path / "out"
+    run = killed_run(signal_name, point, census_args(out))
+    assert run.returncode == (-9 if signal_name == "SIGKILL" else 130), run.stderr
+    if position is None:
+        assert not list(tmp_path.glob(".out.checkpoint-*")) and list(tmp_path.glob("..out.checkpoint-*.tmp-*"))
+    else:
+        assert checkpoint(out)["position"] == position
+    assert main(census_args(out, "--resume")) == 0
+    assert_same(reference, json.loads((out / "results.json").read_text()), rel=1e-12)
+    assert not list(tmp_path.glob("*checkpoint*"))  # a finished run leaves no checkpoint behind
+
+
+def test_resume_refuses_a_checkpoint_of_other_inputs(tmp_path, census_args, capsys):
+    out = tmp_path / "out"
+    assert killed_run("SIGKILL", "batch:3", census_args(out)).returncode == -9
+    for extra, model, says in [(("--max-tokens", "576"), "mamba", "different corpus: tokens 640 then, 576 now"),
+                               (("--layers", "1"), "mamba", "different settings: layers None then, [1] now"),
+                               ((), "gpt2", "different model: arch 'mamba' then, 'gpt2' now")]:
+        assert main(census_args(out, "--resume", *extra, model=model)) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(errors) == 1 and says in errors[0], errors
+    assert main(census_args(out)) == 2  # neither --resume nor --overwrite: the checkpoint is not thrown away
+    assert "pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert checkpoint(out)["position"] == 2
+
+
+def torchrun(argv: list[str], processes: int) -> subprocess.CompletedProcess:
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", str(processes), "-m", "mambascope",
+                           *argv], capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def test_two_gloo_processes_equal_one(tmp_path, census_args, reference):
+    out = tmp_path / "out"
+    run = torchrun(census_args(out), 2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert (reference["processes"], results["processes"]) == (1, 2)
+    assert_same(reference, results, rel=1e-9)
+    assert not list(tmp_path.glob("*checkpoint*"))
+
+
+def test_two_processes_killed_and_resumed(tmp_path, census_args, reference):
+    """Rank 0 killed mid-scan (torchrun then stops rank 1); each rank resumes its own checkpoint."""
+    out = tmp_path / "out"
+    argv = census_args(out)
+    run = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable,
+                          str(RUNNER), "SIGKILL", "batch:3", "--", *argv], capture_output=True, text=True, env=ENV,
+                         timeout=600)
+    assert run.returncode != 0
+    assert {p.name for p in tmp_path.glob(".out.checkpoint-*")} <= {".out.checkpoint-0-of-2", ".out.checkpoint-1-of-2"}
+    assert (tmp_path / ".out.checkpoint-0-of-2").is_file()
+    assert main(census_args(out, "--resume")) == 2  # one process cannot continue the share of two
+    run = torchrun(census_args(out, "--resume"), 2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same(reference, json.loads((out / "results.json").read_text()), rel=1e-9)
