@@ -74,6 +74,9 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", default="10m", metavar="N|TIME",
                    help="checkpoint the census every N batches or every TIME (90s, 10m, 1h); 0 = never "
                    "(default: %(default)s)")
+    p.add_argument("--stream", action="store_true", help="read, tokenize and window the corpus lazily (constant "
+                   "memory; with --max-tokens 0, all of it); held-out windows are every 1/f-th window, at most "
+                   "512 (docs/census.md)")
 
 
 def _add_out_args(p: argparse.ArgumentParser, out: str | None) -> None:
@@ -149,6 +152,8 @@ def _prepare(args: argparse.Namespace):
     from mambascope.pipeline import model_info
 
     torch.manual_seed(args.seed)
+    if getattr(args, "stream", False):
+        return _prepare_stream(args)
     corpus = load_corpus(args.corpus, split=args.split)  # a bad corpus fails before a large model loads
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     _check_model_flags(args, model)
@@ -161,6 +166,28 @@ def _prepare(args: argparse.Namespace):
                        "skipped_texts": windows.n_skipped, "short_texts": windows.n_short,
                        "tokens": windows.n_tokens, "windows": windows.n_windows, "window": args.window}}
     return model, tokenizer, windows.ids, info
+
+
+def _prepare_stream(args: argparse.Namespace):
+    """As ``_prepare``, with the corpus streamed: its counts are known only once the census has read it."""
+    from mambascope.data.stream import WindowStream, stream_documents
+    from mambascope.models import load_model
+    from mambascope.pipeline import model_info
+
+    documents = stream_documents(args.corpus, split=args.split)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    _check_model_flags(args, model)
+    windows = WindowStream(documents, tokenizer, args.window, max_tokens=args.max_tokens or None)
+    info = {"model": model_info(model, args.model),
+            "corpus": {"name": args.corpus, "split": args.split, "window": args.window, "streamed": True,
+                       "max_tokens": args.max_tokens}}
+    return model, tokenizer, windows, info
+
+
+def _stream_counts(windows) -> dict:
+    """What a streamed corpus turned out to hold (after its complete pass)."""
+    return {"texts": windows.n_texts, "skipped_texts": windows.n_skipped, "short_texts": windows.n_short,
+            "tokens": windows.n_windows * windows.window, "windows": windows.n_windows}
 
 
 def _claim(args: argparse.Namespace, kind: str):
@@ -200,7 +227,7 @@ def _scan_plan(args: argparse.Namespace, ranks, model, windows, info: dict):
     batches, seconds = parse_every(args.checkpoint_every)
     fingerprint = {
         "model": {**{k: v for k, v in info["model"].items() if k != "device"}, "weights_sha256": weights_digest(model)},
-        "corpus": {k: info["corpus"][k] for k in ("name", "split", "tokens", "windows", "window")},
+        "corpus": {k: info["corpus"].get(k) for k in ("name", "split", "tokens", "windows", "window", "max_tokens")},
         "settings": {"layers": args.layers, "heldout_fraction": args.heldout_fraction}}
     ckpt = Checkpointer(checkpoint_path(args.out, ranks), fingerprint, batches, seconds, resume=args.resume)
     select, _ = split_windows(windows, args.heldout_fraction)
@@ -263,6 +290,9 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
                 heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, draws=args.draws,
                 seed=args.seed, progress=not args.quiet, save=lambda r: save_json(out.file("results.json"), r),
                 scan=None if plan is None else scan_function(plan))
+            if getattr(args, "stream", False) and windows.n_windows is not None:
+                results["corpus"].update(_stream_counts(windows))
+                save_json(out.file("results.json"), results)
             if results["layers"]:
                 save_table(out.staging, neuron_table({"layers": results["layers"]}))
             if args.report:

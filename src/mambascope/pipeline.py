@@ -45,7 +45,12 @@ def check_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
 
 
 def split_windows(windows: torch.Tensor, heldout_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(selection, held-out): the last ``heldout_fraction`` of the windows (corpus order) are held out."""
+    """(selection, held-out): the last ``heldout_fraction`` of the windows (corpus order) are held out.
+
+    A ``data.stream.WindowStream`` is split as it streams instead (its own rule): a streamed selection
+    and a held-out tensor."""
+    if not isinstance(windows, torch.Tensor):
+        return windows.split(heldout_fraction)
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
     n_heldout = round(windows.shape[0] * heldout_fraction)
@@ -199,9 +204,11 @@ def context_attention_rows(model: nn.Module, windows: torch.Tensor, layer_result
             if wins:
                 by_window[layer].setdefault(wins[0], []).append(e)
     needed = sorted({w for per in by_window.values() for w in per})
+    needed_ids = windows[needed] if needed else None  # at once: a streamed corpus is re-read once, not per chunk
     for start in range(0, len(needed), batch_size):
         chunk = needed[start:start + batch_size]
-        tr = trace(model, windows[chunk], names=["mixer.hook_dt", "mixer.hook_B", "mixer.hook_C"])
+        tr = trace(model, needed_ids[start:start + batch_size], names=["mixer.hook_dt", "mixer.hook_B",
+                                                                        "mixer.hook_C"])
         for layer, top in tops.items():
             params, width = mixer_params(model, layer), top["width"]
             units = tr.layer(layer)
@@ -326,12 +333,14 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
     select, heldout = split_windows(windows, heldout_fraction)
     results: dict[str, Any] = {**info, "layers": {}, "census": None, "ablation": None, "pruning": None,
                                "attention_neurons": None, "errors": {}, "timings": {}, "incomplete": list(stages)}
-    results["corpus"] = {**results.get("corpus", {}), "selection_tokens": int(select.numel()),
+    streamed = not isinstance(select, torch.Tensor)  # its length is known once the census has read it
+    results["corpus"] = {**results.get("corpus", {}), "selection_tokens": None if streamed else int(select.numel()),
                          "heldout_tokens": int(heldout.numel())}
 
     def census() -> None:
         out = census_pass(model, tokenizer, select, layers=layers, batch_size=batch_size, progress=progress,
                           scan=scan)
+        results["corpus"]["selection_tokens"] = out["tokens"]
         results["layers"] = out.pop("layers")
         results["census"] = out
 

@@ -21,7 +21,7 @@ import io
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,12 +177,13 @@ class Checkpointer:
     writes: int = field(default=0, init=False)
     seconds_writing: float = field(default=0.0, init=False)
 
-    def prepare(self, windows: torch.Tensor, batch_size: int, ranks: Ranks, device: torch.device | str) -> None:
+    def prepare(self, windows: Any, batch_size: int, ranks: Ranks, device: torch.device | str) -> None:
         """Complete the fingerprint with the scan's inputs and, when resuming, load and check the checkpoint:
         called before any work so that a mismatch is a bad input (exit 2), not a failed stage."""
         if self.prepared:
             return
-        self.fingerprint["corpus"]["windows_sha256"] = windows_digest(windows)
+        if isinstance(windows, torch.Tensor):  # a stream is checked batch by batch as the resume re-reads it
+            self.fingerprint["corpus"]["windows_sha256"] = windows_digest(windows)
         self.fingerprint["settings"].update(batch_size=batch_size, processes=ranks.world, rank=ranks.rank)
         self.saved = self._load(device) if self.resume and self.path.is_file() else None
         self.prepared = True
@@ -226,38 +227,62 @@ def _restore(state: dict[str, dict], saved: dict[str, dict]) -> None:
         accumulators.update(saved[key])
 
 
-def scaled_scan(model: nn.Module, windows: torch.Tensor, consume: LayerConsumer, state: dict[str, dict], *,
+def _batches(windows: Any, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row index, [b, T] windows) of an [n, T] tensor or a ``data.stream.StreamSelection``."""
+    if isinstance(windows, torch.Tensor):
+        for start in range(0, windows.shape[0], batch_size):
+            yield start, windows[start:start + batch_size]
+    else:
+        yield from windows.batches(batch_size)
+
+
+def _chain(digest: str, batch: torch.Tensor) -> str:
+    """The running digest of the windows scanned so far: a resume checks that it reads the same corpus."""
+    return hashlib.sha256(digest.encode() + batch.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def scaled_scan(model: nn.Module, windows: Any, consume: LayerConsumer, state: dict[str, dict], *,
                 plan: ScanPlan, names: str | Iterable[str] | None = None, batch_size: int = 8,
                 progress: bool = True, description: str = "census") -> LossResult:
-    """``runner.scan_corpus`` for this rank's batches of ``windows`` [n, T], checkpointed, then merged.
+    """``runner.scan_corpus`` for this rank's batches of ``windows`` (an [n, T] tensor or a streamed
+    ``StreamSelection``), checkpointed, then merged across ranks.
 
     ``state``: {name: {key: accumulator}}, every accumulator ``consume`` feeds (checkpointed, restored in
     place and merged across ranks with ``merge``).  ``window_ids`` stay global row indices of ``windows``.
     On rank 0 returns the loss over all ranks' windows and leaves the merged accumulators in ``state``;
     other ranks return their own share's loss (their ``state`` is then of no use).
     """
-    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+    if isinstance(windows, torch.Tensor) and (windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2):
         raise ValueError(f"windows must be a non-empty [n, T] tensor with T >= 2, got {tuple(windows.shape)}")
     device = model.get_input_embeddings().weight.device
     ranks, ckpt = plan.ranks, plan.checkpoint
-    n_batches = -(-windows.shape[0] // batch_size)
-    position, total, count = 0, 0.0, 0
+    position, total, count, chain, saved_chain = 0, 0.0, 0, "", None
     if ckpt is not None:
         ckpt.prepare(windows, batch_size, ranks, device)
         if ckpt.saved is not None:
             saved, ckpt.saved = ckpt.saved, None  # restored once; the state lives on in the accumulators
             _restore(state, saved["state"])
-            position, total, count = saved["position"], saved["loss_sum"], saved["loss_count"]
-    mine = [b for b in range(n_batches) if b % ranks.world == ranks.rank]
-    done = sum(windows[b * batch_size:(b + 1) * batch_size].numel() for b in mine if b < position)
-    bar = tqdm(total=sum(windows[b * batch_size:(b + 1) * batch_size].numel() for b in mine), initial=done,
-               unit="tok", unit_scale=True, desc=description, disable=not progress)
+            position, total, count, saved_chain = (saved["position"], saved["loss_sum"], saved["loss_count"],
+                                                   saved["chain"])
+    mine = None
+    if isinstance(windows, torch.Tensor):  # a stream's length is unknown until it ends
+        n = windows.shape[0]
+        mine = sum(min(batch_size, n - b * batch_size) for b in range(ranks.rank, -(-n // batch_size), ranks.world))
+    bar = tqdm(total=None if mine is None else mine * windows.shape[1], unit="tok", unit_scale=True,
+               desc=description, disable=not progress)
     if position and progress:
-        print(f"mambascope: resumed the census at batch {position} of {n_batches}", file=sys.stderr)
-    last_save, since_save = time.monotonic(), 0
-    for b in (b for b in mine if b >= position):
-        start = b * batch_size
-        batch = windows[start:start + batch_size]
+        print(f"mambascope: resuming the census after batch {position}", file=sys.stderr)
+    last_save, since_save, n_batches = time.monotonic(), 0, 0
+    for b, (start, batch) in enumerate(_batches(windows, batch_size)):
+        chain, n_batches = _chain(chain, batch), b + 1
+        if b + 1 == position and chain != saved_chain:
+            raise ValueError(f"--resume: the checkpoint {ckpt.path.name} was made on other windows (the first "
+                             f"{position} batches differ); pass the same corpus, or --overwrite to start over")
+        if b % ranks.world != ranks.rank:
+            continue
+        if b < position:  # counted before the checkpoint
+            bar.update(batch.numel())
+            continue
         rows = torch.arange(start, start + batch.shape[0])
         logits = trace_stream(model, batch, lambda layer, units, batch=batch, rows=rows:
                               consume(layer, units, batch, rows), names=names)
@@ -265,11 +290,14 @@ def scaled_scan(model: nn.Module, windows: torch.Tensor, consume: LayerConsumer,
         total, count, since_save = total + loss, count + n, since_save + 1
         bar.update(batch.numel())
         if ckpt is not None and _due(ckpt, since_save, last_save):
-            ckpt.save({"position": b + 1, "loss_sum": total, "loss_count": count, "state": state})
+            ckpt.save({"position": b + 1, "chain": chain, "loss_sum": total, "loss_count": count, "state": state})
             last_save, since_save = time.monotonic(), 0
     bar.close()
+    if position > n_batches:
+        raise ValueError(f"--resume: the checkpoint {ckpt.path.name} was made on a longer corpus ({position} "
+                         f"batches done, {n_batches} now); pass the same corpus, or --overwrite to start over")
     if ckpt is not None and since_save:  # the finished share: a kill during what follows redoes no batch
-        ckpt.save({"position": n_batches, "loss_sum": total, "loss_count": count, "state": state})
+        ckpt.save({"position": n_batches, "chain": chain, "loss_sum": total, "loss_count": count, "state": state})
     if ranks.world > 1:
         total, count = _gather_merge(state, total, count, ranks, device)
     return LossResult(total / count, count)
