@@ -138,3 +138,16 @@ def test_two_processes_killed_and_resumed(tmp_path, census_args, reference):
     run = torchrun(census_args(out, "--resume"), 2)
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same(reference, json.loads((out / "results.json").read_text()), rel=1e-9)
+
+
+def test_a_streamed_census_killed_and_resumed(tmp_path, census_args):
+    """--stream: the resume re-reads the corpus up to its checkpoint, checking it is the same, and continues."""
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert main(census_args(whole, "--stream", "--no-ablation")) == 0
+    run = killed_run("SIGKILL", "batch:5", census_args(out, "--stream", "--no-ablation"))
+    assert run.returncode == -9, run.stderr
+    assert checkpoint(out)["position"] == 4
+    assert main(census_args(out, "--stream", "--no-ablation", "--resume")) == 0
+    expected, resumed = (json.loads((p / "results.json").read_text()) for p in (whole, out))
+    assert expected["corpus"]["streamed"] and expected["corpus"]["tokens"] == 640
+    assert_same(expected, resumed, rel=1e-12)

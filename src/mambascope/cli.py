@@ -306,9 +306,11 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
             if not kept.startswith("nothing"):
                 print(f"mambascope: {kept}", file=sys.stderr)
             raise
-        path = out.commit()
-    if "census" in stages:
-        remove_checkpoints(args.out)
+        try:
+            path = out.commit()
+        finally:  # also when Ctrl-C, held during the swap, arrives right after it
+            if out.committed and "census" in stages:
+                remove_checkpoints(args.out)
     print_analysis_summary(results)
     print(f"results: {path / 'results.json'}")
     if args.report and "report" not in results["errors"]:

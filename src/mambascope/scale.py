@@ -296,7 +296,9 @@ def scaled_scan(model: nn.Module, windows: Any, consume: LayerConsumer, state: d
     if position > n_batches:
         raise ValueError(f"--resume: the checkpoint {ckpt.path.name} was made on a longer corpus ({position} "
                          f"batches done, {n_batches} now); pass the same corpus, or --overwrite to start over")
-    if ckpt is not None and since_save:  # the finished share: a kill during what follows redoes no batch
+    if ckpt is not None and ckpt.writes and since_save:
+        # the finished share, when the run was long enough to checkpoint at all: a kill during the stages
+        # that follow then redoes no batch
         ckpt.save({"position": n_batches, "chain": chain, "loss_sum": total, "loss_count": count, "state": state})
     if ranks.world > 1:
         total, count = _gather_merge(state, total, count, ranks, device)

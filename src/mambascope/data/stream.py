@@ -32,33 +32,42 @@ CHUNK_DOCS = 256
 HELDOUT_WINDOWS = 512  # held-out windows kept in memory for the interventions, at most
 
 
+def _lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 file (a leading BOM dropped), read lazily; undecodable bytes are a ValueError."""
+    lineno = 0
+    try:
+        with path.open(encoding="utf-8-sig", newline="\n") as fh:  # JSON strings may hold \r
+            for lineno, line in enumerate(fh, start=1):
+                yield line.rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"corpus file {path}, line {lineno + 1}: not UTF-8; expected UTF-8 text: convert the file "
+                         "(e.g. iconv -f latin1 -t UTF-8)") from None
+
+
 def _txt_documents(path: Path) -> Iterator[str]:
     current: list[str] = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            line = line.rstrip("\n")
-            if line.strip():
-                current.append(line.rstrip())
-            elif current:
-                yield "\n".join(current)
-                current = []
+    for line in _lines(path):
+        if line.strip():
+            current.append(line.rstrip())
+        elif current:
+            yield "\n".join(current)
+            current = []
     if current:
         yield "\n".join(current)
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: each JSONL line must be an object with a 'text' string")
-            if record["text"].strip():
-                yield record["text"]
+    for lineno, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{lineno}: each JSONL line must be an object with a 'text' string")
+        if record["text"].strip():
+            yield record["text"]
 
 
 def _dataset_documents(spec: str, split: str) -> Iterator[str]:
@@ -184,7 +193,7 @@ class HeldoutRule:
     def __init__(self, fraction: float, limit: int = HELDOUT_WINDOWS) -> None:
         if not 0 < fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {fraction}")
-        self.f, self.limit = Fraction(str(fraction)), limit
+        self.f, self.limit = Fraction(fraction).limit_denominator(10_000), limit  # 1/3, not 0.333...
 
     def held_out(self, i: int) -> bool:
         after = math.floor((i + 1) * self.f)
