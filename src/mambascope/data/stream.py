@@ -37,7 +37,8 @@ def _lines(path: Path) -> Iterator[str]:
     lineno = 0
     try:
         with path.open(encoding="utf-8-sig", newline="\n") as fh:  # JSON strings may hold \r
-            for lineno, line in enumerate(fh, start=1):
+            for line in fh:
+                lineno += 1
                 yield line.rstrip("\r\n")
     except UnicodeDecodeError:
         raise ValueError(f"corpus file {path}, line {lineno + 1}: not UTF-8; expected UTF-8 text: convert the file "
