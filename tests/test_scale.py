@@ -151,3 +151,29 @@ def test_a_streamed_census_killed_and_resumed(tmp_path, census_args):
     expected, resumed = (json.loads((p / "results.json").read_text()) for p in (whole, out))
     assert expected["corpus"]["streamed"] and expected["corpus"]["tokens"] == 640
     assert_same(expected, resumed, rel=1e-12)
+
+
+def test_a_memory_budget_below_the_exact_tables_counts_ngrams_in_bounded_summaries(tmp_path, census_args,
+                                                                                    small_checkpoints, reference,
+                                                                                    capsys):
+    from mambascope.models import load_model
+    from mambascope.scale import plan_memory
+
+    model, _ = load_model(small_checkpoints["mamba"], device="cpu")
+    exact = plan_memory(model, 2, 64, 64, tokens=640, window=32, batch_size=2, budget=2**40)
+    assert exact.counters is None
+    budget = (exact.peak - exact.parts["ngram_tables"] / 2) / 2**30  # half of what exact tables would take
+    out = tmp_path / "out"
+    assert main([*census_args(out, "--memory-budget", f"{budget:.6f}")]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["census"]["approximate"] == ["layers.*.detectors.ngram_coverage.2",
+                                                "layers.*.detectors.ngram_coverage.3"]
+    for layer, exact_layer in reference["layers"].items():
+        assert results["layers"][layer]["token_detectors"] == exact_layer["token_detectors"]
+        for n in ("2", "3"):
+            approx, truth = (r["layers"][layer]["detectors"]["ngram_coverage"][n] for r in (results, reference))
+            assert approx["approximate"]["counters_per_neuron"] >= 16
+            for t, lo, hi in zip(truth["needed"], approx["needed_lower"], approx["needed"], strict=True):
+                assert t is None or (lo <= t and (hi is None or t <= hi))
+    assert main(census_args(tmp_path / "small", "--memory-budget", "0.0001")) == 2
+    assert "--memory-budget 0.0001 GiB is too small" in capsys.readouterr().err

@@ -74,6 +74,9 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", default="10m", metavar="N|TIME",
                    help="checkpoint the census every N batches or every TIME (90s, 10m, 1h); 0 = never "
                    "(default: %(default)s)")
+    p.add_argument("--memory-budget", type=float, default=16.0, metavar="GIB",
+                   help="memory the census may use; where exact (neuron, n-gram) tables would not fit, n >= 2 is "
+                   "counted in bounded Misra-Gries summaries, marked approximate (default: %(default)s GiB)")
     p.add_argument("--stream", action="store_true", help="read, tokenize and window the corpus lazily (constant "
                    "memory; with --max-tokens 0, all of it); held-out windows are every 1/f-th window, at most "
                    "512 (docs/census.md)")
@@ -119,6 +122,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             args.split = "all" if Path(args.corpus).suffix.lower() in (".txt", ".jsonl") else "validation"
         if args.split not in SPLITS:
             raise ValueError(f"--split {args.split!r}: choose train, validation or all")
+    if getattr(args, "memory_budget", 1) <= 0:
+        raise ValueError(f"--memory-budget must be a positive number of GiB, got {args.memory_budget:g}")
     if hasattr(args, "checkpoint_every"):
         from mambascope.scale import parse_every
 
@@ -224,15 +229,42 @@ def _scan_plan(args: argparse.Namespace, ranks, model, windows, info: dict):
     from mambascope.pipeline import split_windows
     from mambascope.scale import Checkpointer, ScanPlan, checkpoint_path, parse_every, weights_digest
 
+    memory = _memory_plan(args, model, info)
+    if ranks.main and not args.quiet:
+        print(f"mambascope: {memory.describe()}", file=sys.stderr)
     batches, seconds = parse_every(args.checkpoint_every)
     fingerprint = {
         "model": {**{k: v for k, v in info["model"].items() if k != "device"}, "weights_sha256": weights_digest(model)},
         "corpus": {k: info["corpus"].get(k) for k in ("name", "split", "tokens", "windows", "window", "max_tokens")},
-        "settings": {"layers": args.layers, "heldout_fraction": args.heldout_fraction}}
+        "settings": {"layers": args.layers, "heldout_fraction": args.heldout_fraction,
+                     "ngram_counters": memory.counters}}
     ckpt = Checkpointer(checkpoint_path(args.out, ranks), fingerprint, batches, seconds, resume=args.resume)
     select, _ = split_windows(windows, args.heldout_fraction)
     ckpt.prepare(select, args.batch_size, ranks, model.get_input_embeddings().weight.device)
-    return ScanPlan(ranks, ckpt if batches or seconds or args.resume else None)
+    return ScanPlan(ranks, ckpt if batches or seconds or args.resume else None, memory.counters)
+
+
+def _memory_plan(args: argparse.Namespace, model, info: dict):
+    """Exact or bounded n-gram tables for this census, from --memory-budget and the corpus size (a stream of
+    unknown length: its file's size in bytes, at least its token count; a datasets stream: unbounded)."""
+    import math
+
+    from mambascope.pipeline import check_layers
+    from mambascope.scale import plan_memory
+    from mambascope.trace import mixer_params
+
+    corpus = info["corpus"]
+    if not corpus.get("streamed"):
+        tokens: float = corpus["tokens"]
+    elif args.max_tokens:
+        tokens = args.max_tokens
+    else:
+        path = Path(args.corpus).expanduser()
+        tokens = path.stat().st_size if path.suffix.lower() in (".txt", ".jsonl") else math.inf
+    arch, width = info["model"]["arch"], info["model"]["d_inner"]
+    units = 0 if arch == "gpt2" else width // mixer_params(model, 0).head_dim
+    return plan_memory(model, len(check_layers(model, args.layers)), width, units, tokens=tokens, window=args.window,
+                       batch_size=args.batch_size, budget=args.memory_budget * 2**30)
 
 
 def _keep_finished(out) -> str:
@@ -268,7 +300,8 @@ def _run_rank(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
     if "census" in stages:
         plan = _scan_plan(args, ranks, model, windows, info)
         census_accumulate(model, tokenizer, split_windows(windows, args.heldout_fraction)[0], layers=args.layers,
-                          batch_size=args.batch_size, progress=False, scan=scan_function(plan))
+                          batch_size=args.batch_size, progress=False, scan=scan_function(plan),
+                          ngram_counters=plan.ngram_counters)
     return OK
 
 
@@ -289,7 +322,8 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
                 attention_layers=getattr(args, "attention_layers", None), methods=getattr(args, "methods", None),
                 heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, draws=args.draws,
                 seed=args.seed, progress=not args.quiet, save=lambda r: save_json(out.file("results.json"), r),
-                scan=None if plan is None else scan_function(plan))
+                scan=None if plan is None else scan_function(plan),
+                ngram_counters=None if plan is None else plan.ngram_counters)
             if getattr(args, "stream", False) and windows.n_windows is not None:
                 results["corpus"].update(_stream_counts(windows))
                 save_json(out.file("results.json"), results)

@@ -119,15 +119,22 @@ def pruning_priority(layer_result: dict, write_norms: torch.Tensor) -> torch.Ten
 def census_accumulate(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *,
                       layers: Sequence[int] | None = None, batch_size: int = 8, progress: bool = True,
                       census_options: dict | None = None, top_k_contexts: int = 5, context_width: int = 16,
-                      scan: Callable[..., LossResult] | None = None
+                      scan: Callable[..., LossResult] | None = None, ngram_counters: int | None = None
                       ) -> tuple[dict[int, LayerCensus], dict[int, TopContextAccumulator], LossResult]:
     """The traced pass of the census: every chosen layer's ``LayerCensus`` and ``TopContextAccumulator`` fed
     with ``windows`` [n, T], and the next-token loss.  ``scan``: ``scale.scan_function(plan)`` for a resumable
-    or multi-process pass (default: one plain ``scan_corpus``)."""
+    or multi-process pass (default: one plain ``scan_corpus``).  ``ngram_counters``: count the n-grams of
+    order >= 2 in Misra-Gries summaries of that many counters per neuron (``neurons.heavy_hitters``; bounded
+    memory, approximate n-gram coverage) instead of exact tables."""
     arch = architecture(model)
     layers = check_layers(model, layers)
     vocab = model.get_input_embeddings().num_embeddings
     census = {layer: LayerCensus(arch, vocab, layer=layer, **(census_options or {})) for layer in layers}
+    if ngram_counters is not None:
+        from mambascope.neurons.heavy_hitters import BoundedTokenDetectorAccumulator
+
+        for part in census.values():
+            part.detectors = BoundedTokenDetectorAccumulator.like(part.detectors, ngram_counters)
     tops = {layer: TopContextAccumulator(top_k_contexts, context_width, layer=layer) for layer in layers}
     bos = tokenizer.bos_token_id
     units = [f"blocks.{layer}.{u}" for layer in layers
@@ -152,22 +159,27 @@ def census_accumulate(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *
 def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layers: Sequence[int] | None = None,
                 batch_size: int = 8, progress: bool = True, census_options: dict | None = None,
                 top_k_contexts: int = 5, context_width: int = 16,
-                scan: Callable[..., LossResult] | None = None) -> dict[str, Any]:
+                scan: Callable[..., LossResult] | None = None, ngram_counters: int | None = None) -> dict[str, Any]:
     """The neuron census of every chosen layer in one traced pass over ``windows`` [n, T] (no padding).
 
     Returns ``tokens``, ``window``, ``loss`` (next-token loss on the same windows), ``layers`` {layer:
     ``LayerCensus.finalize()`` + decoded detector tokens, ``suppression``, ``overlap``, ``top_contexts``,
-    ``logit_effects``} and ``detector_tokens_by_layer``.  ``scan``: as in ``census_accumulate``.
+    ``logit_effects``} and ``detector_tokens_by_layer``.  ``scan``, ``ngram_counters``: as in
+    ``census_accumulate``; with ``ngram_counters``, ``approximate`` lists the fields that are bounds.
     """
     arch = architecture(model)
     layers = check_layers(model, layers)
     census, tops, loss = census_accumulate(model, tokenizer, windows, layers=layers, batch_size=batch_size,
                                            progress=progress, census_options=census_options,
-                                           top_k_contexts=top_k_contexts, context_width=context_width, scan=scan)
+                                           top_k_contexts=top_k_contexts, context_width=context_width, scan=scan,
+                                           ngram_counters=ngram_counters)
     norm_weight, W_U = (t.float() for t in unembedding(model))
     head_dim = mixer_params(model, 0).head_dim if arch == "mamba2" else 1
     out: dict[str, Any] = {"tokens": int(windows.numel()), "window": int(windows.shape[1]), "loss": loss.loss,
                            "layers": {}}
+    if ngram_counters is not None:
+        orders = [n for n in census[layers[0]].detectors.ngram_orders if n >= 2]
+        out["approximate"] = [f"layers.*.detectors.ngram_coverage.{n}" for n in orders]
     for layer in layers:
         result = census[layer].finalize()
         W = neuron_write_weights(model, layer).float()
@@ -316,7 +328,8 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
                  methods: Sequence[str] | None = None, stages: Sequence[str] = STAGES,
                  heldout_fraction: float = 0.25, attention_windows: int = 16, faithfulness: bool = True,
                  batch_size: int = 8, draws: int = 3, seed: int = 0, progress: bool = True,
-                 save: Any = None, scan: Callable[..., LossResult] | None = None) -> dict[str, Any]:
+                 save: Any = None, scan: Callable[..., LossResult] | None = None,
+                 ngram_counters: int | None = None) -> dict[str, Any]:
     """Every analysis in ``stages`` on ``windows`` [n, T]; the results-file dict (docs/design.md §8).
 
     ``info`` holds ``model`` and ``corpus`` descriptions.  Selection (census, attention-neuron ranking)
@@ -324,7 +337,8 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
     ``heldout_fraction``.  A stage that fails is recorded in ``errors`` by name with its reason and the
     others run; ``save(results)`` is called after each stage, so an interrupt (re-raised) loses nothing
     finished, and ``incomplete`` lists the stages that did not run.  ``scan``: the census's traced pass
-    (``census_accumulate``), e.g. resumable or shared by ``torchrun`` ranks.
+    (``census_accumulate``), e.g. resumable or shared by ``torchrun`` ranks; ``ngram_counters``: bounded
+    n-gram summaries (``census_accumulate``).
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -339,7 +353,7 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
 
     def census() -> None:
         out = census_pass(model, tokenizer, select, layers=layers, batch_size=batch_size, progress=progress,
-                          scan=scan)
+                          scan=scan, ngram_counters=ngram_counters)
         results["corpus"]["selection_tokens"] = out["tokens"]
         results["layers"] = out.pop("layers")
         results["census"] = out

@@ -218,6 +218,7 @@ class ScanPlan:
 
     ranks: Ranks = field(default_factory=Ranks)
     checkpoint: Checkpointer | None = None
+    ngram_counters: int | None = None  # the memory plan's choice, the same on every rank (merge needs it)
 
 
 def _restore(state: dict[str, dict], saved: dict[str, dict]) -> None:
@@ -339,3 +340,64 @@ def scan_function(plan: ScanPlan) -> Callable[..., LossResult]:
         return scaled_scan(model, windows, consume, state, plan=plan, **options)
 
     return scan
+
+
+# -- memory ---------------------------------------------------------------------------------------------
+MIN_COUNTERS = 16  # fewer counters per neuron than this would bound the n-gram coverage too loosely to use
+ACTIVE_SHARE = 0.5  # share of (token, neuron) events assumed active when sizing exact n-gram tables (gates ≈ half)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The census's estimated peak memory (bytes, by part) and its n-gram tables: exact (``counters`` None)
+    or Misra–Gries summaries of ``counters`` counters per neuron (``neurons.heavy_hitters``)."""
+
+    parts: dict[str, float]
+    counters: int | None
+    budget: float
+
+    @property
+    def peak(self) -> float:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        gib = {k: f"{v / 2**30:.2f}" for k, v in self.parts.items()}
+        tables = ("exact" if self.counters is None
+                  else f"Misra-Gries summaries of {self.counters} counters per neuron for n >= 2")
+        return (f"estimated peak memory {self.peak / 2**30:.2f} GiB (model {gib['model']}, one batch "
+                f"{gib['batch']}, fixed accumulators {gib['accumulators']}, n-gram tables {gib['ngram_tables']}: "
+                f"{tables}) within --memory-budget {self.budget / 2**30:g} GiB")
+
+
+def plan_memory(model: nn.Module, layers: int, n_neurons: int, delta_units: int, *, tokens: float, window: int,
+                batch_size: int, budget: float, orders: tuple[int, ...] = (1, 2, 3), top_k: int = 5,
+                width: int = 16) -> MemoryPlan:
+    """Size the census of ``layers`` layers of ``n_neurons`` neurons over ``tokens`` tokens (``math.inf`` when
+    unknown) against ``budget`` bytes.  Exact tables take 16 bytes per distinct (neuron, n-gram) pair, at most
+    min(E·Vⁿ, ``ACTIVE_SHARE``·tokens·E), ×3 while a table is reduced (concatenation, unique, inverse)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    per_layer = (n_neurons * (8 * window + 8 * 16 + top_k * width * 16)  # positions, activity, top contexts
+                 + vocab * (8 + 8 * delta_units))  # token occurrences, per-token Δ sums
+    parts = {"model": float(sum(p.numel() * p.element_size() for p in model.parameters())),
+             "batch": float(batch_size * window * (vocab * 8 + n_neurons * 4 * 8)),
+             "accumulators": float(layers * per_layer)}
+
+    def table(n: int) -> float:
+        return 16 * 3 * layers * min(n_neurons * vocab**n, ACTIVE_SHARE * tokens * n_neurons)
+
+    exact = sum(table(n) for n in orders)
+    fixed = sum(parts.values())
+    if fixed + exact <= budget:
+        return MemoryPlan({**parts, "ngram_tables": exact}, None, budget)
+    from mambascope.neurons.heavy_hitters import counters_for_budget
+
+    summaries = [n for n in orders if n >= 2]
+    room = budget - fixed - table(1)
+    counters = counters_for_budget(room, n_neurons, layers * len(summaries)) if room > 0 else 0
+    if counters < MIN_COUNTERS:
+        need = fixed + table(1) + 16 * 3 * n_neurons * layers * len(summaries) * MIN_COUNTERS
+        raise ValueError(f"--memory-budget {budget / 2**30:g} GiB is too small for this census (the model, a batch "
+                         f"and the exact unigram tables alone need about {need / 2**30:.1f} GiB); raise it, or "
+                         "pass fewer --layers")
+    return MemoryPlan({**parts, "ngram_tables": table(1) + 16 * 3 * n_neurons * layers * len(summaries) * counters},
+                      counters, budget)

@@ -165,7 +165,8 @@ class BoundedTokenDetectorAccumulator(TokenDetectorAccumulator):
         table = self.tables[n]
         lower, upper = coverage_bounds(table, self.coverage)
         has = table.totals > 0
-        certain = upper[has & (upper >= 0)].double()
+        # summary statistics of the upper bounds only when every one is known: a subset would be biased
+        certain = upper[has].double() if bool((upper[has] >= 0).all()) else upper[:0].double()
         return {
             "needed": [u if h and u >= 0 else None for u, h in zip(upper.tolist(), has.tolist(), strict=True)],
             "needed_lower": [v if h else None for v, h in zip(lower.tolist(), has.tolist(), strict=True)],
@@ -175,12 +176,13 @@ class BoundedTokenDetectorAccumulator(TokenDetectorAccumulator):
             "median": float(certain.quantile(0.5)) if certain.numel() else None,
             "quantiles": ({str(q): float(certain.quantile(q)) for q in (0.1, 0.25, 0.75, 0.9)}
                           if certain.numel() else None),
+            "mean_lower": float(lower[has].double().mean()) if bool(has.any()) else None,
             "approximate": {
                 "method": METHOD, "counters_per_neuron": self.capacity,
                 "max_count_error": int(table.decrement.max()) if table.decrement.numel() else 0,
                 "bound": "each kept count is low by at most max_count_error <= activations/(counters+1); the "
-                         "exact needed lies in [needed_lower, needed]; mean/median/quantiles are of needed "
-                         "(upper bounds) where certain",
+                         "exact needed lies in [needed_lower, needed] (needed None: above every kept n-gram); "
+                         "mean/median/quantiles are of needed, None unless every neuron's is known",
             },
         }
 
