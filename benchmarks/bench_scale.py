@@ -10,8 +10,9 @@ Prints, measured in this run:
 2. checkpoint overhead: the census pass with no checkpoint against the same pass checkpointing after every
    batch (the worst case), the seconds per checkpoint write and its size, and the overhead that cost
    gives at the default interval (one write per 10 minutes of scan);
-3. the peak RSS of a streamed census (``--stream``) of N tokens, for each N (each in a fresh process; the
-   operating system's accounting of the finished child, ``wait4``).
+3. the peak RSS of a streamed census (``--stream``) of N tokens, for each N and each ``--memory-budget`` in
+   ``--rss-budgets`` (each in a fresh process; the operating system's accounting of the finished child,
+   ``wait4``).
 """
 
 from __future__ import annotations
@@ -136,13 +137,16 @@ def bench_checkpoint(args: argparse.Namespace, work: Path) -> None:
 
 def bench_rss(args: argparse.Namespace, work: Path) -> None:
     print(f"\n3. peak RSS of a streamed census (--stream --no-ablation), {args.model}, window {args.window}")
-    print(f"{'tokens':>9} {'peak MiB':>9} {'wall s':>8}")
+    print(f"{'tokens':>9} {'budget GiB':>10} {'peak MiB':>9} {'wall s':>8}")
     for tokens in args.rss_sizes:
         corpus = corpus_file(work, tokens)
-        start = time.perf_counter()
-        peak = peak_rss([sys.executable, "-m", "mambascope",
-                         *census_argv(args.model, corpus, tokens, args.window, work / f"rss-{tokens}", "--stream")])
-        print(f"{tokens:>9} {peak:>9.0f} {time.perf_counter() - start:>8.1f}", flush=True)
+        for budget in args.rss_budgets:
+            start = time.perf_counter()
+            out = work / f"rss-{tokens}-{budget}"
+            peak = peak_rss([sys.executable, "-m", "mambascope",
+                             *census_argv(args.model, corpus, tokens, args.window, out, "--stream",
+                                          "--memory-budget", str(budget))])
+            print(f"{tokens:>9} {budget:>10g} {peak:>9.0f} {time.perf_counter() - start:>8.1f}", flush=True)
 
 
 def main() -> None:
@@ -152,6 +156,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rss-sizes", type=int, nargs="+", default=[16384, 65536, 262144])
+    parser.add_argument("--rss-budgets", type=float, nargs="+", default=[16.0, 1.0],
+                        help="--memory-budget values (GiB) to measure the peak RSS under")
     parser.add_argument("--skip", nargs="*", default=[], choices=["speed", "checkpoint", "rss"])
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} CPUs visible, torch threads 1 per process; {time.strftime('%Y-%m-%d %H:%M')}")

@@ -177,3 +177,16 @@ def test_a_memory_budget_below_the_exact_tables_counts_ngrams_in_bounded_summari
                 assert t is None or (lo <= t and (hi is None or t <= hi))
     assert main(census_args(tmp_path / "small", "--memory-budget", "0.0001")) == 2
     assert "--memory-budget 0.0001 GiB is too small" in capsys.readouterr().err
+
+
+def test_checkpoint_every_takes_batches_or_a_time(capsys):
+    from mambascope.scale import parse_every
+
+    assert parse_every("500") == (500, None) and parse_every("10m") == (None, 600.0)
+    assert parse_every("90s") == (None, 90.0) and parse_every("1h") == (None, 3600.0)
+    assert parse_every("0") == (None, None)
+    for bad in ("ten", "-3", "0m", "5d"):
+        with pytest.raises(ValueError, match="--checkpoint-every"):
+            parse_every(bad)
+    assert main(["census", "--checkpoint-every", "soon", "--out", "unused"]) == 2
+    assert "--checkpoint-every 'soon'" in capsys.readouterr().err

@@ -132,10 +132,10 @@ def windows_digest(windows: torch.Tensor) -> str:
 
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 over every parameter's name, shape and float64 sum: a different checkpoint of the same
-    architecture (another training step) differs here.  One reduction per parameter, no copy to the CPU."""
+    architecture (another training step) differs here.  One reduction per parameter, on its device."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
-        h.update(f"{name}{tuple(p.shape)}{float(p.detach().double().sum())!r}".encode())
+        h.update(f"{name}{tuple(p.shape)}{float(p.detach().sum(dtype=torch.float64))!r}".encode())
     return h.hexdigest()
 
 
