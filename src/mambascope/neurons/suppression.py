@@ -113,11 +113,14 @@ def top_logit_tokens(out_proj_weight: Tensor, norm_weight: Tensor | None, unembe
 
 def detector_suppression(out_proj_weight: Tensor, norm_weight: Tensor | None, unembed: Tensor,
                          detectors: Sequence[Mapping[str, Any]], k: int = 10, *,
-                         activation_sign: Tensor | None = None, center: bool = False,
+                         activation_sign: Tensor, center: bool = False,
                          chunk_size: int = 256) -> dict[str, Any]:
     """Do token detectors suppress their own trigger tokens?
 
     ``detectors``: [{"neuron": e, "tokens": [t, …]}] (``token_detectors`` of the detector census).
+    ``activation_sign`` [E] is required: a detector writes a·w_e when it fires, so whether it lowers
+    its triggers depends on the sign of a (on Mamba, post is often negative while the gate is open;
+    pass the sign of ``mean_post_active``).
     For each trigger t of neuron e: ``effect`` = effect[e, t]; ``suppression_rank`` = 1 + #{v :
     effect[e, v] < effect[e, t]} (1 = the most suppressed token; ties share the best rank);
     ``in_top_k`` ⇔ rank <= k; ``negative`` ⇔ effect < 0. A detector **suppresses its own
