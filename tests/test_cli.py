@@ -16,7 +16,7 @@ def _run(capsys, *argv):
 def test_census_writes_results_and_table(tmp_path, capsys, small_checkpoints):
     out = tmp_path / "census"
     code, stdout, _ = _run(capsys, "census", "--model", small_checkpoints["mamba2"], "--window", "32",
-                           "--max-tokens", "512", "--draws", "1", "--out", str(out), "--quiet")
+                           "--max-tokens", "512", "--draws", "3", "--out", str(out), "--quiet")
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["corpus"]["tokens"] == 512 and results["model"]["arch"] == "mamba2"

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mambascope.interventions import ablation_study, pruning_study
+from mambascope.interventions import ablation_study, check_draws, pruning_study
 from mambascope.neurons import (
     LayerCensus,
     NeuronBatch,
@@ -249,6 +249,8 @@ def run_census(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layer
                census_options: dict | None = None) -> dict[str, Any]:
     """``census_pass`` on the selection windows, then (if ``ablation``) ``census_interventions`` on the
     held-out tail.  Returns the census dict with ``ablation`` and ``pruning`` added."""
+    if ablation:
+        check_draws(draws)
     select, heldout = split_windows(windows, heldout_fraction) if ablation else (windows, None)
     out = census_pass(model, tokenizer, select, layers=layers, batch_size=batch_size, progress=progress,
                       census_options=census_options)
@@ -313,6 +315,7 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}")
+    check_draws(draws)
     layers = check_layers(model, layers)
     select, heldout = split_windows(windows, heldout_fraction)
     results: dict[str, Any] = {**info, "layers": {}, "census": None, "ablation": None, "pruning": None,
