@@ -10,8 +10,9 @@ g the final norm's weight [d_model] (RMSNorm on Mamba, LayerNorm on GPT-2) and W
 unembedding. The norm is treated as g times a positive per-token scale (1/RMS), which rescales all
 logits of a token alike and so changes neither signs nor rankings; biases are neuron-independent
 and left out. ``center=True`` also applies LayerNorm's mean subtraction (w_e − mean(w_e)), exact
-for the linear part of GPT-2's ln_f. s_e (``activation_sign``, default +1) is the sign of the
-neuron's typical activation (e.g. the sign of ``mean_post_active`` from the activity census; only
+for the linear part of GPT-2's ln_f. s_e (``activation_sign``; default +1, the effect per unit of
+activation, except in ``detector_suppression``, which requires it) is the sign of the neuron's
+typical activation (the pipeline passes the sign of ``mean_post_active`` from the activity census; only
 its sign is used, and 0 zeroes the effect):
 Mamba's post = y·SiLU(z) can be negative while the gate is open, and the effect of an activation a
 is a·effect.
