@@ -82,6 +82,18 @@ def test_unreadable_safetensors(ckpt, damage):
     assert "save_pretrained" in _one_line(exc, weights)
 
 
+def test_corrupt_pytorch_bin(ckpt):
+    state = MambaForCausalLM.from_pretrained(ckpt).state_dict()
+    (ckpt / "model.safetensors").unlink()
+    torch.save(state, ckpt / "pytorch_model.bin")
+    load_model(str(ckpt), device="cpu")  # the .bin route works ...
+    data = (ckpt / "pytorch_model.bin").read_bytes()
+    (ckpt / "pytorch_model.bin").write_bytes(data[: len(data) // 3])  # ... until the file is cut short
+    with pytest.raises(ValueError, match="cannot load the weights") as exc:
+        load_model(str(ckpt), device="cpu")
+    assert "save_pretrained" in _one_line(exc, ckpt / "pytorch_model.bin")
+
+
 def test_missing_weights_file(ckpt):
     (ckpt / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no weights file in") as exc:
