@@ -90,40 +90,50 @@ def test_a_negative_detector_suppresses_what_it_lowers_when_it_fires():
     assert down["detectors"][0]["suppression_rank"] == [9] and down["fraction_suppressing_own_triggers"] == 0.0
 
 
-def test_census_suppression_uses_the_sign_of_the_typical_activation():
-    """census_pass on tiny-mamba against an independent computation: post = the input of out_proj and the gate
-    z = the second half of in_proj's output, both taken by hand-made hooks; the typical activation is the mean
-    post over gate-open non-BOS tokens; effect = sign · W_U (g ⊙ w_e) in float64. Detectors whose typical
-    activation is negative must exist (else the test would not test the sign)."""
-    model, tok = load_model("tiny-mamba", device="cpu")
-    windows = tokenize_windows(load_corpus("builtin", "validation").texts[:300], tok, 32, max_tokens=32 * 48).ids
-    layer = 2
-    # loose detector thresholds so that 1.5k tokens yield detectors on the bundled model
-    options = {"min_occurrences": 2, "coverage": 0.5, "min_precision": 0.6}
-    result = census_pass(model, tok, windows, layers=[layer], progress=False, census_options=options)["layers"]["2"]
-
-    mixer, seen = model.backbone.layers[layer].mixer, {}
-    E = mixer.out_proj.in_features
-    hooks = [mixer.in_proj.register_forward_hook(lambda m, args, out: seen.__setitem__("z", out[..., E:])),
-             mixer.out_proj.register_forward_pre_hook(lambda m, args: seen.__setitem__("post", args[0]))]
+def _hooked_units(model, windows):
+    """Per layer (post, z): the input of out_proj and the gate half of in_proj's output, by hand-made hooks."""
+    seen, hooks = {}, []
+    for layer, block in enumerate(model.backbone.layers):
+        mixer = block.mixer
+        E = mixer.out_proj.in_features
+        hooks += [mixer.in_proj.register_forward_hook(
+                      lambda m, args, out, layer=layer, E=E: seen.__setitem__((layer, "z"), out[..., E:])),
+                  mixer.out_proj.register_forward_pre_hook(
+                      lambda m, args, layer=layer: seen.__setitem__((layer, "post"), args[0]))]
     try:
         with torch.no_grad():
             model(windows)
     finally:
         for h in hooks:
             h.remove()
-    active = (seen["z"] > 0) & (windows != tok.bos_token_id)[..., None]
-    mean_active = (seen["post"].double() * active).sum((0, 1)) / active.sum((0, 1))
-    W_U, g = model.lm_head.weight.detach().double(), model.backbone.norm_f.weight.detach().double()
-    W = mixer.out_proj.weight.detach().double()
+    return {layer: (seen[layer, "post"], seen[layer, "z"]) for layer in range(len(model.backbone.layers))}
 
-    records = result["suppression"]["detectors"]
-    negative = [r["neuron"] for r in records if mean_active[r["neuron"]] < 0]
+
+def test_census_suppression_uses_the_sign_of_the_typical_activation():
+    """census_pass on tiny-mamba against an independent computation: post and the gate z from hand-made hooks
+    (``_hooked_units``); the typical activation is the mean post over gate-open non-BOS tokens; effect = sign ·
+    W_U (g ⊙ w_e) in float64. Detectors whose typical activation is negative must exist (else the test would
+    not test the sign)."""
+    model, tok = load_model("tiny-mamba", device="cpu")
+    windows = tokenize_windows(load_corpus("builtin", "validation").texts[:300], tok, 32, max_tokens=32 * 48).ids
+    # loose detector thresholds so that 1.5k tokens yield detectors on the bundled model
+    options = {"min_occurrences": 2, "coverage": 0.5, "min_precision": 0.6}
+    layers = census_pass(model, tok, windows, progress=False, census_options=options)["layers"]
+    W_U, g = model.lm_head.weight.detach().double(), model.backbone.norm_f.weight.detach().double()
+    negative = []
+    for layer, (post, z) in _hooked_units(model, windows).items():
+        result = layers[str(layer)]
+        active = (z > 0) & (windows != tok.bos_token_id)[..., None]
+        mean_active = (post.double() * active).sum((0, 1)) / active.sum((0, 1))
+        W = model.backbone.layers[layer].mixer.out_proj.weight.detach().double()
+        for r in result["suppression"]["detectors"]:
+            e = r["neuron"]
+            if mean_active[e] < 0:
+                negative.append((layer, e))
+            effect = torch.sign(mean_active[e]) * (W_U @ (g * W[:, e]))
+            assert r["effect"] == pytest.approx([float(effect[t]) for t in r["tokens"]], rel=1e-4, abs=1e-5)
+            assert r["suppression_rank"] == [1 + int((effect < effect[t]).sum()) for t in r["tokens"]]
+            promoted = effect.sort(descending=True).values[:10]
+            assert result["logit_effects"]["promoted_values"][e] == pytest.approx(promoted.tolist(), rel=1e-4,
+                                                                                  abs=1e-5)
     assert negative, "no detector with a negative typical activation: the sign is not exercised"
-    for r in records:
-        e = r["neuron"]
-        effect = torch.sign(mean_active[e]) * (W_U @ (g * W[:, e]))
-        assert r["effect"] == pytest.approx([float(effect[t]) for t in r["tokens"]], rel=1e-4, abs=1e-5)
-        assert r["suppression_rank"] == [1 + int((effect < effect[t]).sum()) for t in r["tokens"]]
-        promoted = effect.sort(descending=True).values[:10]
-        assert result["logit_effects"]["promoted_values"][e] == pytest.approx(promoted.tolist(), rel=1e-4, abs=1e-5)
