@@ -225,3 +225,13 @@ def test_null_std_draws_no_error_bar(monkeypatch, tmp_path):
     segments = [s for s in container.lines[2][0].get_segments() if len(s) and np.isfinite(s).all()]
     assert len(segments) == 1 and segments[0][0][0] == pytest.approx(0.5)
     assert segments[0][1][1] - segments[0][0][1] == pytest.approx(0.2)
+
+
+def test_null_faithfulness_std_draws_no_error_bar(monkeypatch, tmp_path):
+    figs = _captured(monkeypatch)
+    methods = {"rollout": {"0": {"delta": 0.3, "k": 4}, "1": {"delta": 0.2, "k": 4}}}
+    random = {"0": {"delta_mean": 0.1, "delta_std": None, "k": 4}, "1": {"delta_mean": 0.1, "delta_std": 0.05, "k": 4}}
+    figures.plot_faithfulness_neurons({"faithfulness": {"neuron": {"methods": methods, "random": random}}}, tmp_path)
+    with_bars = [[c for c in ax.containers if isinstance(c, BarContainer) and c.errorbar is not None]
+                 for ax in figs[0].axes[:2]]
+    assert [len(bars) for bars in with_bars] == [0, 1]
