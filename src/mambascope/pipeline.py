@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mambascope.interventions import ablation_study, pruning_study
+from mambascope.interventions import ablation_study, check_draws, pruning_study
 from mambascope.neurons import (
     LayerCensus,
     NeuronBatch,
@@ -68,10 +68,21 @@ def _decoded_contexts(top: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     return top
 
 
+def activation_sign(layer_result: dict) -> torch.Tensor:
+    """[E] sign of each neuron's typical activation: its mean ``post`` while active (``mean_post_active``).
+
+    Mamba's post = y·SiLU(z) is often negative while the gate is open, and an activation a writes a·w_e,
+    so the logit effect of the neuron when it fires is sign·effect.  A dead neuron (None) counts as +1.
+    """
+    mean_active = layer_result["activity"]["mean_post_active"]
+    return torch.sign(torch.tensor([1.0 if m is None else m for m in mean_active], dtype=torch.float64))
+
+
 def _logit_effects(W: torch.Tensor, norm_weight: torch.Tensor, W_U: torch.Tensor, tokenizer: Any,
-                   k: int = 10) -> dict[str, Any]:
-    """Each neuron's most promoted and most suppressed tokens through the final norm and unembedding."""
-    top = top_logit_tokens(W, norm_weight, W_U, k)
+                   sign: torch.Tensor, k: int = 10) -> dict[str, Any]:
+    """Each neuron's most promoted and most suppressed tokens through the final norm and unembedding,
+    for its typical activation's sign."""
+    top = top_logit_tokens(W, norm_weight, W_U, k, activation_sign=sign)
     ids = sorted(set(top["promoted_tokens"].flatten().tolist()) | set(top["suppressed_tokens"].flatten().tolist()))
     text = dict(zip(ids, _decode(tokenizer, ids), strict=True))
     return {"promoted": [[text[t] for t in row] for row in top["promoted_tokens"].tolist()],
@@ -150,10 +161,12 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
         for d in result["delta_sensitive"] or []:
             for t in d["top_tokens"] or []:
                 t["string"] = _decode(tokenizer, [t["token"]])[0]
-        result["suppression"] = detector_suppression(W, norm_weight, W_U, result["token_detectors"])
+        sign = activation_sign(result)
+        result["suppression"] = detector_suppression(W, norm_weight, W_U, result["token_detectors"],
+                                                     activation_sign=sign)
         result["overlap"] = group_overlap(neuron_groups(result, arch, head_dim), result["n_neurons"])
         result["top_contexts"] = _decoded_contexts(tops[layer].finalize(), tokenizer)
-        result["logit_effects"] = _logit_effects(W, norm_weight, W_U, tokenizer)
+        result["logit_effects"] = _logit_effects(W, norm_weight, W_U, tokenizer, sign)
         out["layers"][str(layer)] = result
     out["detector_tokens_by_layer"] = detector_tokens_by_layer(
         [out["layers"][str(layer)]["tokens_covered"] for layer in layers])
@@ -236,6 +249,8 @@ def run_census(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layer
                census_options: dict | None = None) -> dict[str, Any]:
     """``census_pass`` on the selection windows, then (if ``ablation``) ``census_interventions`` on the
     held-out tail.  Returns the census dict with ``ablation`` and ``pruning`` added."""
+    if ablation:
+        check_draws(draws)
     select, heldout = split_windows(windows, heldout_fraction) if ablation else (windows, None)
     out = census_pass(model, tokenizer, select, layers=layers, batch_size=batch_size, progress=progress,
                       census_options=census_options)
@@ -300,6 +315,7 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}")
+    check_draws(draws)
     layers = check_layers(model, layers)
     select, heldout = split_windows(windows, heldout_fraction)
     results: dict[str, Any] = {**info, "layers": {}, "census": None, "ablation": None, "pruning": None,

@@ -410,8 +410,9 @@ def plot_ablation(results: Mapping[str, Any], out_dir: str | Path) -> Path:
             ax.bar(x - width / 2, np.nan if delta is None else delta, width, color=colors[mode],
                    label=f"{mode}-ablated group" if not drawn else None)
             if rmean is not None and base is not None:
+                # a null std (undefined spread) gets no error bar, never a zero-length one
                 ax.bar(x + width / 2, rmean - base, width, color=colors[mode], alpha=0.35, hatch="//",
-                       yerr=rstd or 0.0, capsize=3, label=f"{mode}: random, same size (±std)" if not drawn else None)
+                       yerr=rstd, capsize=3, label=f"{mode}: random, same size (±std)" if not drawn else None)
         drawn = True
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(names)),
@@ -438,9 +439,9 @@ def plot_pruning(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     ax.plot(ratios, [np.nan if num(v.get("loss")) is None else v["loss"] for _, v in items], marker="o",
             color="tab:red", label="pruned by priority")
     rmean = [num((v.get("random") or {}).get("mean")) for _, v in items]
-    rstd = [num((v.get("random") or {}).get("std")) or 0.0 for _, v in items]
-    ax.errorbar(ratios, [np.nan if m is None else m for m in rmean], yerr=rstd, marker="s", capsize=4,
-                color="tab:gray", label="pruned at random (mean ± std)")
+    rstd = [num((v.get("random") or {}).get("std")) for _, v in items]
+    ax.errorbar(ratios, [np.nan if m is None else m for m in rmean], yerr=_nan(rstd), marker="s", capsize=4,
+                color="tab:gray", label="pruned at random (mean ± std)")  # NaN: no bar where the std is null
     base = num(pr.get("baseline_loss"))
     if base is not None:
         ax.axhline(base, color="black", linestyle="--", linewidth=1, label=f"unpruned {base:.4f}")
@@ -634,7 +635,7 @@ def plot_faithfulness_neurons(results: Mapping[str, Any], out_dir: str | Path) -
         ax.bar(range(len(labels)), values, color=colors)
         rnd = (neu.get("random") or {}).get(str(layer))
         if isinstance(rnd, dict) and num(rnd.get("delta_mean")) is not None:
-            ax.bar(len(labels), rnd["delta_mean"], color="gray", yerr=num(rnd.get("delta_std")) or 0.0, capsize=4)
+            ax.bar(len(labels), rnd["delta_mean"], color="gray", yerr=num(rnd.get("delta_std")), capsize=4)
             labels.append("random")
             k = rnd.get("k", k)
         ax.axhline(0, color="black", linewidth=0.8)
