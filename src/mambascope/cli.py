@@ -258,12 +258,17 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from mambascope.compare import compare_models, comparison_table
     from mambascope.data import load_corpus
+    from mambascope.models.loading import check_checkpoint
     from mambascope.report.compare_plots import plot_comparison
     from mambascope.report.html import render_comparison_report
     from mambascope.results import save_json, save_table
 
+    if len(args.models) < 2:
+        raise ValueError("--models: compare needs at least two models")
+    for name in args.models:
+        check_checkpoint(name)
+    corpus = load_corpus(args.corpus, split=args.split)
     with _claim(args, "comparison") as out:
-        corpus = load_corpus(args.corpus, split=args.split)
         comparison = compare_models(args.models, corpus.texts, window=args.window, max_tokens=args.max_tokens or None,
                                     device=args.device, batch_size=args.batch_size, progress=not args.quiet)
         comparison["corpus"] = {"name": corpus.name, "split": corpus.split, "texts": len(corpus.texts)}

@@ -251,6 +251,22 @@ def _load_weights(source: str, config: Any, dtype: torch.dtype, weights: str, co
     return model
 
 
+def check_checkpoint(name_or_path: str) -> None:
+    """What can be checked without loading weights: a bundled name, or a local directory's config.json (a JSON
+    object of a supported ``model_type``), weights file and tokenizer files; a hub id only for its form.
+
+    Lets a command refuse a bad model before any work (``compare`` checks every model first).
+    """
+    source, local = _resolve_source(name_or_path)
+    if not local:
+        return
+    path = Path(source)
+    _check_config_json(path)
+    _weights_file(path)
+    _check_tokenizer_files(path, "checkpoint directory")
+    _check_supported(json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type"), name_or_path)
+
+
 def load_model(
     name_or_path: str,
     device: str | torch.device = "auto",
