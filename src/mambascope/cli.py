@@ -172,15 +172,18 @@ def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     from mambascope.results import save_json, save_table
 
     with _claim(args, args.command) as out:
+        def save(results: dict) -> None:  # after every stage: what an interrupt keeps
+            save_json(out.file("results.json"), results)
+            if results["layers"] and not (out.staging / "neurons.parquet").exists():
+                save_table(out.staging, neuron_table({"layers": results["layers"]}))
+
         model, tokenizer, windows, info = _prepare(args)
         try:
             results = run_analysis(
                 model, tokenizer, windows, info=info, layers=args.layers, stages=stages,
                 attention_layers=getattr(args, "attention_layers", None), methods=getattr(args, "methods", None),
                 heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, draws=args.draws,
-                seed=args.seed, progress=not args.quiet, save=lambda r: save_json(out.file("results.json"), r))
-            if results["layers"]:
-                save_table(out.staging, neuron_table({"layers": results["layers"]}))
+                seed=args.seed, progress=not args.quiet, save=save)
             if args.report:
                 _render(results, out.staging)
                 save_json(out.file("results.json"), results)
