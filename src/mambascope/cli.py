@@ -172,10 +172,10 @@ def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     from mambascope.results import save_json, save_table
 
     with _claim(args, args.command) as out:
-        def save(results: dict) -> None:  # after every stage: what an interrupt keeps
-            save_json(out.file("results.json"), results)
+        def save(results: dict) -> None:  # after every stage: what an interrupt keeps (results.json last)
             if results["layers"] and not (out.staging / "neurons.parquet").exists():
                 save_table(out.staging, neuron_table({"layers": results["layers"]}))
+            save_json(out.file("results.json"), results)
 
         model, tokenizer, windows, info = _prepare(args)
         try:
