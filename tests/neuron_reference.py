@@ -54,6 +54,32 @@ def ref_activity(post, active, valid, thresholds, rare_threshold):
     }
 
 
+def _bisect(predicate, lo, hi, steps=200):
+    """The boundary of a monotone predicate on [lo, hi]: predicate(lo) is False, predicate(hi) True."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if predicate(mid) else (mid, hi)
+    return hi
+
+
+def ref_dead_bound(tokens, confidence=0.95):
+    """The frequency at which P(no activation in N independent tokens) = (1 − f)^N falls to 1 − confidence,
+    found by bisection on that probability (not from its closed form)."""
+    return _bisect(lambda f: (1 - f) ** tokens <= 1 - confidence, 0.0, 1.0)
+
+
+def ref_wilson_lower(fired, occurrences, confidence=0.95):
+    """The smallest p ≤ p̂ that the one-sided score test does not reject: (p̂ − p)² ≤ z²·p(1 − p)/n
+    (the definition of the Wilson bound), found by bisection."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(confidence)
+    p_hat, n = fired / occurrences, occurrences
+    if p_hat == 0:
+        return 0.0
+    return _bisect(lambda p: (p_hat - p) ** 2 <= z * z * p * (1 - p) / n, 0.0, p_hat)
+
+
 def ref_positional(post, active, positions, valid, mi_threshold, alpha=0.001):
     post, active, positions, valid = _lists(post, active, positions, valid)
     E = len(post[0][0])

@@ -15,7 +15,7 @@ from mambascope.neurons import (
 from neuron_reference import assert_tree_close
 
 KEYS = {"dead_neurons", "activation_frequency", "rarely_active", "positional_neurons", "positional_mi",
-        "token_detectors", "delta_sensitive", "tokens"}
+        "token_detectors", "delta_sensitive", "tokens", "warnings"}
 
 
 def _layer(arch, b=4, L=12, E=6, H=3, V=7, seed=0):
@@ -55,6 +55,9 @@ def test_keys_json_and_consistency(arch):
         assert out[key] == a[key]
     assert out["positional_mi"] == p["positional_mi"] and out["positional_neurons"] == p["positional_neurons"]
     assert out["token_detectors"] == d["token_detectors"]
+    # 44 tokens, a few windows: every small-sample warning of the parts is carried up, in order
+    assert out["warnings"] == [w for w in (a["warning"], p["warning"], d["warning"]) if w is not None]
+    assert out["warnings"][0].startswith("dead:") and any(w.startswith("positional:") for w in out["warnings"])
     if arch == "gpt2":
         assert out["delta_sensitive"] is None and out["delta"] is None
     else:
