@@ -150,7 +150,7 @@ class TokenDetectorAccumulator(Accumulator):
     Small samples: each trigger carries its occurrences and the Wilson lower bound of its precision
     (:func:`precision_lower_bound`); a detector is *established* when every trigger's bound reaches
     ``min_precision``; a ``warning`` names the detectors that are not (their triggers are too rare to
-    tell a 95 % detector from a 60 % one: 5 of 5 has a lower bound of 0.65).
+    tell a 95 % detector from a much weaker one: 5 of 5 has a Wilson lower bound of 0.65).
     """
 
     _config: ClassVar[tuple[str, ...]] = ("vocab_size", "max_types", "coverage", "min_precision",

@@ -190,13 +190,18 @@ def plot_positional_mi(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     dists = [finite(r.get("positional_mi")) for _, r in layers]
     if not any(dists):
         raise FigureSkipped("the census layers carry no positional_mi")
-    threshold = num((layers[0][1].get("positional") or {}).get("positional_threshold"))
+    pos = layers[0][1].get("positional") or {}
+    threshold, alpha = num(pos.get("positional_threshold")), num(pos.get("positional_alpha"))
     counts = [len(r.get("positional_neurons") or []) for _, r in layers]
     fig, axes = _figure(1, 2)
     ax = axes[0, 0]
     ax.bar(xs, counts, color="tab:purple")
     ax.set_ylabel("positional neurons")
-    ax.set_title(f"neurons with I > {threshold if threshold is not None else 'threshold'}")
+    rule = f"I > {threshold if threshold is not None else 'threshold'}"
+    if alpha is not None:  # results with the bias-corrected I and the permutation test
+        rule = f"corrected {rule}, p < {alpha:g}; {pos.get('median_tokens_per_position')} tokens/position"
+    ax.set_title(f"neurons with {rule}", fontsize=9)
+    ax.set_ylim(0, max(1, max(counts)) * 1.05)  # a row of zero counts still reads as zero
     _layer_ticks(ax, xs)
     ax = axes[0, 1]
     present = [(x, d) for x, d in zip(xs, dists, strict=True) if d]
@@ -205,7 +210,7 @@ def plot_positional_mi(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     if threshold is not None:
         ax.axhline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold}")
         ax.legend()
-    ax.set_ylabel("mutual information I(active; position) [nats]")
+    ax.set_ylabel(("bias-corrected " if alpha is not None else "") + "I(active; position) [nats]")
     ax.set_title("distribution over neurons")
     _layer_ticks(ax, xs)
     _suptitle(fig, title(results, "positional information by layer"))
