@@ -211,7 +211,7 @@ def mamba_delta_selectivity(planted: Planted, windows: torch.Tensor, layer: int)
 # ----------------------------------------------------------------------------------------------- GPT-2
 
 
-def plant_gpt(types: torch.Tensor, *, c: float = 1.0, w: float = 4.0, seed: int = 0) -> Planted:
+def plant_gpt(types: torch.Tensor, *, c: float = 0.3, w: float = 4.0, seed: int = 0) -> Planted:
     """``tiny-gpt`` with, in layer 0's MLP, three positional neurons, two detectors (1 and 3 types), two
     token-only controls (6 types and half the types), and a dead neuron in every layer."""
     model, tokenizer = mambascope.load_model("tiny-gpt")
