@@ -47,12 +47,12 @@ def positional_information(active_by_position: Tensor, tokens_by_position: Tenso
 def positional_bias(active_by_position: Tensor, tokens_by_position: Tensor) -> Tensor:
     """First-order bias of :func:`positional_information` under no positional dependence, per neuron [E].
 
-    Miller (1955) / Panzeri & Treves (1996, "Analytical estimates of limited sampling biases in
-    different information measures", eq. 8): the plug-in information between a response (active or
-    not) and a stimulus (position) is biased by [Σ_p (R_p − 1) − (R − 1)] / (2N), with R_p the number
-    of responses observed at p (1 or 2) and R overall. With Voita's equal weight 1/T per position
-    instead of n(p)/N, each position contributes (R_p − 1)/(2·n(p)) − (R − 1)/(2N), averaged over the
-    T observed positions; the two agree when every position has the same number of tokens.
+    Miller (1955, "Note on the bias of information estimates") / Panzeri & Treves (1996, "Analytical
+    estimates of limited sampling biases in different information measures"): the plug-in information
+    between a response (active or not) and a stimulus (position) is biased by [Σ_p (R_p − 1) − (R − 1)]
+    / (2N), with R_p the number of responses observed at p (1 or 2) and R overall. With Voita's equal
+    weight 1/T per position instead of n(p)/N, each position contributes (R_p − 1)/(2·n(p)) − (R − 1)/(2N),
+    averaged over the T observed positions; the two agree when every position has the same number of tokens.
     """
     seen = tokens_by_position > 0
     counts = active_by_position[seen]
@@ -225,8 +225,9 @@ class PositionalAccumulator(Accumulator):
         Then E c(pos) = Σ_w k_w/n_w over the windows holding pos, E S = Σ_w k_w(n_w−k_w)/n_w, and
         Var S = 4 Σ_{w<w'} tr(Σ_w Σ_w') with tr(Σ_w Σ_w') = b_w b_w' [m(n n' − n − n') + m²], m the
         positions the two windows share (for one window length: 2n²(n−1)[(Σb)² − Σb²]). S is the
-        Pearson χ² numerator, the second-order expansion of the MI (Cover & Thomas 2006, §11.9 ff.);
-        the p-value matches S to a scaled χ² with the exact mean and variance (Satterthwaite 1946).
+        numerator of Pearson's χ², which agrees with 2N·I (the G statistic) to second order; the p-value
+        matches S to a scaled χ² with the exact mean and variance (Satterthwaite 1946, "An approximate
+        distribution of estimates of variance components").
         Returns {statistic, mean, variance, p_value} [E] (float64), or None when the null is unavailable.
         """
         if self.shapes is None or not self.shapes:

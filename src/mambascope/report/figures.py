@@ -231,10 +231,10 @@ def plot_positional_frequency(results: Mapping[str, Any], out_dir: str | Path, t
     fig, axes = _figure(rows, cols, (max(8.0, 4.2 * cols), 3.0 * rows + 0.8))
     for ax, (layer, r, pt) in zip(axes.flat, panels, strict=False):
         positions = pt.get("positions") or list(range(len(pt["frequency_by_position"][0])))
-        threshold = num((r.get("positional") or {}).get("positional_threshold"))
+        flagged = set(r.get("positional_neurons") or [])
         for neuron, mi, freq in list(zip(pt["neurons"], pt.get("mi") or [None] * len(pt["neurons"]),
                                          pt["frequency_by_position"], strict=False))[:top]:
-            flag = "*" if threshold is not None and mi is not None and mi > threshold else ""
+            flag = "*" if neuron in flagged else ""  # the census's decision (threshold and, now, the test)
             ax.plot(positions, [np.nan if v is None else v for v in freq], linewidth=1.2,
                     label=f"N{neuron}{flag} I={mi:.3g}" if mi is not None else f"N{neuron}")
         ax.set_title(f"layer {layer}", fontsize=10)
@@ -244,7 +244,7 @@ def plot_positional_frequency(results: Mapping[str, Any], out_dir: str | Path, t
         ax.legend(fontsize=7)
     _hide_unused(axes, len(panels))
     _suptitle(fig, title(results, f"per-position frequency of the top-{top} positional neurons "
-                       "(* = above the MI threshold)"))
+                       "(* = positional)"))
     return _save(fig, out_dir, "positional_frequency")
 
 
