@@ -94,3 +94,22 @@ def test_bad_use():
         LayerCensus("gpt2", vocab_size=7).update(NeuronBatch(post, post > 0, torch.zeros(1, 2).long(),
                                                              torch.arange(2)[None], torch.ones(1, 2).bool(),
                                                              dt=post))
+
+
+def test_summary_prints_each_warning_once_with_its_layers():
+    import io
+
+    from mambascope.pipeline import print_analysis_summary
+
+    layers = {}
+    for index in (0, 1):
+        layer, ids = _layer("mamba", seed=index)
+        census = LayerCensus("mamba", vocab_size=7, layer=index, min_occurrences=3)
+        census.update(NeuronBatch.from_layer(layer, "mamba", ids, bos_token_id=0))
+        layers[str(index)] = census.finalize()
+    out = io.StringIO()
+    print_analysis_summary({"model": {}, "corpus": {}, "layers": layers, "errors": {}}, file=out)
+    text = out.getvalue()
+    assert layers["0"]["warnings"] and layers["0"]["warnings"][0] == layers["1"]["warnings"][0]
+    assert text.count("WARNING (layers 0, 1): dead:") == 1
+    assert "plug-in MI alone:" in text and "tokens per position" in text
