@@ -163,39 +163,35 @@ def mamba_layer0_truth(planted: Planted, types: torch.Tensor) -> dict[str, objec
     return {"z": z, "dead": (sizes == 0).nonzero().flatten().tolist(), "detectors": triggers}
 
 
-def mamba_gate_max(planted: Planted, windows: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the max over the corpus of each neuron's z, from the model's own forward (a pre-hook
-    on every mixer captures its normed input; z = the z-rows of in_proj applied to it)."""
-    model, z0, E = planted.model, _mamba_z_rows(planted.model, planted.arch), _d_inner(planted.model)
-    highest: dict[int, torch.Tensor] = {}
-    handles = []
-    for index, layer in enumerate(model.backbone.layers):
-        def hook(module, args, index=index):
-            z = module.in_proj(args[0])[..., z0:z0 + E].reshape(-1, E).amax(0)
-            highest[index] = z if index not in highest else torch.maximum(highest[index], z)
-        handles.append(layer.mixer.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(windows)
-    finally:
-        for h in handles:
-            h.remove()
-    return highest
-
-
-def mamba_delta_selectivity(planted: Planted, windows: torch.Tensor, layer: int) -> torch.Tensor:
-    """std of ln Δ per unit over the corpus, Δ recomputed from the mixer's normed input (captured by a
-    pre-hook in the model's own forward) with the mixer's own modules: Mamba-1 in_proj → conv1d → SiLU →
-    x_proj → dt_proj → softplus; Mamba-2 in_proj dt rows + dt_bias → softplus → clamp."""
-    mixer = planted.model.backbone.layers[layer].mixer
-    captured = []
-    handle = mixer.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+def mamba_mixer_inputs(planted: Planted, windows: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Each layer's normed mixer input [b, L, H], captured by pre-hooks in the model's own forward."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = [layer.mixer.register_forward_pre_hook(lambda module, args, i=i: captured.__setitem__(i, args[0]))
+               for i, layer in enumerate(planted.model.backbone.layers)]
     try:
         with torch.no_grad():
             planted.model(windows)
     finally:
-        handle.remove()
-    h = captured[0]
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def mamba_gate_max(planted: Planted, inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per layer, the max over the corpus of each neuron's z = the z-rows of in_proj applied to the mixer's
+    normed input (``inputs`` from :func:`mamba_mixer_inputs`)."""
+    z0, E = _mamba_z_rows(planted.model, planted.arch), _d_inner(planted.model)
+    with torch.no_grad():
+        return {i: planted.model.backbone.layers[i].mixer.in_proj(h)[..., z0:z0 + E].reshape(-1, E).amax(0)
+                for i, h in inputs.items()}
+
+
+def mamba_delta_selectivity(planted: Planted, inputs: dict[int, torch.Tensor], layer: int) -> torch.Tensor:
+    """std of ln Δ per unit over the corpus, Δ recomputed from the mixer's normed input (``inputs`` from
+    :func:`mamba_mixer_inputs`) with the mixer's own modules: Mamba-1 in_proj → conv1d → SiLU → x_proj →
+    dt_proj → softplus; Mamba-2 in_proj dt rows + dt_bias → softplus → clamp."""
+    mixer = planted.model.backbone.layers[layer].mixer
+    h = inputs[layer]
     with torch.no_grad():
         if planted.arch == "mamba":
             x = mixer.in_proj(h)[..., : mixer.intermediate_size].transpose(1, 2)

@@ -15,6 +15,7 @@ from planting import (
     mamba_delta_selectivity,
     mamba_gate_max,
     mamba_layer0_truth,
+    mamba_mixer_inputs,
     permutation_windows,
     plant_gpt,
     plant_mamba,
@@ -42,26 +43,26 @@ def mamba(request):
     types = corpus_types(tokenizer, len(tokenizer), T)
     planted = plant_mamba(request.param, types)
     windows = permutation_windows(types, WINDOWS)
-    return planted, types, windows, _census(planted, windows, None)
+    return planted, types, mamba_mixer_inputs(planted, windows), _census(planted, windows, None)
 
 
 def test_mamba_constructions_hold_in_the_models_own_forward(mamba):
-    planted, types, windows, _ = mamba
+    planted, types, inputs, _ = mamba
     truth = mamba_layer0_truth(planted, types)
     for neuron, triggers in planted.detectors[0].items():  # the trigger set over the whole vocabulary
         assert (truth["z"][:, neuron] > 0).nonzero().flatten().tolist() == triggers
     assert not set(planted.non_detectors[0]) & set(truth["detectors"])
-    highest = mamba_gate_max(planted, windows)
+    highest = mamba_gate_max(planted, inputs)
     for layer, neurons in planted.dead.items():
         assert bool((highest[layer][neurons] < 0).all()), layer  # the gate never opens, strictly
-    selectivity = mamba_delta_selectivity(planted, windows, 1)
+    selectivity = mamba_delta_selectivity(planted, inputs, 1)
     order = torch.argsort(selectivity, descending=True).tolist()
     assert sorted(order[:2]) == planted.delta_sensitive[1]
     assert float(selectivity[planted.delta_flat[1]].max()) == 0.0
 
 
 def test_mamba_census_recovers_planted_units(mamba):
-    planted, types, windows, census = mamba
+    planted, types, inputs, census = mamba
     truth = mamba_layer0_truth(planted, types)
     layer0, layer1 = census["layers"]["0"], census["layers"]["1"]
     # layer 0: the truth of every neuron is known, so precision and recall are over the whole layer
@@ -81,7 +82,7 @@ def test_mamba_census_recovers_planted_units(mamba):
     recall, precision = _recall_precision(units, planted.delta_sensitive[1], planted.delta_flat[1])
     assert (recall, precision) == (1.0, 1.0)
     sel = torch.tensor(layer1["delta"]["selectivity"], dtype=torch.float64)
-    assert torch.allclose(sel, mamba_delta_selectivity(planted, windows, 1), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(sel, mamba_delta_selectivity(planted, inputs, 1), rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
