@@ -149,7 +149,7 @@ class TokenDetectorAccumulator(Accumulator):
 
     Small samples: each trigger carries its occurrences and the Wilson lower bound of its precision
     (:func:`precision_lower_bound`); a detector is *established* when every trigger's bound reaches
-    ``min_precision``; a ``warning`` names the detectors that are not (their triggers are too rare to
+    ``min_precision``; a ``warning`` counts the detectors that are not (their triggers are too rare to
     tell a 95 % detector from a much weaker one: 5 of 5 has a Wilson lower bound of 0.65).
     """
 
