@@ -276,7 +276,9 @@ def neuron_table(census: dict[str, Any]) -> pd.DataFrame:
         })
         frame.loc[r["dead_neurons"], "dead"] = True
         frame.loc[r["rarely_active"], "rarely_active"] = True
-        frame["positional"] = frame["positional_mi"] > r["positional"]["positional_threshold"]
+        # the census's decision: bias-corrected MI above the threshold and the permutation test passed
+        frame["positional"] = False
+        frame.loc[r["positional_neurons"], "positional"] = True
         if r["delta"] is not None:
             per_unit = E // r["delta"]["n_units"]  # 1 on Mamba-1; head_dim on Mamba-2 (Δ per head)
             for key in ("mean", "std", "selectivity"):
@@ -405,6 +407,15 @@ def run_comprehensive_analysis(model: nn.Module, tokenizer: Any, texts: Sequence
     return results
 
 
+def _warning_lines(layers: dict[str, Any]) -> list[str]:
+    """One line per distinct small-sample warning of the census, with the layers it applies to."""
+    where: dict[str, list[str]] = {}
+    for layer, r in layers.items():
+        for warning in r.get("warnings") or []:
+            where.setdefault(warning, []).append(layer)
+    return [f"WARNING (layers {', '.join(names)}): {warning}" for warning, names in where.items()]
+
+
 def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
     """A short plain-text summary of a results dict: per-layer census counts, losses, attention, errors."""
     lines = []
@@ -422,6 +433,13 @@ def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
             lines.append(f"{layer:>5} {r['pct_dead']:>7.2f} {len(r['rarely_active']):>5} "
                          f"{alive if alive is None else round(alive, 3)!s:>10} {len(r['positional_neurons']):>10} "
                          f"{len(r['token_detectors']):>9} {sel:>10}")
+        pos = [r.get("positional") or {} for r in results["layers"].values()]
+        if pos and "positional_alpha" in pos[0]:
+            plugin = ", ".join(str(p["n_positional_plugin"]) for p in pos)
+            lines.append(f"positional = bias-corrected MI > {pos[0]['positional_threshold']} and within-window "
+                         f"permutation p < {pos[0]['positional_alpha']}; {pos[0]['median_tokens_per_position']} "
+                         f"tokens per position (plug-in MI alone: {plugin})")
+        lines.extend(_warning_lines(results["layers"]))
     if results.get("census"):
         lines.append(f"loss on the selection windows: {results['census']['loss']:.4f} nats/token")
     if results.get("ablation"):
