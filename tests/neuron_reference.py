@@ -54,7 +54,33 @@ def ref_activity(post, active, valid, thresholds, rare_threshold):
     }
 
 
-def ref_positional(post, active, positions, valid, mi_threshold):
+def _bisect(predicate, lo, hi, steps=200):
+    """The boundary of a monotone predicate on [lo, hi]: predicate(lo) is False, predicate(hi) True."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if predicate(mid) else (mid, hi)
+    return hi
+
+
+def ref_dead_bound(tokens, confidence=0.95):
+    """The frequency at which P(no activation in N independent tokens) = (1 − f)^N falls to 1 − confidence,
+    found by bisection on that probability (not from its closed form)."""
+    return _bisect(lambda f: (1 - f) ** tokens <= 1 - confidence, 0.0, 1.0)
+
+
+def ref_wilson_lower(fired, occurrences, confidence=0.95):
+    """The smallest p ≤ p̂ that the one-sided score test does not reject: (p̂ − p)² ≤ z²·p(1 − p)/n
+    (the definition of the Wilson bound), found by bisection."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(confidence)
+    p_hat, n = fired / occurrences, occurrences
+    if p_hat == 0:
+        return 0.0
+    return _bisect(lambda p: (p_hat - p) ** 2 <= z * z * p * (1 - p) / n, 0.0, p_hat)
+
+
+def ref_positional(post, active, positions, valid, mi_threshold, alpha=0.001):
     post, active, positions, valid = _lists(post, active, positions, valid)
     E = len(post[0][0])
     tokens = defaultdict(int)
@@ -77,23 +103,143 @@ def ref_positional(post, active, positions, valid, mi_threshold):
     def plogq(a, q):  # a·ln(a/q) with 0·ln 0 = 0
         return 0.0 if a == 0 else a * math.log(a / q)
 
-    mi, corr = [], []
+    mi, corrected, corr = [], [], []
     for e in range(E):
-        fr = sum(act[p][e] for p in seen) / N
+        total_active = sum(act[p][e] for p in seen)
+        fr = total_active / N
         total = 0.0
+        bias = 0.0
         for p in seen:
             f = act[p][e] / tokens[p]
             total += plogq(f, fr) + plogq(1 - f, 1 - fr)
+            # Panzeri & Treves 1996: (R_p − 1)/(2 n_p) − (R − 1)/(2N), R = responses observed (1 or 2)
+            r_p = 2 if 0 < act[p][e] < tokens[p] else 1
+            r = 2 if 0 < total_active < N else 1
+            bias += (r_p - 1) / (2 * tokens[p]) - (r - 1) / (2 * N)
         mi.append(total / len(seen))
+        corrected.append((total - bias) / len(seen))
         mx, mp = sum(xs[e]) / N, sum(ps) / N
         cov = sum((x - mx) * (p - mp) for x, p in zip(xs[e], ps, strict=True))
         vx = sum((x - mx) ** 2 for x in xs[e])
         vp = sum((p - mp) ** 2 for p in ps)
         corr.append(cov / math.sqrt(vx * vp) if vx > 0 and vp > 0 else None)
+    null = ref_permutation_null(active, positions, valid)
     curves = {e: [act[p][e] / tokens[p] for p in seen] for e in range(E)}
-    return {"positional_mi": mi, "positional_neurons": [e for e in range(E) if mi[e] > mi_threshold],
-            "position_correlation": corr, "positions": seen,
+    flagged = [e for e in range(E) if corrected[e] > mi_threshold and null["p_value"][e] < alpha]
+    return {"positional_mi_plugin": mi, "positional_mi": corrected, "positional_neurons": flagged,
+            "position_correlation": corr, "positions": seen, "null": null,
             "tokens_by_position": [tokens.get(p, 0) for p in range(max(seen) + 1)], "curves": curves}
+
+
+def _window_covariance(valid_positions, k, length):
+    """Covariance matrix [length][length] of the active indicators of one window whose k active tokens are
+    placed uniformly at random among its valid positions (hypergeometric: Var = k/n(1−k/n), Cov = −k(n−k)/(n²(n−1)))."""
+    n = len(valid_positions)
+    cov = [[0.0] * length for _ in range(length)]
+    for p in valid_positions:
+        for q in valid_positions:
+            if p == q:
+                cov[p][q] = (k / n) * (1 - k / n)
+            else:
+                cov[p][q] = -k * (n - k) / (n * n * (n - 1))
+    return cov
+
+
+def ref_permutation_null(active, positions, valid):
+    """Mean and variance of S = Σ_p (c_p − E c_p)² under within-window shuffling, by explicit covariance
+    matrices: Var S = Σ_{w≠w'} 2·tr(Σ_w Σ_w') (the within-window part of S is fixed); and the p-value of a
+    χ² scaled to that mean and variance, from the series of the regularized incomplete gamma function."""
+    E = len(active[0][0])
+    length = max(positions[b][k] for b in range(len(valid)) for k in range(len(valid[b])) if valid[b][k]) + 1
+    windows = []
+    for b in range(len(valid)):
+        pos = [positions[b][k] for k in range(len(valid[b])) if valid[b][k]]
+        if pos:
+            windows.append((b, pos))
+    stats = {"statistic": [], "mean": [], "variance": [], "p_value": []}
+    for e in range(E):
+        count = [0] * length
+        expected = [0.0] * length
+        covs, mean = [], 0.0
+        for b, pos in windows:
+            k = sum(1 for j in range(len(valid[b])) if valid[b][j] and active[b][j][e])
+            n = len(pos)
+            for p in pos:
+                expected[p] += k / n
+            for j in range(len(valid[b])):
+                if valid[b][j] and active[b][j][e]:
+                    count[positions[b][j]] += 1
+            mean += k * (n - k) / n
+            covs.append(_window_covariance(pos, k, length))
+        variance = 0.0
+        for i in range(len(covs)):
+            for j in range(len(covs)):
+                if i != j:
+                    variance += 2 * sum(covs[i][p][q] * covs[j][q][p] for p in range(length) for q in range(length))
+        s = sum((count[p] - expected[p]) ** 2 for p in range(length))
+        stats["statistic"].append(s)
+        stats["mean"].append(mean)
+        stats["variance"].append(variance)
+        if variance <= 1e-12 * mean * mean or mean <= 0:
+            stats["p_value"].append(1.0)
+        else:
+            dof = 2 * mean * mean / variance
+            stats["p_value"].append(_upper_gamma_regularized(dof / 2, s * mean / variance))
+    return stats
+
+
+def _upper_gamma_regularized(a, x):
+    """Q(a, x) = Γ(a, x)/Γ(a): the series of P(a, x) for x < a + 1, else the continued fraction of Q
+    (Numerical Recipes, 3rd ed., §6.2), in plain floats."""
+    if x <= 0:
+        return 1.0
+    log_front = a * math.log(x) - x - math.lgamma(a)
+    if x < a + 1:
+        term = total = 1.0 / a
+        ap = a
+        for _ in range(10000):
+            ap += 1
+            term *= x / ap
+            total += term
+            if abs(term) < abs(total) * 1e-16:
+                break
+        return 1.0 - total * math.exp(log_front)
+    tiny = 1e-300
+    b = x + 1 - a
+    c, d = 1 / tiny, 1 / b
+    h = d
+    for i in range(1, 10000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1) < 1e-16:
+            break
+    return math.exp(log_front) * h
+
+
+def enumerate_permutation_moments(valid_sets, ks, length):
+    """Exact mean and variance of S over every placement of k_w active tokens among the valid positions
+    of each window (all combinations, enumerated): the ground truth for the analytic null."""
+    placements = [list(itertools.combinations(pos, k)) for pos, k in zip(valid_sets, ks, strict=True)]
+    expected = [0.0] * length
+    for pos, k in zip(valid_sets, ks, strict=True):
+        for p in pos:
+            expected[p] += k / len(pos)
+    values = []
+    for choice in itertools.product(*placements):
+        count = [0] * length
+        for chosen in choice:
+            for p in chosen:
+                count[p] += 1
+        values.append(sum((count[p] - expected[p]) ** 2 for p in range(length)))
+    mean = sum(values) / len(values)
+    return mean, sum((v - mean) ** 2 for v in values) / len(values)
 
 
 def _ngram_at(token_ids, valid, b, k, n):

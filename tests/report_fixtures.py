@@ -105,7 +105,7 @@ def _census_only() -> tuple[dict, dict]:
     tok, windows = _corpus()
     torch.manual_seed(1)
     model = MambaForCausalLM(MambaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, state_size=8)).eval()
-    census = _roundtrip(run_census(model, tok, windows, progress=False, draws=2))
+    census = _roundtrip(run_census(model, tok, windows, progress=False, draws=3))
     return model_info(model, "tiny-random-mamba"), census
 
 

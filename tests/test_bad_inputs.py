@@ -533,3 +533,25 @@ def test_api_load_corpus_bad_split():
 
     with pytest.raises(ValueError, match="split"):
         load_corpus("builtin", split="test")
+
+
+def test_quiet_prints_nothing_on_stderr(tmp_path, capsys, small_checkpoints):
+    code, out, err = run(capsys, *census(small_checkpoints, tmp_path / "o"))
+    assert code == 0 and err == "" and "results:" in out
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, small_checkpoints):
+    code, _, err = run(capsys, *census(small_checkpoints, tmp_path / "o"), "--layers", "9", "--debug")
+    assert code == 2 and "Traceback" in err and "--layers: layer 9 out of range" in err
+
+
+@pytest.mark.parametrize("models,needle", [
+    (["tiny-mamba"], "at least two models"),
+    (["tiny-mamba", "/no/such/model"], "/no/such/model"),
+    (["tiny-mamba", "tiny-gtp"], "did you mean 'tiny-gpt'"),
+])
+def test_compare_refuses_bad_models_before_any_work(tmp_path, capsys, models, needle):
+    code, _, err = run(capsys, "compare", "--models", *models, "--out", tmp_path / "cmp", "--quiet")
+    assert code == 2
+    one_line(err, needle)
+    assert list(tmp_path.iterdir()) == []

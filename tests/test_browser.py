@@ -1,15 +1,17 @@
 """report.html in a real headless Chromium: the scripts run, neuron pages render, no console errors.
 
-Needs a Chromium binary (Debian: ``apt-get install -y chromium``); skipped, with that reason, only where
-none is installed.  Chromium is driven from the command line: ``--dump-dom`` serialises the DOM after
-the page's scripts ran, ``--screenshot`` renders it, ``--enable-logging=stderr`` prints the console
-(``CONSOLE`` lines, uncaught exceptions included).
+Needs a Chromium binary (Debian: ``apt-get install -y chromium``); skipped, with that reason, where none is
+installed, except that with ``MAMBASCOPE_REQUIRE_BROWSER=1`` (set by ``.ci/run``) a missing browser fails
+every test instead, so CI cannot pass without having run them.  Chromium is driven from the command line:
+``--dump-dom`` serialises the DOM after the page's scripts ran, ``--screenshot`` renders it,
+``--enable-logging=stderr`` prints the console (``CONSOLE`` lines, uncaught exceptions included).
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -22,8 +24,17 @@ from report_fixtures import mamba_report
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 CHROMIUM = next((path for path in map(shutil.which, BROWSERS) if path), None)
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no Chromium/Chrome binary on PATH (install it: apt-get install -y chromium)")
+REQUIRED = os.environ.get("MAMBASCOPE_REQUIRE_BROWSER", "") not in ("", "0")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def browser() -> None:
+    """Skip (or, where the browser is required, fail) before the report is built."""
+    if CHROMIUM is None:
+        why = "no Chromium/Chrome binary on PATH (install it: apt-get install -y chromium)"
+        if REQUIRED:
+            pytest.fail(f"{why}; MAMBASCOPE_REQUIRE_BROWSER=1 requires the browser tests to run", pytrace=False)
+        pytest.skip(why)
 
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mambascope.neurons import ActivityAccumulator, EmptyAccumulatorError, NeuronBatch
-from neuron_reference import assert_tree_close, check_invariance, make_batch, ref_activity
+from neuron_reference import assert_tree_close, check_invariance, make_batch, ref_activity, ref_dead_bound
 
 THRESHOLDS = [0.01, 0.1, 0.5, 1.0, 2.0]
 
@@ -29,6 +29,23 @@ def test_matches_reference():
     assert got["dead_sensitivity"]["pct_dead"] == ref["sensitivity_pct_dead"]
     assert got["dead_sensitivity"]["thresholds"] == THRESHOLDS
     assert got["n_dead"] == 1 and got["tokens"] == int(batch.valid.sum())
+
+
+@pytest.mark.parametrize(("tokens", "warned"), [(50, True), (298, True), (299, False), (5000, False)])
+def test_dead_bound_and_small_sample_warning(tokens, warned):
+    post = torch.zeros(1, tokens, 2)
+    post[0, :, 1] = 1.0
+    batch = NeuronBatch(post, post > 0, torch.zeros(1, tokens).long(), torch.arange(tokens)[None],
+                        torch.ones(1, tokens).bool())
+    acc = ActivityAccumulator(rare_threshold=0.01)
+    acc.update(batch)
+    out = acc.finalize()
+    assert out["dead_neurons"] == [0]
+    assert out["dead_frequency_upper_bound"] == pytest.approx(ref_dead_bound(tokens), rel=1e-9)
+    # 299 tokens: a 1 %-neuron is missed with probability 0.99^299 < 5 %, at 298 it is not
+    assert (out["warning"] is not None) == warned
+    if warned:
+        assert ">= 299 tokens" in out["warning"]
 
 
 def test_sensitivity_counts_are_strict_and_monotone():

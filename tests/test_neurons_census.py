@@ -15,7 +15,7 @@ from mambascope.neurons import (
 from neuron_reference import assert_tree_close
 
 KEYS = {"dead_neurons", "activation_frequency", "rarely_active", "positional_neurons", "positional_mi",
-        "token_detectors", "delta_sensitive", "tokens"}
+        "token_detectors", "delta_sensitive", "tokens", "warnings"}
 
 
 def _layer(arch, b=4, L=12, E=6, H=3, V=7, seed=0):
@@ -55,6 +55,9 @@ def test_keys_json_and_consistency(arch):
         assert out[key] == a[key]
     assert out["positional_mi"] == p["positional_mi"] and out["positional_neurons"] == p["positional_neurons"]
     assert out["token_detectors"] == d["token_detectors"]
+    # 44 tokens, a few windows: every small-sample warning of the parts is carried up, in order
+    assert out["warnings"] == [w for w in (a["warning"], p["warning"], d["warning"]) if w is not None]
+    assert out["warnings"][0].startswith("dead:") and any(w.startswith("positional:") for w in out["warnings"])
     if arch == "gpt2":
         assert out["delta_sensitive"] is None and out["delta"] is None
     else:
@@ -91,3 +94,22 @@ def test_bad_use():
         LayerCensus("gpt2", vocab_size=7).update(NeuronBatch(post, post > 0, torch.zeros(1, 2).long(),
                                                              torch.arange(2)[None], torch.ones(1, 2).bool(),
                                                              dt=post))
+
+
+def test_summary_prints_each_warning_once_with_its_layers():
+    import io
+
+    from mambascope.pipeline import print_analysis_summary
+
+    layers = {}
+    for index in (0, 1):
+        layer, ids = _layer("mamba", seed=index)
+        census = LayerCensus("mamba", vocab_size=7, layer=index, min_occurrences=3)
+        census.update(NeuronBatch.from_layer(layer, "mamba", ids, bos_token_id=0))
+        layers[str(index)] = census.finalize()
+    out = io.StringIO()
+    print_analysis_summary({"model": {}, "corpus": {}, "layers": layers, "errors": {}}, file=out)
+    text = out.getvalue()
+    assert layers["0"]["warnings"] and layers["0"]["warnings"][0] == layers["1"]["warnings"][0]
+    assert text.count("WARNING (layers 0, 1): dead:") == 1
+    assert "plug-in MI alone:" in text and "tokens per position" in text

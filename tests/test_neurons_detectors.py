@@ -13,7 +13,7 @@ from mambascope.neurons import (
     detector_tokens_by_layer,
     ngram_ids,
 )
-from neuron_reference import check_invariance, make_batch, ref_detectors
+from neuron_reference import check_invariance, make_batch, ref_detectors, ref_wilson_lower
 
 
 def _row_batch(tokens, active, valid=None):
@@ -42,6 +42,28 @@ def test_matches_brute_force_reference(seed):
     for d in got["token_detectors"]:
         assert d["precision"] == [d["counts"][i] / int(occ[t]) for i, t in enumerate(d["tokens"])]
         assert d["counts"] == sorted(d["counts"], reverse=True)
+        assert d["occurrences"] == [int(occ[t]) for t in d["tokens"]]
+        lower = [ref_wilson_lower(c, o) for c, o in zip(d["counts"], d["occurrences"], strict=True)]
+        assert d["precision_lower_bound"] == pytest.approx(lower, abs=1e-9)
+        assert d["established"] == all(b >= 0.95 for b in lower)
+
+
+def test_few_occurrences_are_flagged_not_established():
+    # neuron 0 fires on every one of 5 occurrences of token 1 (lower bound 0.65), neuron 1 on each of 60
+    # occurrences of token 2 (lower bound 0.957): both pass Voita's test, only the second is established
+    tokens = [1] * 5 + [2] * 60 + [3] * 20
+    active = [[t == 1, t == 2] for t in tokens]
+    acc = TokenDetectorAccumulator(vocab_size=4, min_occurrences=5)
+    acc.update(_row_batch(tokens, active))
+    out = acc.finalize()
+    by_neuron = {d["neuron"]: d for d in out["token_detectors"]}
+    assert set(by_neuron) == {0, 1} and out["n_established"] == 1
+    assert not by_neuron[0]["established"] and by_neuron[1]["established"]
+    assert by_neuron[0]["precision_lower_bound"][0] == pytest.approx(ref_wilson_lower(5, 5), abs=1e-9)
+    assert "1 of 2" in out["warning"] and ">= 52 occurrences" in out["warning"]
+    strong = TokenDetectorAccumulator(vocab_size=4, min_occurrences=5)
+    strong.update(_row_batch(tokens, [[False, t == 2] for t in tokens]))
+    assert strong.finalize()["warning"] is None
 
 
 def test_precision_and_type_limits():

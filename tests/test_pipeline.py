@@ -27,7 +27,7 @@ def windows(small_tokenizer):
 @pytest.mark.parametrize("kind", ["mamba", "mamba2", "gpt2"])
 def test_census_is_complete_and_json(kind, small_checkpoints, windows):
     model, tok = load_model(small_checkpoints[kind], device="cpu")
-    out = run_census(model, tok, windows, draws=2, progress=False, pruning_ratios=(0.5,))
+    out = run_census(model, tok, windows, draws=3, progress=False, pruning_ratios=(0.5,))
     assert out["tokens"] + out["heldout_tokens"] == windows.numel()
     assert set(out["layers"]) == {"0", "1"}
     layer = out["layers"]["0"]
@@ -37,7 +37,7 @@ def test_census_is_complete_and_json(kind, small_checkpoints, windows):
     assert (layer["delta_sensitive"] is None) == (kind == "gpt2")
     assert set(out["ablation"]["groups"]) == {"dead", "rarely_active", "positional", "token_detector",
                                               "delta_sensitive"}
-    assert len(out["pruning"]["ratios"]["0.5"]["random"]["draws"]) == 2
+    assert len(out["pruning"]["ratios"]["0.5"]["random"]["draws"]) == 3
     json.dumps(to_jsonable(out), allow_nan=False)
     table = neuron_table(out)
     assert len(table) == 2 * layer["n_neurons"]
@@ -81,7 +81,7 @@ def test_a_failing_stage_is_recorded_and_the_others_run(small_checkpoints, windo
     monkeypatch.setattr(an, "run_attention_analysis", broken)
     model, tok = load_model(small_checkpoints["mamba"], device="cpu")
     saved = []
-    results = run_analysis(model, tok, windows, info={"model": {}, "corpus": {}}, draws=1, progress=False,
+    results = run_analysis(model, tok, windows, info={"model": {}, "corpus": {}}, draws=3, progress=False,
                            save=lambda r: saved.append(json.dumps(to_jsonable(r))))
     assert results["errors"] == {"attention_neurons": "RuntimeError: kernel exploded"}
     assert results["layers"] and results["ablation"]["groups"]

@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 
 from mambascope.cli import main
+from mambascope.report import results_schema
 
 RUNNER = Path(__file__).with_name("signal_runner.py")
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -120,6 +122,7 @@ def test_two_gloo_processes_equal_one(tmp_path, census_args, reference):
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert (reference["processes"], results["processes"]) == (1, 2)
+    jsonschema.Draft202012Validator(results_schema()).validate(results)
     assert_same(reference, results, rel=1e-9)
     assert not list(tmp_path.glob("*checkpoint*"))
 
@@ -150,6 +153,7 @@ def test_a_streamed_census_killed_and_resumed(tmp_path, census_args):
     assert main(census_args(out, "--stream", "--no-ablation", "--resume")) == 0
     expected, resumed = (json.loads((p / "results.json").read_text()) for p in (whole, out))
     assert expected["corpus"]["streamed"] and expected["corpus"]["tokens"] == 640
+    jsonschema.Draft202012Validator(results_schema()).validate(resumed)
     assert_same(expected, resumed, rel=1e-12)
 
 
@@ -168,6 +172,7 @@ def test_a_memory_budget_below_the_exact_tables_counts_ngrams_in_bounded_summari
     results = json.loads((out / "results.json").read_text())
     assert results["census"]["approximate"] == ["layers.*.detectors.ngram_coverage.2",
                                                 "layers.*.detectors.ngram_coverage.3"]
+    jsonschema.Draft202012Validator(results_schema()).validate(results)
     for layer, exact_layer in reference["layers"].items():
         assert results["layers"][layer]["token_detectors"] == exact_layer["token_detectors"]
         for n in ("2", "3"):

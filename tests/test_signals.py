@@ -71,6 +71,7 @@ def test_interrupt_at_a_stage_boundary_keeps_the_finished_stage(tmp_path, census
     assert "Traceback" not in run.stderr and "finished stages kept" in run.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["layers"] and results["incomplete"] == ["interventions"]
+    assert (out / "neurons.parquet").is_file()  # the finished census's table too
     assert json.loads((out / MARKER).read_text())["status"] == "incomplete"
     assert leftovers(tmp_path) == []  # no staging folder, no lock
 

@@ -313,6 +313,12 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
     with _claim(args, args.command) as out:
         if "census" in stages:
             _check_checkpoints(args, ranks.world)
+
+        def save(results: dict) -> None:  # after every stage: what an interrupt keeps (results.json last)
+            if results["layers"] and not (out.staging / "neurons.parquet").exists():
+                save_table(out.staging, neuron_table({"layers": results["layers"]}))
+            save_json(out.file("results.json"), results)
+
         model, tokenizer, windows, info = _prepare(args)
         plan = _scan_plan(args, ranks, model, windows, info) if "census" in stages else None
         info["processes"] = ranks.world  # that shared the census pass (torchrun); the other stages run here
@@ -321,14 +327,12 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
                 model, tokenizer, windows, info=info, layers=args.layers, stages=stages,
                 attention_layers=getattr(args, "attention_layers", None), methods=getattr(args, "methods", None),
                 heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, draws=args.draws,
-                seed=args.seed, progress=not args.quiet, save=lambda r: save_json(out.file("results.json"), r),
+                seed=args.seed, progress=not args.quiet, save=save,
                 scan=None if plan is None else scan_function(plan),
                 ngram_counters=None if plan is None else plan.ngram_counters)
             if getattr(args, "stream", False) and windows.n_windows is not None:
                 results["corpus"].update(_stream_counts(windows))
                 save_json(out.file("results.json"), results)
-            if results["layers"]:
-                save_table(out.staging, neuron_table({"layers": results["layers"]}))
             if args.report:
                 _render(results, out.staging)
                 save_json(out.file("results.json"), results)
@@ -410,12 +414,17 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from mambascope.compare import compare_models, comparison_table
     from mambascope.data import load_corpus
+    from mambascope.models.loading import check_checkpoint
     from mambascope.report.compare_plots import plot_comparison
     from mambascope.report.html import render_comparison_report
     from mambascope.results import save_json, save_table
 
+    if len(args.models) < 2:
+        raise ValueError("--models: compare needs at least two models")
+    for name in args.models:
+        check_checkpoint(name)
+    corpus = load_corpus(args.corpus, split=args.split)
     with _claim(args, "comparison") as out:
-        corpus = load_corpus(args.corpus, split=args.split)
         comparison = compare_models(args.models, corpus.texts, window=args.window, max_tokens=args.max_tokens or None,
                                     device=args.device, batch_size=args.batch_size, progress=not args.quiet)
         comparison["corpus"] = {"name": corpus.name, "split": corpus.split, "texts": len(corpus.texts)}

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mambascope.interventions import ablation_study, pruning_study
+from mambascope.interventions import ablation_study, check_draws, pruning_study
 from mambascope.neurons import (
     LayerCensus,
     NeuronBatch,
@@ -73,10 +73,21 @@ def _decoded_contexts(top: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     return top
 
 
+def activation_sign(layer_result: dict) -> torch.Tensor:
+    """[E] sign of each neuron's typical activation: its mean ``post`` while active (``mean_post_active``).
+
+    Mamba's post = y·SiLU(z) is often negative while the gate is open, and an activation a writes a·w_e,
+    so the logit effect of the neuron when it fires is sign·effect.  A dead neuron (None) counts as +1.
+    """
+    mean_active = layer_result["activity"]["mean_post_active"]
+    return torch.sign(torch.tensor([1.0 if m is None else m for m in mean_active], dtype=torch.float64))
+
+
 def _logit_effects(W: torch.Tensor, norm_weight: torch.Tensor, W_U: torch.Tensor, tokenizer: Any,
-                   k: int = 10) -> dict[str, Any]:
-    """Each neuron's most promoted and most suppressed tokens through the final norm and unembedding."""
-    top = top_logit_tokens(W, norm_weight, W_U, k)
+                   sign: torch.Tensor, k: int = 10) -> dict[str, Any]:
+    """Each neuron's most promoted and most suppressed tokens through the final norm and unembedding,
+    for its typical activation's sign."""
+    top = top_logit_tokens(W, norm_weight, W_U, k, activation_sign=sign)
     ids = sorted(set(top["promoted_tokens"].flatten().tolist()) | set(top["suppressed_tokens"].flatten().tolist()))
     text = dict(zip(ids, _decode(tokenizer, ids), strict=True))
     return {"promoted": [[text[t] for t in row] for row in top["promoted_tokens"].tolist()],
@@ -188,10 +199,12 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
         for d in result["delta_sensitive"] or []:
             for t in d["top_tokens"] or []:
                 t["string"] = _decode(tokenizer, [t["token"]])[0]
-        result["suppression"] = detector_suppression(W, norm_weight, W_U, result["token_detectors"])
+        sign = activation_sign(result)
+        result["suppression"] = detector_suppression(W, norm_weight, W_U, result["token_detectors"],
+                                                     activation_sign=sign)
         result["overlap"] = group_overlap(neuron_groups(result, arch, head_dim), result["n_neurons"])
         result["top_contexts"] = _decoded_contexts(tops[layer].finalize(), tokenizer)
-        result["logit_effects"] = _logit_effects(W, norm_weight, W_U, tokenizer)
+        result["logit_effects"] = _logit_effects(W, norm_weight, W_U, tokenizer, sign)
         out["layers"][str(layer)] = result
     out["detector_tokens_by_layer"] = detector_tokens_by_layer(
         [out["layers"][str(layer)]["tokens_covered"] for layer in layers])
@@ -276,6 +289,8 @@ def run_census(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layer
                census_options: dict | None = None) -> dict[str, Any]:
     """``census_pass`` on the selection windows, then (if ``ablation``) ``census_interventions`` on the
     held-out tail.  Returns the census dict with ``ablation`` and ``pruning`` added."""
+    if ablation:
+        check_draws(draws)
     select, heldout = split_windows(windows, heldout_fraction) if ablation else (windows, None)
     out = census_pass(model, tokenizer, select, layers=layers, batch_size=batch_size, progress=progress,
                       census_options=census_options)
@@ -301,7 +316,9 @@ def neuron_table(census: dict[str, Any]) -> pd.DataFrame:
         })
         frame.loc[r["dead_neurons"], "dead"] = True
         frame.loc[r["rarely_active"], "rarely_active"] = True
-        frame["positional"] = frame["positional_mi"] > r["positional"]["positional_threshold"]
+        # the census's decision: bias-corrected MI above the threshold and the permutation test passed
+        frame["positional"] = False
+        frame.loc[r["positional_neurons"], "positional"] = True
         if r["delta"] is not None:
             per_unit = E // r["delta"]["n_units"]  # 1 on Mamba-1; head_dim on Mamba-2 (Δ per head)
             for key in ("mean", "std", "selectivity"):
@@ -343,6 +360,7 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}")
+    check_draws(draws)
     layers = check_layers(model, layers)
     select, heldout = split_windows(windows, heldout_fraction)
     results: dict[str, Any] = {**info, "layers": {}, "census": None, "ablation": None, "pruning": None,
@@ -435,6 +453,15 @@ def run_comprehensive_analysis(model: nn.Module, tokenizer: Any, texts: Sequence
     return results
 
 
+def _warning_lines(layers: dict[str, Any]) -> list[str]:
+    """One line per distinct small-sample warning of the census, with the layers it applies to."""
+    where: dict[str, list[str]] = {}
+    for layer, r in layers.items():
+        for warning in r.get("warnings") or []:
+            where.setdefault(warning, []).append(layer)
+    return [f"WARNING (layers {', '.join(names)}): {warning}" for warning, names in where.items()]
+
+
 def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
     """A short plain-text summary of a results dict: per-layer census counts, losses, attention, errors."""
     lines = []
@@ -452,6 +479,13 @@ def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
             lines.append(f"{layer:>5} {r['pct_dead']:>7.2f} {len(r['rarely_active']):>5} "
                          f"{alive if alive is None else round(alive, 3)!s:>10} {len(r['positional_neurons']):>10} "
                          f"{len(r['token_detectors']):>9} {sel:>10}")
+        pos = [r.get("positional") or {} for r in results["layers"].values()]
+        if pos and "positional_alpha" in pos[0]:
+            plugin = ", ".join(str(p["n_positional_plugin"]) for p in pos)
+            lines.append(f"positional = bias-corrected MI > {pos[0]['positional_threshold']} and within-window "
+                         f"permutation p < {pos[0]['positional_alpha']}; {pos[0]['median_tokens_per_position']} "
+                         f"tokens per position (plug-in MI alone: {plugin})")
+        lines.extend(_warning_lines(results["layers"]))
     if results.get("census"):
         lines.append(f"loss on the selection windows: {results['census']['loss']:.4f} nats/token")
     if results.get("ablation"):

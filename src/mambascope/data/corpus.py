@@ -18,6 +18,7 @@ order, and a document never lands in both splits. The same rule splits ``.txt`` 
 from __future__ import annotations
 
 import ast
+import codecs
 import hashlib
 import importlib
 import importlib.util
@@ -220,11 +221,34 @@ def _collect_builtin() -> list[str]:
     return texts
 
 
+def _decode(path: Path) -> str:
+    """The text of a corpus file: UTF-8 (a leading BOM is dropped). Anything else (an empty file, UTF-16,
+    undecodable bytes, NUL bytes of a binary file) is one ValueError naming the file, the line and the
+    encoding expected."""
+    data = path.read_bytes()
+    if not data:
+        raise ValueError(f"corpus file {path} is empty")
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise ValueError(f"corpus file {path} is UTF-16 text (it starts with a UTF-16 byte-order mark); expected "
+                         "UTF-8: convert it, e.g. iconv -f UTF-16 -t UTF-8")
+    nul = data.find(b"\x00")  # text never holds NUL; binary files (and UTF-16/32 without a BOM) do
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise ValueError(f"corpus file {path}, line {line}: NUL byte, so this is a binary file; expected UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"corpus file {path}, line {line}: byte 0x{data[exc.start]:02x} is not UTF-8; expected "
+                         "UTF-8 text: convert the file (e.g. iconv -f latin1 -t UTF-8) or pass a text file"
+                         ) from None
+
+
 def _read_txt(path: Path) -> list[str]:
     # Documents are separated by one or more blank lines (whitespace-only lines count as blank).
     docs: list[str] = []
     current: list[str] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in _decode(path).splitlines():
         if line.strip():
             current.append(line.rstrip())
         elif current:
@@ -237,21 +261,36 @@ def _read_txt(path: Path) -> list[str]:
 
 def _read_jsonl(path: Path) -> list[str]:
     docs: list[str] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or "text" not in record:
-                raise ValueError(f"{path}:{lineno}: each JSONL line must be an object with a 'text' field")
-            if not isinstance(record["text"], str):
-                raise ValueError(f"{path}:{lineno}: the 'text' field must be a string")
-            if record["text"].strip():
-                docs.append(record["text"])
+    # split on "\n" only: a JSON string may hold U+2028 and other characters that str.splitlines breaks at
+    for lineno, line in enumerate(_decode(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise ValueError(f"{path}:{lineno}: each JSONL line must be an object with a 'text' field")
+        if not isinstance(record["text"], str):
+            raise ValueError(f"{path}:{lineno}: the 'text' field must be a string")
+        if record["text"].strip():
+            docs.append(record["text"])
     return docs
+
+
+def _file_texts(path: Path, split: str) -> list[str]:
+    """The documents of a .txt / .jsonl file in ``split``; a file without text, or without any document in
+    the split, is one ValueError naming the file."""
+    docs = _read_txt(path) if path.suffix.lower() == ".txt" else _read_jsonl(path)
+    if not docs:
+        what = "blank lines" if path.suffix.lower() == ".txt" else "lines whose 'text' is empty"
+        raise ValueError(f"corpus file {path} has no text: no non-empty documents, only {what}")
+    texts = split_texts(docs, split)
+    if not texts:
+        raise ValueError(f"corpus file {path} has {len(docs)} document(s), none in split {split!r} (the split "
+                         f"takes about {VALIDATION_PERCENT}% of documents by a hash of their text); use split "
+                         "'all' (--split all) to analyse the whole file")
+    return texts
 
 
 def _download_failure(spec: str, exc: BaseException) -> str:
@@ -300,7 +339,8 @@ def load_corpus(spec: str = "builtin", split: str = "train") -> Corpus:
     ``split`` is ``"train"``, ``"validation"`` or ``"all"``. Built-in and file corpora are split by
     the stable hash rule of this module; a ``datasets`` corpus uses the dataset's own splits.
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for an empty corpus, a bad
-    split, a malformed JSONL line, or a dataset that cannot be downloaded.
+    split, a file that is not UTF-8 text, a malformed JSONL line, or a dataset that cannot be
+    downloaded; each names the file (and the line) at fault.
     """
     _check_split(split)
     if spec == "builtin":
@@ -312,7 +352,7 @@ def load_corpus(spec: str = "builtin", split: str = "train") -> Corpus:
         if suffix in (".txt", ".jsonl"):
             if not path.is_file():
                 raise FileNotFoundError(f"corpus file not found: {path}")
-            texts = split_texts(_read_txt(path) if suffix == ".txt" else _read_jsonl(path), split)
+            texts = _file_texts(path, split)
             name = str(path)
         elif path.exists():
             raise ValueError(f"unsupported corpus file {path}: use a .txt or .jsonl file")

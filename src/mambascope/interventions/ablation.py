@@ -59,9 +59,21 @@ def random_groups(n_neurons: int, size: int, draws: int, seed: int) -> list[torc
     return [torch.randperm(n_neurons, generator=g)[:size].sort().values for _ in range(draws)]
 
 
-def _spread(values: list[float]) -> dict[str, float | list[float]]:
+MIN_DRAWS = 3
+
+
+def check_draws(draws: int) -> int:
+    """``draws`` validated: the random control reports a mean and a spread, which need several draws."""
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < MIN_DRAWS:
+        raise ValueError(f"--draws must be at least {MIN_DRAWS} (the random control's mean and std need several "
+                         f"draws), got draws={draws!r}")
+    return draws
+
+
+def _spread(values: list[float]) -> dict[str, float | list[float] | None]:
+    """Mean, sample std (None, i.e. JSON null, over fewer than 2 values: undefined, not 0) and the values."""
     t = torch.tensor(values, dtype=torch.float64)
-    return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0, "draws": values}
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else None, "draws": values}
 
 
 def ablation_study(model: nn.Module, windows: torch.Tensor, groups: Mapping[str, Mapping[int, Sequence[int]]],
@@ -70,8 +82,10 @@ def ablation_study(model: nn.Module, windows: torch.Tensor, groups: Mapping[str,
     """Loss with each named group zero- and mean-ablated, against random groups of the same size per layer.
 
     groups: group name -> {layer: neuron indices}.  Returns the baseline and, per group and mode, the
-    loss, its change, and the random control's mean, std and draws.  An empty group is reported as such.
+    loss, its change, and the random control's mean, std and draws (``draws`` >= 3).  An empty group is
+    reported as such.
     """
+    check_draws(draws)
     bar = tqdm(unit="tok", unit_scale=True, desc="ablation", disable=not progress)
     base = heldout_loss(model, windows, batch_size=batch_size, bar=bar)
     out: dict = {"baseline_loss": base.loss, "tokens": base.tokens, "draws": draws, "groups": {}}
@@ -102,14 +116,17 @@ def pruning_study(model: nn.Module, windows: torch.Tensor, priority: Mapping[int
     """Zero-prune the first ``ratio`` of each layer's neurons in ``priority`` order, against random pruning.
 
     priority: layer -> [E] neuron indices, first = pruned first (e.g. dead, then rarely active, then
-    lowest importance).  Returns per ratio the loss before/after and the random control's spread.
+    lowest importance).  Returns per ratio the loss before/after and the random control's spread
+    (``draws`` >= 3).  Arguments are checked before any forward pass.
     """
+    check_draws(draws)
+    bad = [ratio for ratio in ratios if not 0 < ratio < 1]
+    if bad:
+        raise ValueError(f"pruning ratio {bad[0]} must be in (0, 1)")
     bar = tqdm(unit="tok", unit_scale=True, desc="pruning", disable=not progress)
     base = heldout_loss(model, windows, batch_size=batch_size, bar=bar)
     out: dict = {"baseline_loss": base.loss, "tokens": base.tokens, "ratios": {}}
     for ratio in ratios:
-        if not 0 < ratio < 1:
-            raise ValueError(f"pruning ratio {ratio} must be in (0, 1)")
         chosen = {layer: order[: round(ratio * order.numel())] for layer, order in priority.items()}
         loss = heldout_loss(model, windows, edits=ablation_edits(model, chosen), batch_size=batch_size, bar=bar).loss
         per_layer = {layer: random_groups(order.numel(), round(ratio * order.numel()), draws, seed + layer)

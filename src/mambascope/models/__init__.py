@@ -1,9 +1,17 @@
 """Model loading (bundled name | local dir | hub id), the shared tokenizer, and tiny-model training."""
 
-from mambascope.models.loading import BUNDLED, SUPPORTED, bundled_path, load_model, resolve_device, resolve_dtype
+from mambascope.models.loading import (
+    BUNDLED,
+    SUPPORTED,
+    bundled_path,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from mambascope.models.tokenizer import ENDOFTEXT, train_tokenizer
 
-__all__ = ["BUNDLED", "ENDOFTEXT", "SUPPORTED", "bundled_path", "load_model", "resolve_device",
+__all__ = ["BUNDLED", "ENDOFTEXT", "SUPPORTED", "bundled_path", "load_model", "load_tokenizer", "resolve_device",
            "resolve_dtype", "train_tiny", "train_tokenizer"]
 
 

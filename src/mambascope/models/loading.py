@@ -7,8 +7,11 @@ loaded exactly as a user's checkpoint would be.
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import pickle
 import re
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -126,6 +129,144 @@ def _resolve_source(name_or_path: str) -> tuple[str, bool]:
     return name_or_path, False
 
 
+# What save_pretrained writes: weights (single file or sharded index) and a tokenizer's vocabulary.
+_WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+_RESAVE = "re-save the checkpoint with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _check_config_json(path: Path) -> None:
+    """``path/config.json`` is a readable JSON object (transformers' own errors name neither the problem nor
+    the fix for a file that is not JSON or is a JSON list)."""
+    file = path / "config.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {file}: {_first_line(exc)}; restore the config.json saved with the "
+                         f"weights, or {_RESAVE}") from exc
+    if not isinstance(data, dict):
+        kind = _JSON_TYPES.get(type(data), type(data).__name__)
+        raise ValueError(f"{file} must be a JSON object with a \"model_type\" key, got a JSON {kind}; restore the "
+                         f"config.json saved with the weights, or {_RESAVE}")
+
+
+def _weights_file(path: Path) -> Path:
+    """The checkpoint's weights file in ``path`` (FileNotFoundError naming the files looked for)."""
+    for name in _WEIGHTS_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"no weights file in {path} (looked for {', '.join(_WEIGHTS_FILES)}); {_RESAVE}")
+
+
+def _check_tokenizer_files(path: Path, what: str) -> None:
+    # Without them transformers builds an empty tokenizer for the model type (2 special tokens) instead of failing.
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(f"no tokenizer files in {what} {path} (looked for {', '.join(_TOKENIZER_FILES)}); save "
+                         "the tokenizer there with tokenizer.save_pretrained(dir)")
+
+
+def _tokenizer(source: str, what: str) -> Any:
+    """AutoTokenizer for ``source``, refused when it cannot tokenize text (no ordinary token at all)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"no usable tokenizer in {what}: {_first_line(exc)}; save a tokenizer there with "
+                         "tokenizer.save_pretrained(dir)") from exc
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ValueError(f"the tokenizer of {what} has only special tokens ({len(tokenizer)} in all), so it cannot "
+                         "encode text; save the real tokenizer there with tokenizer.save_pretrained(dir)")
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str | Path) -> Any:
+    """The tokenizer of a bundled model name or of a local directory it was saved to (``save_pretrained``).
+
+    Raises ``FileNotFoundError`` for a missing directory and ``ValueError`` for a directory without tokenizer
+    files or with unreadable ones, each naming the directory and the fix.
+    """
+    if str(name_or_path) in BUNDLED:
+        path = bundled_path(str(name_or_path))
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"tokenizer directory {path} does not exist: give a directory a tokenizer was "
+                                    f"saved to (tokenizer.save_pretrained) or a bundled model: {', '.join(BUNDLED)}")
+    _check_tokenizer_files(path, "tokenizer directory")
+    return _tokenizer(str(path), f"tokenizer directory {path}")
+
+
+def _weights_problems(info: dict[str, Any]) -> list[str]:
+    """Missing and shape-mismatched weights from ``from_pretrained(output_loading_info=True)``, as text."""
+    problems = []
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        problems.append(f"{len(missing)} weight(s) the config needs are missing ({', '.join(missing[:3])}"
+                        f"{', …' if len(missing) > 3 else ''})")
+    for key, ckpt_shape, model_shape in sorted(info.get("mismatched_keys") or ())[:3]:
+        problems.append(f"{key} has shape {list(ckpt_shape)} in the weights but {list(model_shape)} in the config")
+    return problems
+
+
+def _load_weights(source: str, config: Any, dtype: torch.dtype, weights: str, config_file: str) -> nn.Module:
+    """``from_pretrained`` with every failure as one ValueError naming ``weights`` and the fix.
+
+    transformers only logs missing weights (left randomly initialised) and, with ``ignore_mismatched_sizes``,
+    mismatched shapes; both are refused here, so a model never runs on weights it did not load.
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would repeat, at length, what the error below says
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
+                                                           output_loading_info=True, ignore_mismatched_sizes=True)
+    except SafetensorError as exc:
+        raise ValueError(f"{weights} is not a readable safetensors file ({_first_line(exc)}): it is truncated or "
+                         f"corrupt; copy it again, or {_RESAVE}") from exc
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"cannot load the weights {weights}: {_first_line(exc)}; copy them again, or {_RESAVE}"
+                         ) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = _weights_problems(info)
+    if problems:
+        raise ValueError(f"the weights {weights} do not match {config_file}: {'; '.join(problems)}; use the "
+                         "config.json saved with these weights")
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        warnings.warn(f"{weights} has {len(unexpected)} weight(s) that {config_file} does not use, ignored "
+                      f"({', '.join(unexpected[:3])}{', …' if len(unexpected) > 3 else ''})", stacklevel=3)
+    return model
+
+
+def check_checkpoint(name_or_path: str) -> None:
+    """What can be checked without loading weights: a bundled name, or a local directory's config.json (a JSON
+    object of a supported ``model_type``), weights file and tokenizer files; a hub id only for its form.
+
+    Lets a command refuse a bad model before any work (``compare`` checks every model first).
+    """
+    source, local = _resolve_source(name_or_path)
+    if not local:
+        return
+    path = Path(source)
+    _check_config_json(path)
+    _weights_file(path)
+    _check_tokenizer_files(path, "checkpoint directory")
+    _check_supported(json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type"), name_or_path)
+
+
 def load_model(
     name_or_path: str,
     device: str | torch.device = "auto",
@@ -136,14 +277,19 @@ def load_model(
     Bundled names: ``tiny-mamba``, ``tiny-mamba2``, ``tiny-gpt``. Supported architectures
     (``config.model_type``): mamba, mamba2, gpt2. ``device="auto"`` picks CUDA when available;
     ``dtype=None`` means float32. The model is returned in eval mode.
-    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for an unknown name, an
-    unreachable hub, an unsupported architecture, or a checkpoint without tokenizer files.
+    Raises ``FileNotFoundError`` for a missing path or weights file and ``ValueError`` for an unknown
+    name, an unreachable hub, an unsupported architecture, a config.json that is not a JSON object, a
+    checkpoint without tokenizer files, unreadable (truncated, empty, corrupt) weights, or weights that do
+    not match the config (missing or of another shape); each names the file and the fix. Weights the
+    config does not use are ignored with a warning.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     source, local = _resolve_source(name_or_path)
+    if local:  # checked before transformers, whose errors for it name neither the file nor the fix
+        _check_config_json(Path(source))
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as exc:
@@ -154,20 +300,18 @@ def load_model(
         elif "connect" in str(exc).lower():
             why = "it is not a local directory and the Hugging Face Hub is unreachable (the machine seems offline)"
         else:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            why = f"it is not a local directory and the Hugging Face Hub has no such model ({first[:200]})"
+            why = f"it is not a local directory and the Hugging Face Hub has no such model ({_first_line(exc)[:200]})"
         raise ValueError(_unknown(name_or_path, why)) from None
     except ValueError as exc:
         # transformers raises ValueError for a config.json without a known model_type.
         raise ValueError(f"unsupported checkpoint {name_or_path!r}: {exc}") from None
     _check_supported(getattr(config, "model_type", None), name_or_path)
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"no usable tokenizer for {name_or_path!r}: {str(exc).splitlines()[0]}") from None
-
-    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype)
+    weights, config_file = name_or_path, f"the config of {name_or_path}"
+    if local:
+        weights, config_file = str(_weights_file(Path(source))), str(Path(source) / "config.json")
+        _check_tokenizer_files(Path(source), "checkpoint directory")
+    tokenizer = _tokenizer(source, repr(name_or_path))
+    model = _load_weights(source, config, torch_dtype, weights, config_file)
     model.to(dev)
     model.eval()
     return model, tokenizer

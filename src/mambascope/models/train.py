@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from mambascope.data.corpus import load_corpus
-from mambascope.models.loading import resolve_device
+from mambascope.models.loading import load_tokenizer, resolve_device
 from mambascope.models.tokenizer import train_tokenizer
 
 ARCHS = ("mamba", "mamba2", "gpt2")
@@ -195,9 +195,7 @@ def _load_tokenizer(tokenizer: Any, train_texts: list[str], vocab_size: int, see
     if tokenizer is None:
         return train_tokenizer(train_texts, vocab_size=vocab_size, seed=seed)
     if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(tokenizer))
+        tok = load_tokenizer(tokenizer)  # a bad directory: one error naming it and the fix
         # from_pretrained records how it was loaded; saved again, these would pin the copy to local files.
         for key in ("is_local", "local_files_only"):
             tok.init_kwargs.pop(key, None)

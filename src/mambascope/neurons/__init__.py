@@ -15,7 +15,7 @@ from mambascope.neurons.detectors import (
     ngram_ids,
 )
 from mambascope.neurons.overlap import group_overlap
-from mambascope.neurons.positional import PositionalAccumulator, positional_information
+from mambascope.neurons.positional import PositionalAccumulator, positional_bias, positional_information
 from mambascope.neurons.suppression import detector_suppression, direct_logit_effects, top_logit_tokens
 from mambascope.neurons.top_contexts import TopContextAccumulator
 
@@ -37,6 +37,7 @@ __all__ = [
     "direct_logit_effects",
     "group_overlap",
     "ngram_ids",
+    "positional_bias",
     "positional_information",
     "top_logit_tokens",
 ]

@@ -3,6 +3,7 @@ N-gram, Positional", §3 and Fig. 1a/1b; docs/design.md §5)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -11,6 +12,25 @@ from torch import Tensor
 
 from mambascope.neurons._common import Accumulator, check_open_unit, none_if_nan
 from mambascope.neurons.batch import LayerLabel, NeuronBatch
+
+# One-sided confidence of the bound on a dead neuron's frequency.
+DEAD_CONFIDENCE = 0.95
+
+
+def dead_frequency_bound(tokens: int, confidence: float = DEAD_CONFIDENCE) -> float:
+    """Upper confidence bound on the frequency of a neuron seen active on 0 of ``tokens`` tokens.
+
+    Clopper & Pearson (1934), exact for zero successes: the frequency f with (1 − f)^N = 1 − confidence,
+    f = 1 − (1 − confidence)^(1/N) ≈ 3/N at 95 % (the "rule of three", Hanley & Lippman-Hand 1983).
+    Tokens of one window are not independent, so the effective N is smaller and the bound optimistic.
+    """
+    return 1.0 - (1.0 - confidence) ** (1.0 / tokens)
+
+
+def tokens_to_tell_dead(rare_threshold: float, confidence: float = DEAD_CONFIDENCE) -> int:
+    """Fewest tokens at which a neuron of frequency ``rare_threshold`` is seen active at least once with
+    probability ``confidence``: N >= ln(1 − confidence) / ln(1 − rare_threshold) (299 for 1 %)."""
+    return math.ceil(math.log(1.0 - confidence) / math.log1p(-rare_threshold))
 
 
 def default_thresholds() -> Tensor:
@@ -43,6 +63,8 @@ class ActivityAccumulator(Accumulator):
     (default 1%); % dead of the layer; mean frequency over the alive neurons (Fig. 1b); the
     sensitivity curve % dead(θ_k) = 100·#{e : C_{k,e} = 0}/E over the |post| grid; mean post,
     mean |post| (inputs of mean ablation and pruning importance) and mean post while active.
+    Small samples: ``dead_frequency_upper_bound`` (:func:`dead_frequency_bound`) and a ``warning`` when it
+    reaches ``rare_threshold``, i.e. when "dead" cannot be told from "rarely active" at N tokens.
     """
 
     _config: ClassVar[tuple[str, ...]] = ("rare_threshold", "thresholds")
@@ -90,6 +112,13 @@ class ActivityAccumulator(Accumulator):
         alive_freq = freq[~dead]
         count = self.active_count.double()
         mean_active = torch.where(dead, float("nan"), self.sum_post_active / count.clamp_min(1))
+        bound = dead_frequency_bound(N)
+        warning = None
+        if bound >= self.rare_threshold:
+            warning = (f"dead: at {N} tokens a neuron active on up to {100 * bound:.2g}% of tokens shows no "
+                       f"activation with probability >= {1 - DEAD_CONFIDENCE:.0%}, so dead cannot be told from "
+                       f"rarely active (< {100 * self.rare_threshold:g}%); use >= "
+                       f"{tokens_to_tell_dead(self.rare_threshold)} tokens")
         return {
             "tokens": N,
             "n_neurons": E,
@@ -97,6 +126,8 @@ class ActivityAccumulator(Accumulator):
             "activation_frequency": freq.tolist(),
             "dead_neurons": dead.nonzero().flatten().tolist(),
             "n_dead": int(dead.sum()),
+            "dead_frequency_upper_bound": bound,
+            "warning": warning,
             "pct_dead": 100.0 * float(dead.double().mean()),
             "rare_threshold": self.rare_threshold,
             "rarely_active": rare.nonzero().flatten().tolist(),

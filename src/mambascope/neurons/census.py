@@ -34,7 +34,7 @@ class LayerCensus:
 
     def __init__(self, arch: str, vocab_size: int, *, layer: LayerLabel = None,
                  rare_threshold: float = 0.01, activity_thresholds: Sequence[float] | Tensor | None = None,
-                 mi_threshold: float = 0.05, top_k_positional: int = 10,
+                 mi_threshold: float = 0.05, positional_alpha: float = 0.001, top_k_positional: int = 10,
                  max_types: int = 5, coverage: float = 0.95, min_precision: float = 0.95,
                  min_occurrences: int = 5, ngram_orders: Sequence[int] = (1, 2, 3),
                  top_k_delta: int = 10, delta_top_tokens: int = 10,
@@ -43,7 +43,7 @@ class LayerCensus:
             raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHS}")
         self.arch, self.layer = arch, layer
         self.activity = ActivityAccumulator(rare_threshold, activity_thresholds, layer=layer)
-        self.positional = PositionalAccumulator(mi_threshold, top_k_positional, layer=layer)
+        self.positional = PositionalAccumulator(mi_threshold, top_k_positional, layer=layer, alpha=positional_alpha)
         self.detectors = TokenDetectorAccumulator(vocab_size, max_types, coverage, min_precision,
                                                   min_occurrences, ngram_orders, layer=layer)
         self.delta = None if arch == "gpt2" else DeltaAccumulator(
@@ -80,8 +80,9 @@ class LayerCensus:
         ``positional_neurons``, ``positional_mi``, ``token_detectors`` [{neuron, tokens, counts,
         precision, coverage}] (token ids; decoding is the caller's), ``tokens_covered``,
         ``delta_sensitive`` (top-k units [{index, mean, std, selectivity, top_tokens}] or None for
-        GPT-2). Sub-dicts ``activity``, ``positional``, ``detectors``, ``delta`` hold the remaining
-        outputs of each accumulator.
+        GPT-2), ``warnings`` (the accumulators' small-sample warnings, [] when every threshold can be
+        trusted at this sample size). Sub-dicts ``activity``, ``positional``, ``detectors``, ``delta`` hold
+        the remaining outputs of each accumulator.
         """
         act = self.activity.finalize()
         pos = self.positional.finalize()
@@ -93,6 +94,7 @@ class LayerCensus:
         result["token_detectors"] = det["token_detectors"]
         result["tokens_covered"] = det["tokens_covered"]
         result["delta_sensitive"] = delta["top_k"] if delta is not None else None
+        result["warnings"] = [part["warning"] for part in (act, pos, det) if part["warning"] is not None]
         result["activity"] = {k: v for k, v in act.items() if k not in _ACTIVITY_TOP}
         result["positional"] = {k: v for k, v in pos.items() if k not in (*_POSITIONAL_TOP, "tokens")}
         result["detectors"] = {k: v for k, v in det.items()

@@ -3,7 +3,9 @@ N-gram, Positional", §4; docs/design.md §5)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from statistics import NormalDist
 from typing import Any, ClassVar
 
 import torch
@@ -19,6 +21,31 @@ from mambascope.neurons._common import (
 from mambascope.neurons.batch import LayerLabel, NeuronBatch
 
 INT64_MAX = 2**63 - 1
+# One-sided confidence of the lower bound on a trigger's precision.
+PRECISION_CONFIDENCE = 0.95
+
+
+def precision_lower_bound(fired: Tensor, occurrences: Tensor, confidence: float = PRECISION_CONFIDENCE) -> Tensor:
+    """One-sided Wilson score lower bound on P(neuron fires | token) from ``fired`` of ``occurrences`` [m].
+
+    Wilson (1927); recommended over the Wald interval for small counts by Brown, Cai & DasGupta (2001,
+    "Interval Estimation for a Binomial Proportion"). With p̂ = x/n and z the ``confidence`` quantile of
+    N(0, 1): (p̂ + z²/2n − z·sqrt(p̂(1 − p̂)/n + z²/4n²)) / (1 + z²/n). Float64 [m].
+    """
+    z = NormalDist().inv_cdf(confidence)
+    n = occurrences.to(torch.float64)
+    p = fired.to(torch.float64) / n
+    root = torch.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return ((p + z * z / (2 * n) - z * root) / (1 + z * z / n)).clamp_min(0.0)
+
+
+def occurrences_to_establish(min_precision: float, confidence: float = PRECISION_CONFIDENCE) -> int:
+    """Fewest occurrences whose Wilson lower bound reaches ``min_precision`` when the neuron fires on all
+    of them: n/(n + z²) >= π ⇔ n >= z²·π/(1 − π) (52 for π = 0.95 at 95 %)."""
+    if min_precision >= 1.0:
+        raise ValueError("no finite number of occurrences establishes a precision of 1")
+    z = NormalDist().inv_cdf(confidence)
+    return math.ceil(z * z * min_precision / (1.0 - min_precision))
 
 
 class CountTable:
@@ -119,6 +146,11 @@ class TokenDetectorAccumulator(Accumulator):
     n-gram coverage (n = 1, 2, 3): for each neuron, the number of distinct n-grams needed to cover
     ``coverage`` of its activations whose n-gram exists (activations at the first n−1 positions of a
     window, or next to padding/BOS, have no n-gram and are not counted).
+
+    Small samples: each trigger carries its occurrences and the Wilson lower bound of its precision
+    (:func:`precision_lower_bound`); a detector is *established* when every trigger's bound reaches
+    ``min_precision``; a ``warning`` counts the detectors that are not (their triggers are too rare to
+    tell a 95 % detector from a much weaker one: 5 of 5 has a Wilson lower bound of 0.65).
     """
 
     _config: ClassVar[tuple[str, ...]] = ("vocab_size", "max_types", "coverage", "min_precision",
@@ -216,11 +248,26 @@ class TokenDetectorAccumulator(Accumulator):
         tokens = torch.split(found["token"], splits)
         counts = torch.split(found["count"], splits)
         precision = torch.split(found["count"].double() / found["occurrences"].double(), splits)
+        lower = precision_lower_bound(found["count"], found["occurrences"])
+        below = torch.zeros(self.n_neurons, dtype=torch.long, device=lower.device).index_add_(
+            0, found["neuron"], (lower < self.min_precision).long())
+        established = below[det] == 0
+        occurrences = torch.split(found["occurrences"], splits)
+        lowers = torch.split(lower, splits)
         # building the JSON records is a loop over the detectors found, not a computation
         records = [
-            {"neuron": e, "tokens": t.tolist(), "counts": c.tolist(), "precision": p.tolist(), "coverage": cov}
-            for e, t, c, p, cov in zip(det.tolist(), tokens, counts, precision, coverage, strict=True)
+            {"neuron": e, "tokens": t.tolist(), "counts": c.tolist(), "occurrences": o.tolist(),
+             "precision": p.tolist(), "precision_lower_bound": lb.tolist(), "coverage": cov, "established": ok}
+            for e, t, c, o, p, lb, cov, ok in zip(det.tolist(), tokens, counts, occurrences, precision, lowers,
+                                                  coverage, established.tolist(), strict=True)
         ]
+        weak = [r["neuron"] for r in records if not r["established"]]
+        warning = None
+        if weak:
+            warning = (f"token detectors: {len(weak)} of {len(records)} rest on triggers seen too rarely to establish "
+                       f"precision >= {self.min_precision} at {PRECISION_CONFIDENCE:.0%} confidence (Wilson bound; "
+                       + (f"needs >= {occurrences_to_establish(self.min_precision)} occurrences when every one fires)"
+                          if self.min_precision < 1 else "a precision of 1 is never established)"))
         result: dict[str, Any] = {
             "tokens": self.n_tokens,
             "vocab_size": self.vocab_size,
@@ -229,6 +276,8 @@ class TokenDetectorAccumulator(Accumulator):
             "activations": found["activations"].tolist(),
             "token_detectors": records,
             "n_token_detectors": len(records),
+            "n_established": len(records) - len(weak),
+            "warning": warning,
             "tokens_covered": torch.unique(found["token"]).tolist(),
             "ngram_coverage": {},
         }

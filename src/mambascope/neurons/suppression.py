@@ -10,8 +10,9 @@ g the final norm's weight [d_model] (RMSNorm on Mamba, LayerNorm on GPT-2) and W
 unembedding. The norm is treated as g times a positive per-token scale (1/RMS), which rescales all
 logits of a token alike and so changes neither signs nor rankings; biases are neuron-independent
 and left out. ``center=True`` also applies LayerNorm's mean subtraction (w_e − mean(w_e)), exact
-for the linear part of GPT-2's ln_f. s_e (``activation_sign``, default +1) is the sign of the
-neuron's typical activation (e.g. the sign of ``mean_post_active`` from the activity census; only
+for the linear part of GPT-2's ln_f. s_e (``activation_sign``; default +1, the effect per unit of
+activation, except in ``detector_suppression``, which requires it) is the sign of the neuron's
+typical activation (the pipeline passes the sign of ``mean_post_active`` from the activity census; only
 its sign is used, and 0 zeroes the effect):
 Mamba's post = y·SiLU(z) can be negative while the gate is open, and the effect of an activation a
 is a·effect.
@@ -113,11 +114,14 @@ def top_logit_tokens(out_proj_weight: Tensor, norm_weight: Tensor | None, unembe
 
 def detector_suppression(out_proj_weight: Tensor, norm_weight: Tensor | None, unembed: Tensor,
                          detectors: Sequence[Mapping[str, Any]], k: int = 10, *,
-                         activation_sign: Tensor | None = None, center: bool = False,
+                         activation_sign: Tensor, center: bool = False,
                          chunk_size: int = 256) -> dict[str, Any]:
     """Do token detectors suppress their own trigger tokens?
 
     ``detectors``: [{"neuron": e, "tokens": [t, …]}] (``token_detectors`` of the detector census).
+    ``activation_sign`` [E] is required: a detector writes a·w_e when it fires, so whether it lowers
+    its triggers depends on the sign of a (on Mamba, post is often negative while the gate is open;
+    pass the sign of ``mean_post_active``).
     For each trigger t of neuron e: ``effect`` = effect[e, t]; ``suppression_rank`` = 1 + #{v :
     effect[e, v] < effect[e, t]} (1 = the most suppressed token; ties share the best rank);
     ``in_top_k`` ⇔ rank <= k; ``negative`` ⇔ effect < 0. A detector **suppresses its own

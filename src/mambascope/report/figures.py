@@ -190,13 +190,18 @@ def plot_positional_mi(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     dists = [finite(r.get("positional_mi")) for _, r in layers]
     if not any(dists):
         raise FigureSkipped("the census layers carry no positional_mi")
-    threshold = num((layers[0][1].get("positional") or {}).get("positional_threshold"))
+    pos = layers[0][1].get("positional") or {}
+    threshold, alpha = num(pos.get("positional_threshold")), num(pos.get("positional_alpha"))
     counts = [len(r.get("positional_neurons") or []) for _, r in layers]
     fig, axes = _figure(1, 2)
     ax = axes[0, 0]
     ax.bar(xs, counts, color="tab:purple")
     ax.set_ylabel("positional neurons")
-    ax.set_title(f"neurons with I > {threshold if threshold is not None else 'threshold'}")
+    rule = f"I > {threshold if threshold is not None else 'threshold'}"
+    if alpha is not None:  # results with the bias-corrected I and the permutation test
+        rule = f"corrected {rule}, p < {alpha:g}; {pos.get('median_tokens_per_position')} tokens/position"
+    ax.set_title(f"neurons with {rule}", fontsize=9)
+    ax.set_ylim(0, max(1, max(counts)) * 1.05)  # a row of zero counts still reads as zero
     _layer_ticks(ax, xs)
     ax = axes[0, 1]
     present = [(x, d) for x, d in zip(xs, dists, strict=True) if d]
@@ -205,7 +210,7 @@ def plot_positional_mi(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     if threshold is not None:
         ax.axhline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold}")
         ax.legend()
-    ax.set_ylabel("mutual information I(active; position) [nats]")
+    ax.set_ylabel(("bias-corrected " if alpha is not None else "") + "I(active; position) [nats]")
     ax.set_title("distribution over neurons")
     _layer_ticks(ax, xs)
     _suptitle(fig, title(results, "positional information by layer"))
@@ -226,10 +231,10 @@ def plot_positional_frequency(results: Mapping[str, Any], out_dir: str | Path, t
     fig, axes = _figure(rows, cols, (max(8.0, 4.2 * cols), 3.0 * rows + 0.8))
     for ax, (layer, r, pt) in zip(axes.flat, panels, strict=False):
         positions = pt.get("positions") or list(range(len(pt["frequency_by_position"][0])))
-        threshold = num((r.get("positional") or {}).get("positional_threshold"))
+        flagged = set(r.get("positional_neurons") or [])
         for neuron, mi, freq in list(zip(pt["neurons"], pt.get("mi") or [None] * len(pt["neurons"]),
                                          pt["frequency_by_position"], strict=False))[:top]:
-            flag = "*" if threshold is not None and mi is not None and mi > threshold else ""
+            flag = "*" if neuron in flagged else ""  # the census's decision (threshold and, now, the test)
             ax.plot(positions, [np.nan if v is None else v for v in freq], linewidth=1.2,
                     label=f"N{neuron}{flag} I={mi:.3g}" if mi is not None else f"N{neuron}")
         ax.set_title(f"layer {layer}", fontsize=10)
@@ -239,7 +244,7 @@ def plot_positional_frequency(results: Mapping[str, Any], out_dir: str | Path, t
         ax.legend(fontsize=7)
     _hide_unused(axes, len(panels))
     _suptitle(fig, title(results, f"per-position frequency of the top-{top} positional neurons "
-                       "(* = above the MI threshold)"))
+                       "(* = positional)"))
     return _save(fig, out_dir, "positional_frequency")
 
 
@@ -410,8 +415,9 @@ def plot_ablation(results: Mapping[str, Any], out_dir: str | Path) -> Path:
             ax.bar(x - width / 2, np.nan if delta is None else delta, width, color=colors[mode],
                    label=f"{mode}-ablated group" if not drawn else None)
             if rmean is not None and base is not None:
+                # a null std (undefined spread) gets no error bar, never a zero-length one
                 ax.bar(x + width / 2, rmean - base, width, color=colors[mode], alpha=0.35, hatch="//",
-                       yerr=rstd or 0.0, capsize=3, label=f"{mode}: random, same size (±std)" if not drawn else None)
+                       yerr=rstd, capsize=3, label=f"{mode}: random, same size (±std)" if not drawn else None)
         drawn = True
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(names)),
@@ -438,9 +444,9 @@ def plot_pruning(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     ax.plot(ratios, [np.nan if num(v.get("loss")) is None else v["loss"] for _, v in items], marker="o",
             color="tab:red", label="pruned by priority")
     rmean = [num((v.get("random") or {}).get("mean")) for _, v in items]
-    rstd = [num((v.get("random") or {}).get("std")) or 0.0 for _, v in items]
-    ax.errorbar(ratios, [np.nan if m is None else m for m in rmean], yerr=rstd, marker="s", capsize=4,
-                color="tab:gray", label="pruned at random (mean ± std)")
+    rstd = [num((v.get("random") or {}).get("std")) for _, v in items]
+    ax.errorbar(ratios, [np.nan if m is None else m for m in rmean], yerr=_nan(rstd), marker="s", capsize=4,
+                color="tab:gray", label="pruned at random (mean ± std)")  # NaN: no bar where the std is null
     base = num(pr.get("baseline_loss"))
     if base is not None:
         ax.axhline(base, color="black", linestyle="--", linewidth=1, label=f"unpruned {base:.4f}")
@@ -634,7 +640,7 @@ def plot_faithfulness_neurons(results: Mapping[str, Any], out_dir: str | Path) -
         ax.bar(range(len(labels)), values, color=colors)
         rnd = (neu.get("random") or {}).get(str(layer))
         if isinstance(rnd, dict) and num(rnd.get("delta_mean")) is not None:
-            ax.bar(len(labels), rnd["delta_mean"], color="gray", yerr=num(rnd.get("delta_std")) or 0.0, capsize=4)
+            ax.bar(len(labels), rnd["delta_mean"], color="gray", yerr=num(rnd.get("delta_std")), capsize=4)
             labels.append("random")
             k = rnd.get("k", k)
         ax.axhline(0, color="black", linewidth=0.8)

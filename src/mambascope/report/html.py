@@ -459,9 +459,12 @@ def _positional_section(results: Mapping[str, Any]) -> str:
         rows.append([layer, pos.get("positional_threshold"), len(r.get("positional_neurons") or []),
                      _links(layer, r.get("positional_neurons") or []), pos.get("mean_abs_position_correlation"),
                      tops or _Raw('<span class="muted">not recorded</span>')])
+    notes = sorted({w for _, r in layers for w in (r.get("warnings") or []) if w.startswith("positional")})
     return ("<p>Mutual information between a neuron being active and the position in fixed-length windows "
-            "(Voita et al. 2023); positional iff I &gt; threshold.  Also the mean |Pearson correlation| of post "
+            "(Voita et al. 2023), bias-corrected; positional iff I &gt; threshold and the within-window "
+            "permutation test rejects (docs/census.md).  Also the mean |Pearson correlation| of post "
             "with position.</p>"
+            + "".join(f'<p class="muted">Warning: {_e(w)}</p>' for w in notes)
             + _table(["layer", "MI threshold", "positional", "positional neurons", "mean |corr(post, pos)|",
                       "highest-MI neurons (I)"], rows))
 
