@@ -36,17 +36,24 @@ if (SRC / "mambascope").is_dir():
     ENV["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), ENV.get("PYTHONPATH")) if p)
 
 
-def corpus_file(directory: Path, tokens: int) -> Path:
-    """The built-in corpus (both splits), repeated until it holds well over ``tokens`` tokens of text."""
-    from mambascope.data import builtin_texts
+def corpus_file(directory: Path, tokens: int, model: str, window: int) -> Path:
+    """The built-in corpus (both splits), repeated until its windows hold at least ``tokens`` tokens (windows are
+    cut per document, so short documents give none: the copies are counted in windowed tokens)."""
+    from mambascope.data import builtin_texts, tokenize_windows
+    from mambascope.models import load_model
 
     texts = builtin_texts()
-    chars = sum(len(t) for t in texts)
-    copies = max(1, -(-tokens * 6 // chars))  # over 3 characters per token for these tokenizers: ample
+    key = (model, window)
+    if key not in _WINDOWED:
+        _WINDOWED[key] = tokenize_windows(texts, load_model(model, device="cpu")[1], window).n_tokens
+    copies = -(-tokens // _WINDOWED[key])
     path = directory / f"corpus-{copies}.txt"
     if not path.exists():
         path.write_text("\n\n".join(texts * copies), encoding="utf-8")
     return path
+
+
+_WINDOWED: dict[tuple[str, int], int] = {}
 
 
 def census_argv(model: str, corpus: Path, tokens: int, window: int, out: Path, *extra: str) -> list[str]:
@@ -74,7 +81,7 @@ def census_seconds(argv: list[str]) -> tuple[float, int]:
 
 
 def bench_speed(args: argparse.Namespace, work: Path) -> None:
-    corpus = corpus_file(work, args.tokens)
+    corpus = corpus_file(work, args.tokens, args.model, args.window)
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     one = [sys.executable, "-m", "mambascope"]
     two = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mambascope"]
@@ -106,8 +113,9 @@ def bench_checkpoint(args: argparse.Namespace, work: Path) -> None:
 
     torch.set_num_threads(1)
     model, tokenizer = load_model(args.model, device="cpu")
-    windows = tokenize_windows(load_corpus(str(corpus_file(work, args.tokens)), "all").texts, tokenizer,
-                               args.window, max_tokens=args.tokens).ids
+    corpus = corpus_file(work, args.tokens, args.model, args.window)
+    windows = tokenize_windows(load_corpus(str(corpus), "all").texts, tokenizer, args.window,
+                               max_tokens=args.tokens).ids
     n_batches = -(-windows.shape[0] // 8)
     timings: dict[str, list[float]] = {"none": [], "every batch": []}
     writes = []
@@ -137,16 +145,19 @@ def bench_checkpoint(args: argparse.Namespace, work: Path) -> None:
 
 def bench_rss(args: argparse.Namespace, work: Path) -> None:
     print(f"\n3. peak RSS of a streamed census (--stream --no-ablation), {args.model}, window {args.window}")
-    print(f"{'tokens':>9} {'budget GiB':>10} {'peak MiB':>9} {'wall s':>8}")
+    print(f"{'tokens':>9} {'budget GiB':>10} {'n-grams >= 2':>13} {'peak MiB':>9} {'wall s':>8}")
     for tokens in args.rss_sizes:
-        corpus = corpus_file(work, tokens)
+        corpus = corpus_file(work, tokens, args.model, args.window)
         for budget in args.rss_budgets:
             start = time.perf_counter()
             out = work / f"rss-{tokens}-{budget}"
             peak = peak_rss([sys.executable, "-m", "mambascope",
                              *census_argv(args.model, corpus, tokens, args.window, out, "--stream",
                                           "--memory-budget", str(budget))])
-            print(f"{tokens:>9} {budget:>10g} {peak:>9.0f} {time.perf_counter() - start:>8.1f}", flush=True)
+            results = json.loads((out / "results.json").read_text())
+            tables = "summaries" if results["census"].get("approximate") else "exact"
+            print(f"{results['corpus']['tokens']:>9} {budget:>10g} {tables:>13} {peak:>9.0f} "
+                  f"{time.perf_counter() - start:>8.1f}", flush=True)
 
 
 def main() -> None:
