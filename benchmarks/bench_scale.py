@@ -47,9 +47,9 @@ def corpus_file(directory: Path, tokens: int, model: str, window: int) -> Path:
     if key not in _WINDOWED:
         _WINDOWED[key] = tokenize_windows(texts, load_model(model, device="cpu")[1], window).n_tokens
     copies = -(-tokens // _WINDOWED[key])
-    path = directory / f"corpus-{copies}.txt"
+    path = directory / f"corpus-{copies}.jsonl"  # one document a line: documents stay whole, as in builtin_texts
     if not path.exists():
-        path.write_text("\n\n".join(texts * copies), encoding="utf-8")
+        path.write_text("\n".join(json.dumps({"text": t}) for t in texts * copies), encoding="utf-8")
     return path
 
 
