@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mambascope.ssm.params import MixerParams
 from mambascope.ssm.scan import selective_scan, ssd_scan
-from mambascope.trace.params import MixerParams
 
 KINDS = ("s6", "s6+D", "block")
 REDUCTIONS = ("mean", "absmean", "normalized")
@@ -543,7 +543,7 @@ def hidden_attention(
       ``Trace.layer``): ``mixer.hook_dt``, ``mixer.hook_B``, ``mixer.hook_C`` for every kind; ``block``
       also needs ``mixer.hook_conv`` and ``mixer.hook_gate_pre`` (or ``mixer.hook_gate``), and on Mamba-2
       ``mixer.hook_y`` (for the RMSNorm scale).
-    params: the layer's :class:`~mambascope.trace.params.MixerParams`.
+    params: the layer's :class:`~mambascope.ssm.params.MixerParams`.
     kind: ``"s6"`` α; ``"s6+D"`` α + diag(D); ``"block"`` the map M from pre-conv x to ``post`` (per channel,
       Mamba-2 too); its bias term is :func:`block_bias`, so ``post = M·x + bias``.
     channels: Mamba-1 channels, Mamba-2 heads (s6, s6+D) or channels (block); default all; negative

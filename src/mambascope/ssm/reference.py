@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mambascope.trace.params import MixerParams
+from mambascope.ssm.params import MixerParams
 
 
 def silu(x: Tensor) -> Tensor:
