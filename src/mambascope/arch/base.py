@@ -52,7 +52,6 @@ class Adapter:
     model_type: ClassVar[str]
     hf_class: ClassVar[str]
     title: ClassVar[str]
-    parallel: ClassVar[bool] = False  # parts read the same residual (GPT-NeoX's parallel residual)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -73,6 +72,11 @@ class Adapter:
     def parts(self, layer: int) -> tuple[str, ...]:
         """The layer's parts in forward order: ``"mamba"``, ``"mamba2"``, ``"attn"``, ``"mlp"``, ``"gated_mlp"``."""
         raise NotImplementedError
+
+    @property
+    def parallel(self) -> bool:
+        """Whether a layer's parts all read ``hook_resid_pre`` (GPT-NeoX's parallel residual)."""
+        return False
 
     def units(self, layer: int) -> dict[str, str]:
         """unit -> shape of every traced unit of ``layer``."""
@@ -116,7 +120,7 @@ class Adapter:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and unembedding of the last residual stream -> [b, L, V]."""
-        raise NotImplementedError
+        return self.model.get_output_embeddings()(self.final_norm()(h))
 
     # ---- parameters ------------------------------------------------------------------------------
     def mixer(self, layer: int) -> nn.Module:
@@ -185,4 +189,4 @@ class Adapter:
 
     def unembedding(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(final norm weight [d_model], unembedding W_U [V, d_model]) for direct logit effects."""
-        return self.final_norm().weight.detach(), self.model.lm_head.weight.detach()
+        return self.final_norm().weight.detach(), self.model.get_output_embeddings().weight.detach()

@@ -51,8 +51,6 @@ class GPT2Adapter(Adapter):
     def final_norm(self) -> nn.Module:
         return self.model.transformer.ln_f
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.final_norm()(h))
 
     def neuron_write_weights(self, layer: int) -> torch.Tensor:
         # c_proj is a ``Conv1D`` storing [E, d_model]

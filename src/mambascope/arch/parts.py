@@ -151,3 +151,16 @@ def gated_mlp(x: torch.Tensor, gate_proj: Callable, up_proj: Callable, down_proj
 def plain_mlp(x: torch.Tensor, up_proj: Callable, down_proj: Callable, act: Callable, emit: Emit) -> torch.Tensor:
     """down(act(up(x))); the neuron ``mlp.hook_post`` is down's input."""
     return down_proj(emit("mlp.hook_post", act(emit("mlp.hook_pre", up_proj(x)))))
+
+
+def llama_attention(attn: nn.Module, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                    mask: torch.Tensor | None, emit: Emit, need_pattern: bool) -> torch.Tensor:
+    """Llama-style attention (q_proj, k_proj, v_proj, optional rotary, o_proj) on its normed input x [b, L, D].
+
+    Returns the output projection's input ``attn.hook_z`` flattened to [b, L, H·dh].
+    """
+    b, L, _ = x.shape
+    q, k, v = (proj(x).view(b, L, -1, attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    if rotary is not None:
+        q, k = rotate(q, k, *rotary)
+    return attention(q, k, v, mask, emit, attn.scaling, need_pattern)
