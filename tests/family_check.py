@@ -15,13 +15,16 @@ from mambascope.trace import trace
 VOCAB = 97
 
 
-def perturb_ssm(model: nn.Module) -> nn.Module:
-    """Trained models have larger Δ·A and D than a fresh init: stress the scans with them."""
+def stress(model: nn.Module) -> nn.Module:
+    """Trained models have larger Δ·A and D than a fresh init, and O(1) activations where a fresh
+    init's 0.02-std weights leave B·C (hence the scan) negligible next to D·x: stress the scans with both."""
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("A_log", "D", "dt_bias", "dt_proj.bias")):
                 p.add_(torch.randn_like(p))
+            elif p.dim() >= 2 and "embed" not in name:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
     return model.eval()
 
 
@@ -46,7 +49,7 @@ def _captured_inputs(model: nn.Module, modules: dict[str, nn.Module], ids: torch
              for n, m in modules.items()]
     try:
         with torch.no_grad():
-            logits = model(ids, attention_mask=mask).logits
+            logits = model(ids, attention_mask=mask, use_cache=False).logits
     finally:
         for h in hooks:
             h.remove()
@@ -58,11 +61,9 @@ def projection_inputs(model: nn.Module) -> dict[str, nn.Module]:
     ad = adapter(model)
     found = {}
     for layer in range(ad.n_layers):
-        parts = ad.parts(layer)
-        if ad.neuron_unit(layer) is not None:
-            found[f"blocks.{layer}.{ad.neuron_unit(layer)}"] = ad.neuron_out_proj(layer)
-        if "attn" in parts:
-            found[f"blocks.{layer}.attn.hook_z"] = ad.attn_out_proj(layer)
+        projs = ad.out_projs(layer)
+        assert ad.neuron_unit(layer) is None or ad.neuron_unit(layer) in projs
+        found.update({f"blocks.{layer}.{unit}": module for unit, module in projs.items()})
     return found
 
 
@@ -92,7 +93,7 @@ def check_patterns(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, tol:
     """attn.hook_pattern equals the eager attention weights the model returns, on real query rows."""
     model.set_attn_implementation("eager")
     with torch.no_grad():
-        out = model(ids, attention_mask=mask, output_attentions=True)
+        out = model(ids, attention_mask=mask, output_attentions=True, use_cache=False)
     tr = trace(model, ids, attention_mask=mask, names="*attn.hook_pattern")
     theirs = [a for a in out.attentions if a is not None]
     ours = [tr[name] for name in sorted(tr, key=lambda n: int(n.split(".")[1]))]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import FalconMambaConfig, FalconMambaForCausalLM
 
-from family_check import check_against_model, perturb_ssm
+from family_check import check_against_model, stress
 from mambascope.arch import adapter
 from mambascope.ssm import hidden_attention
 from mambascope.trace import trace
@@ -18,7 +18,7 @@ CONFIGS = [
 
 def _model(**kw):
     torch.manual_seed(0)
-    return perturb_ssm(FalconMambaForCausalLM(FalconMambaConfig(vocab_size=97, num_hidden_layers=2, **kw)))
+    return stress(FalconMambaForCausalLM(FalconMambaConfig(vocab_size=97, num_hidden_layers=2, **kw)))
 
 
 @pytest.mark.parametrize("kw", CONFIGS)

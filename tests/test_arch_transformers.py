@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from family_check import check_against_model, check_patterns, padded_batch
+from family_check import check_against_model, check_patterns, padded_batch, stress
 from mambascope.arch import adapter
 from mambascope.trace import trace
 
@@ -24,14 +24,14 @@ def _neox(**kw):
     torch.manual_seed(0)
     cfg = GPTNeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=48, max_position_embeddings=64, **kw)
-    return GPTNeoXForCausalLM(cfg).eval()
+    return stress(GPTNeoXForCausalLM(cfg))
 
 
 def _llama(**kw):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=40, **kw)
-    return LlamaForCausalLM(cfg).eval()
+    return stress(LlamaForCausalLM(cfg))
 
 
 @pytest.mark.parametrize("kw", NEOX)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mambascope.arch.bamba import BambaAdapter
 from mambascope.arch.base import Adapter, Context, UnsupportedFeature
 from mambascope.arch.falcon_mamba import FalconMambaAdapter
 from mambascope.arch.gpt2 import GPT2Adapter
@@ -22,7 +23,8 @@ from mambascope.ssm.params import MixerParams
 # config.model_type -> adapter, in the order error messages list them.
 ADAPTERS: dict[str, type[Adapter]] = {
     cls.model_type: cls
-    for cls in (MambaAdapter, Mamba2Adapter, GPT2Adapter, FalconMambaAdapter, GPTNeoXAdapter, LlamaAdapter)
+    for cls in (MambaAdapter, Mamba2Adapter, GPT2Adapter, FalconMambaAdapter, GPTNeoXAdapter, LlamaAdapter,
+                BambaAdapter)
 }
 # model_type -> the causal-LM class mambascope traces (what ``load_model`` accepts).
 SUPPORTED: dict[str, str] = {name: cls.hf_class for name, cls in ADAPTERS.items()}

@@ -127,12 +127,9 @@ class Adapter:
         """The SSM mixer module of an SSM layer."""
         raise NotImplementedError
 
-    def neuron_out_proj(self, layer: int) -> nn.Module:
-        """The linear map whose input is the layer's neuron unit (out_proj / down_proj)."""
-        raise NotImplementedError
-
-    def attn_out_proj(self, layer: int) -> nn.Module:
-        """The attention output projection (input ``attn.hook_z``) of an attention layer."""
+    def out_projs(self, layer: int) -> dict[str, nn.Module]:
+        """unit -> the linear map that unit is the input of, for each part of the layer:
+        ``mixer.hook_post`` -> out_proj, ``mlp.hook_post`` -> down projection, ``attn.hook_z`` -> o_proj."""
         raise NotImplementedError
 
     def final_norm(self) -> nn.Module:
@@ -171,7 +168,7 @@ class Adapter:
         self.check_layer(layer)
         if self.neuron_unit(layer) is None:
             raise ValueError(f"layer {layer} of this {self.model_type} model is attention-only: it has no neurons")
-        return self.neuron_out_proj(layer).weight.detach()
+        return self.out_projs(layer)[self.neuron_unit(layer)].weight.detach()
 
     def head_write_weights(self, layer: int) -> torch.Tensor:
         """[H, d_head, d_model]: W_O of each attention head, so that
@@ -180,7 +177,7 @@ class Adapter:
         if "attn" not in self.parts(layer):
             raise ValueError(f"layer {layer} of this {self.model_type} model is a {self.layer_kind(layer)} layer: "
                              "it has no attention heads")
-        W = self.attn_out_proj(layer).weight.detach()  # nn.Linear: [d_model, H·dh]
+        W = self.out_projs(layer)["attn.hook_z"].weight.detach()  # nn.Linear: [d_model, H·dh]
         heads = self.n_heads(layer)
         return W.T.reshape(heads, -1, W.shape[0])
 

@@ -48,6 +48,11 @@ class GPT2Adapter(Adapter):
         out = plain_mlp(block.ln_2(h), mlp.c_fc, mlp.c_proj, mlp.act, emit)
         return emit("hook_resid_post", h + emit("hook_mlp_out", out))
 
+    def out_projs(self, layer: int) -> dict[str, nn.Module]:
+        # Conv1D modules ([in, out] weights): forward hooks still see their inputs
+        block = self.blocks()[layer]
+        return {"attn.hook_z": block.attn.c_proj, "mlp.hook_post": block.mlp.c_proj}
+
     def final_norm(self) -> nn.Module:
         return self.model.transformer.ln_f
 

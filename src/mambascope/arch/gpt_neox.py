@@ -57,8 +57,6 @@ class GPTNeoXAdapter(Adapter):
         return self.model.gpt_neox.final_layer_norm
 
 
-    def neuron_out_proj(self, layer: int) -> nn.Module:
-        return self.blocks()[layer].mlp.dense_4h_to_h
-
-    def attn_out_proj(self, layer: int) -> nn.Module:
-        return self.blocks()[layer].attention.dense
+    def out_projs(self, layer: int) -> dict[str, nn.Module]:
+        block = self.blocks()[layer]
+        return {"attn.hook_z": block.attention.dense, "mlp.hook_post": block.mlp.dense_4h_to_h}

@@ -51,8 +51,6 @@ class LlamaAdapter(Adapter):
         return self.model.model.norm
 
 
-    def neuron_out_proj(self, layer: int) -> nn.Module:
-        return self.blocks()[layer].mlp.down_proj
-
-    def attn_out_proj(self, layer: int) -> nn.Module:
-        return self.blocks()[layer].self_attn.o_proj
+    def out_projs(self, layer: int) -> dict[str, nn.Module]:
+        block = self.blocks()[layer]
+        return {"attn.hook_z": block.self_attn.o_proj, "mlp.hook_post": block.mlp.down_proj}

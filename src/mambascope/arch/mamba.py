@@ -44,5 +44,5 @@ class MambaAdapter(Adapter):
     def mixer(self, layer: int) -> nn.Module:
         return self.blocks()[layer].mixer
 
-    def neuron_out_proj(self, layer: int) -> nn.Module:
-        return self.mixer(layer).out_proj
+    def out_projs(self, layer: int) -> dict[str, nn.Module]:
+        return {"mixer.hook_post": self.mixer(layer).out_proj}
