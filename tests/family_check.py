@@ -62,7 +62,9 @@ def projection_inputs(model: nn.Module) -> dict[str, nn.Module]:
     found = {}
     for layer in range(ad.n_layers):
         projs = ad.out_projs(layer)
-        assert ad.neuron_unit(layer) is None or ad.neuron_unit(layer) in projs
+        # MoE experts are 3-D parameters, not modules: their neurons are checked through the logits
+        moe = any(p.endswith("moe") for p in ad.parts(layer))
+        assert ad.neuron_unit(layer) is None or moe or ad.neuron_unit(layer) in projs
         found.update({f"blocks.{layer}.{unit}": module for unit, module in projs.items()})
     return found
 

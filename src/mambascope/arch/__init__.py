@@ -18,13 +18,14 @@ from mambascope.arch.gpt_neox import GPTNeoXAdapter
 from mambascope.arch.llama import LlamaAdapter
 from mambascope.arch.mamba import MambaAdapter
 from mambascope.arch.mamba2 import Mamba2Adapter
+from mambascope.arch.nemotron_h import NemotronHAdapter
 from mambascope.ssm.params import MixerParams
 
 # config.model_type -> adapter, in the order error messages list them.
 ADAPTERS: dict[str, type[Adapter]] = {
     cls.model_type: cls
     for cls in (MambaAdapter, Mamba2Adapter, GPT2Adapter, FalconMambaAdapter, GPTNeoXAdapter, LlamaAdapter,
-                BambaAdapter)
+                BambaAdapter, NemotronHAdapter)
 }
 # model_type -> the causal-LM class mambascope traces (what ``load_model`` accepts).
 SUPPORTED: dict[str, str] = {name: cls.hf_class for name, cls in ADAPTERS.items()}

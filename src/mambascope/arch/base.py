@@ -24,7 +24,8 @@ from mambascope.ssm.params import MixerParams
 
 Emit = Callable[[str, torch.Tensor], torch.Tensor]
 SSM_PARTS = ("mamba", "mamba2")
-MLP_PARTS = ("mlp", "gated_mlp")
+MLP_PARTS = ("mlp", "gated_mlp", "moe", "gated_moe")
+MOE_PARTS = ("moe", "gated_moe")
 
 
 class UnsupportedFeature(ValueError):
@@ -70,7 +71,8 @@ class Adapter:
         return len(self.blocks())
 
     def parts(self, layer: int) -> tuple[str, ...]:
-        """The layer's parts in forward order: ``"mamba"``, ``"mamba2"``, ``"attn"``, ``"mlp"``, ``"gated_mlp"``."""
+        """The layer's parts in forward order: ``"mamba"``, ``"mamba2"``, ``"attn"``, ``"mlp"``, ``"gated_mlp"``,
+        ``"moe"``, ``"gated_moe"`` (units in ``mambascope.arch.units.PART_UNITS``)."""
         raise NotImplementedError
 
     @property
@@ -83,20 +85,23 @@ class Adapter:
         return layer_units(self.parts(layer), self.parallel)
 
     def layer_kind(self, layer: int) -> str:
-        """``"mamba"``, ``"mamba2"`` (SSM layers, with or without an MLP after the mixer), ``"attention"``
-        or ``"mlp"``: what per-layer tables show."""
+        """``"mamba"``, ``"mamba2"`` (SSM layers, with or without an MLP after the mixer), ``"attention"``,
+        ``"mlp"`` or ``"moe"``: what per-layer tables show."""
         parts = self.parts(layer)
         ssm = [p for p in parts if p in SSM_PARTS]
         if ssm:
             return ssm[0]
-        return "attention" if "attn" in parts else "mlp"
+        if "attn" in parts:
+            return "attention"
+        return "moe" if any(p in MOE_PARTS for p in parts) else "mlp"
 
     def ssm_layers(self) -> list[int]:
         return [layer for layer in range(self.n_layers) if self.layer_kind(layer) in SSM_PARTS]
 
     def neuron_unit(self, layer: int) -> str | None:
         """The unit analysed as the layer's neurons: the SSM mixer's ``post`` where the layer has a mixer,
-        else the MLP's ``post`` (input of the down projection), None for an attention-only layer."""
+        else the MLP's ``post`` (input of the down projection; [b, L, X, F] on MoE layers, zero where a
+        token is not routed to the expert), None for an attention-only layer."""
         parts = self.parts(layer)
         if any(p in SSM_PARTS for p in parts):
             return "mixer.hook_post"

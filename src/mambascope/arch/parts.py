@@ -164,3 +164,29 @@ def llama_attention(attn: nn.Module, x: torch.Tensor, rotary: tuple[torch.Tensor
     if rotary is not None:
         q, k = rotate(q, k, *rotary)
     return attention(q, k, v, mask, emit, attn.scaling, need_pattern)
+
+
+def routed_experts(x: torch.Tensor, top_weights: torch.Tensor, top_index: torch.Tensor, up: torch.Tensor,
+                   down: torch.Tensor, act: Callable, gated: bool, emit: Emit) -> torch.Tensor:
+    """Top-k mixture of experts from the model's own routing decisions, every expert computed densely.
+
+    x [b, L, D]; top_weights, top_index [b, L, k] (the router's output); up [X, F, D] (or [X, 2F, D]
+    holding gate ‖ up when ``gated``); down [X, D, F].  Units: ``mlp.hook_route`` [b, L, X] the weight
+    each expert's output gets (0 where the token is not routed to it); ``mlp.hook_pre`` (and
+    ``mlp.hook_pre_linear``) [b, L, X, F] every expert's pre-activation; ``mlp.hook_post`` [b, L, X, F]
+    the experts' neurons (input of their down projection), zero where the token is not routed to the
+    expert, so an expert's neurons are counted over the tokens routed to it.
+    Returns Σ_x route[x] · down_x(post_x)  [b, L, D] (HF's per-expert loop, in one einsum).
+    """
+    X = up.shape[0]
+    route = torch.zeros(*x.shape[:2], X, dtype=top_weights.dtype, device=x.device)
+    route = emit("mlp.hook_route", route.scatter(-1, top_index, top_weights))
+    routed = torch.zeros_like(route, dtype=torch.bool).scatter(-1, top_index, True)
+    h = torch.einsum("bld,xfd->blxf", x, up.to(x.dtype))
+    if gated:
+        gate, lin = h.chunk(2, dim=-1)
+        post = act(emit("mlp.hook_pre", gate)) * emit("mlp.hook_pre_linear", lin)
+    else:
+        post = act(emit("mlp.hook_pre", h))
+    post = emit("mlp.hook_post", post * routed[..., None])
+    return torch.einsum("blxf,xdf,blx->bld", post, down.to(post.dtype), route.to(post.dtype))
