@@ -63,7 +63,7 @@ def projection_inputs(model: nn.Module) -> dict[str, nn.Module]:
     for layer in range(ad.n_layers):
         projs = ad.out_projs(layer)
         # MoE experts are 3-D parameters, not modules: their neurons are checked through the logits
-        moe = any(p.endswith("moe") for p in ad.parts(layer))
+        moe = any("moe" in p for p in ad.parts(layer))
         assert ad.neuron_unit(layer) is None or moe or ad.neuron_unit(layer) in projs
         found.update({f"blocks.{layer}.{unit}": module for unit, module in projs.items()})
     return found

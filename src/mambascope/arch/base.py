@@ -24,8 +24,8 @@ from mambascope.ssm.params import MixerParams
 
 Emit = Callable[[str, torch.Tensor], torch.Tensor]
 SSM_PARTS = ("mamba", "mamba2")
-MLP_PARTS = ("mlp", "gated_mlp", "moe", "gated_moe")
-MOE_PARTS = ("moe", "gated_moe")
+MOE_PARTS = ("moe", "gated_moe", "gated_moe_shared")
+MLP_PARTS = ("mlp", "gated_mlp", *MOE_PARTS)
 
 
 class UnsupportedFeature(ValueError):
@@ -72,7 +72,7 @@ class Adapter:
 
     def parts(self, layer: int) -> tuple[str, ...]:
         """The layer's parts in forward order: ``"mamba"``, ``"mamba2"``, ``"attn"``, ``"mlp"``, ``"gated_mlp"``,
-        ``"moe"``, ``"gated_moe"`` (units in ``mambascope.arch.units.PART_UNITS``)."""
+        ``"moe"``, ``"gated_moe"``, ``"gated_moe_shared"`` (units in ``mambascope.arch.units.PART_UNITS``)."""
         raise NotImplementedError
 
     @property

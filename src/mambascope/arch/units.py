@@ -51,10 +51,15 @@ PART_UNITS: dict[str, dict[str, str]] = {
     # top-k routed experts with act(gate(x)) · up(x) experts (no shared expert)
     "gated_moe": {"mlp.hook_route": "b,L,X", "mlp.hook_pre": "b,L,X,F", "mlp.hook_pre_linear": "b,L,X,F",
                   "mlp.hook_post": "b,L,X,F"},
+    # the same with a gated shared expert beside them
+    "gated_moe_shared": {"mlp.hook_route": "b,L,X", "mlp.hook_pre": "b,L,X,F", "mlp.hook_pre_linear": "b,L,X,F",
+                         "mlp.hook_post": "b,L,X,F", "mlp.hook_shared_pre": "b,L,Fs",
+                         "mlp.hook_shared_pre_linear": "b,L,Fs", "mlp.hook_shared_post": "b,L,Fs"},
 }
 # The residual-stream write of each part.
 PART_OUT = {"mamba": "hook_mixer_out", "mamba2": "hook_mixer_out", "attn": "hook_attn_out", "mlp": "hook_mlp_out",
-            "gated_mlp": "hook_mlp_out", "moe": "hook_mlp_out", "gated_moe": "hook_mlp_out"}
+            "gated_mlp": "hook_mlp_out", "moe": "hook_mlp_out", "gated_moe": "hook_mlp_out",
+            "gated_moe_shared": "hook_mlp_out"}
 
 
 def layer_units(parts: Sequence[str], parallel: bool = False) -> dict[str, str]:
