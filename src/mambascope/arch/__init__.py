@@ -16,6 +16,7 @@ from mambascope.arch.falcon_mamba import FalconMambaAdapter
 from mambascope.arch.gpt2 import GPT2Adapter
 from mambascope.arch.gpt_neox import GPTNeoXAdapter
 from mambascope.arch.granitemoehybrid import GraniteMoeHybridAdapter
+from mambascope.arch.jamba import JambaAdapter
 from mambascope.arch.llama import LlamaAdapter
 from mambascope.arch.mamba import MambaAdapter
 from mambascope.arch.mamba2 import Mamba2Adapter
@@ -26,7 +27,7 @@ from mambascope.ssm.params import MixerParams
 ADAPTERS: dict[str, type[Adapter]] = {
     cls.model_type: cls
     for cls in (MambaAdapter, Mamba2Adapter, GPT2Adapter, FalconMambaAdapter, GPTNeoXAdapter, LlamaAdapter,
-                BambaAdapter, NemotronHAdapter, GraniteMoeHybridAdapter)
+                BambaAdapter, NemotronHAdapter, GraniteMoeHybridAdapter, JambaAdapter)
 }
 # model_type -> the causal-LM class mambascope traces (what ``load_model`` accepts).
 SUPPORTED: dict[str, str] = {name: cls.hf_class for name, cls in ADAPTERS.items()}

@@ -15,7 +15,7 @@ from torch import nn
 
 from mambascope.arch.base import Adapter, Context, Emit, UnsupportedFeature
 from mambascope.arch.llama import rotary_tables
-from mambascope.arch.parts import gated_mlp, llama_attention, mamba2_mixer, routed_experts
+from mambascope.arch.parts import gated_mlp, llama_attention, mamba2_mixer, moe_with_router
 
 
 def _halves(linear: nn.Module, which: int):
@@ -62,7 +62,9 @@ class GraniteMoeHybridAdapter(Adapter):
         x = block.post_attention_layernorm(h)
         shared = block.shared_mlp
         if block.has_experts:
-            out = self._experts(block.block_sparse_moe, x, emit)
+            experts = block.block_sparse_moe.experts
+            out = moe_with_router(block.block_sparse_moe.router, x, experts.gate_up_proj, experts.down_proj,
+                                  experts.act_fn, True, emit)
             pre = emit("mlp.hook_shared_pre", _halves(shared.input_linear, 0)(x))
             lin = emit("mlp.hook_shared_pre_linear", _halves(shared.input_linear, 1)(x))
             out = out + shared.output_linear(emit("mlp.hook_shared_post", shared.activation(pre) * lin))
@@ -70,15 +72,6 @@ class GraniteMoeHybridAdapter(Adapter):
             out = gated_mlp(x, _halves(shared.input_linear, 0), _halves(shared.input_linear, 1), shared.output_linear,
                             shared.activation, emit)
         return emit("hook_resid_post", h + emit("hook_mlp_out", out) * block.residual_multiplier)
-
-    @staticmethod
-    def _experts(moe: nn.Module, x: torch.Tensor, emit: Emit) -> torch.Tensor:
-        _, weights, index = moe.router(x.reshape(-1, x.shape[-1]))  # the model's own router: [b·L, k]
-        k = index.shape[-1]
-        experts = moe.experts
-        out = routed_experts(x, weights.view(*x.shape[:2], k), index.view(*x.shape[:2], k), experts.gate_up_proj,
-                             experts.down_proj, experts.act_fn, True, emit)
-        return out.to(x.dtype)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return super().logits(h) / self.config.logits_scaling

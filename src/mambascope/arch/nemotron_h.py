@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mambascope.arch.base import Adapter, Context, Emit, UnsupportedFeature
-from mambascope.arch.parts import llama_attention, mamba2_mixer, plain_mlp, routed_experts
+from mambascope.arch.parts import llama_attention, mamba2_mixer, moe_with_router, plain_mlp
 
 _PART = {"linear_attention": "mamba2", "full_attention": "attn", "mlp": "mlp", "moe": "moe"}
 
@@ -59,15 +59,14 @@ class NemotronHAdapter(Adapter):
 
     @staticmethod
     def _moe(moe: nn.Module, x: torch.Tensor, emit: Emit) -> torch.Tensor:
-        _, weights, index = moe.gate(x)  # the model's own router: [b·L, k]
-        k = index.shape[-1]
         experts = moe.experts
-        routed = routed_experts(moe.fc1_latent_proj(x), weights.view(*x.shape[:2], k), index.view(*x.shape[:2], k),
-                                experts.up_proj, experts.down_proj, experts.act_fn, False, emit)
+        # the router sees the hidden state, the experts its latent projection
+        routed = moe_with_router(lambda _: moe.gate(x), moe.fc1_latent_proj(x), experts.up_proj, experts.down_proj,
+                                 experts.act_fn, False, emit)
         shared = moe.shared_experts
         pre = emit("mlp.hook_shared_pre", shared.up_proj(x))
         shared_out = shared.down_proj(emit("mlp.hook_shared_post", shared.act_fn(pre)))
-        return moe.fc2_latent_proj(routed.to(x.dtype)) + shared_out
+        return moe.fc2_latent_proj(routed) + shared_out
 
     def final_norm(self) -> nn.Module:
         return self.model.model.norm_f

@@ -190,3 +190,13 @@ def routed_experts(x: torch.Tensor, top_weights: torch.Tensor, top_index: torch.
         post = act(emit("mlp.hook_pre", h))
     post = emit("mlp.hook_post", post * routed[..., None])
     return torch.einsum("blxf,xdf,blx->bld", post, down.to(post.dtype), route.to(post.dtype))
+
+
+def moe_with_router(router: Callable, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: Callable,
+                    gated: bool, emit: Emit) -> torch.Tensor:
+    """:func:`routed_experts` with the routing of the model's own router module, called as HF does on
+    the flattened tokens and returning ``(logits, top_k_weights, top_k_index)``."""
+    _, weights, index = router(x.reshape(-1, x.shape[-1]))
+    k = index.shape[-1]
+    out = routed_experts(x, weights.view(*x.shape[:2], k), index.view(*x.shape[:2], k), up, down, act, gated, emit)
+    return out.to(x.dtype)
