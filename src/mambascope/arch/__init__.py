@@ -12,6 +12,7 @@ from torch import nn
 
 from mambascope.arch.bamba import BambaAdapter
 from mambascope.arch.base import Adapter, Context, UnsupportedFeature
+from mambascope.arch.falcon_h1 import FalconH1Adapter
 from mambascope.arch.falcon_mamba import FalconMambaAdapter
 from mambascope.arch.gpt2 import GPT2Adapter
 from mambascope.arch.gpt_neox import GPTNeoXAdapter
@@ -27,7 +28,8 @@ from mambascope.ssm.params import MixerParams
 ADAPTERS: dict[str, type[Adapter]] = {
     cls.model_type: cls
     for cls in (MambaAdapter, Mamba2Adapter, GPT2Adapter, FalconMambaAdapter, GPTNeoXAdapter, LlamaAdapter,
-                BambaAdapter, NemotronHAdapter, GraniteMoeHybridAdapter, JambaAdapter)
+                BambaAdapter, NemotronHAdapter, GraniteMoeHybridAdapter, JambaAdapter,
+                FalconH1Adapter)
 }
 # model_type -> the causal-LM class mambascope traces (what ``load_model`` accepts).
 SUPPORTED: dict[str, str] = {name: cls.hf_class for name, cls in ADAPTERS.items()}

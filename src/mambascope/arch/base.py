@@ -161,11 +161,14 @@ class Adapter:
                 kind, A, mixer.D.detach(), conv_w, conv_b, mixer.out_proj.weight.detach(),
                 d_inner=E, d_state=mixer.ssm_state_size, n_heads=E, head_dim=1, n_groups=1,
             )
+        # a mixer without a gated norm (Falcon-H1's default: an nn.Identity) gates y ⊙ SiLU(z)
+        norm_weight = getattr(mixer.norm, "weight", None)
         return MixerParams(
             kind, A, mixer.D.detach(), conv_w[:E], None if conv_b is None else conv_b[:E],
             mixer.out_proj.weight.detach(), d_inner=E, d_state=mixer.ssm_state_size, n_heads=mixer.num_heads,
-            head_dim=mixer.head_dim, n_groups=mixer.n_groups, norm_weight=mixer.norm.weight.detach(),
-            norm_eps=mixer.norm.variance_epsilon,
+            head_dim=mixer.head_dim, n_groups=mixer.n_groups,
+            norm_weight=None if norm_weight is None else norm_weight.detach(),
+            norm_eps=getattr(mixer.norm, "variance_epsilon", 0.0),
         )
 
     def neuron_write_weights(self, layer: int) -> torch.Tensor:

@@ -73,10 +73,20 @@ def gated_rms_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, gr
     return weight * normed.reshape(gated.shape).to(weight.dtype)
 
 
-def mamba2_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, emit: Emit) -> torch.Tensor:
-    """Mamba-2 mixer (in_proj, conv over x‖B‖C, SSD scan, gated RMSNorm) from its normed input; returns ``post``."""
+def mamba2_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, emit: Emit, *,
+                 in_scale: float = 1.0, proj_scale: torch.Tensor | None = None, rms_norm: bool = True,
+                 norm_before_gate: bool = False) -> torch.Tensor:
+    """Mamba-2 mixer (in_proj, conv over x‖B‖C, SSD scan, gate) from its normed input; returns ``post``.
+
+    Falcon-H1's μP options: ``in_scale`` multiplies the input, ``proj_scale`` [E + conv_dim + H] the
+    in_proj output; ``rms_norm=False`` gates with y ⊙ SiLU(z) and no norm; ``norm_before_gate`` applies
+    the grouped RMSNorm to y before the gate instead of to y ⊙ SiLU(z).
+    """
     E, G, N, H = mixer.intermediate_size, mixer.n_groups, mixer.ssm_state_size, mixer.num_heads
-    z, xBC, dt_raw = mixer.in_proj(masked(hidden, mask)).split([E, mixer.conv_dim, H], dim=-1)
+    proj = mixer.in_proj(masked(hidden, mask) * in_scale)
+    if proj_scale is not None:
+        proj = proj * proj_scale
+    z, xBC, dt_raw = proj.split([E, mixer.conv_dim, H], dim=-1)
     x, B_raw, C_raw = xBC.split([E, G * N, G * N], dim=-1)
     x = emit("mixer.hook_x", x)
     z = emit("mixer.hook_gate_pre", z)
@@ -94,8 +104,15 @@ def mamba2_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
     y = ssd_scan(u_heads, dt, A, B, C, chunk_size=mixer.chunk_size) + mixer.D.float()[:, None] * u_heads.float()
     y = emit("mixer.hook_y", y.reshape(*u.shape[:2], E))
     gate = emit("mixer.hook_gate", F.silu(z.float()))
+    if not rms_norm:
+        return emit("mixer.hook_post", y * gate)
+    norm = mixer.norm
     # Every family's gated RMSNorm normalises groups of E / n_groups channels.
-    return emit("mixer.hook_post", gated_rms_norm(y, gate, mixer.norm.weight, G, mixer.norm.variance_epsilon))
+    if norm_before_gate:
+        ones = torch.ones_like(gate)
+        post = gated_rms_norm(y, ones, norm.weight, G, norm.variance_epsilon) * gate
+        return emit("mixer.hook_post", post.to(norm.weight.dtype))
+    return emit("mixer.hook_post", gated_rms_norm(y, gate, norm.weight, G, norm.variance_epsilon))
 
 
 def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,8 +15,9 @@ class MixerParams:
     family the model is.  Mamba-1: ``A`` [E, N], ``D`` [E]. Mamba-2: ``A`` [H], ``D`` [H], channels e
     belong to head ``e // head_dim`` and to group ``e // (E // n_groups)``.
     ``conv_weight`` [E, K] and ``conv_bias`` [E] are the depthwise causal conv of the x channels only.
-    ``out_proj_weight`` [d_model, E]. ``norm_weight`` [E] is Mamba-2's gated RMSNorm (None on Mamba-1),
-    normalising groups of ``d_inner // n_groups`` channels.
+    ``out_proj_weight`` [d_model, E]. ``norm_weight`` [E] is Mamba-2's gated RMSNorm,
+    normalising groups of ``d_inner // n_groups`` channels (None on Mamba-1, and on Mamba-2 mixers that
+    gate y ⊙ SiLU(z) without a norm, as Falcon-H1 does by default).
     """
 
     arch: str
