@@ -22,6 +22,7 @@ from mambascope.arch.llama import LlamaAdapter
 from mambascope.arch.mamba import MambaAdapter
 from mambascope.arch.mamba2 import Mamba2Adapter
 from mambascope.arch.nemotron_h import NemotronHAdapter
+from mambascope.arch.zamba2 import Zamba2Adapter
 from mambascope.ssm.params import MixerParams
 
 # config.model_type -> adapter, in the order error messages list them.
@@ -29,7 +30,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     cls.model_type: cls
     for cls in (MambaAdapter, Mamba2Adapter, GPT2Adapter, FalconMambaAdapter, GPTNeoXAdapter, LlamaAdapter,
                 BambaAdapter, NemotronHAdapter, GraniteMoeHybridAdapter, JambaAdapter,
-                FalconH1Adapter)
+                FalconH1Adapter, Zamba2Adapter)
 }
 # model_type -> the causal-LM class mambascope traces (what ``load_model`` accepts).
 SUPPORTED: dict[str, str] = {name: cls.hf_class for name, cls in ADAPTERS.items()}
