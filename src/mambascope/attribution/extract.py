@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from mambascope.arch import adapter
 from mambascope.ssm.hidden_attention import AttentionMemoryError, hidden_attention, output_gate
 from mambascope.trace import architecture, head_write_weights, mixer_params, n_layers, trace
 
@@ -103,10 +104,15 @@ def check_method(method: str, arch: str) -> None:
 
 
 def check_layers(model: nn.Module, layer_indices: int | Sequence[int] | None) -> list[int]:
-    """Validated, de-duplicated layer indices (negative count from the end; None = every layer)."""
+    """Validated, de-duplicated layer indices (negative count from the end; None = every layer, on a
+    hybrid every SSM layer).  GPT-2: attention layers; any other model: SSM layers only."""
     count = n_layers(model)
+    ad = adapter(model)
+    if ad.model_type != "gpt2" and not ad.ssm_layers():
+        raise ValueError(f"attention neurons need SSM (Mamba) layers or a GPT-2 model; this {ad.model_type} "
+                         "model has neither (its real attention is traced as attn.hook_pattern)")
     if layer_indices is None:
-        return list(range(count))
+        return ad.ssm_layers() if ad.model_type != "gpt2" else list(range(count))
     if isinstance(layer_indices, int):
         layer_indices = [layer_indices]
     out: list[int] = []
@@ -124,11 +130,12 @@ def check_layers(model: nn.Module, layer_indices: int | Sequence[int] | None) ->
             out.append(layer)
     if not out:
         raise ValueError("no layers requested")
-    if architecture(model) != "gpt2":
+    if ad.model_type != "gpt2":
         for layer in out:
-            mixer = getattr(model.backbone.layers[layer], "mixer", None)
-            if mixer is None or not hasattr(mixer, "A_log"):
-                raise ValueError(f"layer {layer} has no Mamba mixer (selective scan); attention neurons need one")
+            # the module check also catches a mixer replaced by hand (e.g. nn.Identity)
+            if layer not in ad.ssm_layers() or not hasattr(ad.mixer(layer), "A_log"):
+                raise ValueError(f"layer {layer} has no Mamba mixer (selective scan); attention neurons need one "
+                                 f"(SSM layers of this {ad.model_type} model: {ad.ssm_layers()})")
     return out
 
 
@@ -249,6 +256,15 @@ def extract(
     b, L = input_ids.shape
     rows = torch.arange(b, device=device)
     chain = list(range(max(requested) + 1)) if "rollout" in methods else []
+    gaps = [layer for layer in chain if arch != "gpt2" and layer not in adapter(model).ssm_layers()]
+    if gaps:
+        why = (f"rollout multiplies every layer's attention from layer 0, and layers {gaps} of this {arch} model "
+               "are not SSM layers (rollout through attention and MLP layers of a hybrid is not implemented)")
+        if on_error == "raise":
+            raise ValueError(why)
+        errors["rollout"] = why
+        methods = [m for m in methods if m != "rollout"]
+        chain = []
     grad = any(m in GRADIENT_METHODS for m in methods)
 
     names = _names(arch, methods, requested, chain)

@@ -20,7 +20,8 @@ UNITS: dict[str, dict[str, str]] = {
 }
 
 # The unit each original architecture calls "the neuron" (DESIGN.md §3).
-NEURON_UNIT = {"mamba": "mixer.hook_post", "mamba2": "mixer.hook_post", "gpt2": "mlp.hook_post"}
+NEURON_UNIT = {"mamba": "mixer.hook_post", "mamba2": "mixer.hook_post", "gpt2": "mlp.hook_post",
+               "gated_mlp": "mlp.hook_post"}
 
 
 def all_names(units_by_layer: Sequence[Mapping[str, str]]) -> list[str]:
