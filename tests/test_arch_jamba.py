@@ -20,7 +20,7 @@ def _model(**kw):
     base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=20, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
                 expert_layer_offset=1, attn_layer_period=4, attn_layer_offset=2, mamba_d_state=8, mamba_d_conv=3,
-                mamba_expand=2, use_mamba_kernels=False, pad_token_id=0)
+                mamba_expand=2, pad_token_id=0)
     return stress(JambaForCausalLM(JambaConfig(**{**base, **kw})))
 
 
