@@ -4,10 +4,9 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import NemotronHConfig, NemotronHForCausalLM
 
 from mambascope.cli import main
-from mambascope.models.train import build_config
 
 PATTERN = ["linear_attention", "mlp", "full_attention", "linear_attention"]
 
@@ -15,12 +14,13 @@ PATTERN = ["linear_attention", "mlp", "full_attention", "linear_attention"]
 @pytest.fixture(scope="module")
 def hybrid_checkpoint(tmp_path_factory, small_tokenizer):
     torch.manual_seed(0)
-    config = build_config("nemotron_h", len(small_tokenizer), small_tokenizer.eos_token_id, 32, hidden_size=32,
-                          layers_block_type=PATTERN, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8,
-                          chunk_size=16, intermediate_size=48, num_attention_heads=4, num_key_value_heads=4,
-                          head_dim=8)
+    special = small_tokenizer.eos_token_id
+    config = NemotronHConfig(vocab_size=len(small_tokenizer), hidden_size=32, layers_block_type=PATTERN,
+                             mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=16,
+                             intermediate_size=48, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                             bos_token_id=special, eos_token_id=special, pad_token_id=special)
     path = tmp_path_factory.mktemp("ckpt-hybrid")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    NemotronHForCausalLM(config).save_pretrained(path)
     small_tokenizer.save_pretrained(path)
     return str(path)
 

@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("train-tiny", help="train a bundled-size model on the built-in corpus")
-    p.add_argument("--arch", required=True, choices=["mamba", "mamba2", "gpt2", "nemotron_h"])
+    p.add_argument("--arch", required=True, choices=["mamba", "mamba2", "gpt2", "bamba"])
     p.add_argument("--out", required=True, help="output directory (Hugging Face format)")
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=8)

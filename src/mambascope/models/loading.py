@@ -23,6 +23,7 @@ BUNDLED: dict[str, str] = {
     "tiny-mamba": "Mamba-1 (MambaForCausalLM)",
     "tiny-mamba2": "Mamba-2 (Mamba2ForCausalLM)",
     "tiny-gpt": "GPT-2 style transformer (GPT2LMHeadModel)",
+    "tiny-hybrid": "Bamba hybrid: Mamba-2 and attention layers, each with a SwiGLU MLP (BambaForCausalLM)",
 }
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -130,7 +131,7 @@ def load_model(
 ) -> tuple[nn.Module, Any]:
     """Load ``(model, tokenizer)`` for a bundled name, a local checkpoint directory, or a hub id.
 
-    Bundled names: ``tiny-mamba``, ``tiny-mamba2``, ``tiny-gpt``. Supported architectures
+    Bundled names: ``tiny-mamba``, ``tiny-mamba2``, ``tiny-gpt``, ``tiny-hybrid``. Supported architectures
     (``config.model_type``): those of ``mambascope.arch.SUPPORTED`` (mamba, mamba2, gpt2, falcon_mamba,
     ...). ``device="auto"`` picks CUDA when available;
     ``dtype=None`` means float32. The model is returned in eval mode.
