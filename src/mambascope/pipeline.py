@@ -430,13 +430,13 @@ def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
                  f"d_inner {model.get('d_inner')}); corpus {corpus.get('name')} "
                  f"{corpus.get('split', '')} {corpus.get('tokens')} tokens")
     if results.get("layers"):
-        lines.append(f"{'layer':>5} {'dead %':>7} {'rare':>5} {'alive freq':>10} {'positional':>10} "
+        lines.append(f"{'layer':>5} {'kind':>9} {'dead %':>7} {'rare':>5} {'alive freq':>10} {'positional':>10} "
                      f"{'detectors':>9} {'Δ top sel.':>10}")
         for layer, r in results["layers"].items():
             delta = r.get("delta_sensitive")
             sel = f"{delta[0]['selectivity']:.3f}" if delta else "n/a"
             alive = r.get("mean_frequency_alive")
-            lines.append(f"{layer:>5} {r['pct_dead']:>7.2f} {len(r['rarely_active']):>5} "
+            lines.append(f"{layer:>5} {r.get('layer_kind', ''):>9} {r['pct_dead']:>7.2f} {len(r['rarely_active']):>5} "
                          f"{alive if alive is None else round(alive, 3)!s:>10} {len(r['positional_neurons']):>10} "
                          f"{len(r['token_detectors']):>9} {sel:>10}")
     if results.get("census"):

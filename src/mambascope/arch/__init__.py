@@ -1,8 +1,9 @@
 """Architecture adapters: one module per Hugging Face family behind one interface (DESIGN.md §10).
 
-``adapter(model)`` returns the family's :class:`Adapter`; everything else in mambascope asks it, never
-``config.model_type``.  To add a family: write ``arch/<family>.py`` with an ``Adapter`` subclass and
-add it to ``ADAPTERS``.
+``adapter(model)`` returns the family's :class:`Adapter`, the only code that reads a family's module
+internals; the rest of mambascope asks it for layer kinds, units, neurons and parameters.  To add a
+family: write ``arch/<family>.py`` with an ``Adapter`` subclass and add it to ``ADAPTERS``
+(docs/architectures.md).
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from mambascope.arch.parts import gated_mlp, llama_attention, mamba2_mixer
 class BambaAdapter(Adapter):
     model_type = "bamba"
     hf_class = "BambaForCausalLM"
-    title = "Bamba (Mamba-2 + attention hybrid)"
 
     def check_supported(self) -> None:
         if self.config.hidden_act != "silu":

@@ -52,7 +52,6 @@ class Adapter:
 
     model_type: ClassVar[str]
     hf_class: ClassVar[str]
-    title: ClassVar[str]
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

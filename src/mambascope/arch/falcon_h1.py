@@ -24,7 +24,6 @@ from mambascope.ssm.params import MixerParams
 class FalconH1Adapter(Adapter):
     model_type = "falcon_h1"
     hf_class = "FalconH1ForCausalLM"
-    title = "Falcon-H1 (parallel Mamba-2 + attention hybrid)"
 
     def check_supported(self) -> None:
         if self.config.hidden_act != "silu":

@@ -16,7 +16,6 @@ from mambascope.arch.parts import mamba1_mixer, weightless_rms
 class FalconMambaAdapter(MambaAdapter):
     model_type = "falcon_mamba"
     hf_class = "FalconMambaForCausalLM"
-    title = "FalconMamba (Mamba-1 with B, C, Δ RMS norms)"
 
     def run_mixer(self, mixer: nn.Module, hidden: torch.Tensor, ctx: Context, emit: Emit) -> torch.Tensor:
         norm = partial(weightless_rms, eps=mixer.rms_eps)

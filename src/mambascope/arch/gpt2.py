@@ -12,7 +12,6 @@ from mambascope.arch.parts import attention, plain_mlp
 class GPT2Adapter(Adapter):
     model_type = "gpt2"
     hf_class = "GPT2LMHeadModel"
-    title = "GPT-2"
 
     def check_supported(self) -> None:
         if getattr(self.config, "add_cross_attention", False):

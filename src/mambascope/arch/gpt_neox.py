@@ -17,7 +17,6 @@ from mambascope.arch.parts import attention, plain_mlp, rotate
 class GPTNeoXAdapter(Adapter):
     model_type = "gpt_neox"
     hf_class = "GPTNeoXForCausalLM"
-    title = "GPT-NeoX (Pythia)"
 
     @property
     def parallel(self) -> bool:

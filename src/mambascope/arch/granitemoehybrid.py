@@ -26,7 +26,6 @@ def _halves(linear: nn.Module, which: int):
 class GraniteMoeHybridAdapter(Adapter):
     model_type = "granitemoehybrid"
     hf_class = "GraniteMoeHybridForCausalLM"
-    title = "Granite-4.0-H (Mamba-2 + attention + MoE hybrid)"
 
     def check_supported(self) -> None:
         if self.config.hidden_act != "silu":

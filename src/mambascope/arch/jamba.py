@@ -18,7 +18,6 @@ from mambascope.arch.parts import gated_mlp, llama_attention, mamba1_mixer, moe_
 class JambaAdapter(Adapter):
     model_type = "jamba"
     hf_class = "JambaForCausalLM"
-    title = "Jamba (Mamba-1 + attention + MoE hybrid)"
 
     def check_supported(self) -> None:
         if self.config.hidden_act != "silu":

@@ -22,7 +22,6 @@ def rotary_tables(rotary_emb: nn.Module, h: torch.Tensor, ctx: Context) -> None:
 class LlamaAdapter(Adapter):
     model_type = "llama"
     hf_class = "LlamaForCausalLM"
-    title = "Llama"
 
     def blocks(self) -> nn.ModuleList:
         return self.model.model.layers

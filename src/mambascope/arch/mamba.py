@@ -12,7 +12,6 @@ from mambascope.arch.parts import mamba1_mixer
 class MambaAdapter(Adapter):
     model_type = "mamba"
     hf_class = "MambaForCausalLM"
-    title = "Mamba-1"
 
     def blocks(self) -> nn.ModuleList:
         return self.model.backbone.layers

@@ -13,7 +13,6 @@ from mambascope.arch.parts import mamba2_mixer
 class Mamba2Adapter(MambaAdapter):
     model_type = "mamba2"
     hf_class = "Mamba2ForCausalLM"
-    title = "Mamba-2"
 
     def parts(self, layer: int) -> tuple[str, ...]:
         return ("mamba2",)

@@ -22,7 +22,6 @@ _PART = {"linear_attention": "mamba2", "full_attention": "attn", "mlp": "mlp", "
 class NemotronHAdapter(Adapter):
     model_type = "nemotron_h"
     hf_class = "NemotronHForCausalLM"
-    title = "Nemotron-H (Mamba-2 + attention + MLP/MoE hybrid)"
 
     def check_supported(self) -> None:
         if self.config.mamba_hidden_act != "silu":

@@ -148,8 +148,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         eye = torch.eye(L, dtype=torch.bool, device=q.device)
         allowed = allowed & mask[:, None, None, :].bool() | eye
     if need_pattern:
-        scores = (q @ k.transpose(-1, -2)).float() * scale
-        pattern = emit("attn.hook_pattern", scores.masked_fill(~allowed, -torch.inf).softmax(-1).to(v.dtype))
+        # in place where possible: every [b, H, L, L] temporary costs as much as the matmuls at this size
+        scores = (q @ k.transpose(-1, -2)).float().mul_(scale).masked_fill_(~allowed, -torch.inf)
+        pattern = emit("attn.hook_pattern", torch.softmax(scores, -1).to(v.dtype))
         z = pattern @ v
     else:
         z = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)

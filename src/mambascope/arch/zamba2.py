@@ -23,7 +23,6 @@ from mambascope.arch.units import PART_UNITS
 class Zamba2Adapter(Adapter):
     model_type = "zamba2"
     hf_class = "Zamba2ForCausalLM"
-    title = "Zamba2 (Mamba-2 + shared attention blocks)"
 
     def blocks(self) -> nn.ModuleList:
         return self.model.model.layers

@@ -121,7 +121,10 @@ def _hide_unused(axes: np.ndarray, used: int) -> None:
 
 
 def _neuron_word(results: Mapping[str, Any]) -> str:
-    return "MLP neurons" if arch(results) == "gpt2" else "mixer neurons (hook_post)"
+    a = arch(results)
+    if a in ("mamba", "mamba2", "falcon_mamba"):
+        return "mixer neurons (hook_post)"
+    return "MLP neurons" if a in ("gpt2", "gpt_neox", "llama") else "neurons (mixer or MLP hook_post, by layer kind)"
 
 
 # --------------------------------------------------------------------------------------- census figures
