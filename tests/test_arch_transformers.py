@@ -60,3 +60,35 @@ def test_llama_neuron_is_swiglu_product():
     assert torch.allclose(units["mlp.hook_post"], act(units["mlp.hook_pre"]) * units["mlp.hook_pre_linear"])
     assert adapter(model).neuron_write_weights(1).shape == (32, 40)
     assert adapter(model).head_write_weights(1).shape == (4, 8, 32)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_transformer_baselines_have_head_attention_neurons(family):
+    """Heads are the attention neurons of every transformer family (grouped-query included): the pattern
+    is the model's eager softmax, and per-head value writes rebuild the attention output."""
+    from mambascope.attention_neurons import MambaAttentionNeurons
+
+    model = _llama(**LLAMA[1]) if family == "llama" else _neox()
+    ids, mask = padded_batch()
+    an = MambaAttentionNeurons(model)
+    methods = ["attention_weighted", "gradient_guided", "rollout"]
+    data = an.extract_attention_vectors(ids, [0, 1], attention_mask=mask, methods=methods)
+    assert data.unit == "head" and data.n_units[1] == 4 and not data.errors
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        hf = model(ids, attention_mask=mask, output_attentions=True, use_cache=False).attentions
+    valid = mask.bool()
+    for layer in (0, 1):
+        got = data[layer]["attention_matrix"].permute(0, 2, 1, 3)[valid]
+        assert (got - hf[layer].permute(0, 2, 1, 3)[valid]).abs().max() < 1e-5
+        assert an.create_mamba_neurons(data, "attention_weighted")[layer]["activation_per_row"].shape == (3, 4)
+    tr = trace(model, ids, ["attn.hook_v", "attn.hook_pattern", "hook_attn_out"])
+    ad = adapter(model)
+    o_proj = ad.out_projs(1)["attn.hook_z"]
+    v = tr["blocks.1.attn.hook_v"]
+    v = v.repeat_interleave(4 // v.shape[2], dim=2)
+    out = torch.einsum("bhts,bshp,hpd->btd", tr["blocks.1.attn.hook_pattern"], v, ad.head_write_weights(1))
+    out = out + (o_proj.bias if o_proj.bias is not None else 0.0)
+    assert (out - tr["blocks.1.hook_attn_out"]).abs().max() <= 1e-5 * tr["blocks.1.hook_attn_out"].abs().max()
+    with pytest.raises(ValueError, match="Mamba-only"):
+        an.extract_attention_vectors(ids, [0], methods=["block"])

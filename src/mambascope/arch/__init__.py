@@ -51,6 +51,11 @@ def architecture(model: nn.Module) -> str:
     return adapter(model).model_type
 
 
+def is_transformer(arch: str) -> bool:
+    """Whether family ``arch`` is a pure transformer (attention neurons are its heads)."""
+    return arch in ADAPTERS and ADAPTERS[arch].transformer
+
+
 def n_layers(model: nn.Module) -> int:
     return adapter(model).n_layers
 
@@ -80,4 +85,5 @@ def unembedding(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 __all__ = ["ADAPTERS", "SUPPORTED", "Adapter", "Context", "MixerParams", "UnsupportedFeature", "adapter",
-           "architecture", "head_write_weights", "mixer_params", "n_layers", "neuron_write_weights", "unembedding"]
+           "architecture", "head_write_weights", "is_transformer", "mixer_params", "n_layers", "neuron_write_weights",
+           "unembedding"]

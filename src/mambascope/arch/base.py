@@ -52,6 +52,8 @@ class Adapter:
 
     model_type: ClassVar[str]
     hf_class: ClassVar[str]
+    # a pure transformer (every layer attention + MLP): its attention neurons are heads, not SSM channels
+    transformer: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

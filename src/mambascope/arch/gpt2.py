@@ -12,6 +12,7 @@ from mambascope.arch.parts import attention, plain_mlp
 class GPT2Adapter(Adapter):
     model_type = "gpt2"
     hf_class = "GPT2LMHeadModel"
+    transformer = True
 
     def check_supported(self) -> None:
         if getattr(self.config, "add_cross_attention", False):

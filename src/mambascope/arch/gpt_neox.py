@@ -17,6 +17,7 @@ from mambascope.arch.parts import attention, plain_mlp, rotate
 class GPTNeoXAdapter(Adapter):
     model_type = "gpt_neox"
     hf_class = "GPTNeoXForCausalLM"
+    transformer = True
 
     @property
     def parallel(self) -> bool:

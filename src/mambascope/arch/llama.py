@@ -22,6 +22,7 @@ def rotary_tables(rotary_emb: nn.Module, h: torch.Tensor, ctx: Context) -> None:
 class LlamaAdapter(Adapter):
     model_type = "llama"
     hf_class = "LlamaForCausalLM"
+    transformer = True
 
     def blocks(self) -> nn.ModuleList:
         return self.model.model.layers
