@@ -13,14 +13,18 @@ from mambascope.data import load_corpus, tokenize_windows
 from mambascope.models import BUNDLED, bundled_path, load_model, resolve_device, resolve_dtype, train_tokenizer
 from mambascope.models.train import build_config, selective_scan_unbind, train_tiny, unigram_loss
 
-ARCH_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
-BUNDLED_ARCH = {"tiny-mamba": "mamba", "tiny-mamba2": "mamba2", "tiny-gpt": "gpt2"}
+ARCH_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "gpt2": "GPT2LMHeadModel",
+              "bamba": "BambaForCausalLM"}
+BUNDLED_ARCH = {"tiny-mamba": "mamba", "tiny-mamba2": "mamba2", "tiny-gpt": "gpt2", "tiny-hybrid": "bamba"}
 # Smallest shapes that still exercise every code path (Mamba-2: 2 heads, 1 group, chunking).
 TINY = {
     "mamba": {"hidden_size": 16, "num_hidden_layers": 2, "state_size": 4},
     "mamba2": {"hidden_size": 16, "num_hidden_layers": 2, "head_dim": 16, "num_heads": 2, "state_size": 8,
                "chunk_size": 8},
     "gpt2": {"n_embd": 16, "n_layer": 2, "n_head": 2, "n_inner": 32},
+    "bamba": {"hidden_size": 16, "num_hidden_layers": 2, "attn_layer_indices": [1], "mamba_n_heads": 2,
+              "mamba_d_state": 8, "mamba_chunk_size": 8, "num_attention_heads": 2, "num_key_value_heads": 2,
+              "intermediate_size": 16},
 }
 
 
@@ -63,7 +67,7 @@ def test_tokenizer_is_deterministic_byte_level_and_round_trips(small_tokenizer: 
 # --- load_model ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["mamba", "mamba2", "gpt2"])
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "gpt2", "bamba"])
 def test_load_local_checkpoint(arch: str, small_tokenizer: Any, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -197,7 +201,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-@pytest.mark.parametrize("arch", ["mamba", "mamba2", "gpt2"])
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "gpt2", "bamba"])
 def test_train_tiny_runs_saves_and_is_deterministic(
     arch: str, small_tokenizer: Any, small_corpus: str, tmp_path: Path
 ) -> None:

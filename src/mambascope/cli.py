@@ -308,6 +308,7 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mambascope.models.train import ARCHS as TRAIN_ARCHS
     parser = _Parser(prog="mambascope", description="Neuron-level interpretability of Mamba models.",
                                      epilog="exit codes: 0 ok, 1 a stage failed, 2 bad input, 130 interrupted")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -349,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("train-tiny", parents=common, help="train a bundled-size model on the built-in corpus")
-    p.add_argument("--arch", required=True, choices=["mamba", "mamba2", "gpt2"])
+    p.add_argument("--arch", required=True, choices=TRAIN_ARCHS)
     _add_out_args(p, None)
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=8)

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from mambascope.arch import adapter
 from mambascope.interventions import ablation_study, check_draws, pruning_study
 from mambascope.neurons import (
     LayerCensus,
@@ -28,9 +29,13 @@ from mambascope.neurons import (
 )
 from mambascope.runner import scan_corpus
 from mambascope.ssm import hidden_attention
-from mambascope.trace import architecture, mixer_params, n_layers, neuron_write_weights, trace, unembedding
+from mambascope.trace import n_layers, neuron_write_weights, trace, unembedding
 
 GROUPS = ("dead", "rarely_active", "positional", "token_detector", "delta_sensitive")
+# The traced units a census of each neuron kind reads (``Adapter.neuron_kind``).
+CENSUS_UNITS = {"mamba": ["mixer.hook_post", "mixer.hook_gate_pre", "mixer.hook_dt"],
+                "mamba2": ["mixer.hook_post", "mixer.hook_gate_pre", "mixer.hook_dt"],
+                "gpt2": ["mlp.hook_post"], "gated_mlp": ["mlp.hook_post", "mlp.hook_pre"]}
 
 
 def check_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
@@ -91,6 +96,26 @@ def _logit_effects(W: torch.Tensor, norm_weight: torch.Tensor, W_U: torch.Tensor
             "suppressed_values": top["suppressed_effects"].tolist()}
 
 
+def census_layers(model: nn.Module, layers: Sequence[int] | None) -> tuple[list[int], dict[int, str]]:
+    """(the layers a census can read, {layer: why not} for the others): attention-only layers have no
+    neurons, and MoE experts' neurons are not censused."""
+    ad = adapter(model)
+    skipped = {}
+    for layer in check_layers(model, layers):
+        kind = ad.neuron_kind(layer)
+        if kind is None:
+            skipped[layer] = f"{ad.layer_kind(layer)} layer: no neurons"
+        elif kind not in CENSUS_UNITS:
+            skipped[layer] = f"{ad.layer_kind(layer)} layer: a census of {kind} neurons is not implemented"
+    return [layer for layer in check_layers(model, layers) if layer not in skipped], skipped
+
+
+def _head_dim(model: nn.Module, layer: int) -> int:
+    """Channels per Δ unit: Mamba-2's head dim (Δ per head), 1 elsewhere."""
+    ad = adapter(model)
+    return ad.mixer_params(layer).head_dim if ad.neuron_kind(layer) == "mamba2" else 1
+
+
 def neuron_groups(layer_result: dict, arch: str, head_dim: int) -> dict[str, list[int]]:
     """The census groups of one layer as neuron indices.
 
@@ -131,30 +156,32 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
     ``LayerCensus.finalize()`` + decoded detector tokens, ``suppression``, ``overlap``, ``top_contexts``,
     ``logit_effects``} and ``detector_tokens_by_layer``.
     """
-    arch = architecture(model)
-    layers = check_layers(model, layers)
+    ad = adapter(model)
+    layers, skipped = census_layers(model, layers)
+    if not layers:
+        raise ValueError(f"no layer of this {ad.model_type} model has neurons the census reads: {skipped}")
+    kinds = {layer: ad.neuron_kind(layer) for layer in layers}
     vocab = model.get_input_embeddings().num_embeddings
-    census = {layer: LayerCensus(arch, vocab, layer=layer, **(census_options or {})) for layer in layers}
+    census = {layer: LayerCensus(kinds[layer], vocab, layer=layer, **(census_options or {})) for layer in layers}
     tops = {layer: TopContextAccumulator(top_k_contexts, context_width, layer=layer) for layer in layers}
     bos = tokenizer.bos_token_id
-    units = [f"blocks.{layer}.{u}" for layer in layers
-             for u in (["mlp.hook_post"] if arch == "gpt2" else ["mixer.hook_post", "mixer.hook_gate_pre",
-                                                                 "mixer.hook_dt"])]
+    units = [f"blocks.{layer}.{u}" for layer in layers for u in CENSUS_UNITS[kinds[layer]]]
 
     def consume(layer: int, tensors: dict[str, torch.Tensor], ids: torch.Tensor, rows: torch.Tensor) -> None:
         device = next(iter(tensors.values())).device
-        batch = NeuronBatch.from_layer(tensors, arch, ids.to(device), bos_token_id=bos, label=layer, window_ids=rows)
+        batch = NeuronBatch.from_layer(tensors, kinds[layer], ids.to(device), bos_token_id=bos, label=layer,
+                                       window_ids=rows)
         census[layer].update(batch)
         tops[layer].update(batch)
 
     loss = scan_corpus(model, windows, consume, names=units, batch_size=batch_size, progress=progress,
                        description="census")
     norm_weight, W_U = (t.float() for t in unembedding(model))
-    head_dim = mixer_params(model, 0).head_dim if arch == "mamba2" else 1
     out: dict[str, Any] = {"tokens": int(windows.numel()), "window": int(windows.shape[1]), "loss": loss.loss,
-                           "layers": {}}
+                           "layers": {}, "skipped_layers": {str(layer): why for layer, why in skipped.items()}}
     for layer in layers:
         result = census[layer].finalize()
+        result["layer_kind"] = ad.layer_kind(layer)
         W = neuron_write_weights(model, layer).float()
         for det in result["token_detectors"]:
             det["token_strings"] = _decode(tokenizer, det["tokens"])
@@ -164,7 +191,8 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
         sign = activation_sign(result)
         result["suppression"] = detector_suppression(W, norm_weight, W_U, result["token_detectors"],
                                                      activation_sign=sign)
-        result["overlap"] = group_overlap(neuron_groups(result, arch, head_dim), result["n_neurons"])
+        result["overlap"] = group_overlap(neuron_groups(result, kinds[layer], _head_dim(model, layer)),
+                                          result["n_neurons"])
         result["top_contexts"] = _decoded_contexts(tops[layer].finalize(), tokenizer)
         result["logit_effects"] = _logit_effects(W, norm_weight, W_U, tokenizer, sign)
         out["layers"][str(layer)] = result
@@ -176,14 +204,15 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
 
 def context_attention_rows(model: nn.Module, windows: torch.Tensor, layer_results: dict[str, dict],
                            batch_size: int = 8) -> None:
-    """Add ``attention_rows`` to each Mamba layer result: for every neuron, the exact hidden-attention row
+    """Add ``attention_rows`` to each SSM layer result: for every neuron, the exact hidden-attention row
     α[t, ·] of its channel (Mamba-2: its head) at the peak t of its top context, over that context's
     tokens (None before the window start).  Only the rows asked for are computed (``rows=`` fast path).
     """
-    arch = architecture(model)
-    if arch == "gpt2":
+    ad = adapter(model)
+    tops = {int(layer): r["top_contexts"] for layer, r in layer_results.items()
+            if ad.neuron_kind(int(layer)) in ("mamba", "mamba2")}
+    if not tops:
         return
-    tops = {int(layer): r["top_contexts"] for layer, r in layer_results.items()}
     rows = {layer: {"neurons": [], "tokens": [], "values": []} for layer in tops}
     by_window: dict[int, dict[int, list[int]]] = {layer: {} for layer in tops}  # layer -> window -> neurons
     for layer, top in tops.items():
@@ -195,7 +224,7 @@ def context_attention_rows(model: nn.Module, windows: torch.Tensor, layer_result
         chunk = needed[start:start + batch_size]
         tr = trace(model, windows[chunk], names=["mixer.hook_dt", "mixer.hook_B", "mixer.hook_C"])
         for layer, top in tops.items():
-            params, width = mixer_params(model, layer), top["width"]
+            params, width = ad.mixer_params(layer), top["width"]
             units = tr.layer(layer)
             for i, window in enumerate(chunk):  # a loop over contexts, each computing only its rows
                 neurons = by_window[layer].get(window)
@@ -225,16 +254,15 @@ def census_interventions(model: nn.Module, layer_results: dict[str, dict], heldo
     Reads the groups, the neurons' means (mean ablation) and the pruning priority from the census
     results.  Returns ``{"ablation": ..., "pruning": ...}``.
     """
-    arch = architecture(model)
-    head_dim = mixer_params(model, 0).head_dim if arch == "mamba2" else 1
     layers = [int(layer) for layer in layer_results]
-    groups = {layer: neuron_groups(layer_results[str(layer)], arch, head_dim) for layer in layers}
+    groups = {layer: neuron_groups(layer_results[str(layer)], layer_results[str(layer)]["arch"],
+                                   _head_dim(model, layer)) for layer in layers}
     means = {layer: torch.tensor(layer_results[str(layer)]["activity"]["mean_post"]) for layer in layers}
     priority = {layer: pruning_priority(layer_results[str(layer)],
                                         neuron_write_weights(model, layer).float().norm(dim=0).cpu())
                 for layer in layers}
     by_group = {g: {layer: groups[layer][g] for layer in layers} for g in GROUPS}
-    n_neurons = layer_results[str(layers[0])]["n_neurons"]
+    n_neurons = {layer: layer_results[str(layer)]["n_neurons"] for layer in layers}
     ablation = ablation_study(model, heldout, by_group, means, n_neurons, draws=draws, seed=seed,
                               batch_size=batch_size, progress=progress)
     pruning = pruning_study(model, heldout, priority, pruning_ratios, draws=draws, seed=seed, batch_size=batch_size,
@@ -289,10 +317,12 @@ def neuron_table(census: dict[str, Any]) -> pd.DataFrame:
 
 def model_info(model: nn.Module, name: str) -> dict[str, Any]:
     """What the results file says about the model."""
-    arch = architecture(model)
-    width = neuron_write_weights(model, 0).shape
-    return {"name": name, "arch": arch, "n_layers": n_layers(model), "d_model": int(width[0]),
-            "d_inner": int(width[1]), "parameters": sum(p.numel() for p in model.parameters()),
+    ad = adapter(model)
+    first = next(layer for layer in range(ad.n_layers) if ad.neuron_kind(layer) is not None)
+    width = neuron_write_weights(model, first).shape
+    return {"name": name, "arch": ad.model_type, "n_layers": n_layers(model), "d_model": int(width[0]),
+            "d_inner": int(width[1]), "layer_kinds": [ad.layer_kind(layer) for layer in range(ad.n_layers)],
+            "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "device": str(next(model.parameters()).device)}
 
@@ -340,8 +370,11 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
         from mambascope.attention_neurons import run_attention_analysis
 
         n = min(attention_windows, select.shape[0], heldout.shape[0])
+        # hybrids: attention neurons come from the SSM layers' hidden attention
+        ssm = [layer for layer in layers if layer in adapter(model).ssm_layers()]
+        default = ssm or layers
         results["attention_neurons"] = run_attention_analysis(
-            model, select[:n], layers=list(attention_layers if attention_layers is not None else layers),
+            model, select[:n], layers=list(attention_layers if attention_layers is not None else default),
             methods=methods, faithfulness=faithfulness, select_windows=select[:n], eval_windows=heldout[:n],
             batch_size=batch_size, seed=seed, draws=draws)
 
@@ -424,13 +457,13 @@ def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
                  f"d_inner {model.get('d_inner')}); corpus {corpus.get('name')} "
                  f"{corpus.get('split', '')} {corpus.get('tokens')} tokens")
     if results.get("layers"):
-        lines.append(f"{'layer':>5} {'dead %':>7} {'rare':>5} {'alive freq':>10} {'positional':>10} "
+        lines.append(f"{'layer':>5} {'kind':>9} {'dead %':>7} {'rare':>5} {'alive freq':>10} {'positional':>10} "
                      f"{'detectors':>9} {'Δ top sel.':>10}")
         for layer, r in results["layers"].items():
             delta = r.get("delta_sensitive")
             sel = f"{delta[0]['selectivity']:.3f}" if delta else "n/a"
             alive = r.get("mean_frequency_alive")
-            lines.append(f"{layer:>5} {r['pct_dead']:>7.2f} {len(r['rarely_active']):>5} "
+            lines.append(f"{layer:>5} {r.get('layer_kind', ''):>9} {r['pct_dead']:>7.2f} {len(r['rarely_active']):>5} "
                          f"{alive if alive is None else round(alive, 3)!s:>10} {len(r['positional_neurons']):>10} "
                          f"{len(r['token_detectors']):>9} {sel:>10}")
         pos = [r.get("positional") or {} for r in results["layers"].values()]

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from mambascope.arch import is_transformer
 from mambascope.attribution.extract import METHODS, check_layers, check_method, extract
 from mambascope.attribution.methods import method_records
 from mambascope.interventions.ablation import ablation_edits, heldout_loss, random_groups
@@ -118,7 +119,7 @@ def _head_edits(layer: int, heads: Tensor) -> dict[str, Edit]:
 
 
 def _unit_edits(model: nn.Module, layer: int, index: Tensor) -> dict[str, Edit]:
-    if architecture(model) == "gpt2":
+    if is_transformer(architecture(model)):
         return _head_edits(layer, index)
     return ablation_edits(model, {layer: index})
 
@@ -265,7 +266,7 @@ def _neuron_level(model: nn.Module, select: Tensor, evalw: Tensor, layers: list[
             out_methods[method][str(layer)] = {"k": ks[layer], "units": top.tolist(), "loss": loss,
                                                "delta": loss - base.loss, "z_vs_random": z}
     return {"baseline_loss": base.loss, "tokens": base.tokens, "n_select_windows": int(select.shape[0]),
-            "n_eval_windows": int(evalw.shape[0]), "unit": "head" if architecture(model) == "gpt2" else "channel",
+            "n_eval_windows": int(evalw.shape[0]), "unit": "head" if is_transformer(architecture(model)) else "channel",
             "query_position": q, "methods": out_methods, "random": random}
 
 

@@ -128,6 +128,12 @@ def _error(text: str) -> str:
     return f'<div class="error">{_e(text)}</div>'
 
 
+def _layer_label(layer: int, r: Mapping[str, Any]) -> str:
+    """The layer's index with its kind (``mamba2``, ``mlp``, ...) as the census recorded it."""
+    kind = r.get("layer_kind")
+    return f"{layer} ({kind})" if kind else str(layer)
+
+
 def _links(layer: int, neurons: Sequence[int]) -> _Raw:
     shown = [_nlink(layer, n, str(n)) for n in list(neurons)[:MAX_LIST]]
     more = f" … and {len(neurons) - MAX_LIST} more" if len(neurons) > MAX_LIST else ""
@@ -436,10 +442,11 @@ def _dead_section(results: Mapping[str, Any]) -> str:
     if not layers:
         return _no_census(results)
     rare_thr = (layers[0][1].get("activity") or {}).get("rare_threshold")
-    rows = [[layer, r.get("tokens"), r.get("n_neurons"), len(r.get("dead_neurons") or []),
+    rows = [[_layer_label(layer, r), r.get("tokens"), r.get("n_neurons"), len(r.get("dead_neurons") or []),
              _links(layer, r.get("dead_neurons") or []), len(r.get("rarely_active") or []),
              _links(layer, r.get("rarely_active") or [])] for layer, r in layers]
-    return (f"<p>A neuron is <b>active</b> at a token when its gate is open (z &gt; 0; GPT-2: post &gt; 0). "
+    return (f"<p>A neuron is <b>active</b> at a token when its gate is open (z &gt; 0; gated MLP: gate "
+            f"pre-activation &gt; 0; plain MLP: post &gt; 0). "
             f"<b>Dead</b>: active on 0 of the N tokens. <b>Rarely active</b>: 0 &lt; frequency &lt; "
             f"{_e(acc.fmt(rare_thr))}.</p>"
             + _table(["layer", "tokens N", "neurons", "dead", "dead neurons", "rarely active", "rarely active neurons"],
@@ -456,7 +463,7 @@ def _positional_section(results: Mapping[str, Any]) -> str:
         top = pos.get("positional_top") or {}
         tops = _Raw(", ".join(f"{_nlink(layer, n, str(n))} ({_e(acc.fmt(mi, 3))})"
                               for n, mi in zip(top.get("neurons") or [], top.get("mi") or [], strict=False)))
-        rows.append([layer, pos.get("positional_threshold"), len(r.get("positional_neurons") or []),
+        rows.append([_layer_label(layer, r), pos.get("positional_threshold"), len(r.get("positional_neurons") or []),
                      _links(layer, r.get("positional_neurons") or []), pos.get("mean_abs_position_correlation"),
                      tops or _Raw('<span class="muted">not recorded</span>')])
     notes = sorted({w for _, r in layers for w in (r.get("warnings") or []) if w.startswith("positional")})
@@ -483,7 +490,8 @@ def _detectors_section(results: Mapping[str, Any]) -> str:
         new = [_tok(strings.get(int(t), f"#{t}")) for t in (c.get("new") or [])[:MAX_LIST]]
         more = f" … and {len(c.get('new') or []) - MAX_LIST} more" if len(c.get("new") or []) > MAX_LIST else ""
         sup = r.get("suppression") or {}
-        summary_rows.append([layer, len(r.get("token_detectors") or []), c.get("covered"), c.get("n_new"),
+        summary_rows.append([_layer_label(layer, r), len(r.get("token_detectors") or []), c.get("covered"),
+                             c.get("n_new"),
                              c.get("cumulative"), _Raw("".join(new) + _e(more)),
                              sup.get("fraction_suppressing_own_triggers"), sup.get("fraction_suppressing_any_trigger")])
     crit = (layers[0][1].get("detectors") or {}).get("criteria") or {}
