@@ -27,7 +27,7 @@ def hybrid_checkpoint(tmp_path_factory, small_tokenizer):
 
 def test_analyze_a_hybrid(tmp_path, hybrid_checkpoint):
     out = tmp_path / "hyb"
-    code = main(["analyze", "--model", hybrid_checkpoint, "--window", "32", "--max-tokens", "512", "--draws", "2",
+    code = main(["analyze", "--model", hybrid_checkpoint, "--window", "32", "--max-tokens", "512", "--draws", "3",
                  "--out", str(out), "--quiet", "--device", "cpu"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
