@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from mambascope.data import load_corpus, tokenize_windows
 from mambascope.models import BUNDLED, bundled_path, load_model, resolve_device, resolve_dtype, train_tokenizer
@@ -249,3 +251,38 @@ def test_train_tiny_rejects_bad_arguments(tmp_path: Path) -> None:
         train_tiny("rwkv", tmp_path, steps=1)
     with pytest.raises(ValueError, match="steps must be positive"):
         train_tiny("gpt2", tmp_path, steps=0)
+
+
+class _RecordingModel(nn.Module):
+    """Stands in for a causal LM in ``_train_loop``: records every batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> SimpleNamespace:
+        self.seen.append(input_ids.clone())
+        return SimpleNamespace(loss=(self.w ** 2).sum() + 1.0)
+
+
+def test_train_loop_uses_every_full_batch_of_an_epoch() -> None:
+    """21 windows of 8 tokens, batch 4: 5 full batches per epoch (whatever the start offset), all of them
+    used before the next epoch starts, each window once (the old loop restarted with 3 batches left)."""
+    from mambascope.models.train import _train_loop
+
+    seq_len, batch_size = 8, 4
+    stream = torch.arange(21 * seq_len)
+    model = _RecordingModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    curve: list[dict[str, float]] = []
+    _train_loop(model, opt, sched, stream, torch.Generator().manual_seed(0), torch.device("cpu"), steps=5,
+                batch_size=batch_size, seq_len=seq_len, arch="gpt2", log=lambda _: None, curve=curve)
+    assert curve[-1]["epoch"] == 1
+    starts = torch.cat([b[:, 0] for b in model.seen])
+    assert starts.numel() == 20 and starts.unique().numel() == 20  # 20 distinct windows, none repeated
+    assert bool(((starts - starts[0]) % seq_len == 0).all())  # one epoch: one offset
+    _train_loop(model, opt, sched, stream, torch.Generator().manual_seed(0), torch.device("cpu"), steps=6,
+                batch_size=batch_size, seq_len=seq_len, arch="gpt2", log=lambda _: None, curve=curve)
+    assert curve[-1]["epoch"] == 2  # the sixth batch starts the second epoch
