@@ -132,7 +132,47 @@ def _cmd_census(args: argparse.Namespace) -> int:
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
+    if args.task is not None:
+        return _run_ground_truth(args)
     return _run(args, ("attention_neurons",))
+
+
+def _run_ground_truth(args: argparse.Namespace) -> int:
+    """``attention --task``: attribution accuracy against the task's ground truth (docs/methods.md)."""
+    import time
+
+    import torch
+
+    from mambascope.attribution.ground_truth import print_ground_truth, run_ground_truth, task_settings
+    from mambascope.models import BUNDLED, bundled_path, load_model
+    from mambascope.pipeline import model_info
+    from mambascope.results import ResultsDir
+
+    torch.manual_seed(args.seed)
+    out = ResultsDir(args.out, overwrite=args.overwrite)
+    model, _ = load_model(args.model, device=args.device, dtype=args.dtype)
+    settings = task_settings(bundled_path(args.model) if args.model in BUNDLED else args.model)
+    if settings["task"] != args.task:
+        raise ValueError(f"{args.model} was trained on {settings['task']!r}, not {args.task!r}")
+    start = time.perf_counter()
+    try:
+        truth = run_ground_truth(model, settings, n_queries=args.queries, layers=args.layers, methods=args.methods,
+                                 seed=args.seed)
+    except BaseException:
+        out.discard()
+        raise
+    results = {"model": model_info(model, args.model),
+               "corpus": {"name": f"task:{args.task}", "split": "held-out", "windows": truth["n_queries"],
+                          "window": truth["seq_len"], "tokens": truth["n_queries"] * truth["seq_len"]},
+               "ground_truth": truth, "errors": {f"ground_truth: {m}": r for m, r in truth["errors"].items()},
+               "timings": {"ground_truth": round(time.perf_counter() - start, 3)}, "incomplete": []}
+    if args.report:
+        _render(results, out.staging)
+    out.save(results)
+    path = out.commit()
+    print_ground_truth(truth)
+    print(f"results: {path / 'results.json'}")
+    return 1 if results["errors"] else 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -170,6 +210,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_train_tiny(args: argparse.Namespace) -> int:
     from mambascope.models import train_tiny
 
+    if args.task is not None:
+        from mambascope.models.train_task import train_task
+
+        stats = train_task(args.arch, args.task, args.out, seq_len=args.seq_len, num_pairs=args.num_pairs,
+                           steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                           device=args.device, num_threads=args.threads)
+        print(f"saved {args.arch} {args.task} model to {args.out}: held-out query accuracy "
+              f"{stats['heldout_query_accuracy']:.4f} on {stats['heldout_queries']} queries")
+        return 0
     stats = train_tiny(args.arch, args.out, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                        lr=args.lr, seed=args.seed, device=args.device, tokenizer=args.tokenizer,
                        num_threads=args.threads)
@@ -203,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_args(p)
     _add_run_args(p, "mambascope-attention")
     p.add_argument("--methods", nargs="+", default=None, help="attention-neuron methods (default: all)")
+    p.add_argument("--task", default=None, choices=["mqar", "copy"],
+                   help="score the methods against the ground truth of a task model (train-tiny --task)")
+    p.add_argument("--queries", type=int, default=512, help="held-out queries for --task (default: %(default)s)")
     p.set_defaults(func=_cmd_attention)
 
     p = sub.add_parser("report", help="re-render figures and report.html from a results directory")
@@ -230,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--tokenizer", default=None, help="reuse this tokenizer directory instead of training one")
+    p.add_argument("--task", default=None, choices=["mqar", "copy"],
+                   help="train on a synthetic task (mambascope.data.tasks) instead of the corpus")
+    p.add_argument("--num-pairs", type=int, default=8, help="MQAR key-value pairs per example (default: %(default)s)")
     p.set_defaults(func=_cmd_train_tiny)
     return parser
 

@@ -200,7 +200,7 @@ def compute_method(data: AttentionData, method: str) -> dict[int, dict]:
 
 
 def method_records(model: nn.Module, windows: Tensor, layers: list[int], methods: list[str], *,
-                   query: int | None, batch_size: int,
+                   query: int | Tensor | None, batch_size: int,
                    errors: dict[str, str]) -> Iterator[tuple[Tensor, AttentionData, dict[str, dict]]]:
     """Per batch of ``windows``: one extraction, then every method's per-layer records.
 
