@@ -665,16 +665,23 @@ def _faithfulness_section(results: Mapping[str, Any]) -> str:
         rows = []
         for method, per in tok["methods"].items():
             for layer, e in sorted((per or {}).items(), key=lambda kv: int(kv[0])):
-                rows.append([method, int(layer), e.get("morf_area"), e.get("lerf_area"), e.get("difference")])
+                above = e.get("above_random")
+                rows.append([method, int(layer), e.get("morf_area"), e.get("lerf_area"), e.get("difference"),
+                             _ci(e.get("difference_ci")), "n/a" if above is None else ("yes" if above else "no")])
         rnd = tok.get("random") or {}
         if rnd:
             rows.append([f"random ({rnd.get('seeds', '?')} seeds)", "all", rnd.get("morf_area"), rnd.get("lerf_area"),
-                         f"{acc.fmt(rnd.get('difference'))} ± {acc.fmt(rnd.get('difference_std'))}"])
+                         f"{acc.fmt(rnd.get('difference'))} ± {acc.fmt(rnd.get('difference_std'))} (seed std)",
+                         _ci(rnd.get("difference_ci")), ""])
+        query = tok.get("query_rule") or f"query position {tok.get('query_position')}"
         parts.append(f"<h3>Token level (MoRF / LeRF)</h3><p>{_e(tok.get('n_windows'))} windows of "
-                     f"{_e(tok.get('window'))} tokens; query position {_e(tok.get('query_position'))}, target: "
-                     f"{_e(tok.get('target', 'n/a'))}; baseline log p {_e(acc.fmt(tok.get('baseline_logprob')))}. "
-                     "Difference = LeRF area − MoRF area (larger = more faithful).</p>"
-                     + _table(["method", "layer", "MoRF area", "LeRF area", "difference"], rows))
+                     f"{_e(tok.get('window'))} tokens; query: {_e(query)}; target: "
+                     f"{_e(tok.get('target', 'n/a'))}; mean log p {_e(acc.fmt(tok.get('baseline_logprob')))} with the "
+                     f"full context, {_e(acc.fmt(tok.get('masked_context_logprob')))} with it masked. "
+                     "Difference = LeRF area − MoRF area (larger = more faithful); intervals: "
+                     f"{_e(tok.get('interval', 'not recorded'))}.</p>"
+                     + _table(["method", "layer", "MoRF area", "LeRF area", "difference", "95% CI",
+                               "above random"], rows))
     else:
         parts.append(_note("Token-level faithfulness: not recorded."))
     neu = faith.get("neuron")
@@ -700,6 +707,12 @@ def _interval(entry: Any) -> str:
     if not isinstance(entry, dict):
         return "n/a"
     return f"{acc.fmt(entry.get('mean'), 3)} [{acc.fmt(entry.get('low'), 3)}, {acc.fmt(entry.get('high'), 3)}]"
+
+
+def _ci(entry: Any) -> str:
+    if not isinstance(entry, dict) or entry.get("low") is None:
+        return "n/a"
+    return f"[{acc.fmt(entry.get('low'), 3)}, {acc.fmt(entry.get('high'), 3)}]"
 
 
 def _ground_truth_section(results: Mapping[str, Any]) -> str:
