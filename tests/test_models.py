@@ -17,6 +17,8 @@ from mambascope.models.train import build_config, selective_scan_unbind, train_t
 
 ARCH_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 BUNDLED_ARCH = {"tiny-mamba": "mamba", "tiny-mamba2": "mamba2", "tiny-gpt": "gpt2"}
+# The bundled task models (docs/models.md, "Task models"); each must reach 95 % held-out query accuracy.
+TASK_ARCH = {"tiny-mamba-mqar": "mamba", "tiny-mamba2-mqar": "mamba2", "tiny-gpt-mqar": "gpt2"}
 # Smallest shapes that still exercise every code path (Mamba-2: 2 heads, 1 group, chunking).
 TINY = {
     "mamba": {"hidden_size": 16, "num_hidden_layers": 2, "state_size": 4},
@@ -120,7 +122,7 @@ def test_device_and_dtype_resolution() -> None:
 # --- bundled models --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(BUNDLED))
+@pytest.mark.parametrize("name", list(BUNDLED_ARCH))
 def test_bundled_model_is_small_trained_and_beats_unigram(name: str) -> None:
     path = bundled_path(name)
     if not (path / "model.safetensors").is_file():
@@ -149,6 +151,27 @@ def test_bundled_model_is_small_trained_and_beats_unigram(name: str) -> None:
     train_ids = torch.tensor([i for t in load_corpus("builtin", "train").texts[:300]
                               for i in tok(t, add_special_tokens=False)["input_ids"]])
     assert float(loss) < 0.85 * unigram_loss(train_ids, windows, len(tok))
+
+
+@pytest.mark.parametrize("name", [n for n in TASK_ARCH if n in BUNDLED])
+def test_bundled_task_model_reaches_the_accuracy_bar(name: str) -> None:
+    from mambascope.data.tasks import query_correct
+    from mambascope.models.train_task import heldout_task_batch
+
+    path = bundled_path(name)
+    assert (path / "model.safetensors").stat().st_size < 2 * 2**20
+    stats = json.loads((path / "training.json").read_text(encoding="utf-8"))
+    assert stats["arch"] == TASK_ARCH[name] and stats["task"] == "mqar"
+    assert stats["num_pairs"] >= 8 and stats["seq_len"] >= 64 and stats["heldout_queries"] >= 512
+    assert stats["heldout_query_accuracy"] >= 0.95
+    # Independent re-check with the loaded weights and the model's own forward on the same held-out examples.
+    model, _ = load_model(name, device="cpu")
+    batch = heldout_task_batch("mqar", stats["heldout_examples"], stats["seq_len"], stats["num_pairs"], stats["seed"])
+    parts = [batch.rows(slice(i, i + 128)) for i in range(0, batch.input_ids.shape[0], 128)]
+    with torch.no_grad():
+        correct = torch.cat([query_correct(model(input_ids=part.input_ids).logits, part) for part in parts])
+    assert float(correct.double().mean()) == pytest.approx(stats["heldout_query_accuracy"], abs=1e-4)
+    assert float(correct.double().mean()) >= 0.95
 
 
 # --- training --------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def _q16(b64: str, scale: float) -> list[float | None]:
 # ------------------------------------------------------------------------------------------- figures
 
 def test_every_figure_is_drawn_from_full_mamba_results(mamba_figures: FigureSet) -> None:
-    assert mamba_figures.skipped == {}
+    assert set(mamba_figures.skipped) == {"ground_truth"}  # task models only (tests/test_ground_truth.py)
     stems = {p.stem for p in mamba_figures}
     expected = set(FIGURES) - {"attention_neurons", "ground_truth"}  # ground truth: task models only
     assert expected <= stems
