@@ -34,7 +34,9 @@ def test_generator_ground_truth_by_loop(task: str) -> None:
             q, k, v = int(batch.query[i, j]), int(batch.key_pos[i, j]), int(batch.value_pos[i, j])
             # the query token is the key; the answer is the token after the key's first occurrence
             assert words[q] == words[k] and words.index(words[q]) == k and v == k + 1 < q
-            assert int(batch.answer[i, j]) == batch.input_ids[i, q + 1] == batch.input_ids[i, v]
+            assert int(batch.answer[i, j]) == batch.input_ids[i, v]
+            # copy: the answer is the next input token; MQAR: the input there is filler (no leaked answers)
+            assert words[q + 1] == (words[v] if task == "copy" else "_")
         # only the answer positions carry labels
         labelled = sorted((batch.labels[i] != IGNORE).nonzero()[:, 0].tolist())
         assert labelled == sorted((batch.query[i] + 1).tolist())
@@ -44,8 +46,8 @@ def test_generator_ground_truth_by_loop(task: str) -> None:
             assert len(set(keys)) == 8 and all(w.startswith("k") for w in keys)
             assert all(w.startswith("v") for w in pairs[1::2])
             asked = set(batch.query[i].tolist())
-            rest = [w for p, w in enumerate(words) if p >= 17 and p not in asked and p - 1 not in asked]
-            assert set(rest) <= {"_"}  # the query region is filler except the queries and their answers
+            rest = [w for p, w in enumerate(words) if p >= 17 and p not in asked]
+            assert set(rest) == {"_"}  # the query region is filler except the query keys
             assert sorted(words[int(q)] for q in batch.query[i]) == sorted(keys)  # every key asked once
         else:
             half = (T - 2) // 2
@@ -209,3 +211,21 @@ def test_train_task_and_attention_cli(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["attention", "--model", str(out), "--task", "nope"])
     assert main(["attention", "--model", str(out), "--task", "copy", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_extract_explains_a_given_target() -> None:
+    """MQAR's answer is not the next input token: ``extract(target=...)`` explains the answer's log-prob."""
+    from mambascope.attribution import extract
+
+    model = _tiny_task_model("mamba")
+    batch = generate("mqar", 3, 64, seed=2)
+    pick = one_query_per_example(batch, 0)
+    data = extract(model, batch.input_ids, [1], methods=["gradient_guided"], query=pick["query"],
+                   target=pick["answer"], store="rows")
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids).logits
+    want = torch.log_softmax(logits[torch.arange(3), pick["query"]], -1)[torch.arange(3), pick["answer"]]
+    assert torch.allclose(data.target_logprob, want, atol=1e-4)
+    assert data.target_kind == ["given"] * 3 and torch.equal(data.target_token, pick["answer"])
+    with pytest.raises(ValueError, match="one token per row"):
+        extract(model, batch.input_ids, [1], methods=["rollout"], query=pick["query"], target=pick["answer"][:2])

@@ -95,7 +95,7 @@ def attribution_accuracy(model: nn.Module, batch: TaskBatch, layers: int | Seque
         sl = slice(start, start + batch_size)
         rows = batch.input_ids[sl]
         records_iter = method_records(model, rows, layers, wanted, query=pick["query"][sl], batch_size=rows.shape[0],
-                                      errors=errors)
+                                      errors=errors, target=pick["answer"][sl])
         correct.append(_correct(model, batch.rows(sl)))
         for _, _, records in records_iter:
             for method, recs in records.items():

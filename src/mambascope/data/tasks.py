@@ -6,9 +6,13 @@ earlier position; that position is recorded, so attributions can be scored again
 MQAR (Arora et al. 2023, "Zoology", §3 and App. E): position 0 is ``<|endoftext|>`` (BOS); then
 ``num_pairs`` key–value pairs ``k_1 v_1 … k_D v_D`` (keys distinct, values drawn with replacement); then
 a query region of filler ``_`` in which every key appears once, in random order, at random
-non-overlapping places, each followed by its value.  A query is the position of a key in the query region;
-its answer is the next token, the value that followed the same key in the pairs.  Ground truth per query:
-``key_pos`` (the key's position in the pairs) and ``value_pos`` = key_pos + 1 (the token to recall).
+non-overlapping places (two positions apart at least).  A query is the position of a key in the query
+region; its answer, the value that followed the same key in the pairs, is the label of the next position,
+whose input token stays filler: answers never appear in the query region, so a model cannot find them by
+elimination (with the answers shown, the last query's value is the only pair value not yet repeated,
+and a 2-layer GPT-2 learned exactly that shortcut: 86 % right on the last queries, 17 % on the first).
+Ground truth per query: ``key_pos`` (the key's position in the pairs) and ``value_pos`` = key_pos + 1
+(the token to recall).
 
 Copy: BOS, ``n`` distinct symbols ``x_1 … x_n``, the separator ``|``, then ``x_1 … x_n`` again.  The
 query is the copy of x_i (i < n), its answer x_{i+1}; ``key_pos`` is x_i's first occurrence and
@@ -64,8 +68,8 @@ class TaskBatch:
 
     input_ids [n, T]; labels [n, T]: the answer at each answer position (query + 1), ``IGNORE`` elsewhere
     (the Hugging Face loss shifts them, so only the queries are trained); query [n, Q] the positions whose
-    next token is the answer; answer [n, Q] = input_ids at query + 1; key_pos, value_pos [n, Q] the
-    ground-truth source positions (module docstring).
+    prediction is the answer; answer [n, Q] = input_ids at value_pos (copy: also at query + 1; MQAR: the
+    input there is filler); key_pos, value_pos [n, Q] the ground-truth source positions (module docstring).
     """
 
     task: str
@@ -114,8 +118,7 @@ def _mqar(n: int, seq_len: int, num_pairs: int, num_keys: int, num_values: int,
     c = torch.rand(n, region - D, generator=gen).argsort(1)[:, :D].sort(1).values
     query = 1 + 2 * D + c + torch.arange(D)
     rows = torch.arange(n)[:, None]
-    x[rows, query] = keys.gather(1, which)
-    x[rows, query + 1] = values.gather(1, which)
+    x[rows, query] = keys.gather(1, which)  # the token after a query stays filler: answers never leak
     key_pos = pair_key_pos[which]
     return x, query, key_pos, key_pos + 1
 
@@ -154,7 +157,7 @@ def generate(task: str, n: int, seq_len: int = 64, *, num_pairs: int = 8, seed: 
     else:
         x, query, key_pos, value_pos = _copy(n, seq_len, num_keys, num_values, gen)
     rows = torch.arange(n)[:, None]
-    answer = x[rows, query + 1]
+    answer = x[rows, value_pos]
     labels = torch.full_like(x, IGNORE)
     labels[rows, query + 1] = answer
     return TaskBatch(task, x, labels, query, answer, key_pos, value_pos)
