@@ -375,8 +375,8 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
         default = ssm or layers
         results["attention_neurons"] = run_attention_analysis(
             model, select[:n], layers=list(attention_layers if attention_layers is not None else default),
-            methods=methods, faithfulness=faithfulness, select_windows=select[:n], eval_windows=heldout[:n],
-            batch_size=batch_size, seed=seed, draws=draws)
+            methods=methods, faithfulness=faithfulness, select_windows=select[:n], eval_windows=heldout,
+            batch_size=batch_size, seed=seed, draws=draws, neuron_windows=n)
 
     work = {"census": census, "interventions": interventions, "attention_neurons": attention}
     todo = [s for s in STAGES if s in stages]
@@ -496,8 +496,11 @@ def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
         lines.append("faithfulness (token: LeRF − MoRF area, larger = more faithful; neuron: Δloss of top-k ablation)")
         for row in table:
             area, delta = row.get("area_difference"), row.get("delta_loss")
+            ci = "" if row.get("area_difference_low") is None else (
+                f" [{row['area_difference_low']:+.3f}, {row['area_difference_high']:+.3f}]"
+                + {True: " above random", False: " not above random", None: ""}[row.get("above_random")])
             lines.append(f"  {row['method']:<18} layer {row['layer']}: area diff "
-                         f"{'n/a' if area is None else f'{area:+.4f}'}, Δloss "
+                         f"{'n/a' if area is None else f'{area:+.4f}'}{ci}, Δloss "
                          f"{'n/a' if delta is None else f'{delta:+.4f}'}")
     for method, reason in attention.get("errors", {}).items():
         lines.append(f"FAILED attention neurons {method}: {reason}")

@@ -55,7 +55,8 @@ class AttentionData(dict):
 
     Attributes: ``arch``, ``layers`` (requested, in order), ``methods`` (extracted), ``input_ids`` [b, L],
     ``attention_mask`` [b, L] (all ones when none was given), ``query`` [b], ``target_token`` [b],
-    ``target_kind`` (per row "next" = the actual next token, "argmax" = the model's prediction),
+    ``target_kind`` (per row "next" = the actual next token, "argmax" = the model's prediction, "given" =
+    the ``target`` passed to :func:`extract`),
     ``target_logprob`` [b], ``rollout_matrices`` (layer -> [b, L, L] row-normalised Ā for layers
     0..max(layers), when rollout was extracted), ``n_units`` (layer -> U), ``unit`` ("channel" | "head"),
     ``errors`` (method -> reason, for method pieces that failed with ``on_error="record"``), ``store``.
@@ -211,6 +212,7 @@ def extract(
     store: str = "full",
     max_bytes: int | None = None,
     on_error: str = "raise",
+    target: Tensor | None = None,
 ) -> AttentionData:
     """Trace ``model`` once on ``input_ids`` [b, L] and extract what ``methods`` need for ``layer_indices``.
 
@@ -219,7 +221,8 @@ def extract(
     the query rows the methods use.  A full matrix that does not fit raises the kernel's
     ``AttentionMemoryError`` (its message lists the smaller requests; ``store="rows"`` here).
     ``on_error``: ``"raise"`` or ``"record"`` — a failing method-specific piece is then stored in
-    ``data.errors[method]`` and the other methods go on.
+    ``data.errors[method]`` and the other methods go on.  ``target`` [b]: the token whose log-prob at each
+    row's query is explained (a task's answer); default the actual next token, else the argmax prediction.
     Rollout needs every layer 0..max(layer_indices) (its product starts at layer 0), so those layers are
     traced and their channel-mean |α| stored in ``data.rollout_matrices``.
     """
@@ -284,7 +287,13 @@ def extract(
     logp = torch.log_softmax(tr.logits[rows, q].float(), dim=-1)  # [b, V]
     has_next = (q + 1 < L) & mask.gather(1, (q + 1).clamp_max(L - 1)[:, None])[:, 0].bool()
     nxt = input_ids.gather(1, (q + 1).clamp_max(L - 1)[:, None])[:, 0]
-    target = torch.where(has_next, nxt, logp.argmax(-1))
+    given = target is not None
+    if given:
+        target = torch.as_tensor(target, device=device).long().reshape(-1)
+        if target.shape != (b,):
+            raise ValueError(f"target must hold one token per row ({b}), got shape {tuple(target.shape)}")
+    else:
+        target = torch.where(has_next, nxt, logp.argmax(-1))
     target_lp = logp[rows, target]
 
     grads: dict[str, Tensor] = {}
@@ -302,7 +311,7 @@ def extract(
     data.arch, data.layers, data.methods, data.store = arch, requested, list(methods), store
     data.input_ids, data.attention_mask, data.query = input_ids, mask, q
     data.target_token, data.target_logprob = target.detach(), target_lp.detach()
-    data.target_kind = ["next" if bool(h) else "argmax" for h in has_next]
+    data.target_kind = ["given" if given else "next" if bool(h) else "argmax" for h in has_next]
     data.rollout_matrices, data.n_units, data.errors = {}, {}, errors
     data.unit = "head" if is_transformer(arch) else "channel"
 

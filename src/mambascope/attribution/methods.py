@@ -200,17 +200,19 @@ def compute_method(data: AttentionData, method: str) -> dict[int, dict]:
 
 
 def method_records(model: nn.Module, windows: Tensor, layers: list[int], methods: list[str], *,
-                   query: int | None, batch_size: int,
-                   errors: dict[str, str]) -> Iterator[tuple[Tensor, AttentionData, dict[str, dict]]]:
+                   query: int | Tensor | None, batch_size: int, errors: dict[str, str],
+                   target: Tensor | None = None) -> Iterator[tuple[Tensor, AttentionData, dict[str, dict]]]:
     """Per batch of ``windows``: one extraction, then every method's per-layer records.
 
     Yields (batch, data, {method: records}).  A method that fails is recorded in ``errors`` by name with its
     reason and left out of later batches; callers drop what they accumulated for it (docs/design.md §6).
+    ``query`` and ``target`` (see ``extract``) apply to every batch: per-row tensors need one batch.
     """
     for start in range(0, windows.shape[0], batch_size):  # a loop over batches
         batch = windows[start:start + batch_size]
         active = [m for m in methods if m not in errors]
-        data = extract(model, batch, layers, methods=active, query=query, store="rows", on_error="record")
+        data = extract(model, batch, layers, methods=active, query=query, store="rows", on_error="record",
+                       target=target)
         errors.update(data.errors)
         records: dict[str, dict] = {}
         for method in [m for m in active if m not in errors]:

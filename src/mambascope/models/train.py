@@ -210,6 +210,15 @@ def _load_tokenizer(tokenizer: Any, train_texts: list[str], vocab_size: int, see
     return tokenizer
 
 
+def _epoch_batches(stream: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's full batches [batch_size, seq_len]: a fresh offset and order, both from ``gen``."""
+    offset = int(torch.randint(0, seq_len, (1,), generator=gen))
+    n_win = (stream.numel() - offset) // seq_len
+    windows = stream[offset: offset + n_win * seq_len].view(n_win, seq_len)
+    perm = torch.randperm(n_win, generator=gen)
+    return [b for b in windows[perm].split(batch_size) if b.shape[0] == batch_size]
+
+
 def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, train_stream: torch.Tensor,
                 gen: torch.Generator, dev: torch.device, *, steps: int, batch_size: int, seq_len: int,
                 arch: str, log: Callable[[str], None], curve: list[dict[str, float]]) -> None:
@@ -219,14 +228,8 @@ def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, train_
     running = 0.0
     t_train = time.perf_counter()
     for step in range(steps):
-        if len(order) < batch_size:
-            # A new epoch: fresh offset and order, both from the seeded generator.
-            offset = int(torch.randint(0, seq_len, (1,), generator=gen))
-            n_win = (train_stream.numel() - offset) // seq_len
-            epoch_windows = train_stream[offset: offset + n_win * seq_len].view(n_win, seq_len)
-            perm = torch.randperm(n_win, generator=gen)
-            order = list(epoch_windows[perm].split(batch_size))
-            order = [b for b in order if b.shape[0] == batch_size]
+        if not order:  # every full batch of the epoch has been used
+            order = _epoch_batches(train_stream, seq_len, batch_size, gen)
             epoch += 1
         batch = order.pop(0).to(dev)
         loss = model(input_ids=batch, labels=batch).loss
@@ -341,8 +344,6 @@ def _train_tiny(arch: str, out: Path, *, steps: int, batch_size: int, seq_len: i
                     seq_len=seq_len, arch=arch, log=log, curve=curve)
     train_time = time.perf_counter() - t_train
     epoch = curve[-1]["epoch"] if curve else 0
-
-    train_time = time.perf_counter() - t_train
 
     val = evaluate(model, val_windows, dev)
     uni = unigram_loss(train_stream, val_windows, len(tok))

@@ -51,6 +51,7 @@ __all__ = [
     "plot_delta_selectivity",
     "plot_faithfulness_curves",
     "plot_faithfulness_neurons",
+    "plot_ground_truth",
     "plot_hidden_attention",
     "plot_ngram_coverage",
     "plot_overlap",
@@ -665,6 +666,45 @@ def plot_faithfulness_neurons(results: Mapping[str, Any], out_dir: str | Path) -
     return _save(fig, out_dir, "faithfulness_neurons")
 
 
+def plot_ground_truth(results: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Attribution accuracy against a task's ground truth: per source position (value, key), each method's
+    MRR by layer with its 95 % bootstrap interval; the random and recency baselines as shaded bands."""
+    truth = part(results, "ground_truth")
+    if not truth or not isinstance(truth.get("rows"), list):
+        raise FigureSkipped(f"no ground-truth results: {missing_reason(results, 'ground_truth')}")
+    rows = [r for r in truth["rows"] if isinstance(r, dict) and isinstance(r.get("mrr"), dict)]
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    if not sources:
+        raise FigureSkipped("ground-truth results have no rows")
+    layers = sorted({int(r["layer"]) for r in rows if r.get("layer") is not None})
+    fig, axes = _figure(1, len(sources), (6.0 * len(sources), 4.4))
+    cmap = _cmap("tab10")
+    methods = list(dict.fromkeys(r["method"] for r in rows if r.get("layer") is not None))
+    for ax, source in zip(axes.flat, sources, strict=False):
+        for j, base in enumerate(("random", "recency")):
+            b = next((r for r in rows if r["source"] == source and r["method"] == base), None)
+            if b and b["mrr"].get("low") is not None:
+                ax.axhspan(b["mrr"]["low"], b["mrr"]["high"], color=("gray", "tan")[j], alpha=0.35,
+                           label=f"{base} ({b['mrr']['mean']:.3f})")
+        width = 0.8 / max(1, len(methods))
+        for i, method in enumerate(methods):
+            got = {int(r["layer"]): r["mrr"] for r in rows
+                   if r["source"] == source and r["method"] == method and r.get("layer") is not None}
+            xs = [layers.index(layer) + (i - (len(methods) - 1) / 2) * width for layer in got]
+            means = [m["mean"] for m in got.values()]
+            err = np.array([[m["mean"] - (m["low"] if m["low"] is not None else m["mean"]) for m in got.values()],
+                            [(m["high"] if m["high"] is not None else m["mean"]) - m["mean"] for m in got.values()]])
+            ax.bar(xs, means, width=width, color=cmap(i), label=method, yerr=err, capsize=2)
+        ax.set_xticks(range(len(layers)), [f"layer {layer}" for layer in layers])
+        ax.set(title=f"true source: {source} position", ylabel="mean reciprocal rank (95% CI)", ylim=(0, 1.02))
+        ax.legend(fontsize=7)
+    acc_txt = num(truth.get("task_accuracy"))
+    what = f"ground truth ({truth.get('task')}, {truth.get('n_queries')} held-out queries" + (
+        f", model accuracy {acc_txt:.3f})" if acc_txt is not None else ")")
+    _suptitle(fig, title(results, what))
+    return _save(fig, out_dir, "ground_truth")
+
+
 # ----------------------------------------------------------------------------------------------- driver
 
 def _pct(fraction: Any) -> str:
@@ -700,6 +740,7 @@ FIGURES: dict[str, PlotFunction] = {
     "hidden_attention": plot_hidden_attention,
     "faithfulness_curves": plot_faithfulness_curves,
     "faithfulness_neurons": plot_faithfulness_neurons,
+    "ground_truth": plot_ground_truth,
 }
 """Every figure of the report by name (the PNG stem; ``attention_neurons`` writes one per layer)."""
 
