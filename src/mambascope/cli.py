@@ -114,8 +114,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         resolve_device(args.device)
 
 
-def _check_model_flags(args: argparse.Namespace, model) -> None:
-    """The checks that need the loaded model: layer indices and the window against the model's limits."""
+def _check_model_flags(args: argparse.Namespace, model, window: bool = True) -> None:
+    """The checks that need the loaded model: layer indices and (``window``) the window against its limits."""
     from mambascope.pipeline import check_layers
 
     for flag in ("layers", "attention_layers"):
@@ -124,7 +124,7 @@ def _check_model_flags(args: argparse.Namespace, model) -> None:
         except IndexError as exc:
             raise IndexError(f"--{flag.replace('_', '-')}: {exc}") from None
     limit = getattr(model.config, "n_positions", None)  # learned position embeddings end there
-    if limit is not None and args.window > limit:
+    if window and limit is not None and args.window > limit:
         raise ValueError(f"--window {args.window} exceeds the model's maximum length of {limit} tokens")
 
 
@@ -277,7 +277,7 @@ def _run_ground_truth(args: argparse.Namespace) -> int:
         settings = task_settings(bundled_path(args.model) if args.model in BUNDLED else args.model)
         if settings["task"] != args.task:
             raise ValueError(f"--task {args.task}: {args.model} was trained on {settings['task']!r}")
-        _check_model_flags(args, model)
+        _check_model_flags(args, model, window=False)  # a task model's length is the task's
         start = time.perf_counter()
         truth = run_ground_truth(model, settings, n_queries=args.queries, layers=args.layers, methods=args.methods,
                                  seed=args.seed)
