@@ -7,9 +7,10 @@ ablation and pruning measure the loss.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pandas as pd
@@ -19,6 +20,7 @@ from torch import nn
 from mambascope.arch import adapter
 from mambascope.interventions import ablation_study, check_draws, pruning_study
 from mambascope.neurons import (
+    EmptyAccumulatorError,
     LayerCensus,
     NeuronBatch,
     TopContextAccumulator,
@@ -36,6 +38,8 @@ GROUPS = ("dead", "rarely_active", "positional", "token_detector", "delta_sensit
 CENSUS_UNITS = {"mamba": ["mixer.hook_post", "mixer.hook_gate_pre", "mixer.hook_dt"],
                 "mamba2": ["mixer.hook_post", "mixer.hook_gate_pre", "mixer.hook_dt"],
                 "gpt2": ["mlp.hook_post"], "gated_mlp": ["mlp.hook_post", "mlp.hook_pre"]}
+# A MoE layer's experts are censused one by one with the rule of their MLP (``Adapter.moe_kind``).
+EXPERT_KIND = {"moe": "gpt2", "gated_moe": "gated_mlp"}
 
 
 def check_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
@@ -97,8 +101,8 @@ def _logit_effects(W: torch.Tensor, norm_weight: torch.Tensor, W_U: torch.Tensor
 
 
 def census_layers(model: nn.Module, layers: Sequence[int] | None) -> tuple[list[int], dict[int, str]]:
-    """(the layers a census can read, {layer: why not} for the others): attention-only layers have no
-    neurons, and MoE experts' neurons are not censused."""
+    """(the layers a per-layer census reads, {layer: why not} for the others): attention-only layers have
+    no neurons; a MoE layer's experts are censused one by one instead (``census.moe_layers``)."""
     ad = adapter(model)
     skipped = {}
     for layer in check_layers(model, layers):
@@ -106,8 +110,30 @@ def census_layers(model: nn.Module, layers: Sequence[int] | None) -> tuple[list[
         if kind is None:
             skipped[layer] = f"{ad.layer_kind(layer)} layer: no neurons"
         elif kind not in CENSUS_UNITS:
-            skipped[layer] = f"{ad.layer_kind(layer)} layer: a census of {kind} neurons is not implemented"
+            skipped[layer] = f"{ad.layer_kind(layer)} layer: its experts are censused one by one (moe_layers)"
     return [layer for layer in check_layers(model, layers) if layer not in skipped], skipped
+
+
+def expert_batches(tensors: dict[str, torch.Tensor], kind: str, ids: torch.Tensor, bos: int | None, layer: int,
+                   rows: torch.Tensor) -> Iterator[tuple[int, NeuronBatch]]:
+    """One batch per expert of a MoE layer: expert x's neurons ``mlp.hook_post[:, :, x]``, valid only on
+    the tokens routed to x (``mlp.hook_route[..., x] > 0``), so that its statistics count those tokens."""
+    post, route = tensors["mlp.hook_post"], tensors["mlp.hook_route"]
+    for x in range(post.shape[2]):
+        units = {name: tensors[name][:, :, x] for name in ("mlp.hook_post", "mlp.hook_pre") if name in tensors}
+        batch = NeuronBatch.from_layer(units, EXPERT_KIND[kind], ids, bos_token_id=bos, label=f"{layer}.expert{x}",
+                                       window_ids=rows)
+        yield x, dataclasses.replace(batch, valid=batch.valid & (route[:, :, x] > 0))
+
+
+def _expert_results(census: dict[int, LayerCensus]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for x, c in census.items():
+        try:
+            results[str(x)] = c.finalize()
+        except EmptyAccumulatorError:
+            results[str(x)] = {"skipped": "no token of the corpus was routed to this expert"}
+    return results
 
 
 def _head_dim(model: nn.Module, layer: int) -> int:
@@ -157,28 +183,42 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
     ``logit_effects``} and ``detector_tokens_by_layer``.
     """
     ad = adapter(model)
+    moe = {layer: ad.moe_kind(layer) for layer in check_layers(model, layers) if ad.moe_kind(layer)}
     layers, skipped = census_layers(model, layers)
-    if not layers:
+    if not layers and not moe:
         raise ValueError(f"no layer of this {ad.model_type} model has neurons the census reads: {skipped}")
     kinds = {layer: ad.neuron_kind(layer) for layer in layers}
     vocab = model.get_input_embeddings().num_embeddings
     census = {layer: LayerCensus(kinds[layer], vocab, layer=layer, **(census_options or {})) for layer in layers}
     tops = {layer: TopContextAccumulator(top_k_contexts, context_width, layer=layer) for layer in layers}
+    experts: dict[int, dict[int, LayerCensus]] = {layer: {} for layer in moe}  # filled as experts are seen
     bos = tokenizer.bos_token_id
     units = [f"blocks.{layer}.{u}" for layer in layers for u in CENSUS_UNITS[kinds[layer]]]
+    units += [f"blocks.{layer}.mlp.{u}" for layer, kind in moe.items()
+              for u in ("hook_post", "hook_route", *(["hook_pre"] if kind == "gated_moe" else []))]
 
     def consume(layer: int, tensors: dict[str, torch.Tensor], ids: torch.Tensor, rows: torch.Tensor) -> None:
         device = next(iter(tensors.values())).device
-        batch = NeuronBatch.from_layer(tensors, kinds[layer], ids.to(device), bos_token_id=bos, label=layer,
-                                       window_ids=rows)
-        census[layer].update(batch)
-        tops[layer].update(batch)
+        ids = ids.to(device)
+        if layer in census:
+            batch = NeuronBatch.from_layer(tensors, kinds[layer], ids, bos_token_id=bos, label=layer, window_ids=rows)
+            census[layer].update(batch)
+            tops[layer].update(batch)
+        if layer in moe:
+            for x, batch in expert_batches(tensors, moe[layer], ids, bos, layer, rows):
+                if x not in experts[layer]:
+                    experts[layer][x] = LayerCensus(EXPERT_KIND[moe[layer]], vocab, layer=f"{layer}.expert{x}",
+                                                    **(census_options or {}))
+                experts[layer][x].update(batch)
 
     loss = scan_corpus(model, windows, consume, names=units, batch_size=batch_size, progress=progress,
                        description="census")
     norm_weight, W_U = (t.float() for t in unembedding(model))
+    moe_layers = {str(layer): {"layer_kind": ad.layer_kind(layer), "experts_as": EXPERT_KIND[kind],
+                               "experts": _expert_results(experts[layer])} for layer, kind in moe.items()}
     out: dict[str, Any] = {"tokens": int(windows.numel()), "window": int(windows.shape[1]), "loss": loss.loss,
-                           "layers": {}, "skipped_layers": {str(layer): why for layer, why in skipped.items()}}
+                           "layers": {}, "skipped_layers": {str(layer): why for layer, why in skipped.items()},
+                           "moe_layers": moe_layers}
     for layer in layers:
         result = census[layer].finalize()
         result["layer_kind"] = ad.layer_kind(layer)

@@ -114,8 +114,8 @@ class Adapter:
         """How the census reads the layer's neurons (``mambascope.neurons.NeuronBatch``): ``"mamba"`` /
         ``"mamba2"`` (the mixer's post, active ⇔ gate z > 0, with Δ); ``"gpt2"`` (a plain MLP's post
         act(pre): active ⇔ post > 0, i.e. pre > 0 for GELU, ReLU, ReLU², SiLU); ``"gated_mlp"``
-        (act(gate)·up: active ⇔ gate pre-activation > 0); ``"moe"`` (routed experts); None when the layer
-        has no neurons (attention only)."""
+        (act(gate)·up: active ⇔ gate pre-activation > 0); ``"moe"`` / ``"gated_moe"`` (routed experts of
+        plain / gated MLPs); None when the layer has no neurons (attention only)."""
         parts = self.parts(layer)
         for part in parts:
             if part in SSM_PARTS:
@@ -123,7 +123,14 @@ class Adapter:
         for part, kind in (("mlp", "gpt2"), ("gated_mlp", "gated_mlp")):
             if part in parts:
                 return kind
-        return "moe" if any(p in MOE_PARTS for p in parts) else None
+        return self.moe_kind(layer)
+
+    def moe_kind(self, layer: int) -> str | None:
+        """``"moe"`` (plain experts), ``"gated_moe"`` (act(gate)·up experts) or None: the layer's routed experts."""
+        parts = self.parts(layer)
+        if "moe" in parts:
+            return "moe"
+        return "gated_moe" if any(p in MOE_PARTS for p in parts) else None
 
     @property
     def max_length(self) -> int | None:

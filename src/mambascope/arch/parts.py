@@ -148,8 +148,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         eye = torch.eye(L, dtype=torch.bool, device=q.device)
         allowed = allowed & mask[:, None, None, :].bool() | eye
     if need_pattern:
-        # in place where possible: every [b, H, L, L] temporary costs as much as the matmuls at this size
-        scores = (q @ k.transpose(-1, -2)).float().mul_(scale).masked_fill_(~allowed, -torch.inf)
+        # scale and mask fused into the score matmul (baddbmm): at these sizes every extra pass over the
+        # [b, H, L, L] scores costs as much as the matmul itself
+        bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, -torch.inf)
+        if bias.dim() == 4:  # per-row padding mask [b, 1, L, L]
+            bias = bias.expand(b, H, L, L).reshape(b * H, L, L)
+        qf, kf = (t.float().reshape(b * H, L, -1) for t in (q, k))
+        scores = torch.baddbmm(bias, qf, kf.transpose(1, 2), alpha=scale).view(b, H, L, L)
         pattern = emit("attn.hook_pattern", torch.softmax(scores, -1).to(v.dtype))
         z = pattern @ v
     else:

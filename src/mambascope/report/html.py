@@ -293,7 +293,8 @@ def _layer_payload(layer: int, r: dict[str, Any], arch: str | None, sid: _String
 
     ar = r.get("attention_rows")
     if isinstance(ar, dict) and all(isinstance(ar.get(k), list) for k in ("neurons", "tokens", "values")):
-        at: dict[str, Any] = {"unit": "head" if arch == "mamba2" else "channel", "index": {}, "t": [], "v": [], "s": []}
+        unit = "head" if r.get("arch", arch) == "mamba2" else "channel"  # the layer's neuron kind on a hybrid
+        at: dict[str, Any] = {"unit": unit, "index": {}, "t": [], "v": [], "s": []}
         first = tc["tokens"] if _valid_contexts(tc, E) else None
         for i, (n, tokens, values) in enumerate(zip(ar["neurons"], ar["tokens"], ar["values"], strict=True)):
             at["index"][str(int(n))] = i
