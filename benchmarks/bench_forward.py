@@ -1,9 +1,11 @@
 """Tokens/s of the Hugging Face forward vs the traced forward (every internal unit collected), side by side.
 
-    python benchmarks/bench_forward.py [--device cpu|cuda] [--quick]
+    python benchmarks/bench_forward.py [--device cpu|cuda] [--quick] [--families]
 
 Configs: the bundled models' size, and a 130m-scale random config (d_model 768, 24 layers) at L 512 and
-1024.  Each row times both forwards on the same inputs in the same process, best of ``--repeats``.
+1024.  ``--families``: one row per supported architecture family at bundled size (d_model 128, vocab
+4096, 4 layers; hybrids with their SSM / attention / MLP-MoE layer mix) at L 512 instead.  Each row
+times both forwards on the same inputs in the same process, best of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
-from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+import transformers
+from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 from mambascope.trace import trace_stream
 
@@ -28,6 +31,52 @@ CONFIGS = {
     "mamba2-130m": lambda: Mamba2Config(vocab_size=50288, hidden_size=768, num_hidden_layers=24, state_size=128,
                                         head_dim=64, num_heads=24, n_groups=1, chunk_size=256),
 }
+
+
+_SMALL = {"vocab_size": 4096, "hidden_size": 128}
+_MAMBA2_HYBRID = {"mamba_n_heads": 8, "mamba_d_head": 32, "mamba_d_state": 32, "mamba_n_groups": 1,
+                  "mamba_chunk_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 256}
+# family -> (config class name, kwargs) at the bundled models' size
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "mamba": ("MambaConfig", {**_SMALL, "num_hidden_layers": 4, "state_size": 16}),
+    "mamba2": ("Mamba2Config", {**_SMALL, "num_hidden_layers": 4, "state_size": 32, "head_dim": 32, "num_heads": 8,
+                                "n_groups": 1, "chunk_size": 64}),
+    "falcon_mamba": ("FalconMambaConfig", {**_SMALL, "num_hidden_layers": 4, "state_size": 16}),
+    "gpt2": ("GPT2Config", {"vocab_size": 4096, "n_embd": 128, "n_layer": 4, "n_head": 4, "n_inner": 256,
+                            "n_positions": 512}),
+    "gpt_neox": ("GPTNeoXConfig", {**_SMALL, "num_hidden_layers": 4, "num_attention_heads": 4,
+                                   "intermediate_size": 256}),
+    "llama": ("LlamaConfig", {**_SMALL, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 256}),
+    "bamba": ("BambaConfig", {**_SMALL, **_MAMBA2_HYBRID, "num_hidden_layers": 4, "attn_layer_indices": [2]}),
+    "nemotron_h": ("NemotronHConfig", {**_SMALL, "layers_block_type": ["linear_attention", "mlp", "full_attention",
+                                                                      "mlp", "linear_attention", "moe"],
+                                       "mamba_num_heads": 8, "mamba_head_dim": 32, "ssm_state_size": 32,
+                                       "n_groups": 1, "chunk_size": 64, "intermediate_size": 256,
+                                       "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 32,
+                                       "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                       "moe_shared_expert_intermediate_size": 128}),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", {**_SMALL, **_MAMBA2_HYBRID, "num_hidden_layers": 4,
+                                                    "layer_types": ["linear_attention", "linear_attention",
+                                                                    "full_attention", "linear_attention"],
+                                                    "num_local_experts": 4, "num_experts_per_tok": 2,
+                                                    "intermediate_size": 64, "shared_intermediate_size": 128}),
+    "falcon_h1": ("FalconH1Config", {**_SMALL, **_MAMBA2_HYBRID, "num_hidden_layers": 4, "mamba_d_ssm": 256}),
+    "zamba2": ("Zamba2Config", {**_SMALL, "layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"],
+                                "num_hidden_layers": 4, "n_mamba_heads": 8, "mamba_d_state": 32, "mamba_ngroups": 1,
+                                "chunk_size": 64, "num_attention_heads": 4, "intermediate_size": 256,
+                                "adapter_rank": 8, "use_shared_attention_adapter": True}),
+    "jamba": ("JambaConfig", {**_SMALL, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+                              "intermediate_size": 256, "num_experts": 4, "num_experts_per_tok": 2,
+                              "attn_layer_period": 4, "attn_layer_offset": 2, "expert_layer_period": 2,
+                              "expert_layer_offset": 1, "mamba_d_state": 16}),
+}
+
+
+def family_model(family: str, device: torch.device) -> torch.nn.Module:
+    cls_name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, cls_name)(**kwargs)
+    return AutoModelForCausalLM.from_config(config).to(device).eval()
 
 
 def _sync(device: torch.device) -> None:
@@ -49,13 +98,16 @@ def best_time(fn, device: torch.device, repeats: int) -> float:
 
 def run(name: str, batch: int, length: int, device: torch.device, repeats: int) -> dict:
     torch.manual_seed(0)
-    model = (MambaForCausalLM if "mamba-" in name else Mamba2ForCausalLM)(CONFIGS[name]()).to(device).eval()
+    if name in FAMILIES:
+        model = family_model(name, device)
+    else:
+        model = (MambaForCausalLM if "mamba-" in name else Mamba2ForCausalLM)(CONFIGS[name]()).to(device).eval()
     ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
     kept = []
 
     def hf() -> None:
         with torch.no_grad():
-            model(ids)
+            model(ids, use_cache=False)
 
     def traced() -> None:
         kept.clear()
@@ -72,20 +124,23 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="bundled size only")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--families", action="store_true", help="one row per architecture family, bundled size")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = [("mamba-tiny", 1, 512), ("mamba2-tiny", 1, 512), ("mamba-tiny", 8, 256), ("mamba2-tiny", 8, 256)]
-    if not args.quick:
+    if args.families:
+        rows = [(family, 1, 512) for family in FAMILIES]
+    elif not args.quick:
         rows += [("mamba-130m", 1, 512), ("mamba2-130m", 1, 512), ("mamba-130m", 1, 1024), ("mamba2-130m", 1, 1024)]
         if device.type == "cuda":
             rows += [("mamba-130m", 4, 1024), ("mamba2-130m", 4, 1024)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; traced = every unit of every layer collected")
-    print(f"{'config':<12} {'batch':>5} {'L':>5} {'HF tok/s':>10} {'traced tok/s':>13} {'HF s':>8} {'traced s':>9} "
+    print(f"{'config':<16} {'batch':>5} {'L':>5} {'HF tok/s':>10} {'traced tok/s':>13} {'HF s':>8} {'traced s':>9} "
           f"{'speedup':>8}")
     for config, batch, length in rows:
         r = run(config, batch, length, device, args.repeats)
-        print(f"{r['config']:<12} {r['batch']:>5} {r['L']:>5} {r['hf_tok_s']:>10.0f} {r['traced_tok_s']:>13.0f} "
+        print(f"{r['config']:<16} {r['batch']:>5} {r['L']:>5} {r['hf_tok_s']:>10.0f} {r['traced_tok_s']:>13.0f} "
               f"{r['hf_s']:>8.3f} {r['traced_s']:>9.3f} {r['speedup']:>7.2f}x")
 
 

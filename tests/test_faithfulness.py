@@ -23,7 +23,8 @@ def evaluated(request):
     model = make_model(request.param)
     sel, ev = windows(4, 1), windows(5, 2)
     res = evaluate_faithfulness(model, sel, ev, [0, 1], ["attention_weighted", "rollout", "gradient_x_post"],
-                                k=3 if request.param != "gpt2" else 1, steps=4, seed=0, batch_size=3)
+                                k=3 if request.param != "gpt2" else 1, steps=4, seed=0, batch_size=3,
+                                query_margin=None)
     return request.param, model, sel, ev, res
 
 
@@ -31,8 +32,7 @@ def test_token_curves(evaluated):
     _, model, _, ev, res = evaluated
     json.dumps(res, allow_nan=False)
     tok = res["token"]
-    assert tok["fractions"] == [0.0, 0.25, 0.5, 0.75, 1.0] and tok["query_position"] == T - 2
-    assert tok["removed_counts"] == [0, 2, 4, 6, 8]
+    assert tok["fractions"] == [0.0, 0.25, 0.5, 0.75, 1.0] and tok["query_positions"] == [T - 2] * 5
     # the unperturbed log-prob of the actual next token, from a plain forward
     with torch.no_grad():
         logits = trace(model, ev, []).logits[:, T - 2]
@@ -50,6 +50,13 @@ def test_token_curves(evaluated):
         want = sum((a + b) / 2 * 0.25 for a, b in zip(row["morf"][:-1], row["morf"][1:], strict=True))
         assert row["morf_area"] == pytest.approx(want)
     assert tok["random"]["seeds"] == 3 and len(tok["random"]["per_seed_difference"]) == 3
+    for method in tok["methods"]:
+        for layer in ("0", "1"):
+            e = tok["methods"][method][layer]
+            ci, vs = e["difference_ci"], e["vs_random"]
+            assert ci["low"] <= e["difference"] <= ci["high"] and ci["n"] == 5
+            assert e["above_random"] == (vs["low"] > 0)
+            assert vs["mean"] == pytest.approx(e["difference"] - tok["random"]["difference"])
 
 
 def test_neuron_ablation_against_random(evaluated):
@@ -112,10 +119,66 @@ def test_failures_and_input_errors():
     gpt = make_model("gpt2")
     sel, ev = windows(3, 1), windows(3, 2)
     res = evaluate_faithfulness(gpt, sel, ev, [1], ["block", "attention_weighted"], k=1, steps=2,
-                                neuron_level=False, batch_size=4)
+                                neuron_level=False, batch_size=4, query_margin=-100.0)
     assert "Mamba-only" in res["errors"]["block"] and "attention_weighted" in res["token"]["methods"]
     assert "block" not in set(faithfulness_table(res)["method"])
+    # no window where the context matters by 50 nats: the token level fails by name, the neuron level runs
+    res = evaluate_faithfulness(gpt, sel, ev, [1], ["attention_weighted"], k=1, steps=2, query_margin=50.0)
+    assert res["token"] is None and "50.0 nats" in res["errors"]["token_level"]
+    assert "attention_weighted" in res["neuron"]["methods"]
     with pytest.raises(ValueError, match="disjoint"):
         evaluate_faithfulness(gpt, ev, ev, [0], ["rollout"], k=1, token_level=False)
     with pytest.raises(ValueError, match="draws"):
         evaluate_faithfulness(gpt, sel, ev, [0], ["rollout"], draws=2)
+
+
+def test_context_queries_pick_the_largest_gap_above_the_margin():
+    """The chosen query and its two log-probs, against plain forwards with hand-built masks."""
+    from mambascope.attribution.faithfulness import context_queries
+
+    model = make_model("mamba2")
+    ev = windows(6, 3)
+    got = context_queries(model, ev, margin=0.05, candidates=4, seed=1)
+    for i in range(ev.shape[0]):
+        q = int(got["query"][i])
+        assert T // 4 <= q <= T - 2
+        with torch.no_grad():
+            full = torch.log_softmax(trace(model, ev[i:i + 1], []).logits[0, q], -1)[ev[i, q + 1]]
+            mask = torch.zeros(1, q + 1, dtype=torch.long)
+            mask[0, q] = 1
+            alone = torch.log_softmax(trace(model, ev[i:i + 1, :q + 1], [], attention_mask=mask).logits[0, q], -1)
+        assert float(got["full"][i]) == pytest.approx(float(full), abs=1e-5)
+        assert float(got["masked"][i]) == pytest.approx(float(alone[ev[i, q + 1]]), abs=1e-5)
+        assert bool(got["keep"][i]) == (float(full - alone[ev[i, q + 1]]) >= 0.05)
+    fixed = context_queries(model, ev, margin=None)
+    assert fixed["query"].tolist() == [T - 2] * 6 and bool(fixed["keep"].all())
+
+
+def test_random_std_over_one_seed_is_null_and_per_row_queries():
+    model = make_model("gpt2")
+    res = evaluate_faithfulness(model, windows(2, 1), windows(6, 4), [0], ["attention_weighted"], steps=2,
+                                random_seeds=1, neuron_level=False, query_margin=-100.0, query_candidates=3)
+    tok = res["token"]
+    assert tok["random"]["difference_std"] is None and len(tok["random"]["per_seed_difference"]) == 1
+    assert tok["n_windows"] == 6 and all(T // 4 <= q <= T - 2 for q in tok["query_positions"])
+    json.dumps(res, allow_nan=False)
+
+
+def test_per_row_queries_mask_exactly_the_ranked_positions():
+    """perturbed_logprob with a query per row equals a plain forward of each row under its own mask."""
+    model = make_model("mamba2")
+    ids = windows(3, 8)
+    q = torch.tensor([4, 8, 6])
+    rel = torch.rand(3, 8, generator=torch.Generator().manual_seed(0))
+    rel[torch.arange(8)[None, :] >= q[:, None]] = -torch.inf
+    order = token_ranking(rel, torch.Generator().manual_seed(1))
+    counts = torch.tensor([[0, 0, 0], [2, 3, 1]])
+    target = ids[torch.arange(3), q + 1]
+    got = perturbed_logprob(model, ids, order, counts, q, target)
+    for i in range(3):
+        mask = torch.ones(1, int(q[i]) + 1, dtype=torch.long)
+        mask[0, order[i, : int(counts[1, i])]] = 0
+        assert bool((order[i, : int(counts[1, i])] < q[i]).all())
+        with torch.no_grad():
+            logits = trace(model, ids[i:i + 1, : int(q[i]) + 1], [], attention_mask=mask).logits[0, int(q[i])]
+        assert float(got[i, 1]) == pytest.approx(float(torch.log_softmax(logits, -1)[target[i]]), abs=1e-5)

@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from mambascope.data import load_corpus, tokenize_windows
 from mambascope.models import BUNDLED, bundled_path, load_model, resolve_device, resolve_dtype, train_tokenizer
 from mambascope.models.train import build_config, selective_scan_unbind, train_tiny, unigram_loss
 
-ARCH_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
-BUNDLED_ARCH = {"tiny-mamba": "mamba", "tiny-mamba2": "mamba2", "tiny-gpt": "gpt2"}
+ARCH_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "gpt2": "GPT2LMHeadModel",
+              "bamba": "BambaForCausalLM"}
+BUNDLED_ARCH = {"tiny-mamba": "mamba", "tiny-mamba2": "mamba2", "tiny-gpt": "gpt2", "tiny-hybrid": "bamba"}
+# The bundled task models (docs/models.md, "Task models"); each must reach 95 % held-out query accuracy.
+TASK_ARCH = {"tiny-mamba-mqar": "mamba", "tiny-mamba2-mqar": "mamba2", "tiny-gpt-mqar": "gpt2"}
 # Smallest shapes that still exercise every code path (Mamba-2: 2 heads, 1 group, chunking).
 TINY = {
     "mamba": {"hidden_size": 16, "num_hidden_layers": 2, "state_size": 4},
     "mamba2": {"hidden_size": 16, "num_hidden_layers": 2, "head_dim": 16, "num_heads": 2, "state_size": 8,
                "chunk_size": 8},
     "gpt2": {"n_embd": 16, "n_layer": 2, "n_head": 2, "n_inner": 32},
+    "bamba": {"hidden_size": 16, "num_hidden_layers": 2, "attn_layer_indices": [1], "mamba_n_heads": 2,
+              "mamba_d_state": 8, "mamba_chunk_size": 8, "num_attention_heads": 2, "num_key_value_heads": 2,
+              "intermediate_size": 16},
 }
 
 
@@ -63,7 +71,7 @@ def test_tokenizer_is_deterministic_byte_level_and_round_trips(small_tokenizer: 
 # --- load_model ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["mamba", "mamba2", "gpt2"])
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "gpt2", "bamba"])
 def test_load_local_checkpoint(arch: str, small_tokenizer: Any, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -118,7 +126,7 @@ def test_device_and_dtype_resolution() -> None:
 # --- bundled models --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(BUNDLED))
+@pytest.mark.parametrize("name", list(BUNDLED_ARCH))
 def test_bundled_model_is_small_trained_and_beats_unigram(name: str) -> None:
     path = bundled_path(name)
     if not (path / "model.safetensors").is_file():
@@ -147,6 +155,27 @@ def test_bundled_model_is_small_trained_and_beats_unigram(name: str) -> None:
     train_ids = torch.tensor([i for t in load_corpus("builtin", "train").texts[:300]
                               for i in tok(t, add_special_tokens=False)["input_ids"]])
     assert float(loss) < 0.85 * unigram_loss(train_ids, windows, len(tok))
+
+
+@pytest.mark.parametrize("name", [n for n in TASK_ARCH if n in BUNDLED])
+def test_bundled_task_model_reaches_the_accuracy_bar(name: str) -> None:
+    from mambascope.data.tasks import query_correct
+    from mambascope.models.train_task import heldout_task_batch
+
+    path = bundled_path(name)
+    assert (path / "model.safetensors").stat().st_size < 2 * 2**20
+    stats = json.loads((path / "training.json").read_text(encoding="utf-8"))
+    assert stats["arch"] == TASK_ARCH[name] and stats["task"] == "mqar"
+    assert stats["num_pairs"] >= 8 and stats["seq_len"] >= 64 and stats["heldout_queries"] >= 512
+    assert stats["heldout_query_accuracy"] >= 0.95
+    # Independent re-check with the loaded weights and the model's own forward on the same held-out examples.
+    model, _ = load_model(name, device="cpu")
+    batch = heldout_task_batch("mqar", stats["heldout_examples"], stats["seq_len"], stats["num_pairs"], stats["seed"])
+    parts = [batch.rows(slice(i, i + 128)) for i in range(0, batch.input_ids.shape[0], 128)]
+    with torch.no_grad():
+        correct = torch.cat([query_correct(model(input_ids=part.input_ids).logits, part) for part in parts])
+    assert float(correct.double().mean()) == pytest.approx(stats["heldout_query_accuracy"], abs=1e-4)
+    assert float(correct.double().mean()) >= 0.95
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -197,7 +226,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-@pytest.mark.parametrize("arch", ["mamba", "mamba2", "gpt2"])
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "gpt2", "bamba"])
 def test_train_tiny_runs_saves_and_is_deterministic(
     arch: str, small_tokenizer: Any, small_corpus: str, tmp_path: Path
 ) -> None:
@@ -249,3 +278,38 @@ def test_train_tiny_rejects_bad_arguments(tmp_path: Path) -> None:
         train_tiny("rwkv", tmp_path, steps=1)
     with pytest.raises(ValueError, match="steps must be positive"):
         train_tiny("gpt2", tmp_path, steps=0)
+
+
+class _RecordingModel(nn.Module):
+    """Stands in for a causal LM in ``_train_loop``: records every batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> SimpleNamespace:
+        self.seen.append(input_ids.clone())
+        return SimpleNamespace(loss=(self.w ** 2).sum() + 1.0)
+
+
+def test_train_loop_uses_every_full_batch_of_an_epoch() -> None:
+    """21 windows of 8 tokens, batch 4: 5 full batches per epoch (whatever the start offset), all of them
+    used before the next epoch starts, each window once (the old loop restarted with 3 batches left)."""
+    from mambascope.models.train import _train_loop
+
+    seq_len, batch_size = 8, 4
+    stream = torch.arange(21 * seq_len)
+    model = _RecordingModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    curve: list[dict[str, float]] = []
+    _train_loop(model, opt, sched, stream, torch.Generator().manual_seed(0), torch.device("cpu"), steps=5,
+                batch_size=batch_size, seq_len=seq_len, arch="gpt2", log=lambda _: None, curve=curve)
+    assert curve[-1]["epoch"] == 1
+    starts = torch.cat([b[:, 0] for b in model.seen])
+    assert starts.numel() == 20 and starts.unique().numel() == 20  # 20 distinct windows, none repeated
+    assert bool(((starts - starts[0]) % seq_len == 0).all())  # one epoch: one offset
+    _train_loop(model, opt, sched, stream, torch.Generator().manual_seed(0), torch.device("cpu"), steps=6,
+                batch_size=batch_size, seq_len=seq_len, arch="gpt2", log=lambda _: None, curve=curve)
+    assert curve[-1]["epoch"] == 2  # the sixth batch starts the second epoch

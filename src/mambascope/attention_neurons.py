@@ -40,6 +40,7 @@ from mambascope.attribution.extract import (
     check_methods,
     extract,
 )
+from mambascope.attribution.faithfulness import FRACTIONS_DEFAULT_STEPS, evaluate_faithfulness, faithfulness_table
 from mambascope.attribution.methods import compute_method, method_records
 from mambascope.results import to_jsonable
 from mambascope.trace import architecture, n_layers
@@ -218,10 +219,11 @@ def run_attention_analysis(
     eval_windows: Tensor | None = None,
     batch_size: int = 8,
     k: int | float = 0.1,
-    steps: int = 10,
+    steps: int = FRACTIONS_DEFAULT_STEPS,
     seed: int = 0,
     random_seeds: int = 3,
     draws: int = 3,
+    neuron_windows: int | None = None,
 ) -> dict:
     """JSON-ready attention-neuron summary of ``windows`` [n, T] for the CLI / pipeline.
 
@@ -231,8 +233,6 @@ def run_attention_analysis(
     ``select_windows``/``eval_windows`` (default: the first/second half of ``windows``, recorded as such)
     and its table rows.  Failures are reported by name in ``errors`` (a method, or ``"faithfulness"``).
     """
-    from mambascope.attribution.faithfulness import evaluate_faithfulness, faithfulness_table
-
     if not isinstance(windows, Tensor) or windows.dim() != 2 or windows.shape[0] == 0:
         raise ValueError("windows must be a non-empty LongTensor [n, T]")
     arch = architecture(model)
@@ -286,7 +286,7 @@ def run_attention_analysis(
             try:
                 faith = evaluate_faithfulness(model, select_windows, eval_windows, layers, wanted, k=k, steps=steps,
                                               seed=seed, random_seeds=random_seeds, draws=draws,
-                                              batch_size=batch_size)
+                                              batch_size=batch_size, neuron_windows=neuron_windows)
                 summary["faithfulness"] = faith | {"split": split,
                                                    "table": faithfulness_table(faith).to_dict(orient="records")}
             except Exception as exc:

@@ -98,7 +98,7 @@ def _at_least(args: argparse.Namespace, flag: str, low: float) -> None:
 def _check_flags(args: argparse.Namespace) -> None:
     """Every check that needs no model: fails in milliseconds rather than after minutes of work."""
     for flag, low in (("--window", 2), ("--batch-size", 1), ("--max-tokens", 0), ("--draws", 3), ("--steps", 1),
-                      ("--seq-len", 2), ("--threads", 1)):
+                      ("--seq-len", 2), ("--threads", 1), ("--num-pairs", 1), ("--queries", 1)):
         _at_least(args, flag, low)
     if getattr(args, "max_tokens", 0) and args.max_tokens < args.window:
         raise ValueError(f"--max-tokens {args.max_tokens} is smaller than one window (--window {args.window}); "
@@ -134,8 +134,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         resolve_device(args.device)
 
 
-def _check_model_flags(args: argparse.Namespace, model) -> None:
-    """The checks that need the loaded model: layer indices and the window against the model's limits."""
+def _check_model_flags(args: argparse.Namespace, model, window: bool = True) -> None:
+    """The checks that need the loaded model: layer indices and (``window``) the window against its limits."""
     from mambascope.pipeline import check_layers
 
     for flag in ("layers", "attention_layers"):
@@ -144,7 +144,7 @@ def _check_model_flags(args: argparse.Namespace, model) -> None:
         except IndexError as exc:
             raise IndexError(f"--{flag.replace('_', '-')}: {exc}") from None
     limit = getattr(model.config, "n_positions", None)  # learned position embeddings end there
-    if limit is not None and args.window > limit:
+    if window and limit is not None and args.window > limit:
         raise ValueError(f"--window {args.window} exceeds the model's maximum length of {limit} tokens")
 
 
@@ -408,7 +408,44 @@ def _cmd_census(args: argparse.Namespace) -> int:
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
+    if args.task is not None:
+        return _run_ground_truth(args)
     return _run(args, ("attention_neurons",))
+
+
+def _run_ground_truth(args: argparse.Namespace) -> int:
+    """``attention --task``: attribution accuracy against the task's ground truth (docs/methods.md)."""
+    import time
+
+    import torch
+
+    from mambascope.attribution.ground_truth import print_ground_truth, run_ground_truth, task_settings
+    from mambascope.models import BUNDLED, bundled_path, load_model
+    from mambascope.pipeline import model_info
+    from mambascope.results import save_json
+
+    torch.manual_seed(args.seed)
+    with _claim(args, "ground_truth") as out:
+        model, _ = load_model(args.model, device=args.device, dtype=args.dtype)
+        settings = task_settings(bundled_path(args.model) if args.model in BUNDLED else args.model)
+        if settings["task"] != args.task:
+            raise ValueError(f"--task {args.task}: {args.model} was trained on {settings['task']!r}")
+        _check_model_flags(args, model, window=False)  # a task model's length is the task's
+        start = time.perf_counter()
+        truth = run_ground_truth(model, settings, n_queries=args.queries, layers=args.layers, methods=args.methods,
+                                 seed=args.seed)
+        results = {"model": model_info(model, args.model),
+                   "corpus": {"name": f"task:{args.task}", "split": "held-out", "windows": truth["n_queries"],
+                              "window": truth["seq_len"], "tokens": truth["n_queries"] * truth["seq_len"]},
+                   "ground_truth": truth, "errors": {f"ground_truth: {m}": r for m, r in truth["errors"].items()},
+                   "timings": {"ground_truth": round(time.perf_counter() - start, 3)}, "incomplete": []}
+        if args.report:
+            _render(results, out.staging)
+        save_json(out.file("results.json"), results)
+        path = out.commit()
+    print_ground_truth(truth)
+    print(f"results: {path / 'results.json'}")
+    return FAILED if results["errors"] else OK
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -451,16 +488,28 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no tokenizer.json there; give a directory saved "
                                 "by a tokenizer's save_pretrained (e.g. a bundled model's)")
     with _claim(args, "model") as out:
-        stats = train_tiny(args.arch, out.staging, steps=args.steps, batch_size=args.batch_size,
-                           seq_len=args.seq_len, lr=args.lr, seed=args.seed, device=args.device,
-                           tokenizer=args.tokenizer, num_threads=args.threads)
+        if args.task is not None:
+            from mambascope.models.train_task import train_task
+
+            stats = train_task(args.arch, args.task, out.staging, seq_len=args.seq_len, num_pairs=args.num_pairs,
+                               steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               device=args.device, num_threads=args.threads)
+        else:
+            stats = train_tiny(args.arch, out.staging, steps=args.steps, batch_size=args.batch_size,
+                               seq_len=args.seq_len, lr=args.lr, seed=args.seed, device=args.device,
+                               tokenizer=args.tokenizer, num_threads=args.threads)
         path = out.commit()
+    if args.task is not None:
+        print(f"saved {args.arch} {args.task} model to {path}: held-out query accuracy "
+              f"{stats['heldout_query_accuracy']:.4f} on {stats['heldout_queries']} queries")
+        return OK
     print(f"saved {args.arch} to {path}: held-out loss {stats['val_loss']:.3f} nats/token "
           f"(unigram {stats['unigram_loss']:.3f})")
     return OK
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mambascope.models.train import ARCHS as TRAIN_ARCHS
     parser = _Parser(prog="mambascope", description="Neuron-level interpretability of Mamba models.",
                                      epilog="exit codes: 0 ok, 1 a stage failed, 2 bad input, 130 interrupted")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -489,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_args(p)
     _add_run_args(p, "mambascope-attention")
     p.add_argument("--methods", nargs="+", default=None, help="attention-neuron methods (default: all)")
+    p.add_argument("--task", default=None, choices=["mqar", "copy"],
+                   help="score the methods against the ground truth of a task model (train-tiny --task)")
+    p.add_argument("--queries", type=int, default=512, help="held-out queries for --task (default: %(default)s)")
     p.set_defaults(func=_cmd_attention)
 
     p = sub.add_parser("report", parents=common, help="re-render figures and report.html from a results directory")
@@ -504,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("train-tiny", parents=common, help="train a bundled-size model on the built-in corpus")
-    p.add_argument("--arch", required=True, choices=["mamba", "mamba2", "gpt2"])
+    p.add_argument("--arch", required=True, choices=TRAIN_ARCHS)
     _add_out_args(p, None)
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=8)
@@ -514,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--tokenizer", default=None, help="reuse this tokenizer directory instead of training one")
+    p.add_argument("--task", default=None, choices=["mqar", "copy"],
+                   help="train on a synthetic task (mambascope.data.tasks) instead of the corpus")
+    p.add_argument("--num-pairs", type=int, default=8, help="MQAR key-value pairs per example (default: %(default)s)")
     p.set_defaults(func=_cmd_train_tiny)
     return parser
 

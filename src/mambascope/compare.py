@@ -22,27 +22,31 @@ import pandas as pd
 import torch
 from torch import nn
 
+from mambascope.arch import adapter
 from mambascope.data import tokenize_windows
 from mambascope.models import load_model
 from mambascope.pipeline import census_pass, model_info
 from mambascope.ssm import hidden_attention
-from mambascope.trace import architecture, mixer_params, n_layers, trace
+from mambascope.trace import trace
 
 ATTENTION_STATS = ("entropy", "mean_distance", "sink_mass", "previous_token_mass", "local_fraction")
 
 
 def attention_rows(model: nn.Module, windows: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Per layer the row-stochastic attention P [n, L, L] of every window (see the module docstring)."""
-    arch = architecture(model)
-    if arch == "gpt2":
-        tr = trace(model, windows, names="attn.hook_pattern")
-        return {layer: tr[f"blocks.{layer}.attn.hook_pattern"].float().mean(1) for layer in range(n_layers(model))}
-    tr = trace(model, windows, names=["mixer.hook_dt", "mixer.hook_B", "mixer.hook_C"])
-    out = {}
-    for layer in range(n_layers(model)):
-        mass = hidden_attention(tr.layer(layer), mixer_params(model, layer), "s6", reduce="absmean")
+    """Per layer the row-stochastic attention P [n, L, L] of every window (see the module docstring):
+    the head-mean softmax pattern on attention layers, the normalised hidden attention on SSM layers
+    (a hybrid's attention-and-mixer layer gives its mixer's); MLP-only layers have none."""
+    ad = adapter(model)
+    ssm = ad.ssm_layers()
+    attn = [layer for layer in range(ad.n_layers) if "attn" in ad.parts(layer) and layer not in ssm]
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in attn]
+    names += [f"blocks.{layer}.mixer.{u}" for layer in ssm for u in ("hook_dt", "hook_B", "hook_C")]
+    tr = trace(model, windows, names=names)
+    out = {layer: tr[f"blocks.{layer}.attn.hook_pattern"].float().mean(1) for layer in attn}
+    for layer in ssm:
+        mass = hidden_attention(tr.layer(layer), ad.mixer_params(layer), "s6", reduce="absmean")
         out[layer] = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
-    return out
+    return dict(sorted(out.items()))
 
 
 def attention_statistics(P: torch.Tensor, local_k: int = 8) -> dict[str, float]:
@@ -66,7 +70,8 @@ def _layer_rows(name: str, info: dict, census: dict, attention: dict[int, dict[s
     for layer, r in census["layers"].items():
         selectivity = r["delta"]["selectivity"] if r.get("delta") else None
         rows.append({
-            "model": name, "arch": info["arch"], "layer": int(layer), "depth": int(layer) / depth_den,
+            "model": name, "arch": info["arch"], "layer": int(layer), "layer_kind": r.get("layer_kind", info["arch"]),
+            "depth": int(layer) / depth_den,
             "neurons": r["n_neurons"], "tokens": r["tokens"], "pct_dead": r["pct_dead"],
             "pct_rarely_active": 100 * len(r["rarely_active"]) / r["n_neurons"],
             "mean_frequency_alive": r["mean_frequency_alive"],
@@ -76,7 +81,11 @@ def _layer_rows(name: str, info: dict, census: dict, attention: dict[int, dict[s
             "mean_dt_selectivity": (sum(selectivity) / len(selectivity)) if selectivity else None,
             **attention.get(int(layer), {}),
         })
-    return rows
+    for layer in census.get("skipped_layers", {}):  # a hybrid's layers without neurons: attention only
+        rows.append({"model": name, "arch": info["arch"], "layer": int(layer),
+                     "layer_kind": info["layer_kinds"][int(layer)], "depth": int(layer) / depth_den,
+                     **attention.get(int(layer), {})})
+    return sorted(rows, key=lambda row: row["layer"])
 
 
 def compare_models(models: Sequence[str], texts: Sequence[str], *, window: int = 128, max_tokens: int | None = None,

@@ -7,17 +7,20 @@ ablation and pruning measure the loss.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 
+from mambascope.arch import adapter
 from mambascope.interventions import ablation_study, check_draws, pruning_study
 from mambascope.neurons import (
+    EmptyAccumulatorError,
     LayerCensus,
     NeuronBatch,
     TopContextAccumulator,
@@ -28,9 +31,15 @@ from mambascope.neurons import (
 )
 from mambascope.runner import LossResult, scan_corpus
 from mambascope.ssm import hidden_attention
-from mambascope.trace import architecture, mixer_params, n_layers, neuron_write_weights, trace, unembedding
+from mambascope.trace import n_layers, neuron_write_weights, trace, unembedding
 
 GROUPS = ("dead", "rarely_active", "positional", "token_detector", "delta_sensitive")
+# The traced units a census of each neuron kind reads (``Adapter.neuron_kind``).
+CENSUS_UNITS = {"mamba": ["mixer.hook_post", "mixer.hook_gate_pre", "mixer.hook_dt"],
+                "mamba2": ["mixer.hook_post", "mixer.hook_gate_pre", "mixer.hook_dt"],
+                "gpt2": ["mlp.hook_post"], "gated_mlp": ["mlp.hook_post", "mlp.hook_pre"]}
+# A MoE layer's experts are censused one by one with the rule of their MLP (``Adapter.moe_kind``).
+EXPERT_KIND = {"moe": "gpt2", "gated_moe": "gated_mlp"}
 
 
 def check_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
@@ -96,6 +105,48 @@ def _logit_effects(W: torch.Tensor, norm_weight: torch.Tensor, W_U: torch.Tensor
             "suppressed_values": top["suppressed_effects"].tolist()}
 
 
+def census_layers(model: nn.Module, layers: Sequence[int] | None) -> tuple[list[int], dict[int, str]]:
+    """(the layers a per-layer census reads, {layer: why not} for the others): attention-only layers have
+    no neurons; a MoE layer's experts are censused one by one instead (``census.moe_layers``)."""
+    ad = adapter(model)
+    skipped = {}
+    for layer in check_layers(model, layers):
+        kind = ad.neuron_kind(layer)
+        if kind is None:
+            skipped[layer] = f"{ad.layer_kind(layer)} layer: no neurons"
+        elif kind not in CENSUS_UNITS:
+            skipped[layer] = f"{ad.layer_kind(layer)} layer: its experts are censused one by one (moe_layers)"
+    return [layer for layer in check_layers(model, layers) if layer not in skipped], skipped
+
+
+def expert_batches(tensors: dict[str, torch.Tensor], kind: str, ids: torch.Tensor, bos: int | None, layer: int,
+                   rows: torch.Tensor) -> Iterator[tuple[int, NeuronBatch]]:
+    """One batch per expert of a MoE layer: expert x's neurons ``mlp.hook_post[:, :, x]``, valid only on
+    the tokens routed to x (``mlp.hook_route[..., x] > 0``), so that its statistics count those tokens."""
+    post, route = tensors["mlp.hook_post"], tensors["mlp.hook_route"]
+    for x in range(post.shape[2]):
+        units = {name: tensors[name][:, :, x] for name in ("mlp.hook_post", "mlp.hook_pre") if name in tensors}
+        batch = NeuronBatch.from_layer(units, EXPERT_KIND[kind], ids, bos_token_id=bos, label=f"{layer}.expert{x}",
+                                       window_ids=rows)
+        yield x, dataclasses.replace(batch, valid=batch.valid & (route[:, :, x] > 0))
+
+
+def _expert_results(census: dict[int, LayerCensus]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for x, c in census.items():
+        try:
+            results[str(x)] = c.finalize()
+        except EmptyAccumulatorError:
+            results[str(x)] = {"skipped": "no token of the corpus was routed to this expert"}
+    return results
+
+
+def _head_dim(model: nn.Module, layer: int) -> int:
+    """Channels per Δ unit: Mamba-2's head dim (Δ per head), 1 elsewhere."""
+    ad = adapter(model)
+    return ad.mixer_params(layer).head_dim if ad.neuron_kind(layer) == "mamba2" else 1
+
+
 def neuron_groups(layer_result: dict, arch: str, head_dim: int) -> dict[str, list[int]]:
     """The census groups of one layer as neuron indices.
 
@@ -131,40 +182,60 @@ def census_accumulate(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *
                       layers: Sequence[int] | None = None, batch_size: int = 8, progress: bool = True,
                       census_options: dict | None = None, top_k_contexts: int = 5, context_width: int = 16,
                       scan: Callable[..., LossResult] | None = None, ngram_counters: int | None = None
-                      ) -> tuple[dict[int, LayerCensus], dict[int, TopContextAccumulator], LossResult]:
-    """The traced pass of the census: every chosen layer's ``LayerCensus`` and ``TopContextAccumulator`` fed
-    with ``windows`` [n, T], and the next-token loss.  ``scan``: ``scale.scan_function(plan)`` for a resumable
-    or multi-process pass (default: one plain ``scan_corpus``).  ``ngram_counters``: count the n-grams of
-    order >= 2 in Misra-Gries summaries of that many counters per neuron (``neurons.heavy_hitters``; bounded
-    memory, approximate n-gram coverage) instead of exact tables."""
-    arch = architecture(model)
-    layers = check_layers(model, layers)
+                      ) -> tuple[dict[int, LayerCensus], dict[int, TopContextAccumulator],
+                                 dict[int, dict[int, LayerCensus]], LossResult]:
+    """The traced pass of the census: every chosen layer's ``LayerCensus`` and ``TopContextAccumulator``
+    (and each MoE layer's experts' ``LayerCensus``, as they are seen) fed with ``windows`` [n, T], and the
+    next-token loss.  ``scan``: ``scale.scan_function(plan)`` for a resumable or multi-process pass
+    (default: one plain ``scan_corpus``).  ``ngram_counters``: count the n-grams of order >= 2 in
+    Misra-Gries summaries of that many counters per neuron (``neurons.heavy_hitters``; bounded memory,
+    approximate n-gram coverage) instead of exact tables."""
+    ad = adapter(model)
+    moe = {layer: ad.moe_kind(layer) for layer in check_layers(model, layers) if ad.moe_kind(layer)}
+    layers, skipped = census_layers(model, layers)
+    if not layers and not moe:
+        raise ValueError(f"no layer of this {ad.model_type} model has neurons the census reads: {skipped}")
+    kinds = {layer: ad.neuron_kind(layer) for layer in layers}
     vocab = model.get_input_embeddings().num_embeddings
-    census = {layer: LayerCensus(arch, vocab, layer=layer, **(census_options or {})) for layer in layers}
+    census = {layer: LayerCensus(kinds[layer], vocab, layer=layer, **(census_options or {})) for layer in layers}
     if ngram_counters is not None:
         from mambascope.neurons.heavy_hitters import BoundedTokenDetectorAccumulator
 
         for part in census.values():
             part.detectors = BoundedTokenDetectorAccumulator.like(part.detectors, ngram_counters)
     tops = {layer: TopContextAccumulator(top_k_contexts, context_width, layer=layer) for layer in layers}
+    experts: dict[int, dict[int, LayerCensus]] = {layer: {} for layer in moe}  # filled as experts are seen
     bos = tokenizer.bos_token_id
-    units = [f"blocks.{layer}.{u}" for layer in layers
-             for u in (["mlp.hook_post"] if arch == "gpt2" else ["mixer.hook_post", "mixer.hook_gate_pre",
-                                                                 "mixer.hook_dt"])]
+    units = [f"blocks.{layer}.{u}" for layer in layers for u in CENSUS_UNITS[kinds[layer]]]
+    units += [f"blocks.{layer}.mlp.{u}" for layer, kind in moe.items()
+              for u in ("hook_post", "hook_route", *(["hook_pre"] if kind == "gated_moe" else []))]
 
     def consume(layer: int, tensors: dict[str, torch.Tensor], ids: torch.Tensor, rows: torch.Tensor) -> None:
         device = next(iter(tensors.values())).device
-        batch = NeuronBatch.from_layer(tensors, arch, ids.to(device), bos_token_id=bos, label=layer, window_ids=rows)
-        census[layer].update(batch)
-        tops[layer].update(batch)
+        ids = ids.to(device)
+        if layer in census:
+            batch = NeuronBatch.from_layer(tensors, kinds[layer], ids, bos_token_id=bos, label=layer, window_ids=rows)
+            census[layer].update(batch)
+            tops[layer].update(batch)
+        if layer in moe:
+            for x, batch in expert_batches(tensors, moe[layer], ids, bos, layer, rows):
+                if x not in experts[layer]:
+                    experts[layer][x] = LayerCensus(EXPERT_KIND[moe[layer]], vocab, layer=f"{layer}.expert{x}",
+                                                    **(census_options or {}))
+                    if ngram_counters is not None:
+                        from mambascope.neurons.heavy_hitters import BoundedTokenDetectorAccumulator
+
+                        experts[layer][x].detectors = BoundedTokenDetectorAccumulator.like(
+                            experts[layer][x].detectors, ngram_counters)
+                experts[layer][x].update(batch)
 
     if scan is None:
         loss = scan_corpus(model, windows, consume, names=units, batch_size=batch_size, progress=progress,
                            description="census")
     else:  # the scan may restore (resume) or merge (ranks) the accumulators in these dicts
-        loss = scan(model, windows, consume, {"census": census, "tops": tops}, names=units,
+        loss = scan(model, windows, consume, {"census": census, "tops": tops, "experts": experts}, names=units,
                     batch_size=batch_size, progress=progress, description="census")
-    return census, tops, loss
+    return census, tops, experts, loss
 
 
 def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layers: Sequence[int] | None = None,
@@ -178,21 +249,26 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
     ``logit_effects``} and ``detector_tokens_by_layer``.  ``scan``, ``ngram_counters``: as in
     ``census_accumulate``; with ``ngram_counters``, ``approximate`` lists the fields that are bounds.
     """
-    arch = architecture(model)
-    layers = check_layers(model, layers)
-    census, tops, loss = census_accumulate(model, tokenizer, windows, layers=layers, batch_size=batch_size,
-                                           progress=progress, census_options=census_options,
-                                           top_k_contexts=top_k_contexts, context_width=context_width, scan=scan,
-                                           ngram_counters=ngram_counters)
+    ad = adapter(model)
+    moe = {layer: ad.moe_kind(layer) for layer in check_layers(model, layers) if ad.moe_kind(layer)}
+    census, tops, experts, loss = census_accumulate(
+        model, tokenizer, windows, layers=layers, batch_size=batch_size, progress=progress,
+        census_options=census_options, top_k_contexts=top_k_contexts, context_width=context_width, scan=scan,
+        ngram_counters=ngram_counters)
+    layers, skipped = census_layers(model, layers)
+    kinds = {layer: ad.neuron_kind(layer) for layer in layers}
     norm_weight, W_U = (t.float() for t in unembedding(model))
-    head_dim = mixer_params(model, 0).head_dim if arch == "mamba2" else 1
+    moe_layers = {str(layer): {"layer_kind": ad.layer_kind(layer), "experts_as": EXPERT_KIND[kind],
+                               "experts": _expert_results(experts[layer])} for layer, kind in moe.items()}
     out: dict[str, Any] = {"tokens": int(windows.numel()), "window": int(windows.shape[1]), "loss": loss.loss,
-                           "layers": {}}
+                           "layers": {}, "skipped_layers": {str(layer): why for layer, why in skipped.items()},
+                           "moe_layers": moe_layers}
     if ngram_counters is not None:
-        orders = [n for n in census[layers[0]].detectors.ngram_orders if n >= 2]
-        out["approximate"] = [f"layers.*.detectors.ngram_coverage.{n}" for n in orders]
+        orders = [n for part in census.values() for n in part.detectors.ngram_orders if n >= 2]
+        out["approximate"] = [f"layers.*.detectors.ngram_coverage.{n}" for n in sorted(set(orders))]
     for layer in layers:
         result = census[layer].finalize()
+        result["layer_kind"] = ad.layer_kind(layer)
         W = neuron_write_weights(model, layer).float()
         for det in result["token_detectors"]:
             det["token_strings"] = _decode(tokenizer, det["tokens"])
@@ -202,7 +278,8 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
         sign = activation_sign(result)
         result["suppression"] = detector_suppression(W, norm_weight, W_U, result["token_detectors"],
                                                      activation_sign=sign)
-        result["overlap"] = group_overlap(neuron_groups(result, arch, head_dim), result["n_neurons"])
+        result["overlap"] = group_overlap(neuron_groups(result, kinds[layer], _head_dim(model, layer)),
+                                          result["n_neurons"])
         result["top_contexts"] = _decoded_contexts(tops[layer].finalize(), tokenizer)
         result["logit_effects"] = _logit_effects(W, norm_weight, W_U, tokenizer, sign)
         out["layers"][str(layer)] = result
@@ -214,14 +291,15 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
 
 def context_attention_rows(model: nn.Module, windows: torch.Tensor, layer_results: dict[str, dict],
                            batch_size: int = 8) -> None:
-    """Add ``attention_rows`` to each Mamba layer result: for every neuron, the exact hidden-attention row
+    """Add ``attention_rows`` to each SSM layer result: for every neuron, the exact hidden-attention row
     α[t, ·] of its channel (Mamba-2: its head) at the peak t of its top context, over that context's
     tokens (None before the window start).  Only the rows asked for are computed (``rows=`` fast path).
     """
-    arch = architecture(model)
-    if arch == "gpt2":
+    ad = adapter(model)
+    tops = {int(layer): r["top_contexts"] for layer, r in layer_results.items()
+            if ad.neuron_kind(int(layer)) in ("mamba", "mamba2")}
+    if not tops:
         return
-    tops = {int(layer): r["top_contexts"] for layer, r in layer_results.items()}
     rows = {layer: {"neurons": [], "tokens": [], "values": []} for layer in tops}
     by_window: dict[int, dict[int, list[int]]] = {layer: {} for layer in tops}  # layer -> window -> neurons
     for layer, top in tops.items():
@@ -235,7 +313,7 @@ def context_attention_rows(model: nn.Module, windows: torch.Tensor, layer_result
         tr = trace(model, needed_ids[start:start + batch_size], names=["mixer.hook_dt", "mixer.hook_B",
                                                                         "mixer.hook_C"])
         for layer, top in tops.items():
-            params, width = mixer_params(model, layer), top["width"]
+            params, width = ad.mixer_params(layer), top["width"]
             units = tr.layer(layer)
             for i, window in enumerate(chunk):  # a loop over contexts, each computing only its rows
                 neurons = by_window[layer].get(window)
@@ -265,16 +343,15 @@ def census_interventions(model: nn.Module, layer_results: dict[str, dict], heldo
     Reads the groups, the neurons' means (mean ablation) and the pruning priority from the census
     results.  Returns ``{"ablation": ..., "pruning": ...}``.
     """
-    arch = architecture(model)
-    head_dim = mixer_params(model, 0).head_dim if arch == "mamba2" else 1
     layers = [int(layer) for layer in layer_results]
-    groups = {layer: neuron_groups(layer_results[str(layer)], arch, head_dim) for layer in layers}
+    groups = {layer: neuron_groups(layer_results[str(layer)], layer_results[str(layer)]["arch"],
+                                   _head_dim(model, layer)) for layer in layers}
     means = {layer: torch.tensor(layer_results[str(layer)]["activity"]["mean_post"]) for layer in layers}
     priority = {layer: pruning_priority(layer_results[str(layer)],
                                         neuron_write_weights(model, layer).float().norm(dim=0).cpu())
                 for layer in layers}
     by_group = {g: {layer: groups[layer][g] for layer in layers} for g in GROUPS}
-    n_neurons = layer_results[str(layers[0])]["n_neurons"]
+    n_neurons = {layer: layer_results[str(layer)]["n_neurons"] for layer in layers}
     ablation = ablation_study(model, heldout, by_group, means, n_neurons, draws=draws, seed=seed,
                               batch_size=batch_size, progress=progress)
     pruning = pruning_study(model, heldout, priority, pruning_ratios, draws=draws, seed=seed, batch_size=batch_size,
@@ -329,10 +406,12 @@ def neuron_table(census: dict[str, Any]) -> pd.DataFrame:
 
 def model_info(model: nn.Module, name: str) -> dict[str, Any]:
     """What the results file says about the model."""
-    arch = architecture(model)
-    width = neuron_write_weights(model, 0).shape
-    return {"name": name, "arch": arch, "n_layers": n_layers(model), "d_model": int(width[0]),
-            "d_inner": int(width[1]), "parameters": sum(p.numel() for p in model.parameters()),
+    ad = adapter(model)
+    first = next(layer for layer in range(ad.n_layers) if ad.neuron_kind(layer) is not None)
+    width = neuron_write_weights(model, first).shape
+    return {"name": name, "arch": ad.model_type, "n_layers": n_layers(model), "d_model": int(width[0]),
+            "d_inner": int(width[1]), "layer_kinds": [ad.layer_kind(layer) for layer in range(ad.n_layers)],
+            "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "device": str(next(model.parameters()).device)}
 
@@ -386,10 +465,13 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
         from mambascope.attention_neurons import run_attention_analysis
 
         n = min(attention_windows, select.shape[0], heldout.shape[0])
+        # hybrids: attention neurons come from the SSM layers' hidden attention
+        ssm = [layer for layer in layers if layer in adapter(model).ssm_layers()]
+        default = ssm or layers
         results["attention_neurons"] = run_attention_analysis(
-            model, select[:n], layers=list(attention_layers if attention_layers is not None else layers),
-            methods=methods, faithfulness=faithfulness, select_windows=select[:n], eval_windows=heldout[:n],
-            batch_size=batch_size, seed=seed, draws=draws)
+            model, select[:n], layers=list(attention_layers if attention_layers is not None else default),
+            methods=methods, faithfulness=faithfulness, select_windows=select[:n], eval_windows=heldout,
+            batch_size=batch_size, seed=seed, draws=draws, neuron_windows=n)
 
     work = {"census": census, "interventions": interventions, "attention_neurons": attention}
     todo = [s for s in STAGES if s in stages]
@@ -470,13 +552,13 @@ def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
                  f"d_inner {model.get('d_inner')}); corpus {corpus.get('name')} "
                  f"{corpus.get('split', '')} {corpus.get('tokens')} tokens")
     if results.get("layers"):
-        lines.append(f"{'layer':>5} {'dead %':>7} {'rare':>5} {'alive freq':>10} {'positional':>10} "
+        lines.append(f"{'layer':>5} {'kind':>9} {'dead %':>7} {'rare':>5} {'alive freq':>10} {'positional':>10} "
                      f"{'detectors':>9} {'Δ top sel.':>10}")
         for layer, r in results["layers"].items():
             delta = r.get("delta_sensitive")
             sel = f"{delta[0]['selectivity']:.3f}" if delta else "n/a"
             alive = r.get("mean_frequency_alive")
-            lines.append(f"{layer:>5} {r['pct_dead']:>7.2f} {len(r['rarely_active']):>5} "
+            lines.append(f"{layer:>5} {r.get('layer_kind', ''):>9} {r['pct_dead']:>7.2f} {len(r['rarely_active']):>5} "
                          f"{alive if alive is None else round(alive, 3)!s:>10} {len(r['positional_neurons']):>10} "
                          f"{len(r['token_detectors']):>9} {sel:>10}")
         pos = [r.get("positional") or {} for r in results["layers"].values()]
@@ -509,8 +591,11 @@ def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
         lines.append("faithfulness (token: LeRF − MoRF area, larger = more faithful; neuron: Δloss of top-k ablation)")
         for row in table:
             area, delta = row.get("area_difference"), row.get("delta_loss")
+            ci = "" if row.get("area_difference_low") is None else (
+                f" [{row['area_difference_low']:+.3f}, {row['area_difference_high']:+.3f}]"
+                + {True: " above random", False: " not above random", None: ""}[row.get("above_random")])
             lines.append(f"  {row['method']:<18} layer {row['layer']}: area diff "
-                         f"{'n/a' if area is None else f'{area:+.4f}'}, Δloss "
+                         f"{'n/a' if area is None else f'{area:+.4f}'}{ci}, Δloss "
                          f"{'n/a' if delta is None else f'{delta:+.4f}'}")
     for method, reason in attention.get("errors", {}).items():
         lines.append(f"FAILED attention neurons {method}: {reason}")

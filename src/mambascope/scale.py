@@ -248,8 +248,8 @@ def scaled_scan(model: nn.Module, windows: Any, consume: LayerConsumer, state: d
     """``runner.scan_corpus`` for this rank's batches of ``windows`` (an [n, T] tensor or a streamed
     ``StreamSelection``), checkpointed, then merged across ranks.
 
-    ``state``: {name: {key: accumulator}}, every accumulator ``consume`` feeds (checkpointed, restored in
-    place and merged across ranks with ``merge``).  ``window_ids`` stay global row indices of ``windows``.
+    ``state``: {name: {key: accumulator or nested dict}}, every accumulator ``consume`` feeds (checkpointed,
+    restored in place and merged across ranks with ``merge``).  ``window_ids`` stay global row indices of ``windows``.
     On rank 0 returns the loss over all ranks' windows and leaves the merged accumulators in ``state``;
     other ranks return their own share's loss (their ``state`` is then of no use).
     """
@@ -325,11 +325,21 @@ def _gather_merge(state: dict[str, dict], total: float, count: int, ranks: Ranks
     assert gathered is not None
     for data in gathered[1:]:
         other = _from_bytes(data, device)
-        for key, accumulators in state.items():
-            for name, accumulator in accumulators.items():
-                accumulator.merge(other["state"][key][name])
+        _merge_into(state, other["state"])
         total, count = total + other["loss_sum"], count + other["loss_count"]
     return total, count
+
+
+def _merge_into(mine: dict, theirs: dict) -> None:
+    """Merge nested {key: accumulator | {key: ...}} dicts; an accumulator only the other rank has (a MoE expert
+    only its tokens reached) is adopted as it is."""
+    for key, value in theirs.items():
+        if key not in mine:
+            mine[key] = value
+        elif isinstance(value, dict):
+            _merge_into(mine[key], value)
+        else:
+            mine[key].merge(value)
 
 
 def scan_function(plan: ScanPlan) -> Callable[..., LossResult]:

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from mambascope.arch import adapter, is_transformer
 from mambascope.ssm.hidden_attention import AttentionMemoryError, hidden_attention, output_gate
 from mambascope.trace import architecture, head_write_weights, mixer_params, n_layers, trace
 
@@ -54,7 +55,8 @@ class AttentionData(dict):
 
     Attributes: ``arch``, ``layers`` (requested, in order), ``methods`` (extracted), ``input_ids`` [b, L],
     ``attention_mask`` [b, L] (all ones when none was given), ``query`` [b], ``target_token`` [b],
-    ``target_kind`` (per row "next" = the actual next token, "argmax" = the model's prediction),
+    ``target_kind`` (per row "next" = the actual next token, "argmax" = the model's prediction, "given" =
+    the ``target`` passed to :func:`extract`),
     ``target_logprob`` [b], ``rollout_matrices`` (layer -> [b, L, L] row-normalised Ā for layers
     0..max(layers), when rollout was extracted), ``n_units`` (layer -> U), ``unit`` ("channel" | "head"),
     ``errors`` (method -> reason, for method pieces that failed with ``on_error="record"``), ``store``.
@@ -82,7 +84,7 @@ class AttentionData(dict):
 def check_methods(methods: str | Iterable[str] | None, arch: str) -> list[str]:
     """Validated method names (default: every method the architecture supports)."""
     if methods is None:
-        return [m for m in METHODS if arch != "gpt2" or m not in MAMBA_ONLY]
+        return [m for m in METHODS if not is_transformer(arch) or m not in MAMBA_ONLY]
     if isinstance(methods, str):
         methods = [methods]
     out: list[str] = []
@@ -97,16 +99,19 @@ def check_method(method: str, arch: str) -> None:
     """ValueError for an unknown method or a Mamba-only method on a transformer."""
     if method not in METHODS:
         raise ValueError(f"unknown attention-neuron method {method!r}; valid methods: {', '.join(METHODS)}")
-    if method in MAMBA_ONLY and arch == "gpt2":
+    if method in MAMBA_ONLY and is_transformer(arch):
         raise ValueError(f"method {method!r} is Mamba-only (it needs a selective-scan mixer); this model is "
-                         f"GPT-2 style: use one of {', '.join(m for m in METHODS if m not in MAMBA_ONLY)}")
+                         f"a transformer ({arch}, GPT-2 style): use one of "
+                         f"{', '.join(m for m in METHODS if m not in MAMBA_ONLY)}")
 
 
 def check_layers(model: nn.Module, layer_indices: int | Sequence[int] | None) -> list[int]:
-    """Validated, de-duplicated layer indices (negative count from the end; None = every layer)."""
+    """Validated, de-duplicated layer indices (negative count from the end; None = every layer, on a
+    hybrid every SSM layer).  Transformers: attention heads of any layer; any other model: SSM layers only."""
     count = n_layers(model)
+    ad = adapter(model)
     if layer_indices is None:
-        return list(range(count))
+        return list(range(count)) if ad.transformer else ad.ssm_layers()
     if isinstance(layer_indices, int):
         layer_indices = [layer_indices]
     out: list[int] = []
@@ -124,11 +129,12 @@ def check_layers(model: nn.Module, layer_indices: int | Sequence[int] | None) ->
             out.append(layer)
     if not out:
         raise ValueError("no layers requested")
-    if architecture(model) != "gpt2":
+    if not ad.transformer:
         for layer in out:
-            mixer = getattr(model.backbone.layers[layer], "mixer", None)
-            if mixer is None or not hasattr(mixer, "A_log"):
-                raise ValueError(f"layer {layer} has no Mamba mixer (selective scan); attention neurons need one")
+            # the module check also catches a mixer replaced by hand (e.g. nn.Identity)
+            if layer not in ad.ssm_layers() or not hasattr(ad.mixer(layer), "A_log"):
+                raise ValueError(f"layer {layer} has no Mamba mixer (selective scan); attention neurons need one "
+                                 f"(SSM layers of this {ad.model_type} model: {ad.ssm_layers()})")
     return out
 
 
@@ -170,7 +176,7 @@ def resolve_query(query: int | Sequence[int] | Tensor | None, mask: Tensor) -> T
 
 def _names(arch: str, methods: list[str], requested: list[int], chain: list[int]) -> list[str]:
     names: set[str] = set()
-    if arch == "gpt2":
+    if is_transformer(arch):
         for layer in set(requested) | set(chain):
             names.add(f"blocks.{layer}.attn.hook_pattern")
         if "attention_weighted" in methods:
@@ -206,6 +212,7 @@ def extract(
     store: str = "full",
     max_bytes: int | None = None,
     on_error: str = "raise",
+    target: Tensor | None = None,
 ) -> AttentionData:
     """Trace ``model`` once on ``input_ids`` [b, L] and extract what ``methods`` need for ``layer_indices``.
 
@@ -214,7 +221,8 @@ def extract(
     the query rows the methods use.  A full matrix that does not fit raises the kernel's
     ``AttentionMemoryError`` (its message lists the smaller requests; ``store="rows"`` here).
     ``on_error``: ``"raise"`` or ``"record"`` — a failing method-specific piece is then stored in
-    ``data.errors[method]`` and the other methods go on.
+    ``data.errors[method]`` and the other methods go on.  ``target`` [b]: the token whose log-prob at each
+    row's query is explained (a task's answer); default the actual next token, else the argmax prediction.
     Rollout needs every layer 0..max(layer_indices) (its product starts at layer 0), so those layers are
     traced and their channel-mean |α| stored in ``data.rollout_matrices``.
     """
@@ -249,6 +257,15 @@ def extract(
     b, L = input_ids.shape
     rows = torch.arange(b, device=device)
     chain = list(range(max(requested) + 1)) if "rollout" in methods else []
+    gaps = [layer for layer in chain if not is_transformer(arch) and layer not in adapter(model).ssm_layers()]
+    if gaps:
+        why = (f"rollout multiplies every layer's attention from layer 0, and layers {gaps} of this {arch} model "
+               "are not SSM layers (rollout through attention and MLP layers of a hybrid is not implemented)")
+        if on_error == "raise":
+            raise ValueError(why)
+        errors["rollout"] = why
+        methods = [m for m in methods if m != "rollout"]
+        chain = []
     grad = any(m in GRADIENT_METHODS for m in methods)
 
     names = _names(arch, methods, requested, chain)
@@ -270,12 +287,18 @@ def extract(
     logp = torch.log_softmax(tr.logits[rows, q].float(), dim=-1)  # [b, V]
     has_next = (q + 1 < L) & mask.gather(1, (q + 1).clamp_max(L - 1)[:, None])[:, 0].bool()
     nxt = input_ids.gather(1, (q + 1).clamp_max(L - 1)[:, None])[:, 0]
-    target = torch.where(has_next, nxt, logp.argmax(-1))
+    given = target is not None
+    if given:
+        target = torch.as_tensor(target, device=device).long().reshape(-1)
+        if target.shape != (b,):
+            raise ValueError(f"target must hold one token per row ({b}), got shape {tuple(target.shape)}")
+    else:
+        target = torch.where(has_next, nxt, logp.argmax(-1))
     target_lp = logp[rows, target]
 
     grads: dict[str, Tensor] = {}
     if grad:
-        if arch == "gpt2":
+        if is_transformer(arch):
             wrt = [f"blocks.{layer}.attn.hook_pattern" for layer in requested]
         else:
             wrt = [f"blocks.{layer}.mixer.hook_y" for layer in requested if "gradient_guided" in methods]
@@ -288,9 +311,9 @@ def extract(
     data.arch, data.layers, data.methods, data.store = arch, requested, list(methods), store
     data.input_ids, data.attention_mask, data.query = input_ids, mask, q
     data.target_token, data.target_logprob = target.detach(), target_lp.detach()
-    data.target_kind = ["next" if bool(h) else "argmax" for h in has_next]
+    data.target_kind = ["given" if given else "next" if bool(h) else "argmax" for h in has_next]
     data.rollout_matrices, data.n_units, data.errors = {}, {}, errors
-    data.unit = "head" if arch == "gpt2" else "channel"
+    data.unit = "head" if is_transformer(arch) else "channel"
 
     def attempt(method: str, fn) -> None:
         if method not in methods or method in data.errors:
@@ -308,7 +331,7 @@ def extract(
             units = {k: v.detach() for k, v in tr.layer(layer).items()}
             entry: dict[str, Tensor] = {}
             is_requested = layer in requested
-            if arch == "gpt2":
+            if is_transformer(arch):
                 pattern = units["attn.hook_pattern"].float()  # [b, H, L, L]
                 if is_requested:
                     data.n_units[layer] = pattern.shape[1]
@@ -322,8 +345,10 @@ def extract(
                 if is_requested:
                     name = f"blocks.{layer}.attn.hook_pattern"
 
-                    def aw(entry=entry, units=units, layer=layer) -> None:
-                        v = units["attn.hook_v"].transpose(1, 2).float()  # [b, H, L, dh]
+                    def aw(entry=entry, units=units, layer=layer, pattern=pattern) -> None:
+                        v = units["attn.hook_v"].transpose(1, 2).float()  # [b, H_kv, L, dh]
+                        # grouped-query attention: each query head reads its group's values
+                        v = v.repeat_interleave(pattern.shape[1] // v.shape[1], dim=1)  # [b, H, L, dh]
                         W = head_write_weights(model, layer).float()
                         entry["value_norm"] = v.norm(dim=-1)
                         entry["value_write_norm"] = torch.einsum("bhsp,hpd->bhsd", v, W).norm(dim=-1)

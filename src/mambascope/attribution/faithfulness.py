@@ -1,13 +1,19 @@
 """Faithfulness of the attention-neuron methods, by perturbation (docs/methods.md, "Faithfulness").
 
 (a) Token level (Samek et al. 2017 MoRF/LeRF perturbation curves; the protocol Ali et al. 2024 use for
-Mamba attributions, with masking instead of deletion): on held-out windows of T tokens, the query is
-q = T−2 and the target the actual next token (position T−1).  Each method ranks the context positions
-0..q−1 by its relevance at layer ℓ; the top (MoRF) or bottom (LeRF) ⌊f·q⌉ of them are removed by setting
-attention_mask to 0 there (Mamba zeroes those positions' inputs as Hugging Face does for padding; GPT-2
-drops them as keys), for f = 0, 1/steps, …, 1, and log p(target | perturbed context) at q is recorded.
-Areas are trapezoids over f ∈ [0, 1]; difference = LeRF area − MoRF area (larger = more faithful).
-A ``random`` ranking (several seeds, mean) is always a row.
+Mamba attributions, with masking instead of deletion): on held-out windows of T tokens, each window's
+query q is a position where the context matters (:func:`context_queries`: log p(next token) with the full
+context exceeds that with the whole context masked by at least ``query_margin`` nats; windows without
+such a position are left out) and the target is the actual next token (q + 1).  Each method ranks the
+context positions 0..q−1 by its relevance at layer ℓ; the top (MoRF) or bottom (LeRF) round(f·q) of
+them are removed by setting attention_mask to 0 there (Mamba zeroes those positions' inputs as Hugging
+Face does for padding; GPT-2 drops them as keys), for f = 0, 1/steps, …, 1, and log p(target | perturbed
+context) at q is recorded.  Areas are trapezoids over f ∈ [0, 1]; difference = LeRF area − MoRF area
+(larger = more faithful), per window, with a 95 % bootstrap interval over windows.  A ``random`` ranking
+(``random_seeds`` seeds, averaged per window) is always a row; a method is *above random* when the
+bootstrap interval of its paired per-window difference minus random's lies above 0.  Every perturbed
+input of a batch (all methods, layers, directions, fractions, random seeds) is built first and each
+distinct one runs once (:func:`masked_logprob`).
 
 (b) Neuron level: each layer's units are ranked by each method's importance, summed over the selection
 windows (same query/target rule); the top k are zero-ablated (Mamba: channels of ``mixer.hook_post``
@@ -24,16 +30,21 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from mambascope.arch import is_transformer
+from mambascope.attribution.bootstrap import bootstrap_mean
 from mambascope.attribution.extract import METHODS, check_layers, check_method, extract
 from mambascope.attribution.methods import method_records
 from mambascope.interventions.ablation import ablation_edits, heldout_loss, random_groups
 from mambascope.trace import architecture, trace_stream
 from mambascope.trace.forward import Edit
 
-FRACTIONS_DEFAULT_STEPS = 10
+# 4 steps (f = 0, ¼, ½, ¾, 1) and 64 windows: tighter intervals for the same forwards as 10 steps on 26 windows.
+FRACTIONS_DEFAULT_STEPS = 4
+QUERY_MARGIN = 1.0  # nats: the context must raise log p(next token) at least this much over no context
+TOKEN_WINDOWS = 64
 
-__all__ = ["FRACTIONS_DEFAULT_STEPS", "evaluate_faithfulness", "faithfulness_table", "perturbed_logprob",
-           "token_ranking"]
+__all__ = ["FRACTIONS_DEFAULT_STEPS", "QUERY_MARGIN", "TOKEN_WINDOWS", "context_queries", "evaluate_faithfulness",
+           "faithfulness_table", "masked_logprob", "perturbed_logprob", "removal_masks", "token_ranking"]
 
 
 def _check_windows(windows: Tensor, what: str, min_len: int) -> Tensor:
@@ -57,33 +68,63 @@ def _random_orders(b: int, n: int, generator: torch.Generator) -> Tensor:
     return torch.rand(b, n, generator=generator).argsort(dim=1)
 
 
-def perturbed_logprob(model: nn.Module, ids: Tensor, order: Tensor, counts: Sequence[int], query: int,
-                      target: Tensor, *, chunk: int = 64) -> Tensor:
+def perturbed_logprob(model: nn.Module, ids: Tensor, order: Tensor, counts: Sequence[int] | Tensor,
+                      query: int | Tensor, target: Tensor, *, chunk: int = 64) -> Tensor:
     """log p(target | context with the first counts[i] positions of ``order`` masked) at ``query``.
 
-    ids [b, T]; order [b, n] context positions (< query), removal order; target [b].  Returns [b, F].
-    Positions after the query cannot affect it (causal models), so the input is cut at query + 1.
+    ids [b, T]; query: one position for every row or [b] per row; order [b, n]: removal order, each row's
+    context positions (< its query) first; counts: removed counts, the same for every row or [F, b];
+    target [b].  Returns [b, F].  Positions after a query cannot affect it (causal models).
     """
-    b = ids.shape[0]
+    masks, q = removal_masks(order, counts, query, ids.shape[0])
+    F, b = masks.shape[:2]
+    rows = torch.arange(b, device=ids.device).expand(F, b).reshape(-1)
+    lp = masked_logprob(model, ids, rows, masks.reshape(F * b, -1), q.expand(F, b).reshape(-1),
+                        target.expand(F, b).reshape(-1), chunk=chunk)
+    return lp.reshape(F, b).T
+
+
+def removal_masks(order: Tensor, counts: Sequence[int] | Tensor, query: int | Tensor, b: int) -> tuple[Tensor, Tensor]:
+    """([F, b, max q + 1] attention masks with the first counts[f] positions of ``order`` zeroed, [b] queries)."""
+    device = order.device
+    q = torch.as_tensor(query, device=device).long().expand(b)
     n = order.shape[1]
-    device = ids.device
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(n, device=device).expand(b, n))  # rank of each context position
-    c = torch.as_tensor(list(counts), device=device)
-    F = c.numel()
-    keep = (rank[None] >= c[:, None, None]).long()  # [F, b, n]
-    mask = torch.ones(F, b, query + 1, dtype=torch.long, device=device)
-    mask[:, :, :n] = keep
-    inp = ids[:, : query + 1].expand(F, b, query + 1).reshape(F * b, query + 1)
-    mask = mask.reshape(F * b, query + 1)
-    tgt = target.expand(F, b).reshape(-1)
-    out = []
-    for start in range(0, F * b, chunk):  # a loop over row chunks (memory), not over tokens
-        sl = slice(start, start + chunk)
+    c = torch.as_tensor(counts if isinstance(counts, Tensor) else list(counts), device=device).long()
+    c = c[:, None].expand(-1, b) if c.dim() == 1 else c  # [F, b]
+    if bool((c > q).any()):
+        raise ValueError("a removed count exceeds its row's context")
+    masks = torch.ones(c.shape[0], b, int(q.max()) + 1, dtype=torch.long, device=device)
+    masks[:, :, :n] = (rank[None] >= c[:, :, None]).long()
+    return masks, q
+
+
+def masked_logprob(model: nn.Module, ids: Tensor, rows: Tensor, masks: Tensor, query: Tensor, target: Tensor, *,
+                   chunk: int = 64) -> Tensor:
+    """[R] log p(target[r] | ids[rows[r]] under masks[r]) at position query[r].
+
+    Identical (row, mask) pairs are run once (methods and layers often mask the same positions, and every
+    curve shares its f = 0 and f = 1 points); the unique inputs run in chunks of similar query position,
+    each cut after its last query.
+    """
+    cut = masks.shape[1]
+    masks = masks.clone()
+    after = torch.arange(cut, device=masks.device)[None, :] > query[:, None]
+    masks[after] = 1  # positions after the query cannot change it; unify them for the de-duplication
+    key = torch.cat([rows[:, None], query[:, None], target[:, None], masks], 1)
+    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+    by_query = torch.argsort(uniq[:, 1], stable=True)
+    out = torch.empty(uniq.shape[0], dtype=torch.float32, device=masks.device)
+    for start in range(0, uniq.shape[0], chunk):  # a loop over chunks of unique inputs (memory)
+        sel = by_query[start:start + chunk]
+        u = uniq[sel]
+        end = int(u[:, 1].max()) + 1
         with torch.no_grad():
-            logits = trace_stream(model, inp[sl], None, attention_mask=mask[sl])[:, query].float()
-        out.append(torch.log_softmax(logits, -1).gather(1, tgt[sl, None])[:, 0])
-    return torch.cat(out).reshape(F, b).T
+            logits = trace_stream(model, ids[u[:, 0], :end], None, attention_mask=u[:, 3:3 + end])
+        at = logits[torch.arange(sel.numel(), device=logits.device), u[:, 1]].float()
+        out[sel] = torch.log_softmax(at, -1).gather(1, u[:, 2:3])[:, 0]
+    return out[inverse]
 
 
 def _area(curve: Sequence[float], fractions: Sequence[float]) -> float:
@@ -118,7 +159,7 @@ def _head_edits(layer: int, heads: Tensor) -> dict[str, Edit]:
 
 
 def _unit_edits(model: nn.Module, layer: int, index: Tensor) -> dict[str, Edit]:
-    if architecture(model) == "gpt2":
+    if is_transformer(architecture(model)):
         return _head_edits(layer, index)
     return ablation_edits(model, {layer: index})
 
@@ -138,6 +179,10 @@ def evaluate_faithfulness(
     batch_size: int = 8,
     token_level: bool = True,
     neuron_level: bool = True,
+    query_margin: float | None = QUERY_MARGIN,
+    query_candidates: int = 8,
+    token_windows: int | None = TOKEN_WINDOWS,
+    neuron_windows: int | None = None,
 ) -> dict:
     """Token- and neuron-level faithfulness of ``methods`` at ``layers`` (module docstring).
 
@@ -145,6 +190,9 @@ def evaluate_faithfulness(
     held-out windows for both the token curves and the ablation loss; they must not share a window.
     k: units ablated per layer (an int, or a fraction of the layer's units if in (0, 1)).  steps: the
     fraction axis is 0, 1/steps, …, 1.  random_seeds: random token rankings; draws: random unit sets.
+    query_margin, query_candidates: how each eval window's query is chosen (:func:`context_queries`; None:
+    q = T−2); token_windows: the first this many qualifying eval windows are scored (None: all);
+    neuron_windows: the ablation loss is measured on the first this many eval windows (None: all).
     A method that fails is reported in ``errors[method]`` and the others go on.  Returns a JSON-ready dict
     (see :func:`faithfulness_table` for the flat view).
     """
@@ -172,7 +220,7 @@ def evaluate_faithfulness(
 
     if token_level:
         result["token"] = _token_level(model, eval_windows, layers, valid, fractions, seed, random_seeds,
-                                       batch_size, errors)
+                                       batch_size, errors, query_margin, query_candidates, token_windows)
     if neuron_level:
         select_windows = _check_windows(select_windows, "select_windows", 3).to(device)
         if select_windows.shape[1] == eval_windows.shape[1]:
@@ -180,50 +228,152 @@ def evaluate_faithfulness(
             if bool(same.any()):
                 raise ValueError(f"{int(same.any(0).sum())} eval window(s) also appear in select_windows: "
                                  "neuron ranking and its test must use disjoint windows")
-        result["neuron"] = _neuron_level(model, select_windows, eval_windows, layers,
+        result["neuron"] = _neuron_level(model, select_windows, eval_windows[:neuron_windows], layers,
                                          [m for m in valid if m not in errors], k, seed, draws, batch_size, errors)
     return result
 
 
+def context_queries(model: nn.Module, windows: Tensor, *, margin: float | None, candidates: int = 8, seed: int = 0,
+                    chunk: int = 64) -> dict:
+    """Per window, a query position where the context matters for the actual next token.
+
+    ``margin`` None: q = T−2 in every window.  Otherwise ``candidates`` positions per window are drawn
+    (seeded, without replacement) from T//4 … T−2; for each, log p(next token) with the full context (one
+    forward) and with the whole context masked (attention_mask 1 only at q, as at f = 1 of the curves);
+    the candidate with the largest gap is the window's query if the gap is at least ``margin`` nats, else
+    the window is left out.  Returns ``keep`` [n] bool, ``query`` [n], ``full``, ``masked`` [n] (log-probs
+    at the chosen query; the T−2 ones where no candidate qualified).
+    """
+    n, T = windows.shape
+    device = windows.device
+    with torch.no_grad():
+        logits = trace_stream(model, windows, None).float()
+    full_all = torch.log_softmax(logits[:, :-1], -1).gather(2, windows[:, 1:, None])[..., 0].double()  # [n, T-1]
+    if margin is None:
+        q = torch.full((n,), T - 2, device=device)
+        cand = q[:, None]
+    else:
+        low = T // 4
+        k = min(candidates, T - 1 - low)
+        gen = torch.Generator().manual_seed(seed + 4049)
+        cand = (torch.rand(n, T - 1 - low, generator=gen).argsort(1)[:, :k] + low).to(device)  # [n, k]
+    k = cand.shape[1]
+    rows = torch.arange(n, device=device).repeat_interleave(k)
+    qs = cand.reshape(-1)
+    masks = (torch.arange(T - 1, device=device)[None, :] >= qs[:, None]).long()
+    masked = masked_logprob(model, windows, rows, masks, qs, windows[rows, qs + 1], chunk=chunk).reshape(n, k).double()
+    full = full_all.gather(1, cand)
+    best = (full - masked).argmax(1)
+    pick = torch.arange(n, device=device)
+    q = cand[pick, best]
+    keep = torch.ones(n, dtype=torch.bool, device=device) if margin is None else (full - masked)[pick, best] >= margin
+    return {"keep": keep, "query": q, "full": full[pick, best], "masked": masked[pick, best]}
+
+
+def _interval(values: Tensor, seed: int) -> dict:
+    return bootstrap_mean(values.cpu().numpy(), seed=seed)
+
+
 def _token_level(model: nn.Module, windows: Tensor, layers: list[int], methods: list[str], fractions: list[float],
-                 seed: int, random_seeds: int, batch_size: int, errors: dict[str, str]) -> dict:
+                 seed: int, random_seeds: int, batch_size: int, errors: dict[str, str], margin: float | None,
+                 candidates: int, max_windows: int | None) -> dict | None:
+    """The token-level result; None (and ``errors["token_level"]``) when no window qualifies."""
     T = windows.shape[1]
-    q = T - 2
-    counts = [round(f * q) for f in fractions]
+    chosen = context_queries(model, windows, margin=margin, candidates=candidates, seed=seed)
+    keep = chosen["keep"].nonzero()[:, 0]
+    if max_windows is not None:
+        keep = keep[:max_windows]
+    if keep.numel() == 0:
+        errors["token_level"] = (f"no eval window has a position where the context raises log p(next token) by "
+                                 f"{margin} nats over the masked context ({windows.shape[0]} windows, {candidates} "
+                                 "candidates each): the token-level test has nothing to perturb")
+        return None
+    # sorted by query position: a batch then shares few hidden-attention query rows
+    keep = keep[torch.argsort(chosen["query"][keep], stable=True)]
+    ids, q = windows[keep], chosen["query"][keep]
+    frac = torch.tensor(fractions, dtype=torch.float64, device=ids.device)
+    counts_all = torch.round(frac[:, None] * q[None, :].double()).long()  # [F, n]
     gen = torch.Generator().manual_seed(seed)
-    F = len(fractions)
-    sums: dict[str, dict[int, dict[str, Tensor]]] = {}
-    rand_sum = {"morf": torch.zeros(random_seeds, F, dtype=torch.float64),
-                "lerf": torch.zeros(random_seeds, F, dtype=torch.float64)}
-    # one generator per random seed, kept across batches so every window gets its own permutation
     rand_gens = [torch.Generator().manual_seed(seed * 1000 + 1 + s) for s in range(random_seeds)]
-    base_sum, n = 0.0, 0
-    for batch, data, records in method_records(model, windows, layers, methods, query=q, batch_size=batch_size,
-                                               errors=errors):
-        target = data.target_token
-        base_sum += float(data.target_logprob.double().sum())
-        n += batch.shape[0]
-        for method, recs in records.items():
-            for layer in layers:
-                order = token_ranking(recs[layer]["relevance"][:, :q].double(), gen)
-                acc = sums.setdefault(method, {}).setdefault(
-                    layer, {"morf": torch.zeros(F, dtype=torch.float64), "lerf": torch.zeros(F, dtype=torch.float64)})
-                acc["morf"] += perturbed_logprob(model, batch, order, counts, q, target).double().sum(0).cpu()
-                acc["lerf"] += perturbed_logprob(model, batch, order.flip(1), counts, q, target).double().sum(0).cpu()
+    curves: dict[tuple, list[Tensor]] = {}  # (method, layer, direction) -> per-batch [b, F]
+    n = ids.shape[0]
+    for start in range(0, n, batch_size):  # a loop over batches of windows
+        sl = slice(start, start + batch_size)
+        batch, qb, counts = ids[sl], q[sl], counts_all[:, sl]
+        b = batch.shape[0]
+        context = torch.arange(int(qb.max()), device=ids.device)[None, :] < qb[:, None]
+        orders: dict[tuple, Tensor] = {}
         for s in range(random_seeds):  # a loop over random seeds
-            order = _random_orders(batch.shape[0], q, rand_gens[s]).to(batch.device)
-            for name, o in (("morf", order), ("lerf", order.flip(1))):
-                rand_sum[name][s] += perturbed_logprob(model, batch, o, counts, q, target).double().sum(0).cpu()
-    out_methods = {m: {str(layer): _curve_entry(acc["morf"] / n, acc["lerf"] / n, fractions)
-                       for layer, acc in per.items()} for m, per in sums.items() if m not in errors}
-    per_seed = [_curve_entry(rand_sum["morf"][s] / n, rand_sum["lerf"][s] / n, fractions) for s in range(random_seeds)]
-    random = _curve_entry(rand_sum["morf"].mean(0) / n, rand_sum["lerf"].mean(0) / n, fractions)
-    diffs = torch.tensor([p["difference"] for p in per_seed], dtype=torch.float64)
-    random |= {"seeds": random_seeds, "difference_std": float(diffs.std()) if random_seeds > 1 else 0.0,
-               "per_seed_difference": diffs.tolist()}
-    return {"fractions": fractions, "removed_counts": counts, "query_position": q,
-            "target": f"actual next token (position {T - 1})", "n_windows": n, "window": T,
-            "baseline_logprob": base_sum / n, "methods": out_methods, "random": random}
+            score = torch.where(context, torch.rand(context.shape, generator=rand_gens[s]).to(ids.device).double(),
+                                -torch.inf)
+            orders[("random", s)] = token_ranking(score, gen)
+        for _, _, records in method_records(model, batch, layers, methods, query=qb, batch_size=b, errors=errors):
+            for method, recs in records.items():
+                for layer in layers:
+                    rel = recs[layer]["relevance"][:, : context.shape[1]].double()
+                    orders[(method, layer)] = token_ranking(torch.where(context, rel, -torch.inf), gen)
+        masks, rows = [], []
+        for order in orders.values():
+            for direction in (order, _context_reversed(order, qb)):
+                masks.append(removal_masks(direction, counts, qb, b)[0])
+        stacked = torch.stack(masks)  # [K, F, b, cut]
+        K, F = stacked.shape[:2]
+        rows = torch.arange(b, device=ids.device).expand(K, F, b)
+        lp = masked_logprob(model, batch, rows.reshape(-1), stacked.reshape(K * F * b, -1),
+                            qb.expand(K, F, b).reshape(-1), batch[torch.arange(b), qb + 1].expand(K, F, b).reshape(-1))
+        lp = lp.reshape(K, F, b).permute(0, 2, 1).double().cpu()  # [K, b, F]
+        for i, name in enumerate(orders):
+            curves.setdefault((*name, "morf"), []).append(lp[2 * i])
+            curves.setdefault((*name, "lerf"), []).append(lp[2 * i + 1])
+    cat = {key: torch.cat(v) for key, v in curves.items()}
+    x = frac.cpu()
+
+    def per_window(morf: Tensor, lerf: Tensor) -> Tensor:  # LeRF − MoRF area of each window
+        return torch.trapezoid(lerf, x, dim=-1) - torch.trapezoid(morf, x, dim=-1)
+
+    rand_morf = torch.stack([cat[("random", s, "morf")] for s in range(random_seeds)])  # [S, n, F]
+    rand_lerf = torch.stack([cat[("random", s, "lerf")] for s in range(random_seeds)])
+    rand_diff = per_window(rand_morf, rand_lerf).mean(0)  # [n]: each window's mean over the random seeds
+    seed_diffs = per_window(rand_morf, rand_lerf).mean(1)  # [S]
+    random = _curve_entry(rand_morf.mean((0, 1)), rand_lerf.mean((0, 1)), fractions)
+    random |= {"seeds": random_seeds, "per_seed_difference": seed_diffs.tolist(),
+               # a std over one seed is undefined (null), not 0
+               "difference_std": float(seed_diffs.std()) if random_seeds > 1 else None,
+               "difference_ci": _interval(rand_diff, seed)}
+    out_methods: dict[str, dict] = {}
+    above: list[str] = []
+    for method in methods:
+        if method in errors:
+            continue
+        out_methods[method] = {}
+        for layer in layers:
+            morf, lerf = cat[(method, layer, "morf")], cat[(method, layer, "lerf")]
+            diff = per_window(morf, lerf)
+            entry = _curve_entry(morf.mean(0), lerf.mean(0), fractions)
+            vs = _interval(diff - rand_diff, seed + 1)
+            entry |= {"difference_ci": _interval(diff, seed), "vs_random": vs,
+                      "above_random": vs["low"] is not None and vs["low"] > 0}
+            if entry["above_random"]:
+                above.append(f"{method}@{layer}")
+            out_methods[method][str(layer)] = entry
+    rule = ("q = T-2 in every window" if margin is None else
+            f"per window, of {candidates} seeded candidates in {T // 4}..{T - 2}, the position where the full "
+            f"context raises log p(next token) most over the fully masked context, if by >= {margin} nats")
+    return {"fractions": fractions, "removed": "round(f * q) context positions", "query_rule": rule, "margin": margin,
+            "query_positions": q.tolist(), "target": "actual next token (query + 1)", "n_windows": n,
+            "n_candidate_windows": int(windows.shape[0]), "window": T,
+            "baseline_logprob": float(chosen["full"][keep].mean()),
+            "masked_context_logprob": float(chosen["masked"][keep].mean()),
+            "interval": "95% percentile bootstrap over windows (2000 resamples); vs_random is paired",
+            "methods": out_methods, "random": random, "above_random": above}
+
+
+def _context_reversed(order: Tensor, query: Tensor) -> Tensor:
+    """Each row's context positions (its first query[b] entries of ``order``) in reverse order (LeRF)."""
+    n = order.shape[1]
+    idx = torch.arange(n, device=order.device)[None, :]
+    rev = torch.where(idx < query[:, None], query[:, None] - 1 - idx, idx)
+    return order.gather(1, rev)
 
 
 def _neuron_level(model: nn.Module, select: Tensor, evalw: Tensor, layers: list[int], methods: list[str],
@@ -265,14 +415,14 @@ def _neuron_level(model: nn.Module, select: Tensor, evalw: Tensor, layers: list[
             out_methods[method][str(layer)] = {"k": ks[layer], "units": top.tolist(), "loss": loss,
                                                "delta": loss - base.loss, "z_vs_random": z}
     return {"baseline_loss": base.loss, "tokens": base.tokens, "n_select_windows": int(select.shape[0]),
-            "n_eval_windows": int(evalw.shape[0]), "unit": "head" if architecture(model) == "gpt2" else "channel",
+            "n_eval_windows": int(evalw.shape[0]), "unit": "head" if is_transformer(architecture(model)) else "channel",
             "query_position": q, "methods": out_methods, "random": random}
 
 
 def faithfulness_table(result: dict) -> pd.DataFrame:
     """One row per (method, layer), ``random`` included: token-curve areas and their difference, and the
     neuron ablation's loss change against the random units' mean and std."""
-    token, neuron = result.get("token", {}), result.get("neuron", {})
+    token, neuron = result.get("token") or {}, result.get("neuron") or {}
     rows = []
     for method in [*[m for m in result["methods"] if m in METHODS], "random"]:
         if method in result.get("errors", {}):
@@ -282,8 +432,12 @@ def faithfulness_table(result: dict) -> pd.DataFrame:
             row: dict = {"method": method, "layer": layer}
             tok = token.get("random") if method == "random" else token.get("methods", {}).get(method, {}).get(key)
             if tok is not None:
+                ci = tok.get("difference_ci") or {}
                 row |= {"morf_area": tok["morf_area"], "lerf_area": tok["lerf_area"],
-                        "area_difference": tok["difference"]}
+                        "area_difference": tok["difference"], "area_difference_low": ci.get("low"),
+                        "area_difference_high": ci.get("high")}
+                if "above_random" in tok:
+                    row["above_random"] = tok["above_random"]
             rnd = neuron.get("random", {}).get(key)
             if method == "random" and rnd is not None:
                 row |= {"k": rnd["k"], "delta_loss": rnd["delta_mean"], "delta_loss_std": rnd["delta_std"]}
@@ -292,7 +446,8 @@ def faithfulness_table(result: dict) -> pd.DataFrame:
                 row |= {"k": ent["k"], "delta_loss": ent["delta"], "random_delta_mean": rnd["delta_mean"],
                         "random_delta_std": rnd["delta_std"], "z_vs_random": ent["z_vs_random"]}
             rows.append(row)
-    columns = ["method", "layer", "morf_area", "lerf_area", "area_difference", "k", "delta_loss", "delta_loss_std",
+    columns = ["method", "layer", "morf_area", "lerf_area", "area_difference", "area_difference_low",
+               "area_difference_high", "above_random", "k", "delta_loss", "delta_loss_std",
                "random_delta_mean", "random_delta_std", "z_vs_random"]
     table = pd.DataFrame(rows)
     return table[[c for c in columns if c in table.columns]]

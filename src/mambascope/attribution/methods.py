@@ -64,13 +64,13 @@ def attention_weighted(data: AttentionData) -> dict[int, dict]:
     channel gathers at the query), importance_d = activation_d·|e[q, d]|·‖W[:, d]‖₂.  GPT-2 heads:
     activation_h = Σ_s A_h[q, s]·‖v_{s,h}‖, importance_h = Σ_s A_h[q, s]·‖W_O,h v_{s,h}‖.
     """
-    keys = ("value_norm", "value_write_norm") if data.arch == "gpt2" else ("ssm_input", "gate_q", "write_norm")
+    keys = ("value_norm", "value_write_norm") if data.unit == "head" else ("ssm_input", "gate_q", "write_norm")
     _need(data, "attention_weighted", "query_attention", *keys)
     out = {}
     for layer, e in data.items():
         aq = e["query_attention"]  # [b, C, L]
         rel = aq.abs().mean(1)
-        if data.arch == "gpt2":
+        if data.unit == "head":
             act = (aq * e["value_norm"]).sum(-1)
             imp = (aq * e["value_write_norm"]).sum(-1)
         else:
@@ -91,12 +91,12 @@ def gradient_guided(data: AttentionData) -> dict[int, dict]:
     GPT-2: G_h = ∇A_h ⊙ A_h from autograd on the softmax pattern; activation_h = Σ_s G_h[q, s].
     Extra: ``grad_attention`` [b, C, L] = G at the query row.
     """
-    keys = ("grad_query_attention",) if data.arch == "gpt2" else ("ssm_input", "grad_y_q")
+    keys = ("grad_query_attention",) if data.unit == "head" else ("ssm_input", "grad_y_q")
     _need(data, "gradient_guided", "query_attention", *keys)
     out = {}
     for layer, e in data.items():
         aq = e["query_attention"]
-        if data.arch == "gpt2":
+        if data.unit == "head":
             G = e["grad_query_attention"] * aq  # [b, H, L]
             act = G.sum(-1)
         else:
@@ -118,12 +118,12 @@ def gradient_x_post(data: AttentionData) -> dict[int, dict]:
     GPT-2 heads: post = the head's write o_h[t]; since the head output is linear in its pattern row,
     ⟨∂target/∂attn_out[t], o_h[t]⟩ = Σ_s (∇A_h ⊙ A_h)[t, s] exactly, so P[t, h] is that sum.
     """
-    key = "grad_x_attention" if data.arch == "gpt2" else "post_x_grad"
+    key = "grad_x_attention" if data.unit == "head" else "post_x_grad"
     _need(data, "gradient_x_post", key)
     out = {}
     for layer, e in data.items():
         P = e[key]
-        if data.arch == "gpt2":
+        if data.unit == "head":
             P = P.transpose(1, 2)  # [b, L, H]
         out[layer] = _record(data, layer, "gradient_x_post", P.sum(1), P.sum(1).abs(), P.sum(-1))
     return out
@@ -200,17 +200,19 @@ def compute_method(data: AttentionData, method: str) -> dict[int, dict]:
 
 
 def method_records(model: nn.Module, windows: Tensor, layers: list[int], methods: list[str], *,
-                   query: int | None, batch_size: int,
-                   errors: dict[str, str]) -> Iterator[tuple[Tensor, AttentionData, dict[str, dict]]]:
+                   query: int | Tensor | None, batch_size: int, errors: dict[str, str],
+                   target: Tensor | None = None) -> Iterator[tuple[Tensor, AttentionData, dict[str, dict]]]:
     """Per batch of ``windows``: one extraction, then every method's per-layer records.
 
     Yields (batch, data, {method: records}).  A method that fails is recorded in ``errors`` by name with its
     reason and left out of later batches; callers drop what they accumulated for it (docs/design.md §6).
+    ``query`` and ``target`` (see ``extract``) apply to every batch: per-row tensors need one batch.
     """
     for start in range(0, windows.shape[0], batch_size):  # a loop over batches
         batch = windows[start:start + batch_size]
         active = [m for m in methods if m not in errors]
-        data = extract(model, batch, layers, methods=active, query=query, store="rows", on_error="record")
+        data = extract(model, batch, layers, methods=active, query=query, store="rows", on_error="record",
+                       target=target)
         errors.update(data.errors)
         records: dict[str, dict] = {}
         for method in [m for m in active if m not in errors]:

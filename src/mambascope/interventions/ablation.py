@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mambascope.arch import adapter
 from mambascope.runner import LossResult, scan_corpus
-from mambascope.trace import NEURON_UNIT, architecture
 from mambascope.trace.forward import Edit
 
 
@@ -31,9 +31,12 @@ def ablation_edits(model: nn.Module, neurons: Mapping[int, Sequence[int] | torch
     """
     if mode not in ("zero", "mean"):
         raise ValueError(f"unknown ablation mode {mode!r}: use 'zero' or 'mean'")
-    unit = NEURON_UNIT[architecture(model)]
+    ad = adapter(model)
     edits: dict[str, Edit] = {}
     for layer, index in neurons.items():
+        unit = ad.neuron_unit(layer)
+        if unit is None:
+            raise ValueError(f"layer {layer} is an attention-only layer: it has no neurons to ablate")
         index = torch.as_tensor(index, dtype=torch.long)
         if index.numel() == 0:
             continue
@@ -77,11 +80,13 @@ def _spread(values: list[float]) -> dict[str, float | list[float] | None]:
 
 
 def ablation_study(model: nn.Module, windows: torch.Tensor, groups: Mapping[str, Mapping[int, Sequence[int]]],
-                   means: Mapping[int, torch.Tensor], n_neurons: int, *, draws: int = 3, seed: int = 0,
+                   means: Mapping[int, torch.Tensor], n_neurons: int | Mapping[int, int], *, draws: int = 3,
+                   seed: int = 0,
                    batch_size: int = 16, progress: bool = False) -> dict:
     """Loss with each named group zero- and mean-ablated, against random groups of the same size per layer.
 
-    groups: group name -> {layer: neuron indices}.  Returns the baseline and, per group and mode, the
+    groups: group name -> {layer: neuron indices}.  n_neurons: the layers' width (one int, or per layer
+    when layers differ, as in hybrids).  Returns the baseline and, per group and mode, the
     loss, its change, and the random control's mean, std and draws (``draws`` >= 3).  An empty group is
     reported as such.
     """
@@ -95,7 +100,8 @@ def ablation_study(model: nn.Module, windows: torch.Tensor, groups: Mapping[str,
         if not size:
             out["groups"][name] = entry | {"skipped": "group is empty"}
             continue
-        per_layer = {layer: random_groups(n_neurons, k, draws, seed + 1000 * g_index + layer)
+        width = n_neurons if isinstance(n_neurons, Mapping) else dict.fromkeys(size, n_neurons)
+        per_layer = {layer: random_groups(width[layer], k, draws, seed + 1000 * g_index + layer)
                      for layer, k in size.items()}
         controls = [{layer: sets[d] for layer, sets in per_layer.items()} for d in range(draws)]
         for mode in ("zero", "mean"):

@@ -19,16 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
+# model_type (config.json) -> the causal-LM class mambascope knows how to trace: one per adapter.
+from mambascope.arch import SUPPORTED
+
 BUNDLED: dict[str, str] = {
     "tiny-mamba": "Mamba-1 (MambaForCausalLM)",
     "tiny-mamba2": "Mamba-2 (Mamba2ForCausalLM)",
     "tiny-gpt": "GPT-2 style transformer (GPT2LMHeadModel)",
-}
-# model_type (config.json) -> the causal-LM class mambascope knows how to trace.
-SUPPORTED: dict[str, str] = {
-    "mamba": "MambaForCausalLM",
-    "mamba2": "Mamba2ForCausalLM",
-    "gpt2": "GPT2LMHeadModel",
+    "tiny-hybrid": "Bamba hybrid: Mamba-2 and attention layers, each with a SwiGLU MLP (BambaForCausalLM)",
 }
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -274,8 +272,9 @@ def load_model(
 ) -> tuple[nn.Module, Any]:
     """Load ``(model, tokenizer)`` for a bundled name, a local checkpoint directory, or a hub id.
 
-    Bundled names: ``tiny-mamba``, ``tiny-mamba2``, ``tiny-gpt``. Supported architectures
-    (``config.model_type``): mamba, mamba2, gpt2. ``device="auto"`` picks CUDA when available;
+    Bundled names: ``tiny-mamba``, ``tiny-mamba2``, ``tiny-gpt``, ``tiny-hybrid``. Supported architectures
+    (``config.model_type``): those of ``mambascope.arch.SUPPORTED`` (mamba, mamba2, gpt2, falcon_mamba,
+    ...). ``device="auto"`` picks CUDA when available;
     ``dtype=None`` means float32. The model is returned in eval mode.
     Raises ``FileNotFoundError`` for a missing path or weights file and ``ValueError`` for an unknown
     name, an unreachable hub, an unsupported architecture, a config.json that is not a JSON object, a

@@ -41,7 +41,7 @@ from mambascope.data.corpus import load_corpus
 from mambascope.models.loading import load_tokenizer, resolve_device
 from mambascope.models.tokenizer import train_tokenizer
 
-ARCHS = ("mamba", "mamba2", "gpt2")
+ARCHS = ("mamba", "mamba2", "gpt2", "bamba")
 
 # The bundled models' shapes: d_model 128, 4 layers, ~1M parameters each with tied 4096 x 128 embeddings.
 DEFAULT_SHAPES: dict[str, dict[str, Any]] = {
@@ -50,12 +50,17 @@ DEFAULT_SHAPES: dict[str, dict[str, Any]] = {
                "state_size": 32, "n_groups": 1, "chunk_size": 64, "conv_kernel": 4},
     # n_inner 256 (2 x d_model, not the usual 4x) keeps the parameter count near the Mamba models'.
     "gpt2": {"n_embd": 128, "n_layer": 4, "n_head": 4, "n_inner": 256},
+    # A Bamba hybrid: Mamba-2 mixers as tiny-mamba2's and one attention layer (layer 2), each followed
+    # by a SwiGLU MLP of width d_model (kept narrow so the parameter count stays near the others').
+    "bamba": {"hidden_size": 128, "num_hidden_layers": 4, "attn_layer_indices": [2], "mamba_expand": 2,
+              "mamba_n_heads": 8, "mamba_d_state": 32, "mamba_n_groups": 1, "mamba_chunk_size": 64,
+              "mamba_d_conv": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128},
 }
 
 
 def build_config(arch: str, vocab_size: int, special_id: int, seq_len: int, **overrides: Any) -> Any:
     """A ``transformers`` config for ``arch`` with the default tiny shape, updated by ``overrides``."""
-    from transformers import GPT2Config, Mamba2Config, MambaConfig
+    from transformers import BambaConfig, GPT2Config, Mamba2Config, MambaConfig
 
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
@@ -67,6 +72,8 @@ def build_config(arch: str, vocab_size: int, special_id: int, seq_len: int, **ov
     if arch == "mamba2":
         return Mamba2Config(vocab_size=vocab_size, tie_word_embeddings=True, initializer_range=0.02,
                             **ids, **shape)
+    if arch == "bamba":
+        return BambaConfig(vocab_size=vocab_size, tie_word_embeddings=True, initializer_range=0.02, **ids, **shape)
     # GPT-2 has learned absolute positions: the context is the training length, so longer inputs fail
     # loudly (index error) rather than running on untrained position embeddings.
     shape.setdefault("n_positions", seq_len)
@@ -203,6 +210,15 @@ def _load_tokenizer(tokenizer: Any, train_texts: list[str], vocab_size: int, see
     return tokenizer
 
 
+def _epoch_batches(stream: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's full batches [batch_size, seq_len]: a fresh offset and order, both from ``gen``."""
+    offset = int(torch.randint(0, seq_len, (1,), generator=gen))
+    n_win = (stream.numel() - offset) // seq_len
+    windows = stream[offset: offset + n_win * seq_len].view(n_win, seq_len)
+    perm = torch.randperm(n_win, generator=gen)
+    return [b for b in windows[perm].split(batch_size) if b.shape[0] == batch_size]
+
+
 def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, train_stream: torch.Tensor,
                 gen: torch.Generator, dev: torch.device, *, steps: int, batch_size: int, seq_len: int,
                 arch: str, log: Callable[[str], None], curve: list[dict[str, float]]) -> None:
@@ -212,14 +228,8 @@ def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, train_
     running = 0.0
     t_train = time.perf_counter()
     for step in range(steps):
-        if len(order) < batch_size:
-            # A new epoch: fresh offset and order, both from the seeded generator.
-            offset = int(torch.randint(0, seq_len, (1,), generator=gen))
-            n_win = (train_stream.numel() - offset) // seq_len
-            epoch_windows = train_stream[offset: offset + n_win * seq_len].view(n_win, seq_len)
-            perm = torch.randperm(n_win, generator=gen)
-            order = list(epoch_windows[perm].split(batch_size))
-            order = [b for b in order if b.shape[0] == batch_size]
+        if not order:  # every full batch of the epoch has been used
+            order = _epoch_batches(train_stream, seq_len, batch_size, gen)
             epoch += 1
         batch = order.pop(0).to(dev)
         loss = model(input_ids=batch, labels=batch).loss
@@ -334,8 +344,6 @@ def _train_tiny(arch: str, out: Path, *, steps: int, batch_size: int, seq_len: i
                     seq_len=seq_len, arch=arch, log=log, curve=curve)
     train_time = time.perf_counter() - t_train
     epoch = curve[-1]["epoch"] if curve else 0
-
-    train_time = time.perf_counter() - t_train
 
     val = evaluate(model, val_windows, dev)
     uni = unigram_loss(train_stream, val_windows, len(tok))

@@ -14,7 +14,9 @@ from torch import Tensor
 
 from mambascope.trace.names import NEURON_UNIT
 
-ARCHS = ("mamba", "mamba2", "gpt2")
+# The neuron kinds a census reads (``mambascope.arch.Adapter.neuron_kind``): Mamba mixers, a plain MLP
+# ("gpt2": post = act(pre)), a gated MLP ("gated_mlp": post = act(gate) · up).
+ARCHS = ("mamba", "mamba2", "gpt2", "gated_mlp")
 RULES = ("gate", "magnitude")
 
 # Unit whose sign decides whether a Mamba neuron is active: the gate z (docs/design.md §3).
@@ -172,11 +174,16 @@ class NeuronBatch:
             active = post.abs() > eps
         elif arch == "gpt2":
             active = post > 0
+        elif arch == "gated_mlp":
+            # act(gate) > 0 ⇔ gate > 0 for SiLU and GELU gates: the gate is open, as for Mamba's z
+            if "mlp.hook_pre" not in layer:
+                raise KeyError(f"{where}: the gate rule needs 'mlp.hook_pre' in the trace; it has {sorted(layer)}")
+            active = layer["mlp.hook_pre"] > 0
         else:
             if GATE_UNIT not in layer:
                 raise KeyError(f"{where}: the gate rule needs {GATE_UNIT!r} in the trace; it has {sorted(layer)}")
             active = layer[GATE_UNIT] > 0
-        dt = layer.get(DT_UNIT) if arch != "gpt2" else None
+        dt = layer.get(DT_UNIT) if arch in ("mamba", "mamba2") else None
         if input_ids.shape != post.shape[:2]:
             raise ValueError(f"{where}: input_ids shape {tuple(input_ids.shape)} does not match the "
                              f"activations' [batch, pos] = {tuple(post.shape[:2])}")

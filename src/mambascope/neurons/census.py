@@ -26,8 +26,8 @@ _POSITIONAL_TOP = ("positional_neurons", "positional_mi")
 class LayerCensus:
     """Activity, positional, token-detector and (Mamba) Δ accumulators of one layer.
 
-    ``arch`` "mamba" | "mamba2" | "gpt2" decides whether Δ is expected: Mamba batches must carry
-    ``dt`` (per channel on Mamba-1, per head on Mamba-2); GPT-2 has none and reports
+    ``arch`` "mamba" | "mamba2" | "gpt2" | "gated_mlp" (the neuron kind) decides whether Δ is expected:
+    Mamba batches must carry ``dt`` (per channel on Mamba-1, per head on Mamba-2); MLP neurons have none and report
     ``delta_sensitive`` = None (not applicable). ``layer`` labels errors and the result.
     Keyword options are those of the accumulators (defaults: Voita et al. 2023 / docs/design.md §5).
     """
@@ -46,7 +46,7 @@ class LayerCensus:
         self.positional = PositionalAccumulator(mi_threshold, top_k_positional, layer=layer, alpha=positional_alpha)
         self.detectors = TokenDetectorAccumulator(vocab_size, max_types, coverage, min_precision,
                                                   min_occurrences, ngram_orders, layer=layer)
-        self.delta = None if arch == "gpt2" else DeltaAccumulator(
+        self.delta = None if arch not in ("mamba", "mamba2") else DeltaAccumulator(
             vocab_size, top_k_delta, delta_top_tokens, min_occurrences, delta_token_channels,
             max_delta_table_bytes, unit="head" if arch == "mamba2" else "channel", layer=layer)
 

@@ -1,4 +1,5 @@
-"""Figures of a cross-model comparison: one statistic per figure, one line per model, by relative depth."""
+"""Figures of a cross-model comparison: one statistic per figure, one line per model, by relative depth;
+each point's marker shows its layer's kind (Mamba, Mamba-2, attention, MLP, MoE)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ COMPARISON_PLOTS = {
     "previous_token_mass": "attention mass on the previous token",
     "local_fraction": "rows with ≥ half their mass in the last k tokens",
 }
+KIND_MARKERS = {"mamba": "o", "mamba2": "s", "attention": "^", "mlp": "D", "moe": "P"}
 
 
 def plot_comparison(comparison: dict[str, Any], out_dir: str | Path) -> dict[str, Path | str]:
@@ -38,10 +40,16 @@ def plot_comparison(comparison: dict[str, Any], out_dir: str | Path) -> dict[str
             written[stat] = "no model has this statistic"
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4))
+        kinds = table["layer_kind"] if "layer_kind" in table else pd.Series("mamba", index=table.index)
         for name, rows in table.groupby("model", sort=False):
             rows = rows.dropna(subset=[stat]).sort_values("depth")
-            if len(rows):
-                ax.plot(rows["depth"], rows[stat], marker="o", label=f"{name} ({rows['arch'].iloc[0]})")
+            if not len(rows):
+                continue
+            line = ax.plot(rows["depth"], rows[stat], label=f"{name} ({rows['arch'].iloc[0]})")[0]
+            for kind, points in rows.groupby(kinds.loc[rows.index], sort=False):
+                ax.scatter(points["depth"], points[stat], color=line.get_color(), marker=KIND_MARKERS.get(kind, "x"))
+        for kind in dict.fromkeys(kinds.dropna()):  # one legend entry per layer kind shown
+            ax.scatter([], [], color="gray", marker=KIND_MARKERS.get(kind, "x"), label=f"{kind} layer")
         ax.set_xlabel("relative depth (layer / (layers − 1))")
         ax.set_ylabel(label)
         ax.set_title(f"{label} by depth")

@@ -51,6 +51,7 @@ __all__ = [
     "plot_delta_selectivity",
     "plot_faithfulness_curves",
     "plot_faithfulness_neurons",
+    "plot_ground_truth",
     "plot_hidden_attention",
     "plot_ngram_coverage",
     "plot_overlap",
@@ -109,10 +110,21 @@ def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def _layer_ticks(ax: Any, layers: list[int]) -> None:
+def _layer_kinds(results: Mapping[str, Any]) -> dict[int, str]:
+    """layer -> kind (``mamba2``, ``attention``, ...) for a hybrid whose layers differ; empty otherwise."""
+    model = results.get("model")
+    kinds = model.get("layer_kinds") if isinstance(model, dict) else None
+    return dict(enumerate(kinds)) if kinds and len(set(kinds)) > 1 else {}
+
+
+def _layer_ticks(ax: Any, layers: list[int], results: Mapping[str, Any]) -> None:
     step = max(1, math.ceil(len(layers) / 24))
-    ax.set_xticks(layers[::step])
-    ax.set_xlabel("layer")
+    ticks = layers[::step]
+    ax.set_xticks(ticks)
+    kinds = _layer_kinds(results)
+    if kinds:  # a hybrid: every tick says the layer's kind
+        ax.set_xticklabels([f"{layer}\n{kinds.get(layer, '')}" for layer in ticks], fontsize=7)
+    ax.set_xlabel("layer (kind)" if kinds else "layer")
 
 
 def _hide_unused(axes: np.ndarray, used: int) -> None:
@@ -121,7 +133,10 @@ def _hide_unused(axes: np.ndarray, used: int) -> None:
 
 
 def _neuron_word(results: Mapping[str, Any]) -> str:
-    return "MLP neurons" if arch(results) == "gpt2" else "mixer neurons (hook_post)"
+    a = arch(results)
+    if a in ("mamba", "mamba2", "falcon_mamba"):
+        return "mixer neurons (hook_post)"
+    return "MLP neurons" if a in ("gpt2", "gpt_neox", "llama") else "neurons (mixer or MLP hook_post, by layer kind)"
 
 
 # --------------------------------------------------------------------------------------- census figures
@@ -150,13 +165,13 @@ def plot_dead_neurons(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     ax.set_ylabel("% of neurons")
     ax.set_title(f"dead (never active on {tokens} tokens) and rarely active")
     ax.legend()
-    _layer_ticks(ax, xs)
+    _layer_ticks(ax, xs, results)
     ax = axes[0, 1]
     ax.plot(xs, [np.nan if v is None else v for v in alive], marker="o", color="tab:blue")
     ax.set_ylim(bottom=0)
     ax.set_ylabel("mean activation frequency")
     ax.set_title("mean frequency of the alive neurons")
-    _layer_ticks(ax, xs)
+    _layer_ticks(ax, xs, results)
     _suptitle(fig, title(results, f"dead and rarely active {_neuron_word(results)} by layer"))
     return _save(fig, out_dir, "dead_neurons")
 
@@ -202,7 +217,7 @@ def plot_positional_mi(results: Mapping[str, Any], out_dir: str | Path) -> Path:
         rule = f"corrected {rule}, p < {alpha:g}; {pos.get('median_tokens_per_position')} tokens/position"
     ax.set_title(f"neurons with {rule}", fontsize=9)
     ax.set_ylim(0, max(1, max(counts)) * 1.05)  # a row of zero counts still reads as zero
-    _layer_ticks(ax, xs)
+    _layer_ticks(ax, xs, results)
     ax = axes[0, 1]
     present = [(x, d) for x, d in zip(xs, dists, strict=True) if d]
     ax.boxplot([d for _, d in present], positions=[x for x, _ in present], widths=0.6, showfliers=True,
@@ -212,7 +227,7 @@ def plot_positional_mi(results: Mapping[str, Any], out_dir: str | Path) -> Path:
         ax.legend()
     ax.set_ylabel(("bias-corrected " if alpha is not None else "") + "I(active; position) [nats]")
     ax.set_title("distribution over neurons")
-    _layer_ticks(ax, xs)
+    _layer_ticks(ax, xs, results)
     _suptitle(fig, title(results, "positional information by layer"))
     return _save(fig, out_dir, "positional_mi")
 
@@ -261,7 +276,7 @@ def plot_token_detectors(results: Mapping[str, Any], out_dir: str | Path) -> Pat
     crit = (layers[0][1].get("detectors") or {}).get("criteria") or {}
     ax.set_title(f"token detectors (≤ {crit.get('max_types', 5)} types cover ≥ {_pct(crit.get('coverage', 0.95))} "
                  "of activations)", fontsize=10)
-    _layer_ticks(ax, xs)
+    _layer_ticks(ax, xs, results)
     ax = axes[0, 1]
     width = 0.4
     ax.bar(np.array(xs) - width / 2, [c["covered"] for c in cover], width, label="covered in layer",
@@ -272,7 +287,7 @@ def plot_token_detectors(results: Mapping[str, Any], out_dir: str | Path) -> Pat
     ax.set_ylabel("token types")
     ax.set_title("tokens covered by detectors")
     ax.legend()
-    _layer_ticks(ax, xs)
+    _layer_ticks(ax, xs, results)
     _suptitle(fig, title(results, "token-detector neurons by layer"))
     return _save(fig, out_dir, "token_detectors")
 
@@ -303,7 +318,7 @@ def plot_ngram_coverage(results: Mapping[str, Any], out_dir: str | Path) -> Path
     crit = (layers[0][1].get("detectors") or {}).get("criteria") or {}
     ax.set_ylabel(f"distinct n-grams for {_pct(crit.get('coverage', 0.95))} of activations")
     ax.legend()
-    _layer_ticks(ax, [layer for layer, _ in layers])
+    _layer_ticks(ax, [layer for layer, _ in layers], results)
     _suptitle(fig, title(results, "n-gram coverage of neuron activations by layer (band: quartiles)"))
     return _save(fig, out_dir, "ngram_coverage")
 
@@ -331,7 +346,7 @@ def plot_delta_selectivity(results: Mapping[str, Any], out_dir: str | Path) -> P
             ax.scatter([layer] * len(top), top, s=10, color="tab:red", zorder=3)
     ax.set_ylabel("selectivity = std of ln Δ over tokens")
     ax.set_title(f"per {unit} (red: the top-k Δ-sensitive)")
-    _layer_ticks(ax, xs)
+    _layer_ticks(ax, xs, results)
     ax = axes[0, 1]
     logs = [(layer, finite(d.get("mean_log"))) for layer, d in present]
     logs = [(layer, v) for layer, v in logs if v]
@@ -340,7 +355,7 @@ def plot_delta_selectivity(results: Mapping[str, Any], out_dir: str | Path) -> P
                    flierprops={"markersize": 2})
         ax.set_ylabel("mean ln Δ")
         ax.set_title(f"typical step size per {unit}")
-        _layer_ticks(ax, [layer for layer, _ in logs])
+        _layer_ticks(ax, [layer for layer, _ in logs], results)
     else:
         ax.set_visible(False)
     _suptitle(fig, title(results, "Δ selectivity by layer"))
@@ -651,6 +666,45 @@ def plot_faithfulness_neurons(results: Mapping[str, Any], out_dir: str | Path) -
     return _save(fig, out_dir, "faithfulness_neurons")
 
 
+def plot_ground_truth(results: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Attribution accuracy against a task's ground truth: per source position (value, key), each method's
+    MRR by layer with its 95 % bootstrap interval; the random and recency baselines as shaded bands."""
+    truth = part(results, "ground_truth")
+    if not truth or not isinstance(truth.get("rows"), list):
+        raise FigureSkipped(f"no ground-truth results: {missing_reason(results, 'ground_truth')}")
+    rows = [r for r in truth["rows"] if isinstance(r, dict) and isinstance(r.get("mrr"), dict)]
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    if not sources:
+        raise FigureSkipped("ground-truth results have no rows")
+    layers = sorted({int(r["layer"]) for r in rows if r.get("layer") is not None})
+    fig, axes = _figure(1, len(sources), (6.0 * len(sources), 4.4))
+    cmap = _cmap("tab10")
+    methods = list(dict.fromkeys(r["method"] for r in rows if r.get("layer") is not None))
+    for ax, source in zip(axes.flat, sources, strict=False):
+        for j, base in enumerate(("random", "recency")):
+            b = next((r for r in rows if r["source"] == source and r["method"] == base), None)
+            if b and b["mrr"].get("low") is not None:
+                ax.axhspan(b["mrr"]["low"], b["mrr"]["high"], color=("gray", "tan")[j], alpha=0.35,
+                           label=f"{base} ({b['mrr']['mean']:.3f})")
+        width = 0.8 / max(1, len(methods))
+        for i, method in enumerate(methods):
+            got = {int(r["layer"]): r["mrr"] for r in rows
+                   if r["source"] == source and r["method"] == method and r.get("layer") is not None}
+            xs = [layers.index(layer) + (i - (len(methods) - 1) / 2) * width for layer in got]
+            means = [m["mean"] for m in got.values()]
+            err = np.array([[m["mean"] - (m["low"] if m["low"] is not None else m["mean"]) for m in got.values()],
+                            [(m["high"] if m["high"] is not None else m["mean"]) - m["mean"] for m in got.values()]])
+            ax.bar(xs, means, width=width, color=cmap(i), label=method, yerr=err, capsize=2)
+        ax.set_xticks(range(len(layers)), [f"layer {layer}" for layer in layers])
+        ax.set(title=f"true source: {source} position", ylabel="mean reciprocal rank (95% CI)", ylim=(0, 1.02))
+        ax.legend(fontsize=7)
+    acc_txt = num(truth.get("task_accuracy"))
+    what = f"ground truth ({truth.get('task')}, {truth.get('n_queries')} held-out queries" + (
+        f", model accuracy {acc_txt:.3f})" if acc_txt is not None else ")")
+    _suptitle(fig, title(results, what))
+    return _save(fig, out_dir, "ground_truth")
+
+
 # ----------------------------------------------------------------------------------------------- driver
 
 def _pct(fraction: Any) -> str:
@@ -686,6 +740,7 @@ FIGURES: dict[str, PlotFunction] = {
     "hidden_attention": plot_hidden_attention,
     "faithfulness_curves": plot_faithfulness_curves,
     "faithfulness_neurons": plot_faithfulness_neurons,
+    "ground_truth": plot_ground_truth,
 }
 """Every figure of the report by name (the PNG stem; ``attention_neurons`` writes one per layer)."""
 

@@ -45,6 +45,7 @@ SECTIONS: dict[str, str] = {
     "pruning": "Pruning",
     "attention-neurons": "Attention neurons",
     "faithfulness": "Faithfulness",
+    "ground-truth": "Ground truth",
     "neurons": "Neuron pages",
     "errors": "Errors",
 }
@@ -59,6 +60,7 @@ _FIGURE_SECTION = {
     "attention_diversity": "attention-neurons", "hidden_attention": "attention-neurons",
     "attention_neurons": "attention-neurons",
     "faithfulness_curves": "faithfulness", "faithfulness_neurons": "faithfulness",
+    "ground_truth": "ground-truth",
 }
 
 MAX_LIST = 200  # neuron links listed inline per layer and group before "… and N more"
@@ -126,6 +128,12 @@ def _note(text: str) -> str:
 
 def _error(text: str) -> str:
     return f'<div class="error">{_e(text)}</div>'
+
+
+def _layer_label(layer: int, r: Mapping[str, Any]) -> str:
+    """The layer's index with its kind (``mamba2``, ``mlp``, ...) as the census recorded it."""
+    kind = r.get("layer_kind")
+    return f"{layer} ({kind})" if kind else str(layer)
 
 
 def _links(layer: int, neurons: Sequence[int]) -> _Raw:
@@ -285,7 +293,8 @@ def _layer_payload(layer: int, r: dict[str, Any], arch: str | None, sid: _String
 
     ar = r.get("attention_rows")
     if isinstance(ar, dict) and all(isinstance(ar.get(k), list) for k in ("neurons", "tokens", "values")):
-        at: dict[str, Any] = {"unit": "head" if arch == "mamba2" else "channel", "index": {}, "t": [], "v": [], "s": []}
+        unit = "head" if r.get("arch", arch) == "mamba2" else "channel"  # the layer's neuron kind on a hybrid
+        at: dict[str, Any] = {"unit": unit, "index": {}, "t": [], "v": [], "s": []}
         first = tc["tokens"] if _valid_contexts(tc, E) else None
         for i, (n, tokens, values) in enumerate(zip(ar["neurons"], ar["tokens"], ar["values"], strict=True)):
             at["index"][str(int(n))] = i
@@ -436,10 +445,11 @@ def _dead_section(results: Mapping[str, Any]) -> str:
     if not layers:
         return _no_census(results)
     rare_thr = (layers[0][1].get("activity") or {}).get("rare_threshold")
-    rows = [[layer, r.get("tokens"), r.get("n_neurons"), len(r.get("dead_neurons") or []),
+    rows = [[_layer_label(layer, r), r.get("tokens"), r.get("n_neurons"), len(r.get("dead_neurons") or []),
              _links(layer, r.get("dead_neurons") or []), len(r.get("rarely_active") or []),
              _links(layer, r.get("rarely_active") or [])] for layer, r in layers]
-    return (f"<p>A neuron is <b>active</b> at a token when its gate is open (z &gt; 0; GPT-2: post &gt; 0). "
+    return (f"<p>A neuron is <b>active</b> at a token when its gate is open (z &gt; 0; gated MLP: gate "
+            f"pre-activation &gt; 0; plain MLP: post &gt; 0). "
             f"<b>Dead</b>: active on 0 of the N tokens. <b>Rarely active</b>: 0 &lt; frequency &lt; "
             f"{_e(acc.fmt(rare_thr))}.</p>"
             + _table(["layer", "tokens N", "neurons", "dead", "dead neurons", "rarely active", "rarely active neurons"],
@@ -456,7 +466,7 @@ def _positional_section(results: Mapping[str, Any]) -> str:
         top = pos.get("positional_top") or {}
         tops = _Raw(", ".join(f"{_nlink(layer, n, str(n))} ({_e(acc.fmt(mi, 3))})"
                               for n, mi in zip(top.get("neurons") or [], top.get("mi") or [], strict=False)))
-        rows.append([layer, pos.get("positional_threshold"), len(r.get("positional_neurons") or []),
+        rows.append([_layer_label(layer, r), pos.get("positional_threshold"), len(r.get("positional_neurons") or []),
                      _links(layer, r.get("positional_neurons") or []), pos.get("mean_abs_position_correlation"),
                      tops or _Raw('<span class="muted">not recorded</span>')])
     notes = sorted({w for _, r in layers for w in (r.get("warnings") or []) if w.startswith("positional")})
@@ -483,7 +493,8 @@ def _detectors_section(results: Mapping[str, Any]) -> str:
         new = [_tok(strings.get(int(t), f"#{t}")) for t in (c.get("new") or [])[:MAX_LIST]]
         more = f" … and {len(c.get('new') or []) - MAX_LIST} more" if len(c.get("new") or []) > MAX_LIST else ""
         sup = r.get("suppression") or {}
-        summary_rows.append([layer, len(r.get("token_detectors") or []), c.get("covered"), c.get("n_new"),
+        summary_rows.append([_layer_label(layer, r), len(r.get("token_detectors") or []), c.get("covered"),
+                             c.get("n_new"),
                              c.get("cumulative"), _Raw("".join(new) + _e(more)),
                              sup.get("fraction_suppressing_own_triggers"), sup.get("fraction_suppressing_any_trigger")])
     crit = (layers[0][1].get("detectors") or {}).get("criteria") or {}
@@ -666,16 +677,23 @@ def _faithfulness_section(results: Mapping[str, Any]) -> str:
         rows = []
         for method, per in tok["methods"].items():
             for layer, e in sorted((per or {}).items(), key=lambda kv: int(kv[0])):
-                rows.append([method, int(layer), e.get("morf_area"), e.get("lerf_area"), e.get("difference")])
+                above = e.get("above_random")
+                rows.append([method, int(layer), e.get("morf_area"), e.get("lerf_area"), e.get("difference"),
+                             _ci(e.get("difference_ci")), "n/a" if above is None else ("yes" if above else "no")])
         rnd = tok.get("random") or {}
         if rnd:
             rows.append([f"random ({rnd.get('seeds', '?')} seeds)", "all", rnd.get("morf_area"), rnd.get("lerf_area"),
-                         f"{acc.fmt(rnd.get('difference'))} ± {acc.fmt(rnd.get('difference_std'))}"])
+                         f"{acc.fmt(rnd.get('difference'))} ± {acc.fmt(rnd.get('difference_std'))} (seed std)",
+                         _ci(rnd.get("difference_ci")), ""])
+        query = tok.get("query_rule") or f"query position {tok.get('query_position')}"
         parts.append(f"<h3>Token level (MoRF / LeRF)</h3><p>{_e(tok.get('n_windows'))} windows of "
-                     f"{_e(tok.get('window'))} tokens; query position {_e(tok.get('query_position'))}, target: "
-                     f"{_e(tok.get('target', 'n/a'))}; baseline log p {_e(acc.fmt(tok.get('baseline_logprob')))}. "
-                     "Difference = LeRF area − MoRF area (larger = more faithful).</p>"
-                     + _table(["method", "layer", "MoRF area", "LeRF area", "difference"], rows))
+                     f"{_e(tok.get('window'))} tokens; query: {_e(query)}; target: "
+                     f"{_e(tok.get('target', 'n/a'))}; mean log p {_e(acc.fmt(tok.get('baseline_logprob')))} with the "
+                     f"full context, {_e(acc.fmt(tok.get('masked_context_logprob')))} with it masked. "
+                     "Difference = LeRF area − MoRF area (larger = more faithful); intervals: "
+                     f"{_e(tok.get('interval', 'not recorded'))}.</p>"
+                     + _table(["method", "layer", "MoRF area", "LeRF area", "difference", "95% CI",
+                               "above random"], rows))
     else:
         parts.append(_note("Token-level faithfulness: not recorded."))
     neu = faith.get("neuron")
@@ -694,6 +712,48 @@ def _faithfulness_section(results: Mapping[str, Any]) -> str:
                      + _table(["method", "layer", "k", "Δloss", "random Δloss (mean ± std)", "z vs random"], rows))
     else:
         parts.append(_note("Neuron-level faithfulness: not recorded."))
+    return "".join(parts)
+
+
+def _interval(entry: Any) -> str:
+    if not isinstance(entry, dict):
+        return "n/a"
+    return f"{acc.fmt(entry.get('mean'), 3)} [{acc.fmt(entry.get('low'), 3)}, {acc.fmt(entry.get('high'), 3)}]"
+
+
+def _ci(entry: Any) -> str:
+    if not isinstance(entry, dict) or entry.get("low") is None:
+        return "n/a"
+    return f"[{acc.fmt(entry.get('low'), 3)}, {acc.fmt(entry.get('high'), 3)}]"
+
+
+def _ground_truth_section(results: Mapping[str, Any]) -> str:
+    truth = acc.part(results, "ground_truth")
+    if not truth or not isinstance(truth.get("rows"), list):
+        return _missing(results, "ground_truth", "Ground truth")
+    parts = [f"<p>Task {_e(truth.get('task'))} ({_e(truth.get('seq_len'))} tokens"
+             + (f", {_e(truth.get('num_pairs'))} key–value pairs" if truth.get("num_pairs") else "")
+             + f"): model accuracy {_e(acc.fmt(truth.get('task_accuracy')))} on "
+             f"{_e(truth.get('task_accuracy_queries'))} held-out queries. {_e(truth.get('n_queries'))} queries "
+             f"scored (one per example); rank among {_e(truth.get('rank_among'))}; intervals: "
+             f"{_e(truth.get('interval'))}. A method beats a baseline when the interval of the paired "
+             "difference lies above 0.</p>"]
+    for name, reason in (truth.get("errors") or {}).items():
+        parts.append(_error(f"{name} failed: {reason}"))
+    rows = []
+    for r in truth["rows"]:
+        if not isinstance(r, dict):
+            continue
+        verdict = ", ".join(f"MRR {'>' if (r.get(f'beats_{b}') or {}).get('mrr') else 'not >'} {b}"
+                            for b in ("random", "recency") if f"beats_{b}" in r)
+        expected = r.get("expected")
+        if isinstance(expected, dict):
+            verdict = (f"expected hit {acc.fmt(expected.get('hit_rate'), 3)}, "
+                       f"MRR {acc.fmt(expected.get('mrr'), 3)}")
+        rows.append([r.get("source"), r.get("method"), "all" if r.get("layer") is None else r.get("layer"),
+                     _interval(r.get("hit_rate")), _interval(r.get("mrr")), verdict])
+    parts.append(_table(["true source", "method", "layer", "top-1 hit rate [95% CI]", "MRR [95% CI]",
+                         "significance"], rows))
     return "".join(parts)
 
 
@@ -768,6 +828,7 @@ def render_report(results: Mapping[str, Any], out_dir: str | Path, figures: Sequ
         "pruning": _pruning_section(results),
         "attention-neurons": _attention_section(results),
         "faithfulness": _faithfulness_section(results),
+        "ground-truth": _ground_truth_section(results),
         "neurons": _neurons_section(results),
         "errors": _errors_section(results, skipped),
     }

@@ -377,10 +377,11 @@ def _block_gates(layer: Mapping[str, Tensor], params: MixerParams, lay: _Layer) 
 def output_gate(y: Tensor, gate: Tensor, params: MixerParams) -> Tensor:
     """The per-channel factor e [b, L, E] with post = e ⊙ y, given y and SiLU(z) [b, L, E].
 
-    Mamba-1: e = SiLU(z).  Mamba-2 (HF MambaRMSNormGated): e = norm_weight ⊙ SiLU(z) ⊙ r with the
+    Mamba-1, and Mamba-2 mixers without a norm (Falcon-H1): e = SiLU(z).
+    Mamba-2 (HF MambaRMSNormGated): e = norm_weight ⊙ SiLU(z) ⊙ r with the
     per-token, per-group scale r = rsqrt(mean_group((y ⊙ SiLU z)²) + eps) read as a diagonal.
     """
-    if params.arch != "mamba2":
+    if params.arch != "mamba2" or params.norm_weight is None:
         return gate
     b, L, E = y.shape
     v = (y * gate).reshape(b, L, params.n_groups, -1)

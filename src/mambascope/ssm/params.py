@@ -1,7 +1,7 @@
 """The parameters of one Mamba mixer as plain tensors: what the scans and hidden-attention kernels need.
 
-Filled from a model by :func:`mambascope.trace.mixer_params` (only ``trace/`` knows modules); defined here so
-that ``ssm/`` stays math on tensors and never imports ``trace/`` (docs/design.md §2).
+Filled from a model by the architecture adapters (``mambascope.arch``; only they know modules); defined here so
+that ``ssm/`` stays math on tensors and never imports ``trace/`` or ``arch/`` (docs/design.md §2).
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ import torch
 class MixerParams:
     """Parameters of one Mamba mixer, as plain tensors (fp32 copies are made by the consumer).
 
-    Mamba-1: ``A`` [E, N], ``D`` [E]. Mamba-2: ``A`` [H], ``D`` [H], channels e belong to head
-    ``e // head_dim`` and to group ``e // (E // n_groups)``.
+    ``arch`` is the mixer's kind, ``"mamba"`` (Mamba-1 selective scan) or ``"mamba2"`` (SSD), whatever
+    family the model is.  Mamba-1: ``A`` [E, N], ``D`` [E]. Mamba-2: ``A`` [H], ``D`` [H], channels e
+    belong to head ``e // head_dim`` and to group ``e // (E // n_groups)``.
     ``conv_weight`` [E, K] and ``conv_bias`` [E] are the depthwise causal conv of the x channels only.
-    ``out_proj_weight`` [d_model, E]. ``norm_weight`` [E] is Mamba-2's gated RMSNorm (None on Mamba-1).
+    ``out_proj_weight`` [d_model, E]. ``norm_weight`` [E] is Mamba-2's gated RMSNorm,
+    normalising groups of ``d_inner // n_groups`` channels (None on Mamba-1, and on Mamba-2 mixers that
+    gate y ⊙ SiLU(z) without a norm, as Falcon-H1 does by default).
     """
 
     arch: str

@@ -8,9 +8,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from mambascope.trace.blocks import gpt2_block, mamba2_block, mamba_block
+from mambascope.arch import Context, adapter
 from mambascope.trace.names import UNITS, layers_of, resolve_names
-from mambascope.trace.params import architecture, n_layers
 
 LayerCallback = Callable[[int, dict[str, torch.Tensor]], None]
 Edit = Callable[[torch.Tensor], torch.Tensor]
@@ -43,8 +42,8 @@ def check_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     if low < 0 or high >= vocab:
         bad = low if low < 0 else high
         raise ValueError(f"input id {bad} is outside the vocabulary (0..{vocab - 1})")
-    if max_length is None and architecture(model) == "gpt2":
-        max_length = model.config.n_positions
+    if max_length is None:
+        max_length = adapter(model).max_length
     if max_length is not None and input_ids.shape[1] > max_length:
         raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds the maximum length {max_length}")
     if attention_mask is not None:
@@ -55,6 +54,21 @@ def check_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             raise ValueError("attention_mask must contain only 0 and 1")
         if not bool(attention_mask.any(dim=1).all()):
             raise ValueError("a row of attention_mask has no tokens")
+
+
+def _emitter(prefix: str, wanted: set[str], edits: Mapping[str, Edit],
+             collected: dict[str, torch.Tensor]) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """``emit`` for one layer: apply the edit registered for the unit, keep it if wanted, pass it on."""
+
+    def emit(unit: str, tensor: torch.Tensor) -> torch.Tensor:
+        name = prefix + unit
+        if name in edits:
+            tensor = edits[name](tensor)
+        if name in wanted:
+            collected[unit] = tensor
+        return tensor
+
+    return emit
 
 
 def trace_stream(
@@ -75,58 +89,34 @@ def trace_stream(
         names: hook names or shell patterns (``"*hook_post"``, ``"blocks.3.*"``); None = every unit.
         edits: full hook name -> function applied to that unit's tensor; the forward continues with the
             result (zero- or mean-ablation at ``mixer.hook_post``, patching, ...).
-        max_length: longest sequence accepted (GPT-2 defaults to its ``n_positions``).
+        max_length: longest sequence accepted (models with learned positions default to their maximum).
         grad: build the autograd graph (for gradient-based attributions); off by default to save memory.
     Returns the logits [b, L, V].
     """
-    arch = architecture(model)
-    count = n_layers(model)
+    ad = adapter(model)
     check_inputs(model, input_ids, attention_mask, max_length)
-    wanted = set(resolve_names(arch, count, names)) if callback is not None else set()
+    units = [ad.units(layer) for layer in range(ad.n_layers)]
+    wanted = set(resolve_names(units, names, ad.model_type)) if callback is not None else set()
     edits = dict(edits or {})
-    unknown = set(edits) - set(resolve_names(arch, count, None))
+    unknown = set(edits) - set(resolve_names(units, None))
     if unknown:
-        resolve_names(arch, count, sorted(unknown))  # raises with the nearest valid name
+        resolve_names(units, sorted(unknown), ad.model_type)  # raises with the nearest valid name
     device = model.get_input_embeddings().weight.device
     input_ids = input_ids.to(device)
     mask = None
     if attention_mask is not None and not bool(attention_mask.all()):
         mask = attention_mask.to(device)
-    need_pattern = {layer for layer in layers_of(sorted(wanted)) if f"blocks.{layer}.attn.hook_pattern" in wanted}
-    need_pattern |= {layer for layer in layers_of(sorted(edits)) if f"blocks.{layer}.attn.hook_pattern" in edits}
+    pattern_names = [n for n in (*wanted, *edits) if n.endswith(".attn.hook_pattern")]
+    ctx = Context(mask, frozenset(layers_of(pattern_names)))
 
     with torch.set_grad_enabled(grad):
-        if arch == "gpt2":
-            body = model.transformer
-            positions = torch.arange(input_ids.shape[1], device=device)
-            h = body.wte(input_ids) + body.wpe(positions)[None]
-            blocks, final_norm = body.h, body.ln_f
-        else:
-            body = model.backbone
-            h = body.embeddings(input_ids)
-            blocks, final_norm = body.layers, body.norm_f
-        for index, block in enumerate(blocks):
+        h = ad.embed(input_ids, ctx)
+        for index in range(ad.n_layers):
             collected: dict[str, torch.Tensor] = {}
-            prefix = f"blocks.{index}."
-
-            def emit(unit: str, tensor: torch.Tensor, prefix: str = prefix,
-                     collected: dict[str, torch.Tensor] = collected) -> torch.Tensor:
-                name = prefix + unit
-                if name in edits:
-                    tensor = edits[name](tensor)
-                if name in wanted:
-                    collected[unit] = tensor
-                return tensor
-
-            if arch == "mamba":
-                h = mamba_block(block, h, mask, emit)
-            elif arch == "mamba2":
-                h = mamba2_block(block, h, mask, emit)
-            else:
-                h = gpt2_block(block, h, mask, emit, index, index in need_pattern)
+            h = ad.run_block(index, h, ctx, _emitter(f"blocks.{index}.", wanted, edits, collected))
             if collected:
                 callback(index, collected)
-        logits = model.lm_head(final_norm(h.to(final_norm.weight.dtype)))
+        logits = ad.logits(h)
     return logits
 
 
@@ -142,8 +132,8 @@ def trace(
 ) -> Trace:
     """Run the model once and return every requested unit: ``trace["blocks.0.mixer.hook_post"]``.
 
-    Units and shapes are listed in ``mambascope.trace.UNITS`` (docs/design.md §3).  For a corpus, prefer
-    ``trace_stream``, which never holds more than one layer's units.
+    Units and shapes per layer are ``mambascope.arch.adapter(model).units(layer)`` (docs/design.md §3, §10).
+    For a corpus, prefer ``trace_stream``, which never holds more than one layer's units.
     """
     tensors: dict[str, torch.Tensor] = {}
 
@@ -152,7 +142,7 @@ def trace(
 
     logits = trace_stream(model, input_ids, keep, attention_mask=attention_mask, names=names, edits=edits,
                           max_length=max_length, grad=grad)
-    return Trace(tensors, logits, architecture(model))
+    return Trace(tensors, logits, adapter(model).model_type)
 
 
 __all__ = ["UNITS", "Trace", "check_inputs", "trace", "trace_stream"]

@@ -1,0 +1,220 @@
+"""The interface every architecture adapter implements (docs/design.md §10).
+
+An adapter is the only code that knows a Hugging Face family's module internals.  It says which parts
+each layer has (an SSM mixer, attention, an MLP), runs one layer with ``emit`` so every internal unit
+can be read or edited, and hands out the parameters analyses need (the mixer's A, D, conv, out_proj;
+the neuron's write weights; the unembedding).  Adding a family is one module subclassing
+:class:`Adapter` plus one line in ``mambascope.arch.ADAPTERS``.
+
+The layout follows TransformerLens's split between a model-agnostic hooked forward and per-family
+adapters, but the forward here re-runs the family's own modules instead of converting weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mambascope.arch.units import layer_units
+from mambascope.ssm.params import MixerParams
+
+Emit = Callable[[str, torch.Tensor], torch.Tensor]
+SSM_PARTS = ("mamba", "mamba2")
+MOE_PARTS = ("moe", "gated_moe", "gated_moe_shared")
+MLP_PARTS = ("mlp", "gated_mlp", *MOE_PARTS)
+
+
+class UnsupportedFeature(ValueError):
+    """A model uses a feature the tracer does not reproduce; the message names the feature."""
+
+
+@dataclass
+class Context:
+    """What every layer of one forward pass shares.
+
+    ``mask`` [b, L] of 0/1, None when nothing is padded; ``need_pattern``: layers whose softmax
+    pattern is requested (computed explicitly there, fused elsewhere); ``extra``: per-family state
+    computed once per pass (rotary tables, the original embeddings of Zamba2's shared blocks).
+    """
+
+    mask: torch.Tensor | None
+    need_pattern: frozenset[int]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Adapter:
+    """One Hugging Face family of causal LMs, seen by the tracer.  Subclasses set ``model_type``
+    (``config.model_type``) and ``hf_class``, and implement the methods that raise NotImplementedError."""
+
+    model_type: ClassVar[str]
+    hf_class: ClassVar[str]
+    # a pure transformer (every layer attention + MLP): its attention neurons are heads, not SSM channels
+    transformer: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+        self.check_supported()
+
+    # ---- structure -------------------------------------------------------------------------------
+    def check_supported(self) -> None:
+        """Raise :class:`UnsupportedFeature` naming any configured feature the trace would get wrong."""
+
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks())
+
+    def parts(self, layer: int) -> tuple[str, ...]:
+        """The layer's parts in forward order: ``"mamba"``, ``"mamba2"``, ``"attn"``, ``"mlp"``, ``"gated_mlp"``,
+        ``"moe"``, ``"gated_moe"``, ``"gated_moe_shared"`` (units in ``mambascope.arch.units.PART_UNITS``)."""
+        raise NotImplementedError
+
+    @property
+    def parallel(self) -> bool:
+        """Whether a layer's parts all read ``hook_resid_pre`` (GPT-NeoX's parallel residual)."""
+        return False
+
+    def units(self, layer: int) -> dict[str, str]:
+        """unit -> shape of every traced unit of ``layer``."""
+        return layer_units(self.parts(layer), self.parallel)
+
+    def layer_kind(self, layer: int) -> str:
+        """``"mamba"``, ``"mamba2"`` (SSM layers, with or without an MLP after the mixer), ``"attention"``,
+        ``"mlp"`` or ``"moe"``: what per-layer tables show."""
+        parts = self.parts(layer)
+        ssm = [p for p in parts if p in SSM_PARTS]
+        if ssm:
+            return ssm[0]
+        if "attn" in parts:
+            return "attention"
+        return "moe" if any(p in MOE_PARTS for p in parts) else "mlp"
+
+    def ssm_layers(self) -> list[int]:
+        return [layer for layer in range(self.n_layers) if self.layer_kind(layer) in SSM_PARTS]
+
+    def neuron_unit(self, layer: int) -> str | None:
+        """The unit analysed as the layer's neurons: the SSM mixer's ``post`` where the layer has a mixer,
+        else the MLP's ``post`` (input of the down projection; [b, L, X, F] on MoE layers, zero where a
+        token is not routed to the expert), None for an attention-only layer."""
+        parts = self.parts(layer)
+        if any(p in SSM_PARTS for p in parts):
+            return "mixer.hook_post"
+        if any(p in MLP_PARTS for p in parts):
+            return "mlp.hook_post"
+        return None
+
+    def neuron_kind(self, layer: int) -> str | None:
+        """How the census reads the layer's neurons (``mambascope.neurons.NeuronBatch``): ``"mamba"`` /
+        ``"mamba2"`` (the mixer's post, active ⇔ gate z > 0, with Δ); ``"gpt2"`` (a plain MLP's post
+        act(pre): active ⇔ post > 0, i.e. pre > 0 for GELU, ReLU, ReLU², SiLU); ``"gated_mlp"``
+        (act(gate)·up: active ⇔ gate pre-activation > 0); ``"moe"`` / ``"gated_moe"`` (routed experts of
+        plain / gated MLPs); None when the layer has no neurons (attention only)."""
+        parts = self.parts(layer)
+        for part in parts:
+            if part in SSM_PARTS:
+                return part
+        for part, kind in (("mlp", "gpt2"), ("gated_mlp", "gated_mlp")):
+            if part in parts:
+                return kind
+        return self.moe_kind(layer)
+
+    def moe_kind(self, layer: int) -> str | None:
+        """``"moe"`` (plain experts), ``"gated_moe"`` (act(gate)·up experts) or None: the layer's routed experts."""
+        parts = self.parts(layer)
+        if "moe" in parts:
+            return "moe"
+        return "gated_moe" if any(p in MOE_PARTS for p in parts) else None
+
+    @property
+    def max_length(self) -> int | None:
+        """Longest sequence the model accepts (learned position embeddings), None when unbounded."""
+        return None
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """The residual stream before layer 0 [b, L, D]; may fill ``ctx.extra``."""
+        raise NotImplementedError
+
+    def run_block(self, layer: int, h: torch.Tensor, ctx: Context, emit: Emit) -> torch.Tensor:
+        """Layer ``layer`` on the residual stream h [b, L, D], emitting its units; returns the new stream."""
+        raise NotImplementedError
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and unembedding of the last residual stream -> [b, L, V]."""
+        return self.model.get_output_embeddings()(self.final_norm()(h))
+
+    # ---- parameters ------------------------------------------------------------------------------
+    def mixer(self, layer: int) -> nn.Module:
+        """The SSM mixer module of an SSM layer."""
+        raise NotImplementedError
+
+    def out_projs(self, layer: int) -> dict[str, nn.Module]:
+        """unit -> the linear map that unit is the input of, for each part of the layer:
+        ``mixer.hook_post`` -> out_proj, ``mlp.hook_post`` -> down projection, ``attn.hook_z`` -> o_proj."""
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} out of range: the model has layers 0..{self.n_layers - 1}")
+
+    def mixer_params(self, layer: int) -> MixerParams:
+        """The mixer parameters of an SSM layer as plain tensors."""
+        self.check_layer(layer)
+        kind = self.layer_kind(layer)
+        if kind not in SSM_PARTS:
+            raise ValueError(f"layer {layer} of this {self.model_type} model is a {kind} layer; mixer "
+                             f"parameters exist on its SSM layers {self.ssm_layers()}")
+        mixer = self.mixer(layer)
+        A = -torch.exp(mixer.A_log.detach().float())
+        conv_w = mixer.conv1d.weight.detach()[:, 0, :]
+        conv_b = mixer.conv1d.bias.detach() if mixer.conv1d.bias is not None else None
+        E = mixer.intermediate_size
+        if kind == "mamba":
+            return MixerParams(
+                kind, A, mixer.D.detach(), conv_w, conv_b, mixer.out_proj.weight.detach(),
+                d_inner=E, d_state=mixer.ssm_state_size, n_heads=E, head_dim=1, n_groups=1,
+            )
+        # a mixer without a gated norm (Falcon-H1's default: an nn.Identity) gates y ⊙ SiLU(z)
+        norm_weight = getattr(mixer.norm, "weight", None)
+        return MixerParams(
+            kind, A, mixer.D.detach(), conv_w[:E], None if conv_b is None else conv_b[:E],
+            mixer.out_proj.weight.detach(), d_inner=E, d_state=mixer.ssm_state_size, n_heads=mixer.num_heads,
+            head_dim=mixer.head_dim, n_groups=mixer.n_groups,
+            norm_weight=None if norm_weight is None else norm_weight.detach(),
+            norm_eps=getattr(mixer.norm, "variance_epsilon", 0.0),
+        )
+
+    def neuron_write_weights(self, layer: int) -> torch.Tensor:
+        """[d_model, E]: column e is what neuron e writes into the residual stream per unit of activation."""
+        self.check_layer(layer)
+        if self.neuron_unit(layer) is None:
+            raise ValueError(f"layer {layer} of this {self.model_type} model is attention-only: it has no neurons")
+        return self.out_projs(layer)[self.neuron_unit(layer)].weight.detach()
+
+    def head_write_weights(self, layer: int) -> torch.Tensor:
+        """[H, d_head, d_model]: W_O of each attention head, so that
+        hook_attn_out[t] = Σ_h z[t, h] · W_O[h] (+ the projection's bias)."""
+        self.check_layer(layer)
+        if "attn" not in self.parts(layer):
+            raise ValueError(f"layer {layer} of this {self.model_type} model is a {self.layer_kind(layer)} layer: "
+                             "it has no attention heads")
+        W = self.out_projs(layer)["attn.hook_z"].weight.detach()  # nn.Linear: [d_model, H·dh]
+        heads = self.n_heads(layer)
+        return W.T.reshape(heads, -1, W.shape[0])
+
+    def n_heads(self, layer: int) -> int:
+        return self.config.num_attention_heads
+
+    def unembedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final norm weight [d_model], unembedding W_U [V, d_model]) for direct logit effects."""
+        return self.final_norm().weight.detach(), self.model.get_output_embeddings().weight.detach()

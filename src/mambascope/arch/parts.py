@@ -1,0 +1,225 @@
+"""Building blocks shared by the architecture adapters: Mamba-1 / Mamba-2 mixers, attention, MLPs.
+
+Each function mirrors the Hugging Face pure-PyTorch forward (transformers 5.x) operation by operation,
+so that the traced logits equal the model's own.  ``emit(unit, tensor)`` records a unit and returns
+it, possibly edited by an intervention; downstream computation uses what it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambascope.ssm.scan import selective_scan, ssd_scan
+
+Emit = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero padding positions (HF ``apply_mask_to_padding_states``; state-spaces/mamba#66)."""
+    return t if mask is None else (t * mask[:, :, None]).to(t.dtype)
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Depthwise causal conv over positions. x [b, L, C], weight [C, 1, K] -> [b, L, C]."""
+    L = x.shape[1]
+    out = F.conv1d(x.transpose(1, 2).to(weight.dtype), weight, bias, padding=weight.shape[-1] - 1,
+                   groups=weight.shape[0])
+    return out[:, :, :L].transpose(1, 2).to(x.dtype)
+
+
+def weightless_rms(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) over the last axis in fp32, back in t's dtype (FalconMamba's B, C, Δ norms)."""
+    x = t.float()
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).type_as(t)
+
+
+def mamba1_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, emit: Emit,
+                 bcdt_norms: tuple[Callable, Callable, Callable] | None = None) -> torch.Tensor:
+    """Mamba-1 mixer (in_proj, conv, S6 scan, gate) from its normed input [b, L, D]; returns ``post`` [b, L, E].
+
+    ``bcdt_norms``: (Δ_low, B, C) normalisers applied after x_proj, as FalconMamba and Jamba do.
+    """
+    x, z = mixer.in_proj(masked(hidden, mask)).chunk(2, dim=-1)
+    x = emit("mixer.hook_x", x)
+    z = emit("mixer.hook_gate_pre", z)
+    conv = emit("mixer.hook_conv", causal_conv(x, mixer.conv1d.weight, mixer.conv1d.bias))
+    u = emit("mixer.hook_ssm_input", masked(F.silu(conv), mask))
+    dt_low, B, C = torch.split(
+        mixer.x_proj(u), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1
+    )
+    if bcdt_norms is not None:
+        dt_low, B, C = (norm(t) for norm, t in zip(bcdt_norms, (dt_low, B, C), strict=True))
+    dt_bias = mixer.dt_proj.bias
+    dt = dt_low @ mixer.dt_proj.weight.T
+    dt = emit("mixer.hook_dt", F.softplus(dt if dt_bias is None else dt + dt_bias.to(dt.dtype)))
+    B = emit("mixer.hook_B", B)
+    C = emit("mixer.hook_C", C)
+    A = -torch.exp(mixer.A_log.float())
+    y = emit("mixer.hook_y", selective_scan(u, dt, A, B, C) + u * mixer.D.float())
+    gate = emit("mixer.hook_gate", F.silu(z))
+    return emit("mixer.hook_post", y * gate)
+
+
+def gated_rms_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, groups: int,
+                   eps: float) -> torch.Tensor:
+    """weight ⊙ RMSNorm over each of ``groups`` channel groups of y ⊙ SiLU(z), in fp32 (HF MambaRMSNormGated)."""
+    gated = y.float() * gate
+    grouped = gated.reshape(*gated.shape[:-1], groups, -1)
+    normed = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.reshape(gated.shape).to(weight.dtype)
+
+
+def mamba2_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, emit: Emit, *,
+                 in_scale: float = 1.0, proj_scale: torch.Tensor | None = None, rms_norm: bool = True,
+                 norm_before_gate: bool = False) -> torch.Tensor:
+    """Mamba-2 mixer (in_proj, conv over x‖B‖C, SSD scan, gate) from its normed input; returns ``post``.
+
+    Falcon-H1's μP options: ``in_scale`` multiplies the input, ``proj_scale`` [E + conv_dim + H] the
+    in_proj output; ``rms_norm=False`` gates with y ⊙ SiLU(z) and no norm; ``norm_before_gate`` applies
+    the grouped RMSNorm to y before the gate instead of to y ⊙ SiLU(z).
+    """
+    E, G, N, H = mixer.intermediate_size, mixer.n_groups, mixer.ssm_state_size, mixer.num_heads
+    proj = mixer.in_proj(masked(hidden, mask) * in_scale)
+    if proj_scale is not None:
+        proj = proj * proj_scale
+    z, xBC, dt_raw = proj.split([E, mixer.conv_dim, H], dim=-1)
+    x, B_raw, C_raw = xBC.split([E, G * N, G * N], dim=-1)
+    x = emit("mixer.hook_x", x)
+    z = emit("mixer.hook_gate_pre", z)
+    conv = causal_conv(torch.cat([x, B_raw, C_raw], dim=-1), mixer.conv1d.weight, mixer.conv1d.bias)
+    conv_x, conv_BC = conv.split([E, 2 * G * N], dim=-1)
+    conv_x = emit("mixer.hook_conv", conv_x)
+    u = emit("mixer.hook_ssm_input", masked(F.silu(conv_x), mask))
+    B, C = masked(F.silu(conv_BC), mask).split([G * N, G * N], dim=-1)
+    dt = F.softplus(dt_raw + mixer.dt_bias.to(dt_raw.dtype))
+    dt = emit("mixer.hook_dt", torch.clamp(dt, *mixer.time_step_limit))
+    B = emit("mixer.hook_B", B.reshape(*B.shape[:2], G, N))
+    C = emit("mixer.hook_C", C.reshape(*C.shape[:2], G, N))
+    A = -torch.exp(mixer.A_log.float())
+    u_heads = u.reshape(*u.shape[:2], H, mixer.head_dim)
+    y = ssd_scan(u_heads, dt, A, B, C, chunk_size=mixer.chunk_size) + mixer.D.float()[:, None] * u_heads.float()
+    y = emit("mixer.hook_y", y.reshape(*u.shape[:2], E))
+    gate = emit("mixer.hook_gate", F.silu(z.float()))
+    if not rms_norm:
+        return emit("mixer.hook_post", y * gate)
+    norm = mixer.norm
+    # Every family's gated RMSNorm normalises groups of E / n_groups channels.
+    if norm_before_gate:
+        ones = torch.ones_like(gate)
+        post = gated_rms_norm(y, ones, norm.weight, G, norm.variance_epsilon) * gate
+        return emit("mixer.hook_post", post.to(norm.weight.dtype))
+    return emit("mixer.hook_post", gated_rms_norm(y, gate, norm.weight, G, norm.variance_epsilon))
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of the first ``cos.shape[-1]`` dims of q, k [b, L, H, dh] (HF ``apply_rotary_pos_emb``)."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    dim = cos.shape[-1]
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        rot, rest = t[..., :dim], t[..., dim:]
+        half = torch.cat((-rot[..., dim // 2:], rot[..., : dim // 2]), dim=-1)
+        return torch.cat((rot * cos + half * sin, rest), dim=-1)
+
+    return one(q), one(k)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, emit: Emit,
+              scale: float, need_pattern: bool) -> torch.Tensor:
+    """Causal softmax attention. q [b, L, H, dh], k and v [b, L, H_kv, dh] (grouped-query when H_kv < H).
+
+    Returns ``attn.hook_z`` [b, L, H·dh], the input of the output projection.
+    """
+    b, L, H, _ = q.shape
+    q = emit("attn.hook_q", q)
+    k = emit("attn.hook_k", k)
+    v = emit("attn.hook_v", v)
+    rep = H // k.shape[2]
+    k, v = (t.repeat_interleave(rep, dim=2) if rep > 1 else t for t in (k, v))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    allowed = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        # A padding query attends to itself alone: a fully masked row would be NaN, and NaN values at
+        # padding positions would poison real rows through 0·NaN in the next layer.
+        eye = torch.eye(L, dtype=torch.bool, device=q.device)
+        allowed = allowed & mask[:, None, None, :].bool() | eye
+    if need_pattern:
+        # scale and mask fused into the score matmul (baddbmm): at these sizes every extra pass over the
+        # [b, H, L, L] scores costs as much as the matmul itself
+        bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, -torch.inf)
+        if bias.dim() == 4:  # per-row padding mask [b, 1, L, L]
+            bias = bias.expand(b, H, L, L).reshape(b * H, L, L)
+        qf, kf = (t.float().reshape(b * H, L, -1) for t in (q, k))
+        scores = torch.baddbmm(bias, qf, kf.transpose(1, 2), alpha=scale).view(b, H, L, L)
+        pattern = emit("attn.hook_pattern", torch.softmax(scores, -1).to(v.dtype))
+        z = pattern @ v
+    else:
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    z = emit("attn.hook_z", z.transpose(1, 2))
+    return z.reshape(b, L, -1)
+
+
+def gated_mlp(x: torch.Tensor, gate_proj: Callable, up_proj: Callable, down_proj: Callable, act: Callable,
+              emit: Emit) -> torch.Tensor:
+    """SwiGLU-style MLP: down(act(gate(x)) · up(x)); the neuron ``mlp.hook_post`` is down's input."""
+    pre = emit("mlp.hook_pre", gate_proj(x))
+    pre_linear = emit("mlp.hook_pre_linear", up_proj(x))
+    return down_proj(emit("mlp.hook_post", act(pre) * pre_linear))
+
+
+def plain_mlp(x: torch.Tensor, up_proj: Callable, down_proj: Callable, act: Callable, emit: Emit) -> torch.Tensor:
+    """down(act(up(x))); the neuron ``mlp.hook_post`` is down's input."""
+    return down_proj(emit("mlp.hook_post", act(emit("mlp.hook_pre", up_proj(x)))))
+
+
+def llama_attention(attn: nn.Module, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                    mask: torch.Tensor | None, emit: Emit, need_pattern: bool) -> torch.Tensor:
+    """Llama-style attention (q_proj, k_proj, v_proj, optional rotary, o_proj) on its normed input x [b, L, D].
+
+    Returns the output projection's input ``attn.hook_z`` flattened to [b, L, H·dh].
+    """
+    b, L, _ = x.shape
+    q, k, v = (proj(x).view(b, L, -1, attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    if rotary is not None:
+        q, k = rotate(q, k, *rotary)
+    return attention(q, k, v, mask, emit, attn.scaling, need_pattern)
+
+
+def routed_experts(x: torch.Tensor, top_weights: torch.Tensor, top_index: torch.Tensor, up: torch.Tensor,
+                   down: torch.Tensor, act: Callable, gated: bool, emit: Emit) -> torch.Tensor:
+    """Top-k mixture of experts from the model's own routing decisions, every expert computed densely.
+
+    x [b, L, D]; top_weights, top_index [b, L, k] (the router's output); up [X, F, D] (or [X, 2F, D]
+    holding gate ‖ up when ``gated``); down [X, D, F].  Units: ``mlp.hook_route`` [b, L, X] the weight
+    each expert's output gets (0 where the token is not routed to it); ``mlp.hook_pre`` (and
+    ``mlp.hook_pre_linear``) [b, L, X, F] every expert's pre-activation; ``mlp.hook_post`` [b, L, X, F]
+    the experts' neurons (input of their down projection), zero where the token is not routed to the
+    expert, so an expert's neurons are counted over the tokens routed to it.
+    Returns Σ_x route[x] · down_x(post_x)  [b, L, D] (HF's per-expert loop, in one einsum).
+    """
+    X = up.shape[0]
+    route = torch.zeros(*x.shape[:2], X, dtype=top_weights.dtype, device=x.device)
+    route = emit("mlp.hook_route", route.scatter(-1, top_index, top_weights))
+    routed = torch.zeros_like(route, dtype=torch.bool).scatter(-1, top_index, True)
+    h = torch.einsum("bld,xfd->blxf", x, up.to(x.dtype))
+    if gated:
+        gate, lin = h.chunk(2, dim=-1)
+        post = act(emit("mlp.hook_pre", gate)) * emit("mlp.hook_pre_linear", lin)
+    else:
+        post = act(emit("mlp.hook_pre", h))
+    post = emit("mlp.hook_post", post * routed[..., None])
+    return torch.einsum("blxf,xdf,blx->bld", post, down.to(post.dtype), route.to(post.dtype))
+
+
+def moe_with_router(router: Callable, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: Callable,
+                    gated: bool, emit: Emit) -> torch.Tensor:
+    """:func:`routed_experts` with the routing of the model's own router module, called as HF does on
+    the flattened tokens and returning ``(logits, top_k_weights, top_k_index)``."""
+    _, weights, index = router(x.reshape(-1, x.shape[-1]))
+    k = index.shape[-1]
+    out = routed_experts(x, weights.view(*x.shape[:2], k), index.view(*x.shape[:2], k), up, down, act, gated, emit)
+    return out.to(x.dtype)

@@ -1,0 +1,152 @@
+"""Train tiny models on the synthetic tasks of :mod:`mambascope.data.tasks` (MQAR, copy).
+
+Each step draws a fresh batch from one seeded generator stream (example seeds ``seed·10⁶ + step``), so
+the model never sees an example twice; the held-out set is drawn from seed ``seed·10⁶ − 1 − i`` streams, disjoint
+from every training seed.  Only the query positions are trained (labels elsewhere are ignored), the loss
+is Hugging Face's causal-LM cross-entropy.  Query accuracy: the share of held-out queries whose argmax
+prediction is the answer.  Optimiser, schedule, parameter groups and the Mamba-1 training scan are those
+of :func:`mambascope.models.train.train_tiny`.  The task's word-level tokenizer is saved with the model,
+so the checkpoint loads with ``load_model(path)`` like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mambascope.data.tasks import TaskBatch, generate, query_correct, task_tokenizer
+from mambascope.models.loading import resolve_device
+from mambascope.models.train import ARCHS, _lr_factor, _param_groups, _training_scan, build_config
+
+# d_model 64, 2 layers: enough for MQAR at 8 pairs / 64 tokens, each model far under 2 MB.
+TASK_SHAPES: dict[str, dict[str, Any]] = {
+    "mamba": {"hidden_size": 64, "num_hidden_layers": 2, "expand": 2, "state_size": 16, "conv_kernel": 4},
+    "mamba2": {"hidden_size": 64, "num_hidden_layers": 2, "expand": 2, "head_dim": 16, "num_heads": 8,
+               "state_size": 16, "n_groups": 1, "chunk_size": 64, "conv_kernel": 4},
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128},
+}
+
+__all__ = ["TASK_SHAPES", "heldout_task_batch", "task_accuracy", "train_task"]
+
+
+def heldout_task_batch(task: str, n: int, seq_len: int, num_pairs: int, seed: int) -> TaskBatch:
+    """The held-out examples for a model trained with ``seed`` (a seed no training step uses)."""
+    return generate(task, n, seq_len, num_pairs=num_pairs, seed=seed * 1_000_000 - 1)
+
+
+@torch.no_grad()
+def task_accuracy(model: nn.Module, batch: TaskBatch, batch_size: int = 256) -> float:
+    """Share of ``batch``'s queries whose argmax next-token prediction is the answer (model's own forward)."""
+    was_training = model.training
+    model.eval()
+    dev = model.get_input_embeddings().weight.device
+    correct = 0
+    for start in range(0, batch.input_ids.shape[0], batch_size):
+        part = batch.rows(slice(start, start + batch_size))
+        correct += int(query_correct(model(input_ids=part.input_ids.to(dev)).logits, part).sum())
+    model.train(was_training)
+    return correct / batch.num_queries
+
+
+def train_task(arch: str, task: str, out_dir: str | Path, *, seq_len: int = 64, num_pairs: int = 8,
+               steps: int = 3000, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, device: str = "auto",
+               weight_decay: float = 0.1, warmup: int | None = None, eval_examples: int = 512,
+               config_overrides: dict[str, Any] | None = None, num_threads: int | None = None,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``arch`` on ``task`` ("mqar" or "copy") and save model, tokenizer and training.json to ``out_dir``.
+
+    Shapes: ``TASK_SHAPES[arch]`` updated by ``config_overrides``.  Returns the recorded stats, including
+    ``heldout_query_accuracy`` on ``eval_examples`` held-out examples.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
+    for label, value in (("steps", steps), ("batch_size", batch_size), ("eval_examples", eval_examples)):
+        if value < 1:
+            raise ValueError(f"{label} must be positive, got {value}")
+    heldout = heldout_task_batch(task, eval_examples, seq_len, num_pairs, seed)  # validates the task size
+    previous_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _train_task(arch, task, Path(out_dir), heldout, seq_len=seq_len, num_pairs=num_pairs,
+                           steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                           weight_decay=weight_decay, warmup=warmup, config_overrides=config_overrides, log=log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len: int, num_pairs: int, steps: int,
+                batch_size: int, lr: float, seed: int, device: str, weight_decay: float, warmup: int | None,
+                config_overrides: dict[str, Any] | None, log: Callable[[str], None]) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    t_start = time.perf_counter()
+    tok = task_tokenizer()
+    config = build_config(arch, len(tok), tok.eos_token_id, seq_len, **{**TASK_SHAPES[arch],
+                                                                        **(config_overrides or {})})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dev)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    warmup = max(1, steps // 20) if warmup is None else max(1, warmup)
+    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup))
+    log(f"[{arch} {task}] {n_params:,} parameters; {steps} steps of {batch_size} x {seq_len} tokens; device {dev}")
+    curve: list[dict[str, float]] = []
+    log_every = max(1, steps // 30)
+    running = 0.0
+    t_train = time.perf_counter()
+    with _training_scan(arch):
+        for step in range(steps):
+            batch = generate(task, batch_size, seq_len, num_pairs=num_pairs, seed=seed * 1_000_000 + step)
+            loss = model(input_ids=batch.input_ids.to(dev), labels=batch.labels.to(dev)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            running += loss.item()
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                n = (step % log_every) + 1
+                entry = {"step": step + 1, "train_loss": round(running / n, 4)}
+                if (step + 1) % (5 * log_every) == 0 or step + 1 == steps:
+                    entry["heldout_query_accuracy"] = round(task_accuracy(model, heldout), 4)
+                curve.append(entry)
+                log(f"[{arch} {task}] step {step + 1}/{steps} loss {running / n:.3f} "
+                    f"acc {entry.get('heldout_query_accuracy', '-')} {time.perf_counter() - t_train:.0f}s")
+                running = 0.0
+    train_time = time.perf_counter() - t_train
+    accuracy = task_accuracy(model, heldout)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    import transformers
+
+    stats: dict[str, Any] = {
+        "arch": arch, "model_class": type(model).__name__, "task": task, "parameters": n_params,
+        "layers": config.num_hidden_layers if arch != "gpt2" else config.n_layer,
+        "d_model": config.hidden_size if arch != "gpt2" else config.n_embd, "vocab_size": len(tok),
+        "seq_len": seq_len, "num_pairs": num_pairs if task == "mqar" else None,
+        "queries_per_example": int(heldout.query.shape[1]), "steps": steps, "batch_size": batch_size,
+        "examples_seen": steps * batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
+        "seed": seed, "train_seeds": f"{seed * 1_000_000}..{seed * 1_000_000 + steps - 1}",
+        "heldout_seed": seed * 1_000_000 - 1, "heldout_examples": int(heldout.input_ids.shape[0]),
+        "heldout_queries": heldout.num_queries, "heldout_query_accuracy": round(accuracy, 4),
+        "device": str(dev), "torch_threads": torch.get_num_threads(), "train_time_s": round(train_time, 1),
+        "wall_time_s": round(time.perf_counter() - t_start, 1), "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "accuracy_definition": "argmax next-token prediction at each query position equals the answer",
+        "curve": curve,
+    }
+    (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    log(f"[{arch} {task}] held-out query accuracy {accuracy:.4f} on {heldout.num_queries} queries; saved to {out}")
+    return stats

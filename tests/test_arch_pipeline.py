@@ -1,0 +1,58 @@
+"""A hybrid (Nemotron-H: Mamba-2, attention and MLP layers) through analyze, report and compare."""
+
+import json
+
+import pytest
+import torch
+from transformers import NemotronHConfig, NemotronHForCausalLM
+
+from mambascope.cli import main
+
+PATTERN = ["linear_attention", "mlp", "full_attention", "linear_attention"]
+
+
+@pytest.fixture(scope="module")
+def hybrid_checkpoint(tmp_path_factory, small_tokenizer):
+    torch.manual_seed(0)
+    special = small_tokenizer.eos_token_id
+    config = NemotronHConfig(vocab_size=len(small_tokenizer), hidden_size=32, layers_block_type=PATTERN,
+                             mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=16,
+                             intermediate_size=48, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                             bos_token_id=special, eos_token_id=special, pad_token_id=special)
+    path = tmp_path_factory.mktemp("ckpt-hybrid")
+    NemotronHForCausalLM(config).save_pretrained(path)
+    small_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_analyze_a_hybrid(tmp_path, hybrid_checkpoint):
+    out = tmp_path / "hyb"
+    code = main(["analyze", "--model", hybrid_checkpoint, "--window", "32", "--max-tokens", "512", "--draws", "3",
+                 "--out", str(out), "--quiet", "--device", "cpu"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"]["layer_kinds"] == ["mamba2", "mlp", "attention", "mamba2"]
+    # the attention-only layer has no neurons: skipped by name; the others carry their kind
+    assert set(results["layers"]) == {"0", "1", "3"}
+    assert {k: r["layer_kind"] for k, r in results["layers"].items()} == {"0": "mamba2", "1": "mlp", "3": "mamba2"}
+    assert results["census"]["skipped_layers"] == {"2": "attention layer: no neurons"}
+    assert results["layers"]["1"]["delta_sensitive"] is None and results["layers"]["0"]["delta_sensitive"]
+    assert "attention_rows" in results["layers"]["0"] and "attention_rows" not in results["layers"]["1"]
+    assert results["ablation"]["groups"]["dead"] and results["pruning"]["ratios"]
+    attention = results["attention_neurons"]
+    assert sorted(int(layer) for layer in attention["layers"]) == [0, 3]
+    assert "rollout" in attention["errors"] and "not SSM layers" in attention["errors"]["rollout"]
+    assert set(results["errors"]) == set()
+    page = (out / "report.html").read_text()
+    assert "1 (mlp)" in page and "0 (mamba2)" in page
+
+
+def test_compare_a_hybrid_with_pure_models(tmp_path, hybrid_checkpoint, small_checkpoints):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--models", small_checkpoints["mamba2"], hybrid_checkpoint, small_checkpoints["gpt2"],
+                 "--window", "32", "--max-tokens", "256", "--out", str(out), "--quiet"])
+    assert code == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    rows = [r for r in comparison["layers"] if r["arch"] == "nemotron_h"]
+    assert [r["layer_kind"] for r in rows] == ["mamba2", "mlp", "attention", "mamba2"]
+    assert rows[2]["entropy"] is not None and "entropy" not in rows[1]  # real softmax pattern; MLP has none
