@@ -249,9 +249,9 @@ def _memory_plan(args: argparse.Namespace, model, info: dict):
     unknown length: its file's size in bytes, at least its token count; a datasets stream: unbounded)."""
     import math
 
-    from mambascope.pipeline import check_layers
+    from mambascope.arch import adapter
+    from mambascope.pipeline import census_layers
     from mambascope.scale import plan_memory
-    from mambascope.trace import mixer_params
 
     corpus = info["corpus"]
     if not corpus.get("streamed"):
@@ -261,9 +261,11 @@ def _memory_plan(args: argparse.Namespace, model, info: dict):
     else:
         path = Path(args.corpus).expanduser()
         tokens = path.stat().st_size if path.suffix.lower() in (".txt", ".jsonl") else math.inf
-    arch, width = info["model"]["arch"], info["model"]["d_inner"]
-    units = 0 if arch == "gpt2" else width // mixer_params(model, 0).head_dim
-    return plan_memory(model, len(check_layers(model, args.layers)), width, units, tokens=tokens, window=args.window,
+    ad, width = adapter(model), info["model"]["d_inner"]
+    layers, _ = census_layers(model, args.layers)
+    ssm = [layer for layer in layers if ad.neuron_kind(layer) in ("mamba", "mamba2")]  # the layers with Δ
+    units = 0 if not ssm else width // (ad.mixer_params(ssm[0]).head_dim if ad.neuron_kind(ssm[0]) == "mamba2" else 1)
+    return plan_memory(model, len(layers), width, units, tokens=tokens, window=args.window,
                        batch_size=args.batch_size, budget=args.memory_budget * 2**30)
 
 
