@@ -20,6 +20,7 @@ BUNDLED: dict[str, str] = {
     "tiny-mamba": "Mamba-1 (MambaForCausalLM)",
     "tiny-mamba2": "Mamba-2 (Mamba2ForCausalLM)",
     "tiny-gpt": "GPT-2 style transformer (GPT2LMHeadModel)",
+    "tiny-mamba2-mqar": "Mamba-2 trained on MQAR, 8 key-value pairs in 64 tokens (docs/models.md, Task models)",
 }
 # model_type (config.json) -> the causal-LM class mambascope knows how to trace.
 SUPPORTED: dict[str, str] = {
