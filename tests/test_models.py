@@ -19,7 +19,8 @@ ARCH_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "gpt2"
               "bamba": "BambaForCausalLM"}
 BUNDLED_ARCH = {"tiny-mamba": "mamba", "tiny-mamba2": "mamba2", "tiny-gpt": "gpt2", "tiny-hybrid": "bamba"}
 # The bundled task models (docs/models.md, "Task models"); each must reach 95 % held-out query accuracy.
-TASK_ARCH = {"tiny-mamba-mqar": "mamba", "tiny-mamba2-mqar": "mamba2", "tiny-gpt-mqar": "gpt2"}
+# (tiny-mamba-mqar and tiny-gpt-mqar did not reach the bar on the CPU budget and are not bundled.)
+TASK_ARCH = {"tiny-mamba2-mqar": "mamba2"}
 # Smallest shapes that still exercise every code path (Mamba-2: 2 heads, 1 group, chunking).
 TINY = {
     "mamba": {"hidden_size": 16, "num_hidden_layers": 2, "state_size": 4},
@@ -157,7 +158,11 @@ def test_bundled_model_is_small_trained_and_beats_unigram(name: str) -> None:
     assert float(loss) < 0.85 * unigram_loss(train_ids, windows, len(tok))
 
 
-@pytest.mark.parametrize("name", [n for n in TASK_ARCH if n in BUNDLED])
+def test_every_bundled_task_model_is_checked() -> None:
+    assert {n for n in BUNDLED if n.endswith(("-mqar", "-copy"))} == set(TASK_ARCH)
+
+
+@pytest.mark.parametrize("name", list(TASK_ARCH))
 def test_bundled_task_model_reaches_the_accuracy_bar(name: str) -> None:
     from mambascope.data.tasks import query_correct
     from mambascope.models.train_task import heldout_task_batch

@@ -124,7 +124,7 @@ def attribution_accuracy(model: nn.Module, batch: TaskBatch, layers: int | Seque
             "seq_len": L, "queries_per_example_scored": 1, "seed": seed,
             "task_accuracy": float(torch.cat(correct).double().mean()),
             "task_accuracy_queries": int(torch.cat(correct).numel()),
-            "rank_among": "context positions 0..q-1 (q = the query: the key token whose next token is the answer)",
+            "rank_among": "context positions 0..q-1 (q = the query key, where the answer is predicted)",
             "interval": "95% percentile bootstrap over queries (2000 resamples)",
             "rows": rows_out, "errors": errors}
 
