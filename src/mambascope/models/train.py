@@ -388,6 +388,5 @@ def _train_tiny(arch: str, out: Path, *, steps: int, batch_size: int, seq_len: i
         "curve": curve,
     }
     (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-    log(f"[{arch}] val loss {val:.4f} nats/token, unigram {uni:.4f}, ratio {val / uni:.3f}; "
-        f"saved to {out}")
+    log(f"[{arch}] val loss {val:.4f} nats/token, unigram {uni:.4f}, ratio {val / uni:.3f}")  # the CLI says where
     return stats

@@ -148,5 +148,5 @@ def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len:
         "curve": curve,
     }
     (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-    log(f"[{arch} {task}] held-out query accuracy {accuracy:.4f} on {heldout.num_queries} queries; saved to {out}")
+    log(f"[{arch} {task}] held-out query accuracy {accuracy:.4f} on {heldout.num_queries} queries")
     return stats
