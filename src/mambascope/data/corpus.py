@@ -26,6 +26,7 @@ import inspect
 import json
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,25 +245,26 @@ def _decode(path: Path) -> str:
                          ) from None
 
 
-def _read_txt(path: Path) -> list[str]:
-    # Documents are separated by one or more blank lines (whitespace-only lines count as blank).
-    docs: list[str] = []
+def txt_documents(lines: Iterable[str]) -> Iterator[str]:
+    """Documents of a text file's lines: separated by one or more blank (or whitespace-only) lines."""
     current: list[str] = []
-    for line in _decode(path).splitlines():
+    for line in lines:
         if line.strip():
             current.append(line.rstrip())
         elif current:
-            docs.append("\n".join(current))
+            yield "\n".join(current)
             current = []
     if current:
-        docs.append("\n".join(current))
-    return docs
+        yield "\n".join(current)
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    docs: list[str] = []
-    # split on "\n" only: a JSON string may hold U+2028 and other characters that str.splitlines breaks at
-    for lineno, line in enumerate(_decode(path).split("\n"), start=1):
+def jsonl_documents(lines: Iterable[str], path: Path) -> Iterator[str]:
+    """The non-empty ``text`` of each JSONL line; a malformed line is a ValueError naming ``path`` and the line.
+
+    Split the file on "\n" only: a JSON string may hold U+2028 and other characters that str.splitlines
+    breaks at.
+    """
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -274,14 +276,15 @@ def _read_jsonl(path: Path) -> list[str]:
         if not isinstance(record["text"], str):
             raise ValueError(f"{path}:{lineno}: the 'text' field must be a string")
         if record["text"].strip():
-            docs.append(record["text"])
-    return docs
+            yield record["text"]
 
 
 def _file_texts(path: Path, split: str) -> list[str]:
     """The documents of a .txt / .jsonl file in ``split``; a file without text, or without any document in
     the split, is one ValueError naming the file."""
-    docs = _read_txt(path) if path.suffix.lower() == ".txt" else _read_jsonl(path)
+    text = _decode(path)
+    docs = list(txt_documents(text.splitlines()) if path.suffix.lower() == ".txt"
+                else jsonl_documents(text.split("\n"), path))
     if not docs:
         what = "blank lines" if path.suffix.lower() == ".txt" else "lines whose 'text' is empty"
         raise ValueError(f"corpus file {path} has no text: no non-empty documents, only {what}")

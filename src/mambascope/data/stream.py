@@ -16,7 +16,6 @@ instead; the two paths therefore select different windows.)
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
@@ -26,7 +25,14 @@ from typing import Any
 
 import torch
 
-from mambascope.data.corpus import _check_split, _download_failure, builtin_texts, in_validation
+from mambascope.data.corpus import (
+    _check_split,
+    _download_failure,
+    builtin_texts,
+    in_validation,
+    jsonl_documents,
+    txt_documents,
+)
 
 CHUNK_DOCS = 256
 HELDOUT_WINDOWS = 512  # held-out windows kept in memory for the interventions, at most
@@ -43,32 +49,6 @@ def _lines(path: Path) -> Iterator[str]:
     except UnicodeDecodeError:
         raise ValueError(f"corpus file {path}, line {lineno + 1}: not UTF-8; expected UTF-8 text: convert the file "
                          "(e.g. iconv -f latin1 -t UTF-8)") from None
-
-
-def _txt_documents(path: Path) -> Iterator[str]:
-    current: list[str] = []
-    for line in _lines(path):
-        if line.strip():
-            current.append(line.rstrip())
-        elif current:
-            yield "\n".join(current)
-            current = []
-    if current:
-        yield "\n".join(current)
-
-
-def _jsonl_documents(path: Path) -> Iterator[str]:
-    for lineno, line in enumerate(_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{lineno}: each JSONL line must be an object with a 'text' string")
-        if record["text"].strip():
-            yield record["text"]
 
 
 def _dataset_documents(spec: str, split: str) -> Iterator[str]:
@@ -107,8 +87,9 @@ def stream_documents(spec: str = "builtin", split: str = "train") -> Callable[[]
     if suffix in (".txt", ".jsonl"):
         if not path.is_file():
             raise FileNotFoundError(f"corpus file not found: {path}")
-        read = _txt_documents if suffix == ".txt" else _jsonl_documents
-        return lambda: _of_split(read(path), split)
+        if suffix == ".txt":
+            return lambda: _of_split(txt_documents(_lines(path)), split)
+        return lambda: _of_split(jsonl_documents(_lines(path), path), split)
     if path.exists():
         raise ValueError(f"unsupported corpus file {path}: use a .txt or .jsonl file")
     return lambda: _dataset_documents(spec, split)
