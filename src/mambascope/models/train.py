@@ -166,6 +166,18 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, input_ids: torch.Tensor,
+                   labels: torch.Tensor) -> float:
+    """One step of next-token training (gradients clipped to norm 1); the step's loss."""
+    loss = model(input_ids=input_ids, labels=labels).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def _lr_factor(step: int, steps: int, warmup: int, min_ratio: float = 0.1) -> float:
     """Linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` of the peak."""
     if step < warmup:
@@ -232,13 +244,7 @@ def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, train_
             order = _epoch_batches(train_stream, seq_len, batch_size, gen)
             epoch += 1
         batch = order.pop(0).to(dev)
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        running += loss.item()
+        running += optimizer_step(model, opt, sched, batch, batch)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             n = (step % log_every) + 1
             curve.append({"step": step + 1, "epoch": epoch, "train_loss": round(running / n, 4)})

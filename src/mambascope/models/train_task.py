@@ -23,7 +23,7 @@ from torch import nn
 
 from mambascope.data.tasks import TaskBatch, generate, query_correct, task_tokenizer
 from mambascope.models.loading import resolve_device
-from mambascope.models.train import ARCHS, _lr_factor, _param_groups, _training_scan, build_config
+from mambascope.models.train import ARCHS, _lr_factor, _param_groups, _training_scan, build_config, optimizer_step
 
 # d_model 64, 2 layers: enough for MQAR at 8 pairs / 64 tokens, each model far under 2 MB.
 TASK_SHAPES: dict[str, dict[str, Any]] = {
@@ -107,13 +107,7 @@ def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len:
     with _training_scan(arch):
         for step in range(steps):
             batch = generate(task, batch_size, seq_len, num_pairs=num_pairs, seed=seed * 1_000_000 + step)
-            loss = model(input_ids=batch.input_ids.to(dev), labels=batch.labels.to(dev)).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            running += loss.item()
+            running += optimizer_step(model, opt, sched, batch.input_ids.to(dev), batch.labels.to(dev))
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 n = (step % log_every) + 1
                 entry = {"step": step + 1, "train_loss": round(running / n, 4)}
