@@ -209,6 +209,8 @@ def _check_checkpoints(args: argparse.Namespace, world: int) -> None:
 
     found = checkpoint_paths(args.out)
     if not found:
+        if args.resume:  # a resumable script may always pass --resume; a mistyped --out must not go unnoticed
+            print(f"mambascope: --resume: no checkpoint of --out {args.out}; starting a new census", file=sys.stderr)
         return
     if not args.resume:
         if not args.overwrite:
