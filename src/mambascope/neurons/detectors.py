@@ -189,13 +189,17 @@ class TokenDetectorAccumulator(Accumulator):
                              f"[{int(tok.min())}, {int(tok.max())}]")
         self.n_tokens += tok.numel()
         self.occurrences += torch.bincount(tok, minlength=V)
+        active = batch.active.reshape(-1, E)  # [token slots, E]
         for n in self._orders:
             ids, ok = ngram_ids(batch.token_ids, batch.valid, n, V)
-            # flat indices of active events (token slot · E + neuron) whose n-gram exists
-            events = (batch.active & ok[..., None]).reshape(-1).nonzero().flatten()
-            keys = (events % E) * V**n + ids.reshape(-1)[events // E]
-            keys, counts = torch.unique(keys, return_counts=True)
-            self.tables[n].add(keys, counts)
+            # Group the batch's token slots by n-gram (a sort of b·L ids) and sum the neurons' activity per
+            # group: the (neuron, n-gram) counts without sorting every active event (b·L·E of them).
+            slots = ok.reshape(-1).nonzero().flatten()
+            grams, group = torch.unique(ids.reshape(-1)[slots], return_inverse=True)
+            counts = torch.zeros(grams.numel(), E, dtype=torch.long, device=active.device)
+            counts.index_add_(0, group, active[slots].long())
+            gram, neuron = counts.nonzero(as_tuple=True)
+            self.tables[n].add(neuron * V**n + grams[gram], counts[gram, neuron])
 
     def _adopt_extra(self, other: Accumulator) -> None:
         assert isinstance(other, TokenDetectorAccumulator)
