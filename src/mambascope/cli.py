@@ -476,8 +476,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         render_comparison_report(comparison, out.staging, figures)
         path = out.commit()
     table = comparison_table(comparison)
-    columns = ["model", "layer", "depth", "pct_dead", "pct_positional", "token_detectors", "mean_dt_selectivity",
-               "entropy", "sink_mass"]
+    columns = ["model", "layer", "layer_kind", "depth", "pct_dead", "pct_positional", "token_detectors",
+               "mean_dt_selectivity", "entropy", "sink_mass"]
     print(table[[c for c in columns if c in table]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     for name, reason in comparison["errors"].items():
         print(f"FAILED {name}: {reason}", file=sys.stderr)
