@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mambascope.arch.base import Adapter, Context, Emit, UnsupportedFeature
+from mambascope.arch.base import Adapter, Context, Emit
 from mambascope.arch.llama import rotary_tables
 from mambascope.arch.parts import gated_mlp, llama_attention, mamba2_mixer
 
@@ -20,13 +20,7 @@ class BambaAdapter(Adapter):
     hf_class = "BambaForCausalLM"
 
     def check_supported(self) -> None:
-        if self.config.hidden_act != "silu":
-            # Bamba's mixer applies hidden_act after its conv; the mixer math (and hidden attention) assumes SiLU.
-            raise UnsupportedFeature(f"Bamba with hidden_act={self.config.hidden_act!r}: the Mamba-2 mixer is "
-                                     "traced with SiLU after the conv only")
-
-    def blocks(self) -> nn.ModuleList:
-        return self.model.model.layers
+        self.require_silu(self.config.hidden_act, "Bamba", "Mamba-2")
 
     def parts(self, layer: int) -> tuple[str, ...]:
         first = "mamba2" if self.config.layers_block_type[layer] == "linear_attention" else "attn"

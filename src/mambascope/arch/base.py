@@ -65,7 +65,14 @@ class Adapter:
         """Raise :class:`UnsupportedFeature` naming any configured feature the trace would get wrong."""
 
     def blocks(self) -> nn.ModuleList:
-        raise NotImplementedError
+        """The decoder layers; ``model.model.layers`` in most Hugging Face families."""
+        return self.model.model.layers
+
+    def require_silu(self, act: str, family: str, mixer: str, option: str = "hidden_act") -> None:
+        """The mixer math (and hidden attention) applies SiLU after the conv; refuse another activation by name."""
+        if act != "silu":
+            raise UnsupportedFeature(f"{family} with {option}={act!r}: the {mixer} mixer is traced with SiLU "
+                                     "after the conv only")
 
     @property
     def n_layers(self) -> int:

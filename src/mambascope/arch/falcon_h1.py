@@ -26,12 +26,7 @@ class FalconH1Adapter(Adapter):
     hf_class = "FalconH1ForCausalLM"
 
     def check_supported(self) -> None:
-        if self.config.hidden_act != "silu":
-            raise UnsupportedFeature(f"Falcon-H1 with hidden_act={self.config.hidden_act!r}: the Mamba-2 mixer "
-                                     "is traced with SiLU after the conv only")
-
-    def blocks(self) -> nn.ModuleList:
-        return self.model.model.layers
+        self.require_silu(self.config.hidden_act, "Falcon-H1", "Mamba-2")
 
     def parts(self, layer: int) -> tuple[str, ...]:
         return ("mamba2", "attn", "gated_mlp")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mambascope.arch.base import Adapter, Context, Emit, UnsupportedFeature
+from mambascope.arch.base import Adapter, Context, Emit
 from mambascope.arch.llama import rotary_tables
 from mambascope.arch.parts import gated_mlp, llama_attention, mamba2_mixer, moe_with_router
 
@@ -28,12 +28,7 @@ class GraniteMoeHybridAdapter(Adapter):
     hf_class = "GraniteMoeHybridForCausalLM"
 
     def check_supported(self) -> None:
-        if self.config.hidden_act != "silu":
-            raise UnsupportedFeature(f"Granite-4.0-H with hidden_act={self.config.hidden_act!r}: the Mamba-2 "
-                                     "mixer is traced with SiLU after the conv only")
-
-    def blocks(self) -> nn.ModuleList:
-        return self.model.model.layers
+        self.require_silu(self.config.hidden_act, "Granite-4.0-H", "Mamba-2")
 
     def parts(self, layer: int) -> tuple[str, ...]:
         first = "mamba2" if self.blocks()[layer].mamba is not None else "attn"

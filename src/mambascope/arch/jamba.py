@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mambascope.arch.base import Adapter, Context, Emit, UnsupportedFeature
+from mambascope.arch.base import Adapter, Context, Emit
 from mambascope.arch.parts import gated_mlp, llama_attention, mamba1_mixer, moe_with_router
 
 
@@ -20,12 +20,7 @@ class JambaAdapter(Adapter):
     hf_class = "JambaForCausalLM"
 
     def check_supported(self) -> None:
-        if self.config.hidden_act != "silu":
-            raise UnsupportedFeature(f"Jamba with hidden_act={self.config.hidden_act!r}: the Mamba-1 mixer is "
-                                     "traced with SiLU after the conv only")
-
-    def blocks(self) -> nn.ModuleList:
-        return self.model.model.layers
+        self.require_silu(self.config.hidden_act, "Jamba", "Mamba-1")
 
     def _moe(self, layer: int) -> bool:
         return self.config.layers_num_experts[layer] > 1

@@ -24,9 +24,6 @@ class LlamaAdapter(Adapter):
     hf_class = "LlamaForCausalLM"
     transformer = True
 
-    def blocks(self) -> nn.ModuleList:
-        return self.model.model.layers
-
     def parts(self, layer: int) -> tuple[str, ...]:
         return ("attn", "gated_mlp")
 

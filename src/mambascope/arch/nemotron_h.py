@@ -24,14 +24,9 @@ class NemotronHAdapter(Adapter):
     hf_class = "NemotronHForCausalLM"
 
     def check_supported(self) -> None:
-        if self.config.mamba_hidden_act != "silu":
-            raise UnsupportedFeature(f"Nemotron-H with mamba_hidden_act={self.config.mamba_hidden_act!r}: the "
-                                     "Mamba-2 mixer is traced with SiLU after the conv only")
+        self.require_silu(self.config.mamba_hidden_act, "Nemotron-H", "Mamba-2", option="mamba_hidden_act")
         if self.config.sliding_window is not None:
             raise UnsupportedFeature("Nemotron-H with sliding-window attention (sliding_window) is not traced")
-
-    def blocks(self) -> nn.ModuleList:
-        return self.model.model.layers
 
     def parts(self, layer: int) -> tuple[str, ...]:
         return (_PART[self.blocks()[layer].block_type],)

@@ -24,9 +24,6 @@ class Zamba2Adapter(Adapter):
     model_type = "zamba2"
     hf_class = "Zamba2ForCausalLM"
 
-    def blocks(self) -> nn.ModuleList:
-        return self.model.model.layers
-
     def _hybrid(self, layer: int) -> bool:
         return self.config.layers_block_type[layer] == "hybrid"
 
