@@ -166,15 +166,20 @@ def mamba_layer0_truth(planted: Planted, types: torch.Tensor) -> dict[str, objec
 def mamba_mixer_inputs(planted: Planted, windows: torch.Tensor) -> dict[int, torch.Tensor]:
     """Each layer's normed mixer input [b, L, H], captured by pre-hooks in the model's own forward."""
     captured: dict[int, torch.Tensor] = {}
-    handles = [layer.mixer.register_forward_pre_hook(lambda module, args, i=i: captured.__setitem__(i, args[0]))
-               for i, layer in enumerate(planted.model.backbone.layers)]
+    _hooked_forward(planted.model, windows, [
+        layer.mixer.register_forward_pre_hook(lambda module, args, i=i: captured.__setitem__(i, args[0]))
+        for i, layer in enumerate(planted.model.backbone.layers)])
+    return captured
+
+
+def _hooked_forward(model, windows: torch.Tensor, handles: list) -> None:
+    """The model's own forward on ``windows`` with the hooks of ``handles``, removed afterwards."""
     try:
         with torch.no_grad():
-            planted.model(windows)
+            model(windows)
     finally:
         for h in handles:
             h.remove()
-    return captured
 
 
 def mamba_gate_max(planted: Planted, inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -264,12 +269,7 @@ def plant_gpt(types: torch.Tensor, *, c: float = 0.3, w: float = 4.0, seed: int 
 def gpt_preactivations(planted: Planted, windows: torch.Tensor) -> dict[int, torch.Tensor]:
     """Per layer, the MLP pre-activation c_fc(ln_2(x)) [b, L, E] from the model's own forward (hooks on c_fc)."""
     out: dict[int, torch.Tensor] = {}
-    handles = [block.mlp.c_fc.register_forward_hook(lambda m, args, result, i=i: out.__setitem__(i, result))
-               for i, block in enumerate(planted.model.transformer.h)]
-    try:
-        with torch.no_grad():
-            planted.model(windows)
-    finally:
-        for h in handles:
-            h.remove()
+    _hooked_forward(planted.model, windows, [
+        block.mlp.c_fc.register_forward_hook(lambda m, args, result, i=i: out.__setitem__(i, result))
+        for i, block in enumerate(planted.model.transformer.h)])
     return out
