@@ -271,11 +271,12 @@ def _memory_plan(args: argparse.Namespace, model, info: dict):
                        batch_size=args.batch_size, budget=args.memory_budget * 2**30)
 
 
-def _keep_finished(out) -> str:
-    """After an interrupt or failure: where the finished stages are (never over an earlier output)."""
+def _keep_finished(out) -> str | None:
+    """After an interrupt or failure: where the finished stages are (never over an earlier output), or None
+    when nothing had finished."""
     where = out.abandon()
     if where is None:
-        return f"nothing had finished; {out.path} is unchanged"
+        return None
     if where == out.path:
         return f"finished stages kept in {where / 'results.json'}"
     return f"{out.path} is unchanged; finished stages kept in {where / 'results.json'}"
@@ -341,11 +342,12 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
                 _render(results, out.staging)
                 save_json(out.file("results.json"), results)
         except KeyboardInterrupt:
-            print(f"mambascope: interrupted; {_keep_finished(out)}", file=sys.stderr)
+            kept = _keep_finished(out) or f"nothing had finished; {out.path} is unchanged"
+            print(f"mambascope: interrupted; {kept}", file=sys.stderr)
             return INTERRUPTED
         except BaseException:
             kept = _keep_finished(out)
-            if not kept.startswith("nothing"):
+            if kept is not None:
                 print(f"mambascope: {kept}", file=sys.stderr)
             raise
         try:
