@@ -19,7 +19,8 @@ from importlib import resources
 from typing import Any
 
 from mambascope.report.figures import FIGURES, FigureSet, FigureSkipped, create_comprehensive_report
-from mambascope.report.html import neuron_data, render_report
+from mambascope.report.html import render_report
+from mambascope.report.neuron_payload import neuron_data
 
 __all__ = ["FIGURES", "FigureSet", "FigureSkipped", "create_comprehensive_report", "neuron_data",
            "plot_attention_neurons_analysis", "plot_comparison", "render_report", "results_schema"]

@@ -1,7 +1,7 @@
 """Inline CSS and JavaScript of the HTML report (self-contained: no network, no external files).
 
 The script renders neuron pages client-side from the JSON embedded in ``<script id="neuron-data">``
-(layout: :func:`mambascope.report.html.neuron_data`).  It builds every element with DOM calls and sets
+(layout: :func:`mambascope.report.neuron_payload.neuron_data`).  It builds every element with DOM calls and sets
 text with ``textContent`` only, so token strings from the corpus can never inject markup.
 """
 
