@@ -97,7 +97,7 @@ class _Emitter:
         return tensor
 
 
-def _state_positions(positions: Iterable[int] | None, length: int) -> tuple[int, ...] | None:
+def state_positions_of(positions: Iterable[int] | None, length: int) -> tuple[int, ...] | None:
     """Sorted distinct positions in [0, length), negative ones counted from the end."""
     if positions is None:
         return None
@@ -111,10 +111,11 @@ def _state_positions(positions: Iterable[int] | None, length: int) -> tuple[int,
     return tuple(sorted(out))
 
 
-def _units_with_state(ad: Adapter, names: str | Iterable[str] | None, edits: Mapping[str, Edit],
-                      positions: tuple[int, ...] | None) -> tuple[list[dict[str, str]], list[str]]:
-    """(units per layer, wanted names): ``mixer.hook_ssm_state`` joins the units when positions are given;
-    naming or editing it without positions is a ``ValueError``."""
+def resolve_units(ad: Adapter, names: str | Iterable[str] | None, edits: Mapping[str, Edit],
+                  positions: tuple[int, ...] | None) -> tuple[list[dict[str, str]], list[str]]:
+    """(units per layer, the full names ``names`` selects, as ``resolve_names``): ``mixer.hook_ssm_state``
+    joins the units when ``positions`` are given; naming it (or editing it, a key of ``edits``) without
+    positions is a ``ValueError``, while a pattern that also matches other units just leaves it out."""
     plain = [ad.units(layer) for layer in range(ad.n_layers)]
     full = [{**units, **ad.state_units(layer)} for layer, units in enumerate(plain)]
     if positions is not None:
@@ -163,9 +164,9 @@ def trace_stream(
     """
     ad = adapter(model)
     check_inputs(model, input_ids, attention_mask, max_length)
-    positions = _state_positions(state_positions, input_ids.shape[1])
+    positions = state_positions_of(state_positions, input_ids.shape[1])
     edits = dict(edits or {})
-    units, wanted_names = _units_with_state(ad, names, edits, positions)
+    units, wanted_names = resolve_units(ad, names, edits, positions)
     wanted = set(wanted_names) if callback is not None else set()
     unknown = set(edits) - set(all_names(units))
     if unknown:
@@ -217,4 +218,4 @@ def trace(
     return Trace(tensors, logits, adapter(model).model_type)
 
 
-__all__ = ["UNITS", "Trace", "check_inputs", "trace", "trace_stream"]
+__all__ = ["UNITS", "Trace", "check_inputs", "resolve_units", "state_positions_of", "trace", "trace_stream"]
