@@ -194,3 +194,19 @@ def test_a_transformer_has_no_state():
         "blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"}
     with pytest.raises(KeyError):
         trace(model, ids, names=STATE, state_positions=[3])
+
+
+def test_state_edits_under_autograd():
+    """With grad=True the edit runs out of place: same logits as without, and the gradient reaches each
+    slot it returns; the state after the last position feeds nothing, so its gradient is exactly zero."""
+    model = stress(_random_model("mamba2", MAMBA2_CONFIGS[0]))
+    ids = torch.randint(0, 97, (2, 20))
+    name = f"blocks.0.{STATE}"
+    delta = torch.zeros(2, 3, 8, 8, 8, requires_grad=True)
+    with_grad = trace(model, ids, names=[], state_positions=[2, 10, 19], grad=True,
+                      edits={name: lambda s: 0.5 * s + delta})
+    without = trace(model, ids, names=[], state_positions=[2, 10, 19], edits={name: lambda s: 0.5 * s})
+    assert rel(with_grad.logits.detach(), without.logits) < 1e-5
+    with_grad.logits[:, -1].sum().backward()
+    assert delta.grad[:, 0].abs().sum() > 0 and delta.grad[:, 1].abs().sum() > 0
+    assert not delta.grad[:, 2].any()

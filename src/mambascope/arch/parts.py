@@ -135,7 +135,10 @@ def mamba2_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
         y = ssd_scan(u_heads, dt, A, B, C, chunk_size=mixer.chunk_size)
     else:
         def scan(s: slice, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-            return ssd_scan(u_heads[:, s], dt[:, s], A, B[:, s], C[:, s], chunk_size=mixer.chunk_size,
+            # equal chunks of at most chunk_size: a short segment is not padded to a whole chunk
+            n = s.stop - s.start
+            chunk = -(-n // -(-n // mixer.chunk_size))
+            return ssd_scan(u_heads[:, s], dt[:, s], A, B[:, s], C[:, s], chunk_size=chunk,
                             initial_state=h, return_state=True)
 
         y = scan_through_states(scan, u.shape[1], emit)

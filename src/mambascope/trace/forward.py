@@ -68,6 +68,7 @@ class _Emitter:
         asked = state in wanted or state in edits
         self.state_positions = state_positions if asked else None
         self._states: list[torch.Tensor] = []
+        self._buffer: torch.Tensor | None = None
 
     def __call__(self, unit: str, tensor: torch.Tensor) -> torch.Tensor:
         name = self.prefix + unit
@@ -80,21 +81,35 @@ class _Emitter:
     def state(self, unit: str, k: int, tensor: torch.Tensor) -> torch.Tensor:
         """The state after the k-th requested position [b, ...]; returns the state the scan continues from.
 
-        The edit sees the unit's [b, K, ...] tensor as far as the scan has got: slots before k hold the
-        states in use (edited), slot k this one, later slots zero; slot k of its result is kept.  So an
-        edit acting slot by slot (replace, scale, add) edits each state once, from the state the edited
-        past produced.
+        The edit is called once per position, as the scan reaches it, on the unit's [b, K, ...] tensor as
+        far as the scan has got: slots before k hold the states in use (edited), slot k this one, later
+        slots zero; slot k of its result is kept.  So an edit acting slot by slot (replace, scale, add,
+        ``torch.where``) edits each state once, from the state the edited past produced.  Without autograd
+        the tensor it is given is one buffer reused across the K calls: it must not keep it or write to it.
         """
         name = self.prefix + unit
-        K = len(self.state_positions)
+        if k == 0:
+            self._states, self._buffer = [], None
         if name in self.edits:
-            rest = [torch.zeros_like(tensor)] * (K - k - 1)
-            edited = self.edits[name](torch.stack([*self._states, tensor, *rest], dim=1))
-            tensor = edited[:, k].to(tensor.dtype)
+            tensor = self._edited_state(self.edits[name], k, tensor)
         self._states.append(tensor)
-        if k == K - 1 and name in self.wanted:
+        if k == len(self.state_positions) - 1 and name in self.wanted:
             self.collected[unit] = torch.stack(self._states, dim=1)
         return tensor
+
+    def _edited_state(self, edit: Edit, k: int, tensor: torch.Tensor) -> torch.Tensor:
+        K = len(self.state_positions)
+        if torch.is_grad_enabled():
+            # out of place, so that autograd sees each state once
+            slots = torch.stack([*self._states, tensor, *[torch.zeros_like(tensor)] * (K - k - 1)], dim=1)
+            return edit(slots)[:, k].to(tensor.dtype)
+        # one buffer written slot by slot: O(K) copies over the K calls instead of O(K²)
+        if self._buffer is None:
+            self._buffer = tensor.new_zeros(tensor.shape[0], K, *tensor.shape[1:])
+        self._buffer[:, k] = tensor
+        out = edit(self._buffer)[:, k].to(tensor.dtype).clone()
+        self._buffer[:, k] = out
+        return out
 
 
 def state_positions_of(positions: Iterable[int] | None, length: int) -> tuple[int, ...] | None:
