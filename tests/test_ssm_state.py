@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from family_check import padded_batch, rel, stress
 from mambascope.arch import adapter
+from mambascope.ssm import s6_attention
 from mambascope.ssm.reference import mamba1_scan, mamba2_scan
 from mambascope.trace import trace
 from test_arch_bamba import _model as bamba_model
@@ -210,3 +211,21 @@ def test_state_edits_under_autograd():
     with_grad.logits[:, -1].sum().backward()
     assert delta.grad[:, 0].abs().sum() > 0 and delta.grad[:, 1].abs().sum() > 0
     assert not delta.grad[:, 2].any()
+
+
+def test_mamba1_state_is_the_hidden_attention_sum():
+    """h_p[e, n] = Σ_{s≤p} (Π_{r=s+1..p} Ā_r) B̄_s u_s, read off the hidden attention with C = e_n
+    (Ali et al. 2024: α_{p,s} = C_p·(Π Ā) B̄_s), a kernel that shares no code with the scan."""
+    model = stress(_random_model("mamba", MAMBA1_CONFIGS[0]))
+    ids = torch.randint(0, 97, (2, 24))
+    positions = torch.tensor([0, 9, 23])
+    tr = trace(model, ids, names="blocks.1.*", state_positions=positions.tolist())
+    units = tr.layer(1)
+    A = adapter(model).mixer_params(1).A
+    dt, B, u = units["mixer.hook_dt"], units["mixer.hook_B"], units["mixer.hook_ssm_input"]
+    N = A.shape[1]
+    expected = torch.stack([
+        torch.einsum("beps,bse->bpe", s6_attention(dt, A, B, F.one_hot(torch.full(B.shape[:2], n), N).to(B.dtype),
+                                                   rows=positions), u)
+        for n in range(N)], dim=-1)  # [b, K, E, N]
+    assert rel(units[STATE], expected) < 1e-5
