@@ -182,6 +182,10 @@ def test_state_needs_positions_and_stays_out_of_the_default():
     for bad in ([20], [-21]):
         with pytest.raises(ValueError, match="outside the sequence"):
             trace(model, ids, state_positions=bad)
+    with pytest.raises(TypeError):
+        trace(model, ids, state_positions=[2.5])
+    alone = trace(model, ids, names=STATE, state_positions=torch.tensor([5]))[f"blocks.0.{STATE}"]
+    assert rel(alone, with_state[f"blocks.0.{STATE}"][:, 1:2]) < 1e-5  # slot 1 of [0, 5, 19]
     with pytest.raises(ValueError, match="empty"):
         trace(model, ids, state_positions=[])
     with pytest.raises(KeyError, match="no hook named"):

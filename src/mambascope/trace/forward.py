@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -117,10 +118,10 @@ def state_positions_of(positions: Iterable[int] | None, length: int) -> tuple[in
     if positions is None:
         return None
     out = set()
-    for p in positions:
-        if not -length <= int(p) < length:
+    for p in map(operator.index, positions):  # a float position is a TypeError, not silently truncated
+        if not -length <= p < length:
             raise ValueError(f"state position {p} is outside the sequence of {length} tokens")
-        out.add(int(p) % length)
+        out.add(p % length)
     if not out:
         raise ValueError("state_positions is empty: give at least one position or None")
     return tuple(sorted(out))
