@@ -12,17 +12,31 @@ adapters, but the forward here re-runs the family's own modules instead of conve
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
 
-from mambascope.arch.units import layer_units
+from mambascope.arch.units import STATE_SHAPES, STATE_UNIT, layer_units
 from mambascope.ssm.params import MixerParams
 
-Emit = Callable[[str, torch.Tensor], torch.Tensor]
+
+class Emit(Protocol):
+    """How a layer hands its units to the tracer (``mambascope.trace.forward``).
+
+    ``emit(unit, tensor)`` records a unit [b, L, ...] and returns it, possibly edited; the forward
+    continues with what it returns.  ``state_positions``: the sorted positions after which this layer's
+    SSM state is wanted or edited, None when it is neither (then the scan runs unsegmented);
+    ``state(unit, k, h)`` hands over the state after the k-th of them and returns the state the scan
+    continues from.
+    """
+
+    state_positions: tuple[int, ...] | None
+
+    def __call__(self, unit: str, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def state(self, unit: str, k: int, tensor: torch.Tensor) -> torch.Tensor: ...
 SSM_PARTS = ("mamba", "mamba2")
 MOE_PARTS = ("moe", "gated_moe", "gated_moe_shared")
 MLP_PARTS = ("mlp", "gated_mlp", *MOE_PARTS)
@@ -91,6 +105,12 @@ class Adapter:
     def units(self, layer: int) -> dict[str, str]:
         """unit -> shape of every traced unit of ``layer``."""
         return layer_units(self.parts(layer), self.parallel)
+
+    def state_units(self, layer: int) -> dict[str, str]:
+        """``{"mixer.hook_ssm_state": shape}`` on an SSM layer, else empty: the state after chosen positions,
+        traced only when positions are asked for (``trace(..., state_positions=...)``)."""
+        kind = self.layer_kind(layer)
+        return {STATE_UNIT: STATE_SHAPES[kind]} if kind in STATE_SHAPES else {}
 
     def layer_kind(self, layer: int) -> str:
         """``"mamba"``, ``"mamba2"`` (SSM layers, with or without an MLP after the mixer), ``"attention"``,

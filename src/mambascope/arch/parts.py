@@ -2,7 +2,9 @@
 
 Each function mirrors the Hugging Face pure-PyTorch forward (transformers 5.x) operation by operation,
 so that the traced logits equal the model's own.  ``emit(unit, tensor)`` records a unit and returns
-it, possibly edited by an intervention; downstream computation uses what it returns.
+it, possibly edited by an intervention; downstream computation uses what it returns.  The SSM state
+``mixer.hook_ssm_state`` is emitted only when the tracer asks for it (``emit.state_positions``): then
+the scan runs in segments ending at those positions, and each segment starts from the state emit returned.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mambascope.arch.base import Emit
+from mambascope.arch.units import STATE_UNIT
 from mambascope.ssm.scan import selective_scan, ssd_scan
 
-Emit = Callable[[str, torch.Tensor], torch.Tensor]
+# scan(segment, initial state or None) -> (y of the segment [b, len, ...], state after its last position)
+SegmentScan = Callable[[slice, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
 
 def masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -35,6 +40,24 @@ def weightless_rms(t: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x²) + eps) over the last axis in fp32, back in t's dtype (FalconMamba's B, C, Δ norms)."""
     x = t.float()
     return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).type_as(t)
+
+
+def scan_through_states(scan: SegmentScan, length: int, emit: Emit) -> torch.Tensor:
+    """y [b, length, ...] of a scan cut after each of ``emit.state_positions``, emitting the state there.
+
+    Each segment starts from the state ``emit.state`` returned at the end of the previous one, so an
+    edit of the state at p changes every output after p and none up to p; unedited, the pieces
+    concatenate to the whole scan (h_t depends on the past only through h_{t-1}).
+    """
+    ys, state, start = [], None, 0
+    for k, p in enumerate(emit.state_positions):
+        y, state = scan(slice(start, p + 1), state)
+        ys.append(y)
+        state = emit.state(STATE_UNIT, k, state)
+        start = p + 1
+    if start < length:
+        ys.append(scan(slice(start, length), state)[0])
+    return torch.cat(ys, dim=1)
 
 
 def mamba1_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, emit: Emit,
@@ -59,7 +82,14 @@ def mamba1_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
     B = emit("mixer.hook_B", B)
     C = emit("mixer.hook_C", C)
     A = -torch.exp(mixer.A_log.float())
-    y = emit("mixer.hook_y", selective_scan(u, dt, A, B, C) + u * mixer.D.float())
+    if emit.state_positions is None:
+        y = selective_scan(u, dt, A, B, C)
+    else:
+        def scan(s: slice, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            return selective_scan(u[:, s], dt[:, s], A, B[:, s], C[:, s], initial_state=h, return_state=True)
+
+        y = scan_through_states(scan, u.shape[1], emit)
+    y = emit("mixer.hook_y", y + u * mixer.D.float())
     gate = emit("mixer.hook_gate", F.silu(z))
     return emit("mixer.hook_post", y * gate)
 
@@ -101,7 +131,15 @@ def mamba2_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
     C = emit("mixer.hook_C", C.reshape(*C.shape[:2], G, N))
     A = -torch.exp(mixer.A_log.float())
     u_heads = u.reshape(*u.shape[:2], H, mixer.head_dim)
-    y = ssd_scan(u_heads, dt, A, B, C, chunk_size=mixer.chunk_size) + mixer.D.float()[:, None] * u_heads.float()
+    if emit.state_positions is None:
+        y = ssd_scan(u_heads, dt, A, B, C, chunk_size=mixer.chunk_size)
+    else:
+        def scan(s: slice, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            return ssd_scan(u_heads[:, s], dt[:, s], A, B[:, s], C[:, s], chunk_size=mixer.chunk_size,
+                            initial_state=h, return_state=True)
+
+        y = scan_through_states(scan, u.shape[1], emit)
+    y = y + mixer.D.float()[:, None] * u_heads.float()
     y = emit("mixer.hook_y", y.reshape(*u.shape[:2], E))
     gate = emit("mixer.hook_gate", F.silu(z.float()))
     if not rms_norm:

@@ -56,6 +56,10 @@ PART_UNITS: dict[str, dict[str, str]] = {
                          "mlp.hook_post": "b,L,X,F", "mlp.hook_shared_pre": "b,L,Fs",
                          "mlp.hook_shared_pre_linear": "b,L,Fs", "mlp.hook_shared_post": "b,L,Fs"},
 }
+# The SSM state h_p after each of K requested positions p (not a per-position unit: kept only when
+# positions are given, so memory is O(b·E·N·K)).  P = head dim; Mamba-1's E channels each hold N states.
+STATE_UNIT = "mixer.hook_ssm_state"
+STATE_SHAPES = {"mamba": "b,K,E,N", "mamba2": "b,K,H,P,N"}
 # The residual-stream write of each part.
 PART_OUT = {"mamba": "hook_mixer_out", "mamba2": "hook_mixer_out", "attn": "hook_attn_out", "mlp": "hook_mlp_out",
             "gated_mlp": "hook_mlp_out", "moe": "hook_mlp_out", "gated_moe": "hook_mlp_out",

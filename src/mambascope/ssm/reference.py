@@ -41,33 +41,41 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out
 
 
-def mamba1_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
+def mamba1_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                initial_state: Tensor | None = None, states: list[Tensor] | None = None) -> Tensor:
     """Mamba-1 recurrence, one position at a time (Gu & Dao 2023, Alg. 2; B̄ = Δ·B).
 
     u, dt [b, L, E]; A [E, N]; B, C [b, L, N]; D [E].  h_t = exp(Δ_t·A) ⊙ h_{t-1} + Δ_t·B_t·u_t,
-    y_t = C_t·h_t + D·u_t → y [b, L, E].
+    y_t = C_t·h_t + D·u_t → y [b, L, E], from h_{-1} = ``initial_state`` [b, E, N] (default 0).
+    ``states``, when given, receives h_t [b, E, N] for every t.
     """
     b, L, E = u.shape
-    h = torch.zeros(b, E, A.shape[1], dtype=u.dtype, device=u.device)
+    h = torch.zeros(b, E, A.shape[1], dtype=u.dtype, device=u.device) if initial_state is None else initial_state
     ys = []
     for t in range(L):
         h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
         ys.append((h * C[:, t, None, :]).sum(-1) + D * u[:, t])
+        if states is not None:
+            states.append(h)
     return torch.stack(ys, dim=1)
 
 
-def mamba2_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
+def mamba2_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                initial_state: Tensor | None = None, states: list[Tensor] | None = None) -> Tensor:
     """Mamba-2 recurrence per head, one position at a time (Dao & Gu 2024, eq. 1 with scalar A_h).
 
     u [b, L, E] (E = H·head_dim, channel e in head e // head_dim); dt [b, L, H]; A, D [H];
     B, C [b, L, G, N], head h reads group h // (H/G).  Per head: h_t = exp(Δ_t·A_h)·h_{t-1} + Δ_t·u_t ⊗ B_t,
-    y_t = h_t·C_t + D_h·u_t → y [b, L, E].
+    y_t = h_t·C_t + D_h·u_t → y [b, L, E], from h_{-1} = ``initial_state`` [b, H, head_dim, N] (default 0).
+    ``states``, when given, receives h_t [b, H, head_dim, N] for every t.
     """
     b, L, E = u.shape
     H = dt.shape[2]
     P = E // H
     group = torch.arange(H, device=u.device) // (H // B.shape[2])
-    state = torch.zeros(b, H, P, B.shape[3], dtype=u.dtype, device=u.device)
+    state = initial_state
+    if state is None:
+        state = torch.zeros(b, H, P, B.shape[3], dtype=u.dtype, device=u.device)
     ys = []
     for t in range(L):
         ut = u[:, t].reshape(b, H, P)
@@ -75,6 +83,8 @@ def mamba2_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
         decay = torch.exp(dt[:, t] * A)[..., None, None]
         state = decay * state + (dt[:, t, :, None] * ut)[..., None] * Bt[:, :, None, :]
         ys.append(((state * Ct[:, :, None, :]).sum(-1) + D[:, None] * ut).reshape(b, E))
+        if states is not None:
+            states.append(state)
     return torch.stack(ys, dim=1)
 
 

@@ -14,13 +14,15 @@ import torch.nn.functional as F
 
 def selective_scan(
     u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *,
-    parallel: bool | None = None,
-) -> torch.Tensor:
+    parallel: bool | None = None, initial_state: torch.Tensor | None = None, return_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mamba-1 scan (Gu & Dao 2023, Alg. 2, with B̄ = Δ·B as in the released kernels).
 
-    h_t = exp(Δ_t·A) ⊙ h_{t-1} + Δ_t·B_t·u_t,   y_t = C_t · h_t.
+    h_t = exp(Δ_t·A) ⊙ h_{t-1} + Δ_t·B_t·u_t,   y_t = C_t · h_t,   h_{-1} = ``initial_state`` (default 0).
 
-    Args: u, dt [b, L, E]; A [E, N]; B, C [b, L, N].  Returns y [b, L, E] in fp32 (fp64 if u is fp64).
+    Args: u, dt [b, L, E]; A [E, N]; B, C [b, L, N]; initial_state [b, E, N] or None.
+    Returns y [b, L, E] in fp32 (fp64 if u is fp64), and with ``return_state`` also h_{L-1} [b, E, N],
+    so that a sequence scanned in segments, each starting from the last one's state, is the whole scan.
     ``parallel``: a log-depth (Hillis–Steele) scan, the better choice on GPUs; the default picks it on
     CUDA and whenever autograd must see the scan, and the sequential recurrence elsewhere, where one
     fused in-place multiply-add per step is memory-bound and beats the O(L log L) work of the parallel form.
@@ -30,11 +32,17 @@ def selective_scan(
     # Position-major [L, b, E, N] keeps each step's slice contiguous.
     log_decay = (dt.unsqueeze(-1) * A).transpose(0, 1)
     inputs = ((dt * u).unsqueeze(-1) * B.unsqueeze(2)).transpose(0, 1)
+    if initial_state is not None:
+        # h_0 = exp(Δ_0·A) ⊙ h_{-1} + x_0: fold the initial state into the first input
+        first = inputs[0] + log_decay[0].exp() * initial_state.to(dtype)
+        inputs = torch.cat([first[None], inputs[1:]])
     if parallel is None:
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, dt, A, B, C))
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (u, dt, A, B, C, initial_state))
         parallel = u.is_cuda or needs_grad
     states = _doubling_scan(log_decay, inputs) if parallel else _sequential_scan(log_decay.exp_(), inputs)
-    return torch.einsum("lben,bln->ble", states, C)
+    y = torch.einsum("lben,bln->ble", states, C)
+    return (y, states[-1]) if return_state else y
 
 
 def _sequential_scan(decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -70,14 +78,16 @@ def segment_sum(a: torch.Tensor) -> torch.Tensor:
 
 def ssd_scan(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *,
-    chunk_size: int = 64,
-) -> torch.Tensor:
+    chunk_size: int = 64, initial_state: torch.Tensor | None = None, return_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mamba-2 state-space dual scan, chunked (Dao & Gu 2024, §6 "SSD algorithm").
 
-    h_t = exp(Δ_t·A_h)·h_{t-1} + Δ_t·B_t ⊗ x_t,  y_t = C_t · h_t, per head h.
+    h_t = exp(Δ_t·A_h)·h_{t-1} + Δ_t·B_t ⊗ x_t,  y_t = C_t · h_t, per head h;  h_{-1} = ``initial_state``
+    (default 0; it enters as the first chunk's start state, as in the released ``mamba_chunk_scan``).
 
-    Args: x [b, L, H, P]; dt [b, L, H]; A [H]; B, C [b, L, G, N] (head h reads group h // (H/G)).
-    Returns y [b, L, H, P] in fp32 (fp64 for fp64 x).
+    Args: x [b, L, H, P]; dt [b, L, H]; A [H]; B, C [b, L, G, N] (head h reads group h // (H/G));
+    initial_state [b, H, P, N] or None.  Returns y [b, L, H, P] in fp32 (fp64 for fp64 x), and with
+    ``return_state`` also h_{L-1} [b, H, P, N].
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     b, L, H, P = x.shape
@@ -103,11 +113,13 @@ def ssd_scan(
     to_end = (a_cum[..., -1:] - a_cum).exp()  # [b, H, c, Q]
     chunk_states = torch.einsum("bcshn,bhcs,bcshp->bchpn", B, to_end, xdt)
     chunk_decay = a_cum[..., -1].exp()  # [b, H, c]
-    state = torch.zeros_like(chunk_states[:, 0])
+    state = torch.zeros_like(chunk_states[:, 0]) if initial_state is None else initial_state.to(dtype)
     starts = []
     for c in range(nc):
         starts.append(state)
         state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, c]
     start_states = torch.stack(starts, dim=1)  # [b, c, H, P, N]
     y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, start_states, a_cum.exp())
-    return y.reshape(b, nc * chunk_size, H, P)[:, :L]
+    y = y.reshape(b, nc * chunk_size, H, P)[:, :L]
+    # the padded tail has decay 1 and no input, so the last chunk's end state is h_{L-1}
+    return (y, state) if return_state else y

@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from mambascope.arch import Context, adapter
-from mambascope.trace.names import UNITS, layers_of, resolve_names
+from mambascope.arch import Adapter, Context, adapter
+from mambascope.arch.units import STATE_UNIT
+from mambascope.trace.names import UNITS, all_names, layers_of, resolve_names
 
 LayerCallback = Callable[[int, dict[str, torch.Tensor]], None]
 Edit = Callable[[torch.Tensor], torch.Tensor]
@@ -56,19 +57,81 @@ def check_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             raise ValueError("a row of attention_mask has no tokens")
 
 
-def _emitter(prefix: str, wanted: set[str], edits: Mapping[str, Edit],
-             collected: dict[str, torch.Tensor]) -> Callable[[str, torch.Tensor], torch.Tensor]:
-    """``emit`` for one layer: apply the edit registered for the unit, keep it if wanted, pass it on."""
+class _Emitter:
+    """``emit`` for one layer (``mambascope.arch.base.Emit``): apply the edit registered for the unit,
+    keep it if wanted, pass it on."""
 
-    def emit(unit: str, tensor: torch.Tensor) -> torch.Tensor:
-        name = prefix + unit
-        if name in edits:
-            tensor = edits[name](tensor)
-        if name in wanted:
-            collected[unit] = tensor
+    def __init__(self, prefix: str, wanted: set[str], edits: Mapping[str, Edit], collected: dict[str, torch.Tensor],
+                 state_positions: tuple[int, ...] | None) -> None:
+        self.prefix, self.wanted, self.edits, self.collected = prefix, wanted, edits, collected
+        state = prefix + STATE_UNIT
+        asked = state in wanted or state in edits
+        self.state_positions = state_positions if asked else None
+        self._states: list[torch.Tensor] = []
+
+    def __call__(self, unit: str, tensor: torch.Tensor) -> torch.Tensor:
+        name = self.prefix + unit
+        if name in self.edits:
+            tensor = self.edits[name](tensor)
+        if name in self.wanted:
+            self.collected[unit] = tensor
         return tensor
 
-    return emit
+    def state(self, unit: str, k: int, tensor: torch.Tensor) -> torch.Tensor:
+        """The state after the k-th requested position [b, ...]; returns the state the scan continues from.
+
+        The edit sees the unit's [b, K, ...] tensor as far as the scan has got: slots before k hold the
+        states in use (edited), slot k this one, later slots zero; slot k of its result is kept.  So an
+        edit acting slot by slot (replace, scale, add) edits each state once, from the state the edited
+        past produced.
+        """
+        name = self.prefix + unit
+        K = len(self.state_positions)
+        if name in self.edits:
+            rest = [torch.zeros_like(tensor)] * (K - k - 1)
+            edited = self.edits[name](torch.stack([*self._states, tensor, *rest], dim=1))
+            tensor = edited[:, k].to(tensor.dtype)
+        self._states.append(tensor)
+        if k == K - 1 and name in self.wanted:
+            self.collected[unit] = torch.stack(self._states, dim=1)
+        return tensor
+
+
+def state_positions_of(positions: Iterable[int] | None, length: int) -> tuple[int, ...] | None:
+    """Sorted distinct positions in [0, length), negative ones counted from the end."""
+    if positions is None:
+        return None
+    out = set()
+    for p in positions:
+        if not -length <= int(p) < length:
+            raise ValueError(f"state position {p} is outside the sequence of {length} tokens")
+        out.add(int(p) % length)
+    if not out:
+        raise ValueError("state_positions is empty: give at least one position or None")
+    return tuple(sorted(out))
+
+
+def resolve_units(ad: Adapter, names: str | Iterable[str] | None, edits: Mapping[str, Edit],
+                  positions: tuple[int, ...] | None) -> tuple[list[dict[str, str]], list[str]]:
+    """(units per layer, the full names ``names`` selects, as ``resolve_names``): ``mixer.hook_ssm_state``
+    joins the units when ``positions`` are given; naming it (or editing it, a key of ``edits``) without
+    positions is a ``ValueError``, while a pattern that also matches other units just leaves it out."""
+    plain = [ad.units(layer) for layer in range(ad.n_layers)]
+    full = [{**units, **ad.state_units(layer)} for layer, units in enumerate(plain)]
+    if positions is not None:
+        return full, resolve_names(full, names, ad.model_type)
+    states = [name for name in all_names(full) if name.endswith(STATE_UNIT)]
+    try:
+        wanted = resolve_names(plain, names, ad.model_type)
+    except KeyError:
+        # a pattern that matches only states (``mixer.hook_ssm_state``) is a request for them
+        if not set(resolve_names(full, names, ad.model_type)) & set(states):
+            raise
+        wanted = states
+    if set(wanted) & set(states) or set(edits) & set(states):
+        raise ValueError("hook_ssm_state needs state_positions=[...]: the state is kept only after the "
+                         "positions asked for")
+    return plain, wanted
 
 
 def trace_stream(
@@ -81,6 +144,7 @@ def trace_stream(
     edits: Mapping[str, Edit] | None = None,
     max_length: int | None = None,
     grad: bool = False,
+    state_positions: Iterable[int] | None = None,
 ) -> torch.Tensor:
     """Run the model once, handing ``callback(layer, {unit: tensor})`` each layer's requested units.
 
@@ -91,14 +155,20 @@ def trace_stream(
             result (zero- or mean-ablation at ``mixer.hook_post``, patching, ...).
         max_length: longest sequence accepted (models with learned positions default to their maximum).
         grad: build the autograd graph (for gradient-based attributions); off by default to save memory.
+        state_positions: positions p after which ``mixer.hook_ssm_state`` holds the SSM state h_p
+            ([b, K, E, N] on Mamba-1, [b, K, H, P, N] on Mamba-2, K = number of distinct positions, in
+            ascending order; negative p count from the end).  Without them the state is neither traced
+            nor editable.  An edit of the state replaces h_p and the scan continues from it (see
+            ``_Emitter.state``); only the SSM state, not the conv window, is replaced.
     Returns the logits [b, L, V].
     """
     ad = adapter(model)
     check_inputs(model, input_ids, attention_mask, max_length)
-    units = [ad.units(layer) for layer in range(ad.n_layers)]
-    wanted = set(resolve_names(units, names, ad.model_type)) if callback is not None else set()
+    positions = state_positions_of(state_positions, input_ids.shape[1])
     edits = dict(edits or {})
-    unknown = set(edits) - set(resolve_names(units, None))
+    units, wanted_names = resolve_units(ad, names, edits, positions)
+    wanted = set(wanted_names) if callback is not None else set()
+    unknown = set(edits) - set(all_names(units))
     if unknown:
         resolve_names(units, sorted(unknown), ad.model_type)  # raises with the nearest valid name
     device = model.get_input_embeddings().weight.device
@@ -113,7 +183,8 @@ def trace_stream(
         h = ad.embed(input_ids, ctx)
         for index in range(ad.n_layers):
             collected: dict[str, torch.Tensor] = {}
-            h = ad.run_block(index, h, ctx, _emitter(f"blocks.{index}.", wanted, edits, collected))
+            emit = _Emitter(f"blocks.{index}.", wanted, edits, collected, positions)
+            h = ad.run_block(index, h, ctx, emit)
             if collected:
                 callback(index, collected)
         logits = ad.logits(h)
@@ -129,10 +200,12 @@ def trace(
     edits: Mapping[str, Edit] | None = None,
     max_length: int | None = None,
     grad: bool = False,
+    state_positions: Iterable[int] | None = None,
 ) -> Trace:
     """Run the model once and return every requested unit: ``trace["blocks.0.mixer.hook_post"]``.
 
-    Units and shapes per layer are ``mambascope.arch.adapter(model).units(layer)`` (docs/design.md §3, §10).
+    Units and shapes per layer are ``mambascope.arch.adapter(model).units(layer)`` (docs/design.md §3, §10);
+    with ``state_positions`` also ``state_units(layer)``: the SSM state after those positions (see ``trace_stream``).
     For a corpus, prefer ``trace_stream``, which never holds more than one layer's units.
     """
     tensors: dict[str, torch.Tensor] = {}
@@ -141,8 +214,8 @@ def trace(
         tensors.update({f"blocks.{layer}.{unit}": t for unit, t in units.items()})
 
     logits = trace_stream(model, input_ids, keep, attention_mask=attention_mask, names=names, edits=edits,
-                          max_length=max_length, grad=grad)
+                          max_length=max_length, grad=grad, state_positions=state_positions)
     return Trace(tensors, logits, adapter(model).model_type)
 
 
-__all__ = ["UNITS", "Trace", "check_inputs", "trace", "trace_stream"]
+__all__ = ["UNITS", "Trace", "check_inputs", "resolve_units", "state_positions_of", "trace", "trace_stream"]
