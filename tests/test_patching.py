@@ -229,6 +229,41 @@ def test_batched_grid_matches_a_loop_of_hooked_forwards(bundled, name):
             torch.testing.assert_close(result.grids[unit].metric, loop, atol=1e-5, rtol=1e-5)
 
 
+def cached_decoding_metric(model, clean, corrupt, layer, position, metric):
+    """The state patch by Hugging Face's own recurrent decoding: both prefixes up to ``position`` cached, the
+    corrupted cache given the clean SSM state of ``layer``, the rest of the corrupted prompt fed a token at a
+    time from it (the conv windows stay the corrupted run's, as in the tracer's state edit)."""
+    with torch.no_grad():
+        source = model(clean[:, :position + 1], use_cache=True).cache
+        out = model(corrupt[:, :position + 1], use_cache=True)
+        cache = out.cache
+        cache.layers[layer].recurrent_states[0].copy_(source.layers[layer].recurrent_states[0])
+        for q in range(position + 1, corrupt.shape[1]):
+            out = model(corrupt[:, q:q + 1], cache=cache, use_cache=True)
+    return float(metric(out.logits)[0])
+
+
+@pytest.mark.parametrize("name", ["tiny-mamba", "tiny-mamba2"])
+def test_state_patching_matches_cached_decoding(bundled, name):
+    model, tokenizer = bundled(name)
+    clean, corrupt, target = prompt_pair(tokenizer, model)
+    result = activation_patching(model, clean, corrupt, target=target, unit_types=["state"], batch_size=5)
+    grid = result.grids["state"]
+    loop = torch.tensor([[cached_decoding_metric(model, clean, corrupt, row.layer, p, result.metric)
+                          for p in grid.positions] for row in grid.rows], dtype=torch.float64)
+    torch.testing.assert_close(grid.metric, loop, atol=1e-5, rtol=1e-5)
+    assert grid.effect[:, 1:-1].abs().max() > 0.05  # the states between the corrupted token and the end matter
+    torch.testing.assert_close(grid.effect[:, -1], torch.zeros(len(grid.rows), dtype=torch.float64), atol=1e-5,
+                               rtol=0)  # nothing reads the state after the last position
+
+
+def test_state_rows_are_the_ssm_layers(bundled):
+    model, _ = bundled("tiny-hybrid")
+    assert [r.layer for r in unit_rows(model, "state")] == [0, 1, 3]  # layer 2 is attention
+    with pytest.raises(ValueError, match="no 'state' unit"):
+        unit_rows(bundled("tiny-gpt")[0], "state")
+
+
 # ------------------------------------------------------------------------------------------ attribution
 
 def test_attribution_is_exact_where_the_metric_is_linear(bundled):
@@ -293,19 +328,19 @@ PATCH = ["patch", "--model", "tiny-mamba", "--quiet"]
 def test_patch_cli_writes_grids_figures_and_report(tmp_path, capsys):
     out = tmp_path / "p"
     code, stdout, _ = run(capsys, *PATCH, "--clean", PROMPT, "--corrupt", "The class returns the value of the",
-                          "--target", " given", "--units", "resid,mixer_out,post", "--out", out)
+                          "--target", " given", "--units", "resid,mixer_out,post,state", "--out", out)
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     jsonschema.Draft202012Validator(results_schema()).validate(results)
     patching = results["patching"]
     prompts = patching["prompts"]
     assert prompts["clean_tokens"][1] == " function" and prompts["corrupt_tokens"][1] == " class"
-    assert set(patching["grids"]) == set(patching["attribution"]) == {"resid_pre", "mixer_out", "post"}
+    assert set(patching["grids"]) == set(patching["attribution"]) == {"resid_pre", "mixer_out", "post", "state"}
     grid = patching["grids"]["resid_pre"]
     assert len(grid["effect"]) == len(grid["layers"]) == 4 and len(grid["effect"][0]) == len(grid["positions"]) == 7
     assert grid["effect"][0][1] == pytest.approx(1.0, abs=1e-5)
     assert sorted(p.name for p in (out / "figures").iterdir()) == [
-        "patching_mixer_out.png", "patching_post.png", "patching_resid_pre.png"]
+        "patching_mixer_out.png", "patching_post.png", "patching_resid_pre.png", "patching_state.png"]
     assert 'id="patching"' in (out / "report.html").read_text()
     assert "mixer_out" in stdout
     (out / "report.html").unlink()

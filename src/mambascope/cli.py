@@ -522,8 +522,8 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
 
 def _default_units(model) -> list[str]:
-    """The default unit types of ``patch``: those of the residual stream, the parts' outputs and the neurons
-    that the model has."""
+    """The default unit types of ``patch``: those of the residual stream, the parts' outputs, the neurons and
+    the SSM state that the model has."""
     from mambascope.interventions.patching import DEFAULT_UNITS, grid_rows
 
     available = []
@@ -666,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_patch_args(p: argparse.ArgumentParser) -> None:
-    from mambascope.interventions.patching import ALIASES, DIRECTIONS, METRICS, UNIT_TYPES
+    from mambascope.interventions.patching import ALIASES, DEFAULT_UNITS, DIRECTIONS, METRICS, UNIT_TYPES
 
     _add_model_args(p)
     p.add_argument("--clean", required=True, help="the prompt whose answer patching restores")
@@ -675,8 +675,8 @@ def _add_patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corrupt-target", default=None, help="the answer the logit difference is taken against, one "
                    "token (default: the corrupted run's top token other than --target)")
     p.add_argument("--units", default=None, help=f"comma-separated unit types: {', '.join(UNIT_TYPES)} ("
-                   f"{', '.join(f'{k} = {v}' for k, v in ALIASES.items())}); default: every one of resid_pre, "
-                   "resid_post, mixer_out, attn_out, mlp_out, post the model has")
+                   f"{', '.join(f'{k} = {v}' for k, v in ALIASES.items())}); default: every one of "
+                   f"{', '.join(DEFAULT_UNITS)} the model has")
     p.add_argument("--channels", default=None, help="comma-separated neuron indices patched together (--units "
                    "channels)")
     p.add_argument("--metric", default="logit_diff", choices=METRICS,

@@ -25,7 +25,9 @@ from mambascope.interventions.patching import (
     PatchGrid,
     PatchingResult,
     UnitRow,
+    all_states,
     check_positions,
+    compose,
     grid_rows,
     prepare_runs,
 )
@@ -67,9 +69,16 @@ def attribution_patching(
     runs = prepare_runs(model, clean_ids, corrupt_ids, names, target=target, metric=metric, other=other,
                         direction=direction, corrupt_edits=corrupt_edits)
     pos = check_positions(positions, runs.base_ids.shape[1])
-    base = trace(model, runs.base_ids, names=names, edits=runs.base_edits, grad=True)
-    m_base = runs.metric(base.logits)[0]
-    grads = torch.autograd.grad(m_base, [base[n] for n in names], allow_unused=True)
+    # ∂m/∂a through a zero added to each unit: the gradient of the value the forward continues with, also
+    # where the tracer hands out a copy (the SSM state's [b, K, ...] stack)
+    zeros = {n: torch.zeros_like(runs.base[n], requires_grad=True) for n in names}
+    edits = dict(runs.base_edits)
+    for n in names:
+        edits[n] = compose(edits.get(n), lambda t, z=zeros[n]: t + z.to(t.dtype))
+    logits = trace(model, runs.base_ids, names=[], edits=edits, grad=True,
+                   state_positions=all_states(names, runs.base_ids.shape[1])).logits
+    m_base = runs.metric(logits)[0]
+    grads = torch.autograd.grad(m_base, [zeros[n] for n in names], allow_unused=True)
     base_metric = float(m_base.detach())
     grids = {}
     for u, rs in rows.items():
@@ -79,7 +88,7 @@ def attribution_patching(
             if g is None:  # the metric does not depend on this unit: patching it changes nothing
                 estimate[i] = base_metric
                 continue
-            delta = (runs.source[row.name].double() - base[row.name].detach().double()) * g.double()
+            delta = (runs.source[row.name].double() - runs.base[row.name].double()) * g.double()
             estimate[i] = base_metric + _cell_sums(delta.cpu(), row, pos)
         grids[u] = PatchGrid(u, rs, pos, estimate, runs.effect(estimate), runs.changed(rs, pos))
     return PatchingResult(runs.metric, direction, runs.clean_metric, runs.corrupt_metric, grids)

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mambascope.arch import adapter
+from mambascope.arch.units import STATE_UNIT
 from mambascope.trace import trace
 from mambascope.trace.forward import Edit
 
@@ -44,12 +45,14 @@ UNIT_TYPES: dict[str, str] = {
     "post": "the layer's neurons, all at once (mixer.hook_post, or mlp.hook_post where the layer has no mixer)",
     "heads": "one head: attn.hook_z[:, :, h] of an attention layer, or head h's channels of mixer.hook_y (Mamba-2)",
     "channels": "a chosen set of the neuron unit's channels, post[..., channels]",
+    "state": "mixer.hook_ssm_state: the SSM state after the position; the scan continues from the patched state "
+             "(the conv window is not part of it)",
 }
 ALIASES = {"resid": "resid_pre"}
 # unit type -> the hook it patches, where that is one hook per layer
 _RESIDUAL_UNITS = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post", "mixer_out": "hook_mixer_out",
                    "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
-DEFAULT_UNITS = ("resid_pre", "resid_post", "mixer_out", "attn_out", "mlp_out", "post")  # of ``mambascope patch``
+DEFAULT_UNITS = ("resid_pre", "resid_post", "mixer_out", "attn_out", "mlp_out", "post", "state")  # of ``mambascope patch``
 METRICS = ("logit_diff", "logprob")
 DIRECTIONS = ("denoise", "noise")
 NOISE_UNIT = "blocks.0.hook_resid_pre"  # the embeddings as every layer stack sees them
@@ -107,6 +110,8 @@ def unit_rows(model: nn.Module, unit_type: str, *, layers: Iterable[int] | None 
 def _layer_rows(ad: Any, layer: int, unit_type: str, channels: Sequence[int] | None) -> list[UnitRow]:
     units = ad.units(layer)
     prefix = f"blocks.{layer}."
+    if unit_type == "state":
+        return [UnitRow(layer, prefix + STATE_UNIT)] if STATE_UNIT in ad.state_units(layer) else []
     if unit_type in _RESIDUAL_UNITS:
         unit = _RESIDUAL_UNITS[unit_type]
         return [UnitRow(layer, prefix + unit)] if unit in units else []
@@ -216,16 +221,29 @@ class Patch:
     index: tuple[int, ...] | None = None
 
 
-def _compose(first: Edit | None, then: Edit) -> Edit:
+def compose(first: Edit | None, then: Edit) -> Edit:
+    """``then`` after ``first`` (None: ``then`` alone)."""
     return then if first is None else (lambda t: then(first(t)))
+
+
+def is_state(name: str) -> bool:
+    return name.endswith(STATE_UNIT)
+
+
+def state_positions(rows: Sequence[Sequence[Patch]]) -> list[int] | None:
+    """The sorted positions whose SSM state a batch patches (the tracer's ``state_positions``), None if none."""
+    positions = sorted({p.position for patches in rows for p in patches if is_state(p.name)})
+    return positions or None
 
 
 def patch_edits(rows: Sequence[Sequence[Patch]], source: Mapping[str, torch.Tensor],
                 base_edits: Mapping[str, Edit] | None = None) -> dict[str, Edit]:
     """Edits for a batch whose row i gets the patches ``rows[i]``, after the base run's own edits.
 
-    source: hook name -> the source run's activation [1, L, ...].  Each edit writes, in one indexed
-    assignment per (unit, index) group, source[pos(, index)] into row i at pos(, index).
+    source: hook name -> the source run's activation [1, L, ...] (the SSM state: [1, L, ...] traced after
+    every position).  Each edit writes, in one indexed assignment per (unit, index) group,
+    source[pos(, index)] into row i at pos(, index); on the state, the slot of pos among
+    :func:`state_positions` (the tracer's [b, K, ...] layout).
     """
     groups: dict[str, dict[tuple[int, ...] | None, tuple[list[int], list[int]]]] = {}
     for i, patches in enumerate(rows):
@@ -233,24 +251,28 @@ def patch_edits(rows: Sequence[Sequence[Patch]], source: Mapping[str, torch.Tens
             rs, ps = groups.setdefault(p.name, {}).setdefault(p.index, ([], []))
             rs.append(i)
             ps.append(p.position)
+    slots = {p: k for k, p in enumerate(state_positions(rows) or [])}
     edits = dict(base_edits or {})
     for name, by_index in groups.items():
-        edits[name] = _compose(edits.get(name), _writer(source[name][0], by_index))
+        edits[name] = compose(edits.get(name), _writer(source[name][0], by_index, slots if is_state(name) else None))
     return edits
 
 
-def _writer(src: torch.Tensor, by_index: Mapping[tuple[int, ...] | None, tuple[list[int], list[int]]]) -> Edit:
+def _writer(src: torch.Tensor, by_index: Mapping[tuple[int, ...] | None, tuple[list[int], list[int]]],
+            slots: Mapping[int, int] | None) -> Edit:
+    """Row r, position p (its state slot where ``slots`` is given) <- src[p] (at ``index`` on axis 2)."""
     def write(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         values = src.to(device=t.device, dtype=t.dtype)
         for index, (rows, positions) in by_index.items():
             r = torch.tensor(rows, device=t.device)
             p = torch.tensor(positions, device=t.device)
+            q = p if slots is None else torch.tensor([slots[x] for x in positions], device=t.device)
             if index is None:
-                t[r, p] = values[p]
+                t[r, q] = values[p]
             else:
                 i = torch.tensor(index, device=t.device)
-                t[r[:, None], p[:, None], i[None, :]] = values[p[:, None], i[None, :]]
+                t[r[:, None], q[:, None], i[None, :]] = values[p[:, None], i[None, :]]
         return t
 
     return write
@@ -261,7 +283,13 @@ def run_patched(model: nn.Module, input_ids: torch.Tensor, rows: Sequence[Sequen
     """Logits [len(rows), L, V] of ``len(rows)`` copies of input_ids [1, L] under ``base_edits``, row i
     with the patches ``rows[i]`` (an empty row is the base run itself)."""
     ids = input_ids.expand(len(rows), -1)
-    return trace(model, ids, names=[], edits=patch_edits(rows, source, base_edits)).logits
+    return trace(model, ids, names=[], edits=patch_edits(rows, source, base_edits),
+                 state_positions=state_positions(rows)).logits
+
+
+def all_states(names: Iterable[str], length: int) -> list[int] | None:
+    """``state_positions`` that trace the SSM state after every position, when ``names`` include it."""
+    return list(range(length)) if any(is_state(n) for n in names) else None
 
 
 def as_ids(ids: torch.Tensor | Sequence[int], what: str) -> torch.Tensor:
@@ -335,8 +363,9 @@ def prepare_runs(model: nn.Module, clean_ids: torch.Tensor | Sequence[int],
         if token is not None and not 0 <= token < vocab:
             raise ValueError(f"{what} token {token} is outside the vocabulary (0..{vocab - 1})")
     edits = dict(corrupt_edits or {})
-    clean_run = trace(model, clean, names=list(names))
-    corrupt_run = trace(model, corrupt, names=list(names), edits=edits)
+    states = all_states(names, clean.shape[1])
+    clean_run = trace(model, clean, names=list(names), state_positions=states)
+    corrupt_run = trace(model, corrupt, names=list(names), edits=edits, state_positions=states)
     if metric == "logit_diff" and other is None:
         other = top_other(corrupt_run.logits, target, position)
     m = Metric(metric, target, other, position)
@@ -454,7 +483,8 @@ def activation_patching(
     runs = prepare_runs(model, clean_ids, corrupt_ids, names, target=target, metric=metric, other=other,
                         direction=direction, corrupt_edits=corrupt_edits)
     pos = check_positions(positions, runs.base_ids.shape[1])
-    cells = [(u, i, j) for u, rs in rows.items() for i in range(len(rs)) for j in range(len(pos))]
+    # position-major, so that a batch patches the state at few positions (the tracer's cost grows with them)
+    cells = [(u, i, j) for u, rs in rows.items() for j in range(len(pos)) for i in range(len(rs))]
     values = {u: torch.empty(len(rs), len(pos), dtype=torch.float64) for u, rs in rows.items()}
     bar = tqdm(total=len(cells), desc="patching", unit="patch", disable=not progress)
     for start in range(0, len(cells), batch_size):
@@ -471,6 +501,6 @@ def activation_patching(
 
 
 __all__ = ["ALIASES", "DEFAULT_UNITS", "DIRECTIONS", "METRICS", "UNIT_TYPES", "Metric", "Patch", "PatchGrid",
-           "PatchingResult", "Runs", "UnitRow", "activation_patching", "as_ids", "check_positions", "embedding_std",
-           "gaussian_noise", "grid_rows", "patch_edits", "prepare_runs", "run_patched", "top_other", "unit_rows",
-           "unit_type_name"]
+           "PatchingResult", "Runs", "UnitRow", "activation_patching", "all_states", "as_ids", "check_positions",
+           "compose", "embedding_std", "gaussian_noise", "grid_rows", "is_state", "patch_edits", "prepare_runs",
+           "run_patched", "state_positions", "top_other", "unit_rows", "unit_type_name"]
