@@ -52,7 +52,8 @@ ALIASES = {"resid": "resid_pre"}
 # unit type -> the hook it patches, where that is one hook per layer
 _RESIDUAL_UNITS = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post", "mixer_out": "hook_mixer_out",
                    "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
-DEFAULT_UNITS = ("resid_pre", "resid_post", "mixer_out", "attn_out", "mlp_out", "post", "state")  # of ``mambascope patch``
+# what ``mambascope patch`` patches unless --units says otherwise (where the model has it)
+DEFAULT_UNITS = ("resid_pre", "resid_post", "mixer_out", "attn_out", "mlp_out", "post", "state")
 METRICS = ("logit_diff", "logprob")
 DIRECTIONS = ("denoise", "noise")
 NOISE_UNIT = "blocks.0.hook_resid_pre"  # the embeddings as every layer stack sees them
