@@ -261,9 +261,16 @@ def patch_edits(rows: Sequence[Sequence[Patch]], source: Mapping[str, torch.Tens
 
 def _writer(src: torch.Tensor, by_index: Mapping[tuple[int, ...] | None, tuple[list[int], list[int]]],
             slots: Mapping[int, int] | None) -> Edit:
-    """Row r, position p (its state slot where ``slots`` is given) <- src[p] (at ``index`` on axis 2)."""
+    """Row r, position p (its state slot where ``slots`` is given) <- src[p] (at ``index`` on axis 2).
+
+    A unit's tensor is copied before the write (the forward may still read the original, e.g. the residual
+    stream); the state's is written in place: the tracer stacks a new [b, K, ...] tensor for every call of
+    a state edit and keeps only the slot it asked for, and it is called K times per layer, so a copy there
+    would cost O(b·K²·E·N) per layer.
+    """
     def write(t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
+        if slots is None:
+            t = t.clone()
         values = src.to(device=t.device, dtype=t.dtype)
         for index, (rows, positions) in by_index.items():
             r = torch.tensor(rows, device=t.device)
