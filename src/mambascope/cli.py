@@ -491,9 +491,10 @@ def _run_ground_truth(args: argparse.Namespace) -> int:
 def _cmd_patch(args: argparse.Namespace) -> int:
     """Activation patching of one prompt pair (docs/patching.md): grids, attribution estimates, heatmaps."""
     from mambascope.interventions.patching import grid_rows
-    from mambascope.interventions.prompts import patch_prompts, print_patching, prompt_pair
+    from mambascope.interventions.prompts import patch_prompts, prompt_pair
     from mambascope.models import load_model
     from mambascope.pipeline import model_info
+    from mambascope.report.patching_plots import print_patching
     from mambascope.results import save_json
 
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)

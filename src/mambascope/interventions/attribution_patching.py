@@ -26,6 +26,7 @@ from mambascope.interventions.patching import (
     PatchingResult,
     UnitRow,
     all_states,
+    as_ids,
     check_positions,
     compose,
     grid_rows,
@@ -66,9 +67,9 @@ def attribution_patching(
     """
     rows = grid_rows(model, unit_types, layers, channels)
     names = sorted({r.name for rs in rows.values() for r in rs})
+    pos = check_positions(positions, as_ids(clean_ids, "clean").shape[1])
     runs = prepare_runs(model, clean_ids, corrupt_ids, names, target=target, metric=metric, other=other,
                         direction=direction, corrupt_edits=corrupt_edits)
-    pos = check_positions(positions, runs.base_ids.shape[1])
     # ∂m/∂a through a zero added to each unit: the gradient of the value the forward continues with, also
     # where the tracer hands out a copy (the SSM state's [b, K, ...] stack)
     zeros = {n: torch.zeros_like(runs.base[n], requires_grad=True) for n in names}

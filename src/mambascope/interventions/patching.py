@@ -488,9 +488,9 @@ def activation_patching(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     rows = grid_rows(model, unit_types, layers, channels)
     names = sorted({r.name for rs in rows.values() for r in rs})
+    pos = check_positions(positions, as_ids(clean_ids, "clean").shape[1])
     runs = prepare_runs(model, clean_ids, corrupt_ids, names, target=target, metric=metric, other=other,
                         direction=direction, corrupt_edits=corrupt_edits)
-    pos = check_positions(positions, runs.base_ids.shape[1])
     # position-major, so that a batch patches the state at few positions (the tracer's cost grows with them)
     cells = [(u, i, j) for u, rs in rows.items() for j in range(len(pos)) for i in range(len(rs))]
     values = {u: torch.empty(len(rs), len(pos), dtype=torch.float64) for u, rs in rows.items()}

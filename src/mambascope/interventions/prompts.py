@@ -123,29 +123,4 @@ def patch_prompts(model: nn.Module, tokenizer: Any, pair: PromptPair, *, unit_ty
     return out, timings, errors
 
 
-def print_patching(patching: dict[str, Any], top: int = 5) -> None:
-    """The metrics, each grid's ``top`` cells by |effect|, and the attribution agreement, as text."""
-    metric = patching["metric"]
-    print(f"metric {metric['kind']}: {metric['formula']}; clean {patching['clean_metric']:.4g}, corrupted "
-          f"{patching['corrupt_metric']:.4g} ({patching['direction']}; effect = fraction of the clean metric restored)")
-    clean_tokens = patching["prompts"]["clean_tokens"]
-    attribution = patching.get("attribution") or {}
-    for unit, grid in patching["grids"].items():
-        cells = [(abs(v), v, i, j) for i, row in enumerate(grid["effect"]) for j, v in enumerate(row) if v is not None]
-        best = sorted(cells, reverse=True)[:top]
-        heads = grid.get("heads")
-        shown = ", ".join(f"L{grid['layers'][i]}{'' if not heads else f' h{heads[i]}'} "
-                          f"{clean_tokens[grid['positions'][j]]!r}@{grid['positions'][j]}: {v:+.3f}"
-                          for _, v, i, j in best)
-        agree = attribution.get(unit)
-        corr = "" if agree is None else (f"  [attribution: Pearson {_fmt(agree['pearson'])}, Spearman "
-                                         f"{_fmt(agree['spearman'])} over {agree['cells']} cells]")
-        print(f"{unit:>10}: {shown}{corr}")
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-__all__ = ["PromptPair", "patch_prompts", "print_patching", "prompt_pair", "single_token", "subject_positions",
-           "tokens"]
+__all__ = ["PromptPair", "patch_prompts", "prompt_pair", "single_token", "subject_positions", "tokens"]

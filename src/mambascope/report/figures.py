@@ -706,10 +706,13 @@ def plot_ground_truth(results: Mapping[str, Any], out_dir: str | Path) -> Path:
 
 
 def _plot_patching(results: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
-    """The heatmaps of ``mambascope patch`` (report/patching_plots.py, imported on use: it builds on this module)."""
+    """The heatmaps of ``mambascope patch`` (report/patching_plots.py)."""
     from mambascope.report.patching_plots import plot_patching
 
-    return plot_patching(results, out_dir)
+    paths = plot_patching(results, out_dir)
+    if not paths:
+        raise FigureSkipped("no patching results (mambascope patch)")
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------- driver

@@ -30,7 +30,7 @@ from mambascope.report import _access as acc
 from mambascope.report._static import CSS, JS
 from mambascope.report.figures import GROUP_LABELS, create_comprehensive_report
 from mambascope.report.neuron_payload import neuron_data, r4
-from mambascope.report.patching_plots import PATCHING_FIGURES, UNIT_STYLE
+from mambascope.report.patching_plots import PATCHING_FIGURES, UNIT_STYLE, top_cells
 
 __all__ = ["SECTIONS", "render_report"]
 
@@ -574,16 +574,10 @@ def _patching_section(results: Mapping[str, Any]) -> str:
         ("clean metric", patching.get("clean_metric")), ("corrupted metric", patching.get("corrupt_metric"))], "kv"),
         _note("Effect = (m_patched − m_corrupt) / (m_clean − m_corrupt): the fraction of the clean metric "
               "restored by patching one unit at one position.")]
-    tokens = prompts.get("clean_tokens") or []
     attribution = patching.get("attribution") or {}
     rows = []
-    for unit, grid in patching["grids"].items():
-        cells = sorted(((abs(v), v, i, j) for i, r in enumerate(grid.get("effect") or [])
-                        for j, v in enumerate(r) if v is not None), reverse=True)[:5]
-        heads = grid.get("heads")
-        top = ", ".join(f"L{grid['layers'][i]}{f' h{heads[i]}' if heads else ''} @{grid['positions'][j]} "
-                        f"{_visible(str(tokens[grid['positions'][j]])) if grid['positions'][j] < len(tokens) else ''}"
-                        f" ({v:+.3f})" for _, v, i, j in cells)
+    for unit in patching["grids"]:
+        top = ", ".join(f"{label} ({value:+.3f})" for label, value in top_cells(patching, unit))
         agree = attribution.get(unit) or {}
         rows.append([UNIT_STYLE.get(unit, (unit,))[0], top, agree.get("pearson"), agree.get("spearman"),
                      agree.get("cells")])

@@ -10,15 +10,18 @@ only.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.colors import Colormap, LinearSegmentedColormap, TwoSlopeNorm
+from matplotlib.figure import Figure
 
 from mambascope.report._access import title
-from mambascope.report.figures import FigureSkipped, _figure, _save, _suptitle
+
+DPI = 100  # as the other figures (report/figures.py, which registers this module's plot and so cannot be imported)
 
 # unit type -> (label, colormap)
 UNIT_STYLE: dict[str, tuple[str, str]] = {
@@ -67,8 +70,8 @@ def _plot_grid(results: Mapping[str, Any], unit: str, grid: Mapping[str, Any], o
     tokens = _marked_tokens(patching.get("prompts") or {}, patching.get("noise"))
     labels = [tokens[p] if p < len(tokens) else str(p) for p in grid["positions"]]
     label, hue = UNIT_STYLE.get(unit, (unit, "Purples"))
-    fig, axes = _figure(1, 1, (max(8.0, 1.5 + 0.5 * cols), max(3.0, 1.8 + 0.3 * rows)))
-    ax = axes[0, 0]
+    fig = Figure(figsize=(max(8.0, 1.5 + 0.5 * cols), max(3.0, 1.8 + 0.3 * rows)), layout="constrained")
+    ax = fig.subplots()
     finite = effect[np.isfinite(effect)]
     low = min(-0.05, float(finite.min())) if finite.size else -0.05
     high = max(1.0, float(finite.max())) if finite.size else 1.0
@@ -80,19 +83,57 @@ def _plot_grid(results: Mapping[str, Any], unit: str, grid: Mapping[str, Any], o
     ax.set(xlabel="position (token; * = corrupted)", ylabel="layer, head" if grid.get("heads") else "layer")
     fig.colorbar(image, ax=ax, label="fraction of clean metric restored")
     metric = patching.get("metric") or {}
-    _suptitle(fig, title(results, f"patching ({patching.get('direction', 'denoise')}) the {label}; "
-                         f"{metric.get('kind', '?')}: clean {patching.get('clean_metric', float('nan')):.3g}, "
-                         f"corrupted {patching.get('corrupt_metric', float('nan')):.3g}"))
-    return _save(fig, out_dir, f"patching_{unit}")
+    text = title(results, f"patching ({patching.get('direction', 'denoise')}) the {label}; "
+                 f"{metric.get('kind', '?')}: clean {patching.get('clean_metric', float('nan')):.3g}, "
+                 f"corrupted {patching.get('corrupt_metric', float('nan')):.3g}")
+    fig.suptitle(textwrap.fill(text, width=max(40, int(fig.get_figwidth() * 9.5))), fontsize=12)
+    path = Path(out_dir) / f"patching_{unit}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
 
 
 def plot_patching(results: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
-    """One heatmap per unit type of ``results["patching"]["grids"]``: ``patching_<unit>.png``."""
+    """One heatmap per unit type of ``results["patching"]["grids"]``: ``patching_<unit>.png``; [] when the
+    results hold no patching grid."""
     patching = results.get("patching")
-    if not isinstance(patching, dict) or not isinstance(patching.get("grids"), dict) or not patching["grids"]:
-        raise FigureSkipped("no patching results (mambascope patch)")
+    if not isinstance(patching, dict) or not isinstance(patching.get("grids"), dict):
+        return []
     return [_plot_grid(results, unit, grid, out_dir) for unit, grid in patching["grids"].items()
             if isinstance(grid, dict) and grid.get("effect")]
 
 
-__all__ = ["PATCHING_FIGURES", "UNIT_STYLE", "plot_patching"]
+def top_cells(patching: Mapping[str, Any], unit: str, k: int = 5) -> list[tuple[str, float]]:
+    """The ``k`` cells of largest |effect| of one grid: ("L<layer>[ h<head>] @<position> <token>", effect)."""
+    grid = patching["grids"][unit]
+    tokens = (patching.get("prompts") or {}).get("clean_tokens") or []
+    heads = grid.get("heads")
+    cells = sorted(((abs(v), v, i, j) for i, row in enumerate(grid.get("effect") or [])
+                    for j, v in enumerate(row) if v is not None), reverse=True)[:k]
+    out = []
+    for _, value, i, j in cells:
+        position = grid["positions"][j]
+        token = repr(tokens[position]) if position < len(tokens) else ""
+        out.append((f"L{grid['layers'][i]}{f' h{heads[i]}' if heads else ''} @{position} {token}", value))
+    return out
+
+
+def print_patching(patching: Mapping[str, Any], k: int = 5) -> None:
+    """The metrics, each grid's ``k`` strongest cells and the attribution agreement, as text."""
+    metric = patching["metric"]
+    print(f"metric {metric['kind']}: {metric['formula']}; clean {patching['clean_metric']:.4g}, corrupted "
+          f"{patching['corrupt_metric']:.4g} ({patching['direction']}; effect = fraction of the clean metric restored)")
+    attribution = patching.get("attribution") or {}
+    for unit in patching["grids"]:
+        shown = ", ".join(f"{label}: {value:+.3f}" for label, value in top_cells(patching, unit, k))
+        agree = attribution.get(unit)
+        corr = "" if agree is None else (f"  [attribution: Pearson {_fmt(agree.get('pearson'))}, Spearman "
+                                         f"{_fmt(agree.get('spearman'))} over {agree.get('cells')} cells]")
+        print(f"{unit:>10}: {shown}{corr}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+__all__ = ["PATCHING_FIGURES", "UNIT_STYLE", "plot_patching", "print_patching", "top_cells"]
