@@ -50,9 +50,10 @@ def _q16(b64: str, scale: float) -> list[float | None]:
 # ------------------------------------------------------------------------------------------- figures
 
 def test_every_figure_is_drawn_from_full_mamba_results(mamba_figures: FigureSet) -> None:
-    assert set(mamba_figures.skipped) == {"ground_truth"}  # task models only (tests/test_ground_truth.py)
+    # ground truth: task models only (tests/test_ground_truth.py); patching: `mambascope patch` only
+    assert set(mamba_figures.skipped) == {"ground_truth", "patching"}
     stems = {p.stem for p in mamba_figures}
-    expected = set(FIGURES) - {"attention_neurons", "ground_truth"}  # ground truth: task models only
+    expected = set(FIGURES) - {"attention_neurons", "ground_truth", "patching"}
     assert expected <= stems
     assert {"attention_neurons_L1"} <= stems  # the seed's 6-panel figure, one per analysed layer
     for path in mamba_figures:
@@ -90,7 +91,7 @@ def test_figures_from_the_run_census_layout(tmp_path: Path) -> None:
 def test_html_has_every_section_and_is_self_contained(mamba_html: str) -> None:
     for sid in SECTIONS:
         assert f'<section id="{sid}">' in mamba_html, sid
-    assert mamba_html.count("data:image/png;base64,") >= len(FIGURES) - 1  # all but ground_truth (task models)
+    assert mamba_html.count("data:image/png;base64,") >= len(FIGURES) - 2  # all but ground_truth and patching
     assert not re.search(r'(src|href)="(https?:)?//', mamba_html), "no network resources"
     assert "<link " not in mamba_html
     for text in ("Key counts per layer", "tiny-random-mamba", "held-out loss", "Token level (MoRF / LeRF)",

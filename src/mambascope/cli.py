@@ -1,4 +1,5 @@
-"""The ``mambascope`` command line: ``analyze``, ``census``, ``attention``, ``compare``, ``report``, ``train-tiny``.
+"""The ``mambascope`` command line: ``analyze``, ``census``, ``attention``, ``compare``, ``patch``, ``report``,
+``train-tiny``.
 
 Every flag has a default and is checked before any work starts.  Exit codes, the same for every subcommand
 (docs/design.md §13): 0 ok, 1 a stage failed, 2 bad input, 130 interrupted (Ctrl-C or SIGTERM).  A failure
@@ -128,10 +129,43 @@ def _check_flags(args: argparse.Namespace) -> None:
         from mambascope.scale import parse_every
 
         parse_every(args.checkpoint_every)
+    if hasattr(args, "noise_subject"):
+        _check_patch_flags(args)
     if getattr(args, "device", None):
         from mambascope.models.loading import resolve_device
 
         resolve_device(args.device)
+
+
+def _check_patch_flags(args: argparse.Namespace) -> None:
+    """``patch``: the prompts' flags and the unit types, before the model loads (``args.units`` becomes a list)."""
+    from mambascope.interventions.patching import unit_type_name
+
+    if (args.corrupt is None) == (args.noise_subject is None):
+        raise ValueError("give either --corrupt (a corrupted prompt) or --noise-subject (Gaussian noise on that "
+                         "part of --clean), not both or neither")
+    if args.noise_subject is not None and args.noise_subject not in args.clean:
+        raise ValueError(f"--noise-subject {args.noise_subject!r} does not occur in --clean {args.clean!r}")
+    if args.noise_scale <= 0:
+        raise ValueError(f"--noise-scale must be positive, got {args.noise_scale:g}")
+    if args.units is not None:
+        names = [u.strip() for u in args.units.split(",") if u.strip()]
+        try:
+            args.units = list(dict.fromkeys(unit_type_name(u) for u in names)) or None
+        except ValueError as exc:
+            raise ValueError(f"--units: {exc}") from None
+        if args.units is None:
+            raise ValueError("--units is empty: name at least one unit type")
+    if args.channels is not None:
+        try:
+            args.channels = [int(c) for c in args.channels.split(",")]
+        except ValueError:
+            raise ValueError(f"--channels {args.channels!r}: give comma-separated neuron indices, e.g. 3,17") from None
+        if min(args.channels) < 0:
+            raise ValueError(f"--channels {min(args.channels)}: neuron indices start at 0")
+    if (args.channels is not None) != ("channels" in (args.units or ())):
+        raise ValueError("--units channels and --channels go together: --channels lists the neurons patched as "
+                         "one unit")
 
 
 def _check_model_flags(args: argparse.Namespace, model, window: bool = True) -> None:
@@ -454,6 +488,55 @@ def _run_ground_truth(args: argparse.Namespace) -> int:
     return FAILED if results["errors"] else OK
 
 
+def _cmd_patch(args: argparse.Namespace) -> int:
+    """Activation patching of one prompt pair (docs/patching.md): grids, attribution estimates, heatmaps."""
+    from mambascope.interventions.patching import grid_rows
+    from mambascope.interventions.prompts import patch_prompts, prompt_pair
+    from mambascope.models import load_model
+    from mambascope.pipeline import model_info
+    from mambascope.report.patching_plots import print_patching
+    from mambascope.results import save_json
+
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    pair = prompt_pair(tokenizer, args.clean, args.corrupt, args.target, args.corrupt_target, args.noise_subject)
+    units = args.units or _default_units(model)
+    grid_rows(model, units, channels=args.channels)  # a unit type the model lacks fails before --out is claimed
+    with _claim(args, "patching") as out:
+        patching, timings, errors = patch_prompts(
+            model, tokenizer, pair, unit_types=units, metric=args.metric, direction=args.direction,
+            channels=args.channels, noise_scale=args.noise_scale, seed=args.seed, batch_size=args.batch_size,
+            progress=not args.quiet)
+        n = 1 if pair.corrupt_ids is None else 2
+        results = {"model": model_info(model, args.model),
+                   "corpus": {"name": "prompts", "split": None, "texts": n, "tokens": n * len(pair.clean_ids)},
+                   "patching": {"model": args.model, **patching}, "errors": errors,
+                   "timings": {k: round(v, 3) for k, v in timings.items()}, "incomplete": []}
+        if args.report:
+            _render(results, out.staging)
+        save_json(out.file("results.json"), results)
+        path = out.commit()
+    print_patching(results["patching"])
+    for name, reason in results["errors"].items():
+        print(f"FAILED {name}: {reason}", file=sys.stderr)
+    print(f"results: {path / 'results.json'}")
+    return FAILED if results["errors"] else OK
+
+
+def _default_units(model) -> list[str]:
+    """The default unit types of ``patch``: those of the residual stream, the parts' outputs, the neurons and
+    the SSM state that the model has."""
+    from mambascope.interventions.patching import DEFAULT_UNITS, grid_rows
+
+    available = []
+    for unit in DEFAULT_UNITS:
+        try:
+            grid_rows(model, [unit])
+        except ValueError:
+            continue
+        available.append(unit)
+    return available
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from mambascope.compare import compare_models, comparison_table
     from mambascope.data import load_corpus
@@ -561,6 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out_args(p, "mambascope-compare")
     p.set_defaults(func=_cmd_compare)
 
+    p = sub.add_parser("patch", parents=common, help="activation patching / causal tracing of one prompt pair")
+    _add_patch_args(p)
+    p.set_defaults(func=_cmd_patch)
+
     p = sub.add_parser("train-tiny", parents=common, help="train a bundled-size model on the built-in corpus")
     p.add_argument("--arch", required=True, choices=TRAIN_ARCHS)
     _add_out_args(p, None)
@@ -577,6 +664,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-pairs", type=int, default=8, help="MQAR key-value pairs per example (default: %(default)s)")
     p.set_defaults(func=_cmd_train_tiny)
     return parser
+
+
+def _add_patch_args(p: argparse.ArgumentParser) -> None:
+    from mambascope.interventions.patching import ALIASES, DEFAULT_UNITS, DIRECTIONS, METRICS, UNIT_TYPES
+
+    _add_model_args(p)
+    p.add_argument("--clean", required=True, help="the prompt whose answer patching restores")
+    p.add_argument("--corrupt", default=None, help="the corrupted prompt, as many tokens as --clean")
+    p.add_argument("--target", required=True, help='the clean answer, one token (e.g. " raised")')
+    p.add_argument("--corrupt-target", default=None, help="the answer the logit difference is taken against, one "
+                   "token (default: the corrupted run's top token other than --target)")
+    p.add_argument("--units", default=None, help=f"comma-separated unit types: {', '.join(UNIT_TYPES)} ("
+                   f"{', '.join(f'{k} = {v}' for k, v in ALIASES.items())}); default: every one of "
+                   f"{', '.join(DEFAULT_UNITS)} the model has")
+    p.add_argument("--channels", default=None, help="comma-separated neuron indices patched together (--units "
+                   "channels)")
+    p.add_argument("--metric", default="logit_diff", choices=METRICS,
+                   help="logit_diff: logit of --target minus that of --corrupt-target; logprob: log-probability of "
+                   "--target (default: %(default)s)")
+    p.add_argument("--direction", default="denoise", choices=DIRECTIONS,
+                   help="denoise: clean activations into the corrupted run; noise: the reverse (default: %(default)s)")
+    p.add_argument("--noise-subject", default=None, help="causal tracing: corrupt --clean by Gaussian noise on the "
+                   "embeddings of this part of it, instead of --corrupt")
+    p.add_argument("--noise-scale", type=float, default=3.0,
+                   help="noise std in units of the embeddings' std (default: %(default)s, Meng et al. 2022)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="patches per forward pass (default: %(default)s)")
+    _add_out_args(p, "mambascope-patch")
+    p.add_argument("--no-report", dest="report", action="store_false", help="skip figures and report.html")
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -705,6 +705,16 @@ def plot_ground_truth(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     return _save(fig, out_dir, "ground_truth")
 
 
+def _plot_patching(results: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
+    """The heatmaps of ``mambascope patch`` (report/patching_plots.py)."""
+    from mambascope.report.patching_plots import plot_patching
+
+    paths = plot_patching(results, out_dir)
+    if not paths:
+        raise FigureSkipped("no patching results (mambascope patch)")
+    return paths
+
+
 # ----------------------------------------------------------------------------------------------- driver
 
 def _pct(fraction: Any) -> str:
@@ -741,6 +751,7 @@ FIGURES: dict[str, PlotFunction] = {
     "faithfulness_curves": plot_faithfulness_curves,
     "faithfulness_neurons": plot_faithfulness_neurons,
     "ground_truth": plot_ground_truth,
+    "patching": _plot_patching,
 }
 """Every figure of the report by name (the PNG stem; ``attention_neurons`` writes one per layer)."""
 

@@ -30,6 +30,7 @@ from mambascope.report import _access as acc
 from mambascope.report._static import CSS, JS
 from mambascope.report.figures import GROUP_LABELS, create_comprehensive_report
 from mambascope.report.neuron_payload import neuron_data, r4
+from mambascope.report.patching_plots import PATCHING_FIGURES, UNIT_STYLE, top_cells
 
 __all__ = ["SECTIONS", "render_report"]
 
@@ -45,6 +46,7 @@ SECTIONS: dict[str, str] = {
     "attention-neurons": "Attention neurons",
     "faithfulness": "Faithfulness",
     "ground-truth": "Ground truth",
+    "patching": "Patching",
     "neurons": "Neuron pages",
     "errors": "Errors",
 }
@@ -60,6 +62,7 @@ _FIGURE_SECTION = {
     "attention_neurons": "attention-neurons",
     "faithfulness_curves": "faithfulness", "faithfulness_neurons": "faithfulness",
     "ground_truth": "ground-truth",
+    "patching": "patching", **dict.fromkeys(PATCHING_FIGURES, "patching"),
 }
 
 MAX_LIST = 200  # neuron links listed inline per layer and group before "… and N more"
@@ -554,6 +557,35 @@ def _ground_truth_section(results: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
+def _patching_section(results: Mapping[str, Any]) -> str:
+    """``mambascope patch``: the prompts and metric, each grid's strongest cells, attribution agreement."""
+    patching = results.get("patching")
+    if not isinstance(patching, dict) or not isinstance(patching.get("grids"), dict):
+        return _note("Patching: not run (mambascope patch).")
+    prompts = patching.get("prompts") or {}
+    metric = patching.get("metric") or {}
+    noise = patching.get("noise")
+    corrupt = (f"the clean prompt with Gaussian noise (ν = {acc.fmt(noise.get('nu'))}) on the embeddings of "
+               f"positions {noise.get('subject_positions')}" if isinstance(noise, dict) else prompts.get("corrupt"))
+    parts = [_table(["", "value"], [
+        ("clean prompt", prompts.get("clean")), ("corrupted", corrupt),
+        ("target", _tok(prompts.get("target", ""))), ("against", _tok(prompts.get("corrupt_target") or "")),
+        ("metric", f"{metric.get('kind')}: {metric.get('formula')}"), ("direction", patching.get("direction")),
+        ("clean metric", patching.get("clean_metric")), ("corrupted metric", patching.get("corrupt_metric"))], "kv"),
+        _note("Effect = (m_patched − m_corrupt) / (m_clean − m_corrupt): the fraction of the clean metric "
+              "restored by patching one unit at one position.")]
+    attribution = patching.get("attribution") or {}
+    rows = []
+    for unit in patching["grids"]:
+        top = ", ".join(f"{label} ({value:+.3f})" for label, value in top_cells(patching, unit))
+        agree = attribution.get(unit) or {}
+        rows.append([UNIT_STYLE.get(unit, (unit,))[0], top, agree.get("pearson"), agree.get("spearman"),
+                     agree.get("cells")])
+    parts.append(_table(["unit", "strongest cells (layer @position token (effect))", "attribution Pearson",
+                         "attribution Spearman", "cells compared"], rows))
+    return "".join(parts)
+
+
 def _neurons_section(results: Mapping[str, Any]) -> str:
     layers = acc.layer_items(results)
     if not layers:
@@ -626,6 +658,7 @@ def render_report(results: Mapping[str, Any], out_dir: str | Path, figures: Sequ
         "attention-neurons": _attention_section(results),
         "faithfulness": _faithfulness_section(results),
         "ground-truth": _ground_truth_section(results),
+        "patching": _patching_section(results),
         "neurons": _neurons_section(results),
         "errors": _errors_section(results, skipped),
     }
