@@ -285,3 +285,16 @@ def test_results_json_stays_small_for_a_wide_model(tmp_path):
     assert inline > 5 * 2**20 and size < 5 * 2**20, (inline, size)
     assert size < inline / 10
     assert NeuronStore(tmp_path).n_neurons == 8 * 1024
+
+
+def test_an_attention_only_run_round_trips(tmp_path):
+    """``mambascope attention``: no census layers, only the attention-neuron arrays go to the store."""
+    full = mamba_results()
+    results = {**{k: full[k] for k in ("model", "corpus", "errors", "attention_neurons")}, "layers": {},
+               "census": None}
+    slim, store = _saved(tmp_path, results)
+    assert store.layers == [] and store.n_neurons == 0 and store.table().empty
+    assert all("importance" not in entry for per in slim["attention_neurons"]["results"].values()
+               for entry in per.values())
+    assert load_results(tmp_path) == results
+    assert store.by_token(" the").empty

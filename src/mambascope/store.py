@@ -54,7 +54,10 @@ DETAIL_FIELDS = {
 }
 ATTENTION_ROW_COLUMNS = {"tokens": "attention_tokens", "values": "attention_values"}
 RECORD_FIELDS = {"token_detectors": "detectors", "suppression.detectors": "suppression"}  # lists of records
-ATTENTION_KEYS = ("activation", "importance")  # attention_neurons.results[method][layer].<key>: [units]
+ATTENTION_KEYS = ("activation", "importance")
+TOKEN_SCHEMA = pa.schema([("layer", pa.int64()), ("neuron", pa.int64()), ("token", pa.string()),
+                          ("source", pa.string()), ("count", pa.int64()), ("precision", pa.float64()),
+                          ("mean_activation", pa.float64())])  # attention_neurons.results[method][layer].<key>: [units]
 
 
 class StoreError(ValueError):
@@ -248,10 +251,6 @@ def _token_rows(summary: dict[str, list], detail: dict[str, list], records: dict
 
 # -- writing ---------------------------------------------------------------------------------------------
 
-def _table(columns: dict[str, list]) -> pa.Table:
-    return pa.Table.from_pydict(columns)
-
-
 def _concat(frames: Sequence[dict[str, list]]) -> dict[str, list]:
     """Column dicts of the layers as one, a column missing in a layer filled with nulls."""
     names = list(dict.fromkeys(name for frame in frames for name in frame))
@@ -327,23 +326,30 @@ def write_store(directory: str | Path, results: Mapping[str, Any]) -> dict[str, 
     tmp = directory / f".{STORE_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_tables(tmp, parts)
+        _swap_in(tmp, directory / STORE_DIR)
+    except BaseException:  # an interrupt or a full disk leaves the earlier store, never half of a new one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return slim
+
+
+def _write_tables(tmp: Path, parts: dict[str, Any]) -> None:
     empty = pa.table({"layer": pa.array([], pa.int64()), "neuron": pa.array([], pa.int64())})
-    _write(_table(parts["summary"]) if parts["summary"] else empty, tmp / "summary.parquet")
+    _write(pa.Table.from_pydict(parts["summary"]) if parts["summary"] else empty, tmp / "summary.parquet")
     for layer, detail in parts["details"].items():
-        _write(_table(detail), tmp / "neurons" / f"layer={layer}" / "part-0.parquet", ROW_GROUP)
+        _write(pa.Table.from_pydict(detail), tmp / "neurons" / f"layer={layer}" / "part-0.parquet", ROW_GROUP)
     for table, rows in parts["records"].items():
         _write(_records_table(rows, ("layer", "neuron")), tmp / f"{table}.parquet")
-    token_table = _records_table(parts["tokens"], ("layer", "neuron"))
-    if parts["tokens"]:
-        token_table = token_table.sort_by([("token", "ascending"), ("layer", "ascending"), ("neuron", "ascending")])
+    token_table = pa.Table.from_pylist(parts["tokens"], schema=TOKEN_SCHEMA).sort_by(
+        [("token", "ascending"), ("layer", "ascending"), ("neuron", "ascending")])
     _write(token_table, tmp / "tokens.parquet", 4096)
     _write(_records_table(parts["attention"], ("layer", "unit")), tmp / "attention_neurons.parquet")
     manifest = {"format": FORMAT, "version": VERSION, "layers": sorted(parts["details"]),
                 "n_neurons": {str(layer): len(d["neuron"]) for layer, d in sorted(parts["details"].items())},
                 "row_group_size": ROW_GROUP, "layers_key": parts["layers_key"]}
     write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1))
-    _swap_in(tmp, directory / STORE_DIR)
-    return slim
 
 
 def _add_importance(summary: dict[str, list], rows: list[dict]) -> None:
