@@ -298,3 +298,13 @@ def test_an_attention_only_run_round_trips(tmp_path):
                for entry in per.values())
     assert load_results(tmp_path) == results
     assert store.by_token(" the").empty
+
+
+def test_the_seed_layout_keeps_one_copy_in_the_store(tmp_path):
+    """``run_comprehensive_analysis`` repeats the parts under ``analysis_results``: slim there too."""
+    results = mamba_results()
+    results["analysis_results"] = {key: results[key] for key in ("census", "attention_neurons", "ablation",
+                                                                  "pruning")}
+    slim, _ = _saved(tmp_path, results)
+    assert slim["analysis_results"]["attention_neurons"] == slim["attention_neurons"]
+    assert load_results(tmp_path, detail=True) == json.loads(json.dumps(results))

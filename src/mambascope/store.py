@@ -302,6 +302,9 @@ def _split(results: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     attention, attention_rows = _attention_table(slim)
     if "attention_neurons" in results:
         slim["attention_neurons"] = attention
+    seed = results.get("analysis_results")  # run_comprehensive_analysis: the same parts again under one key
+    if isinstance(seed, Mapping) and seed.get("attention_neurons") == results.get("attention_neurons"):
+        slim["analysis_results"] = {**seed, "attention_neurons": attention}
     summary_columns = _concat(summaries)
     _add_importance(summary_columns, attention_rows)
     slim["store"] = {"path": STORE_DIR, "version": VERSION}
@@ -672,6 +675,9 @@ def hydrate(results: Mapping[str, Any], store: NeuronStore, detail: bool = True)
             full_results[method] = {layer: _attention_entry(entry, rows.get((method, int(layer)), []))
                                     for layer, entry in per.items()} if isinstance(per, Mapping) else per
         out["attention_neurons"] = {**att, "results": full_results}
+        seed = results.get("analysis_results")
+        if isinstance(seed, Mapping) and seed.get("attention_neurons") == att:
+            out["analysis_results"] = {**seed, "attention_neurons": out["attention_neurons"]}
     return out
 
 
