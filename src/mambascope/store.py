@@ -370,7 +370,7 @@ def _add_importance(summary: dict[str, list], rows: list[dict]) -> None:
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    old = target.with_name(f".{target.name}.replaced-{os.getpid()}")  # not ".old-": that names an output swap
     if target.exists():
         os.rename(target, old)
     os.rename(tmp, target)
