@@ -26,7 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mambascope.neuron_pages import neuron_data
 from mambascope.outputs import write_atomic
+from mambascope.results_layout import read_results_file
 
 FORMAT = "mambascope-neuron-store"
 VERSION = 1
@@ -462,8 +464,6 @@ class NeuronStore:
     @cached_property
     def results(self) -> dict[str, Any]:
         """``results.json`` of the directory as written (slim, not hydrated)."""
-        from mambascope.results import read_results_file
-
         return read_results_file(self.directory)
 
     def _check(self, layer: int, neuron: int | None = None) -> None:
@@ -551,8 +551,6 @@ class NeuronStore:
     def layer_payload(self, layer: int, neurons: Sequence[int] | None = None) -> dict[str, Any]:
         """``report.neuron_data`` for this one layer (its neuron pages' payload), built from the store;
         ``neurons``: embed the detail of only these (None: all)."""
-        from mambascope.report.neuron_payload import neuron_data
-
         self._check(layer)
         if neurons is not None:
             return neuron_data(self.results, self, {layer: neurons})
