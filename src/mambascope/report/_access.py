@@ -1,9 +1,8 @@
 """Read-only accessors over a results dict (docs/design.md §8), shared by the figures and the HTML report.
 
-The report never runs a model: everything comes from ``results.json``.  These helpers find each part
-where the pipeline puts it (``run_analysis`` keeps the per-layer census at the top-level ``layers`` and
-the rest of the census under ``census``; ``run_census`` alone nests ``layers``, ``ablation`` and
-``pruning`` inside its own dict) and say *why* a part is absent, from ``results["errors"]``.
+The report never runs a model: everything comes from ``results.json`` and the neuron store.  Where each
+part is comes from ``mambascope.results_layout`` (re-exported here); these helpers add what the report
+shows: *why* a part is absent (from ``results["errors"]``), titles, number formatting.
 """
 
 from __future__ import annotations
@@ -11,6 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from mambascope.results_layout import arch, attention_part, census_part, layer_items, model_name, num, part
+
+__all__ = ["STAGE_KEYS", "arch", "attention_part", "census_part", "detector_strings", "detector_tokens_by_layer",
+           "errors", "faithfulness_part", "finite", "fmt", "layer_items", "missing_reason", "model_name", "num",
+           "part", "title"]
 
 # Where each analysis's failure is recorded in results["errors"] (the pipeline's stage names first).
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
@@ -20,52 +25,6 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "attention_neurons": ("attention_neurons", "attention"),
     "faithfulness": ("faithfulness", "attention_neurons", "attention"),
 }
-
-_LAYER_KEYS = ("n_neurons", "activation_frequency", "dead_neurons")
-
-
-def census_part(results: Mapping[str, Any]) -> dict[str, Any]:
-    """``results["census"]`` as a dict ({} when absent, None or failed)."""
-    value = results.get("census")
-    return value if isinstance(value, dict) else {}
-
-
-def _is_layer_map(value: Any) -> bool:
-    return (isinstance(value, dict) and bool(value)
-            and all(isinstance(v, dict) and any(k in v for k in _LAYER_KEYS) for v in value.values()))
-
-
-def layer_items(results: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
-    """The per-layer census results as (layer, dict), by layer index; [] when there is no census.
-
-    Looks at the top-level ``layers`` (``run_analysis``), then ``census["layers"]`` (``run_census``),
-    and also accepts a bare ``run_census`` dict as ``results``.
-    """
-    for candidate in (results.get("layers"), census_part(results).get("layers")):
-        if _is_layer_map(candidate):
-            return sorted(((int(k), v) for k, v in candidate.items()), key=lambda kv: kv[0])
-    return []
-
-
-def part(results: Mapping[str, Any], name: str) -> dict[str, Any] | None:
-    """A top-level analysis dict (``ablation``, ``pruning``, ``attention_neurons``, ...), also looked up
-    inside ``census``; None when absent."""
-    value = results.get(name)
-    if not isinstance(value, dict):
-        value = census_part(results).get(name)
-    return value if isinstance(value, dict) else None
-
-
-def attention_part(results: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The attention-neuron summary (``run_attention_analysis``), or the seed's
-    ``analysis_results["attention_neurons"]``; None when absent."""
-    value = part(results, "attention_neurons")
-    if value is None:
-        nested = results.get("analysis_results")
-        if isinstance(nested, dict) and isinstance(nested.get("attention_neurons"), dict):
-            value = nested["attention_neurons"]
-    return value
-
 
 def faithfulness_part(results: Mapping[str, Any]) -> dict[str, Any] | None:
     """The faithfulness result (inside the attention summary, or top-level); None when absent."""
@@ -102,24 +61,6 @@ def missing_reason(results: Mapping[str, Any], analysis: str) -> str:
     return f"not computed in this run (results.json has no '{analysis}')"
 
 
-def model_name(results: Mapping[str, Any]) -> str:
-    """The model's name as recorded (``model.name``), or "model"."""
-    model = results.get("model")
-    return str(model.get("name") or "model") if isinstance(model, dict) else "model"
-
-
-def arch(results: Mapping[str, Any]) -> str | None:
-    """"mamba" | "mamba2" | "gpt2" from ``model.arch``, a census layer, or the attention summary."""
-    model = results.get("model")
-    if isinstance(model, dict) and model.get("arch"):
-        return str(model["arch"])
-    for _, layer in layer_items(results):
-        if layer.get("arch"):
-            return str(layer["arch"])
-    att = attention_part(results)
-    return str(att["arch"]) if att and att.get("arch") else None
-
-
 def title(results: Mapping[str, Any], what: str, layer: int | str | None = None) -> str:
     """Figure title: "<model> (<arch>) — <what>[, layer <l>]"."""
     a = arch(results)
@@ -134,13 +75,6 @@ def finite(values: Sequence[Any] | None) -> list[float]:
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
             out.append(float(v))
     return out
-
-
-def num(value: Any) -> float | None:
-    """A finite float, or None."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
 
 
 def fmt(value: Any, digits: int = 4) -> str:
