@@ -164,7 +164,7 @@ def test_html_renders_recorded_errors_escaped(tmp_path: Path) -> None:
     assert "Faithfulness: failed (attention_neurons)" in page
     errors = page[page.index('<section id="errors">'):]
     assert "interventions" in errors and "attention_neurons" in errors
-    assert "Figure &#x27;ablation&#x27; not drawn: no ablation results: failed (interventions)" in page
+    assert "Figure &#39;ablation&#39; not drawn: no ablation results: failed (interventions)" in page
 
 
 def test_html_escapes_token_strings(tmp_path: Path) -> None:
@@ -177,7 +177,7 @@ def test_html_escapes_token_strings(tmp_path: Path) -> None:
     layer["delta_sensitive"][0]["top_tokens"][0]["string"] = evil
     page = render_report(results, tmp_path, figures=[]).read_text()
     assert "<img" not in page  # no figures here, so no <img> at all
-    assert "&lt;img·src=x·onerror=&quot;alert(1)&quot;&gt;&amp;amp;" in page  # a chip: spaces shown as ·
+    assert "&lt;img·src=x·onerror=&#34;alert(1)&#34;&gt;&amp;amp;" in page  # a chip: spaces shown as ·
     data = _neuron_json(page)
     assert evil in data["strings"]  # the JSON carries the string as such; the page sets it as text
 
