@@ -359,6 +359,7 @@
     go(parseInt(select.value, 10), parseInt(document.getElementById("neuron-index").value, 10) || 0);
   });
   window.addEventListener("hashchange", route);
-  window.mambascopeNeurons = { parseQuery: parseQuery, render: render, go: go, chip: chip, fmt: fmt, el: el };
+  window.mambascopeNeurons = { parseQuery: parseQuery, render: render, go: go, chip: chip, fmt: fmt, el: el,
+                             tokenRow: tokenRow, link: link };
   route();
 })();
