@@ -312,7 +312,7 @@ def _run_rank(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
 
 def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
     from mambascope.pipeline import neuron_table, print_analysis_summary, run_analysis
-    from mambascope.results import save_json, save_table
+    from mambascope.results import save_results, save_table
     from mambascope.scale import remove_checkpoints, scan_function
 
     with _claim(args, args.command) as out:
@@ -322,7 +322,7 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
         def save(results: dict) -> None:  # after every stage: what an interrupt keeps (results.json last)
             if results["layers"] and not (out.staging / "neurons.parquet").exists():
                 save_table(out.staging, neuron_table({"layers": results["layers"]}))
-            save_json(out.file("results.json"), results)
+            save_results(out.staging, results)  # per-neuron fields to store/, the rest to results.json
 
         model, tokenizer, windows, info = _prepare(args)
         plan = _scan_plan(args, ranks, model, windows, info) if "census" in stages else None
@@ -337,10 +337,10 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
                 ngram_counters=None if plan is None else plan.ngram_counters)
             if getattr(args, "stream", False) and windows.n_windows is not None:
                 results["corpus"].update(_stream_counts(windows))
-                save_json(out.file("results.json"), results)
+                save_results(out.staging, results, store=False)
             if args.report:
                 _render(results, out.staging)
-                save_json(out.file("results.json"), results)
+                save_results(out.staging, results, store=False)
         except KeyboardInterrupt:
             kept = _keep_finished(out) or f"nothing had finished; {out.path} is unchanged"
             print(f"mambascope: interrupted; {kept}", file=sys.stderr)
@@ -379,7 +379,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from mambascope.report import create_comprehensive_report, render_report
     from mambascope.results import load_results
 
-    results = load_results(args.directory)
+    results = load_results(args.directory, detail=True)  # older results.json: everything inline already
     directory = Path(args.directory)
     directory = directory if directory.is_dir() else directory.parent
     lock = OutputLock(directory.resolve(), flag="report")

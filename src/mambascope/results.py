@@ -56,8 +56,35 @@ def save_table(directory: Path, table: pd.DataFrame, stem: str = "neurons") -> P
     raise ValueError(f"cannot write the {stem} table as Parquet or CSV")
 
 
-def load_results(path: str | Path) -> dict:
-    """Read ``results.json`` from a results directory (or the file itself), checked to be one.
+def save_results(directory: Path, results: dict[str, Any], *, store: bool = True) -> Path:
+    """``directory/results.json`` with the per-neuron fields in ``directory/store/`` (``store.write_store``),
+    the store first so that a results.json never names a store older than itself.  ``store=False``: only
+    results.json is rewritten (the per-neuron fields have not changed since the last save)."""
+    from mambascope.store import slim_results, write_store
+
+    jsonable = to_jsonable(results)
+    return save_json(directory / "results.json", write_store(directory, jsonable) if store else slim_results(jsonable))
+
+
+def load_results(path: str | Path, detail: bool = False) -> dict:
+    """Read ``results.json`` from a results directory (or the file itself), checked to be one, with the
+    per-neuron fields of its neuron store put back (``store.hydrate``; ``detail``: also the top contexts,
+    logit effects and attention rows).  A results.json of an older version (everything inline) is returned
+    as it is.
+
+    Raises FileNotFoundError / ValueError naming the file for a missing, unreadable or malformed file or store.
+    """
+    results = read_results_file(path)
+    from mambascope.store import NeuronStore, has_store, hydrate
+
+    if not has_store(results):
+        return results
+    path = Path(path)
+    return hydrate(results, NeuronStore(path if path.is_dir() else path.parent), detail)
+
+
+def read_results_file(path: str | Path) -> dict:
+    """``results.json`` as written (per-neuron fields not put back), checked to be a results file.
 
     Raises FileNotFoundError / ValueError naming the file for a missing, unreadable or malformed file.
     """

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mambascope.report import _access as acc
 
-__all__ = ["neuron_data", "r4", "r4list"]
+if TYPE_CHECKING:
+    from mambascope.store import NeuronStore
+
+__all__ = ["TOP_NEURONS", "neuron_data", "r4", "r4list", "top_neurons"]
+
+TOP_NEURONS = 100  # neurons per layer whose pages a size-capped report embeds (``top_neurons``)
+DETAIL = ("top_contexts", "logit_effects", "attention_rows")  # the fields a neuron page reads per neuron
 
 
 def r4(value: Any) -> float | None:
@@ -66,18 +72,22 @@ def _valid_contexts(tc: Any, E: int) -> bool:
             and isinstance(tc.get("width"), int))
 
 
-def _window_table(layers: list[tuple[int, dict]], sid: _Strings) -> dict[int, dict[int, int]] | None:
+def _window_table(layers: list[tuple[int, dict]], sid: _Strings,
+                  embedded: Mapping[int, set[int] | None]) -> dict[int, dict[int, int]] | None:
     """Token (string index) at each (window, position) the top contexts show, or None when the contexts
     cannot be keyed that way (no window ids, or two contexts disagree) and are stored explicitly."""
     table: dict[int, dict[int, int]] = {}
-    for _, r in layers:
+    for layer, r in layers:
         tc = r.get("top_contexts")
         if not _valid_contexts(tc, r.get("n_neurons", -1)):
             continue
         windows, positions = tc.get("windows"), tc.get("positions")
         if not isinstance(windows, list) or not isinstance(positions, list):
             return None
+        keep = embedded.get(layer)
         for e, contexts in enumerate(tc["tokens"]):
+            if keep is not None and e not in keep:
+                continue
             for j, tokens in enumerate(contexts):
                 try:
                     win, pos = int(windows[e][j]), int(positions[e][j])
@@ -97,9 +107,10 @@ def _window_table(layers: list[tuple[int, dict]], sid: _Strings) -> dict[int, di
     return table
 
 
-def _layer_payload(layer: int, r: dict[str, Any], arch: str | None, sid: _Strings, keyed: bool,
-                   importance: dict[str, list[float | None]]) -> dict[str, Any]:
+def _layer_payload(r: dict[str, Any], arch: str | None, sid: _Strings, keyed: bool,
+                   importance: dict[str, list[float | None]], embedded: set[int] | None) -> dict[str, Any]:
     E = int(r.get("n_neurons") or len(r.get("activation_frequency") or []))
+    keep = (lambda e: True) if embedded is None else embedded.__contains__
     activity = r.get("activity") or {}
     positional = r.get("positional") or {}
     d: dict[str, Any] = {
@@ -134,11 +145,16 @@ def _layer_payload(layer: int, r: dict[str, Any], arch: str | None, sid: _String
         W = int(tc["width"])
         ctx: dict[str, Any] = {"k": tc.get("k"), "w": W, "v": [], "a": [], "s": []}
         if keyed:
-            ctx["wp"] = [[int(x) for pair in zip(w, p, strict=False) for x in pair]
-                         for w, p in zip(tc["windows"], tc["positions"], strict=True)]
+            ctx["wp"] = [[int(x) for pair in zip(w, p, strict=False) for x in pair] if keep(e) else None
+                         for e, (w, p) in enumerate(zip(tc["windows"], tc["positions"], strict=True))]
         else:
-            ctx["t"] = [[[sid(s) for s in tokens] for tokens in contexts] for contexts in tc["tokens"]]
+            ctx["t"] = [[[sid(s) for s in tokens] for tokens in contexts] if keep(e) else None
+                        for e, contexts in enumerate(tc["tokens"])]
         for e in range(E):
+            if not keep(e):
+                for key in ("v", "a", "s"):
+                    ctx[key].append(None)
+                continue
             flat = []
             for values in tc["activations"][e]:
                 values = list(values)[-W:]
@@ -156,6 +172,10 @@ def _layer_payload(layer: int, r: dict[str, Any], arch: str | None, sid: _String
                                     for k in ("promoted", "promoted_values", "suppressed", "suppressed_values")):
         lg: dict[str, Any] = {"p": [], "n": [], "v": [], "s": []}
         for e in range(E):
+            if not keep(e):
+                for key in ("p", "n", "v", "s"):
+                    lg[key].append(None)
+                continue
             lg["p"].append([sid(s) for s in le["promoted"][e]])
             lg["n"].append([sid(s) for s in le["suppressed"][e]])
             b64, scale = _q16(list(le["promoted_values"][e]) + list(le["suppressed_values"][e]))
@@ -170,7 +190,8 @@ def _layer_payload(layer: int, r: dict[str, Any], arch: str | None, sid: _String
         unit = "head" if r.get("arch", arch) == "mamba2" else "channel"  # the layer's neuron kind on a hybrid
         at: dict[str, Any] = {"unit": unit, "index": {}, "t": [], "v": [], "s": []}
         first = tc["tokens"] if _valid_contexts(tc, E) else None
-        for i, (n, tokens, values) in enumerate(zip(ar["neurons"], ar["tokens"], ar["values"], strict=True)):
+        rows = [row for row in zip(ar["neurons"], ar["tokens"], ar["values"], strict=True) if keep(int(row[0]))]
+        for i, (n, tokens, values) in enumerate(rows):
             at["index"][str(int(n))] = i
             same = bool(first) and 0 <= int(n) < E and first[int(n)] and list(first[int(n)][0]) == list(tokens)
             at["t"].append(0 if same else [sid(s) for s in tokens])
@@ -180,10 +201,38 @@ def _layer_payload(layer: int, r: dict[str, Any], arch: str | None, sid: _String
         d["attn"] = at
     else:
         d["attn"] = None
+    if embedded is not None:
+        d["embedded"] = sorted(embedded)
     return d
 
 
-def neuron_data(results: Mapping[str, Any]) -> dict[str, Any]:
+def _importance_from_results(results: Mapping[str, Any]) -> dict[int, dict[str, list[float | None]]]:
+    importance: dict[int, dict[str, list[float | None]]] = {}
+    att = acc.attention_part(results)
+    if att and isinstance(att.get("results"), dict):
+        for method, per in att["results"].items():
+            for layer, entry in (per or {}).items():
+                if (isinstance(entry, dict) and entry.get("unit") == "channel"
+                        and isinstance(entry.get("importance"), list)):
+                    importance.setdefault(int(layer), {})[method] = r4list(entry["importance"])
+    return importance
+
+
+def _importance_from_store(store: NeuronStore, layer: int) -> dict[str, list[float | None]]:
+    per: dict[str, list[tuple[int, Any]]] = {}
+    for row in store.records("attention_neurons", layer):
+        if row.get("unit_kind") == "channel":
+            per.setdefault(row["method"], []).append((row["unit"], row["importance"]))
+    return {method: r4list([v for _, v in sorted(rows)]) for method, rows in per.items()}
+
+
+def _in_store(r: Mapping[str, Any]) -> bool:
+    """Whether a layer dict's neuron-page fields were left in the neuron store."""
+    return any(str(path).split(".")[0] in DETAIL for path in r.get("in_store") or [])
+
+
+def neuron_data(results: Mapping[str, Any], store: NeuronStore | None = None,
+                layers_neurons: Mapping[int, Sequence[int] | None] | None = None) -> dict[str, Any]:
     """The compact per-neuron JSON the report's neuron pages render from.
 
     ``{"model", "arch", "strings": [token strings], "windows": {window: [string index per position]},
@@ -193,20 +242,31 @@ def neuron_data(results: Mapping[str, Any]) -> dict[str, Any]:
     coverage, [count], [suppression rank]]], ``delta`` (per-unit Δ statistics and the top-k), ``imp``
     (attention-neuron importance per method, channel units only), and ``ctx`` / ``logit`` / ``attn``
     (None when not computed) whose float arrays are base64 int16 relative to a per-neuron scale.
+
+    ``store``: a ``NeuronStore`` of the run; the per-neuron fields are read from it (``results`` may be
+    the slim results.json).  ``layers_neurons`` {layer: neurons or None}: only these layers, and of each
+    the detail (``ctx``, ``logit``, ``attn``) of only those neurons (None: all); such a layer lists them in
+    ``embedded`` and has null entries for the others.  Statistics always cover every neuron.
     """
     sid = _Strings()
-    layers = acc.layer_items(results)
+    chosen = None if layers_neurons is None else {int(k) for k in layers_neurons}
+    embedded = {int(k): None if v is None else {int(e) for e in v} for k, v in (layers_neurons or {}).items()}
+    layers = [(layer, r) for layer, r in acc.layer_items(results) if chosen is None or layer in chosen]
+    if store is not None:
+        layers = [(layer, store.layer_result(layer, r, neurons=None if embedded.get(layer) is None
+                                             else sorted(embedded[layer])) if "in_store" in r else r)
+                  for layer, r in layers]
+        importance = {layer: _importance_from_store(store, layer) for layer, _ in layers}
+    else:
+        stored = [layer for layer, r in layers if _in_store(r)]
+        if stored:
+            raise ValueError(f"the neuron-page fields of layer {stored[0]} are in the neuron store: pass "
+                             "neuron_data(results, NeuronStore(directory))")
+        importance = _importance_from_results(results)
     arch = acc.arch(results)
-    table = _window_table(layers, sid)
-    importance: dict[int, dict[str, list[float | None]]] = {}
-    att = acc.attention_part(results)
-    if att and isinstance(att.get("results"), dict):
-        for method, per in att["results"].items():
-            for layer, entry in (per or {}).items():
-                if (isinstance(entry, dict) and entry.get("unit") == "channel"
-                        and isinstance(entry.get("importance"), list)):
-                    importance.setdefault(int(layer), {})[method] = r4list(entry["importance"])
-    out_layers = {str(layer): _layer_payload(layer, r, arch, sid, table is not None, importance.get(layer, {}))
+    table = _window_table(layers, sid, embedded)
+    out_layers = {str(layer): _layer_payload(r, arch, sid, table is not None, importance.get(layer, {}),
+                                             embedded.get(layer))
                   for layer, r in layers}
     windows = {}
     for win, row in (table or {}).items():
@@ -216,3 +276,38 @@ def neuron_data(results: Mapping[str, Any]) -> dict[str, Any]:
         windows[str(win)] = seq
     return {"model": acc.model_name(results), "arch": arch, "strings": sid.items, "windows": windows,
             "layers": out_layers}
+
+
+def top_neurons(results: Mapping[str, Any], store: NeuronStore | None = None,
+                k: int = TOP_NEURONS) -> dict[int, list[int]]:
+    """{layer: up to ``k`` neurons, ascending} whose pages a size-capped report embeds.
+
+    Criterion: first the neurons the report's summary links to (token detectors, the highest-MI positional
+    neurons ``positional_top``, the first neuron of each Δ-sensitive unit, each attention method's
+    ``top_neurons`` on channel units), then the others by peak |post| of their top contexts, largest first.
+    """
+    attention: dict[int, list[int]] = {}
+    att = acc.attention_part(results)
+    for per in ((att or {}).get("results") or {}).values():
+        for layer, entry in (per or {}).items():
+            if isinstance(entry, dict) and entry.get("unit") == "channel":
+                attention.setdefault(int(layer), []).extend((entry.get("top_neurons") or {}).get("indices") or [])
+    summary = store.table(["layer", "neuron", "token_detector", "peak_abs_post"]) if store is not None else None
+    out = {}
+    for layer, r in acc.layer_items(results):
+        E = int(r["n_neurons"])
+        if summary is not None:
+            rows = summary[summary["layer"] == layer].sort_values("neuron")
+            detectors = rows.loc[rows["token_detector"].astype(bool), "neuron"].tolist()
+            peak = [None if v != v else float(v) for v in rows["peak_abs_post"].tolist()]
+        else:
+            detectors = [d["neuron"] for d in r.get("token_detectors") or []]
+            values = (r.get("top_contexts") or {}).get("values") or [[] for _ in range(E)]
+            peak = [max((abs(v) for v in vs if v is not None), default=None) for vs in values]
+        per = max(1, E // int((r.get("delta") or {}).get("n_units") or E))
+        linked = [*detectors, *((r.get("positional") or {}).get("positional_top") or {}).get("neurons", []),
+                  *(int(d["index"]) * per for d in r.get("delta_sensitive") or []), *attention.get(layer, [])]
+        rest = sorted(range(E), key=lambda e: -(peak[e] if peak[e] is not None else -1.0))
+        chosen = list(dict.fromkeys(int(e) for e in [*linked, *rest] if 0 <= int(e) < E))[:k]
+        out[layer] = sorted(chosen)
+    return out
