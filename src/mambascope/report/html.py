@@ -15,8 +15,9 @@ analysis is absent or failed says so with the recorded reason; no number is ever
 
 Size: the neuron pages' JSON (:func:`mambascope.report.neuron_payload.neuron_data`) is embedded whole up to
 :data:`EMBED_ALL_MAX` neurons; above that, the report embeds every neuron's statistics but the contexts,
-logit effects and attention rows of the top :data:`TOP_PER_LAYER` neurons of each layer only, and says on
-the page how to open the rest with ``mambascope serve DIR``.
+logit effects and attention rows of the top ``TOP_NEURONS`` neurons of each layer only
+(:func:`~mambascope.report.neuron_payload.top_neurons`), and says on the page how to open the rest with
+``mambascope serve DIR``.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from markupsafe import Markup
 
 from mambascope.report import _access as acc
 from mambascope.report.figures import GROUP_LABELS, create_comprehensive_report
-from mambascope.report.neuron_payload import neuron_data, r4
+from mambascope.report.neuron_payload import TOP_NEURONS, neuron_data, r4, top_neurons
 
-__all__ = ["EMBED_ALL_MAX", "SECTIONS", "TOP_PER_LAYER", "render_comparison_report", "render_report"]
+__all__ = ["EMBED_ALL_MAX", "SECTIONS", "embedded_neuron_data", "render_comparison_report", "render_report"]
 
 SECTIONS: dict[str, str] = {
     "summary": "Summary",
@@ -72,10 +73,9 @@ MAX_DETECTOR_ROWS = 300  # detector rows per layer in the static table (every on
 
 EMBED_ALL_MAX = 16_384
 """Neurons (all census layers together) up to which report.html embeds every neuron page: about 1 KB of
-JSON per neuron (docs/results.md), so at most ~16 MB, which a browser opens comfortably; a 130m Mamba
-(36,864 neurons) is above it."""
-TOP_PER_LAYER = 64
-"""Neurons per layer whose full pages are embedded above :data:`EMBED_ALL_MAX` (see :func:`top_neurons`)."""
+JSON per neuron (docs/design.md §8), so at most ~16 MB, which a browser opens comfortably; a 130m Mamba
+(36,864 neurons) is above it.  Above it the report embeds the pages of ``TOP_NEURONS`` neurons per layer
+(:func:`mambascope.report.neuron_payload.top_neurons`)."""
 
 
 # ---------------------------------------------------------------------------------------- plain data
@@ -676,89 +676,45 @@ def report_context(results: Mapping[str, Any], figures: Sequence[Path], skipped:
 
 # ---------------------------------------------------------------------------------- neurons embedded
 
-def top_neurons(layer: Mapping[str, Any], k: int) -> list[int]:
-    """Up to ``k`` neurons of one layer of :func:`neuron_data`'s payload whose full pages a large report
-    embeds: the layer's token detectors, Δ-sensitive units, positional neurons and most important
-    attention neurons (the ones the report's tables name first), then the highest peak activations."""
-    E = int(layer["E"])
-    per = (layer.get("delta") or {}).get("per") or 1
-    chosen: dict[int, None] = {}
-    ranked_imp = [sorted(range(len(v)), key=lambda e, v=v: -(v[e] if v[e] is not None else -math.inf))
-                  for v in (layer.get("imp") or {}).values()]
-    peaks = (layer.get("ctx") or {}).get("v") or []
-    by_peak = sorted(range(len(peaks)), key=lambda e: -max((abs(x) for x in peaks[e] or [] if x is not None),
-                                                           default=-1.0))
-    for group in ([d[0] for d in layer.get("det") or []], [t[0] * per for t in (layer.get("delta") or {}).get("top")
-                                                           or []],
-                  layer.get("pos") or [], *[r[:k] for r in ranked_imp], by_peak, range(E)):
-        for e in group:
-            if len(chosen) >= k:
-                return sorted(chosen)
-            if 0 <= int(e) < E:
-                chosen[int(e)] = None
-    return sorted(chosen)
+def _n_neurons(results: Mapping[str, Any]) -> int:
+    return sum(int(r.get("n_neurons") or 0) for _, r in acc.layer_items(results))
 
 
-def embed_only(data: Mapping[str, Any], keep: Mapping[str, Sequence[int]]) -> dict[str, Any]:
-    """:func:`neuron_data`'s output with the contexts, logit effects and attention rows of the ``keep``
-    neurons of each layer only (the others' entries None, their attention rows dropped, the corpus
-    windows no kept context shows dropped); statistics stay for every neuron.  Each layer lists its
-    ``embedded`` neurons, so the page can tell a neuron left out from one with nothing recorded."""
-    layers: dict[str, Any] = {}
-    windows: set[str] = set()
-    for lid, d in data["layers"].items():
-        kept = sorted(set(keep.get(lid, [])))
-        keep_set = set(kept)
-        d = dict(d, embedded=kept)
-        if d.get("ctx"):
-            ctx = dict(d["ctx"])
-            for key in ("v", "a", "s", "wp", "t"):
-                if key in ctx:
-                    ctx[key] = [x if e in keep_set else None for e, x in enumerate(ctx[key])]
-            for e in kept if ctx.get("wp") else []:
-                windows.update(str(w) for w in ctx["wp"][e][0::2])
-            d["ctx"] = ctx
-        if d.get("logit"):
-            d["logit"] = {key: [x if e in keep_set else None for e, x in enumerate(v)] for key, v in d["logit"].items()}
-        if d.get("attn"):
-            at = d["attn"]
-            rows = [(n, r) for n, r in at["index"].items() if int(n) in keep_set]
-            d["attn"] = {"unit": at["unit"], "index": {n: i for i, (n, _) in enumerate(rows)},
-                         **{key: [at[key][r] for _, r in rows] for key in ("t", "v", "s")}}
-        layers[lid] = d
-    return dict(data, layers=layers, windows={w: s for w, s in (data.get("windows") or {}).items() if w in windows})
-
-
-def _embedded_data(data: dict[str, Any], max_neurons: int, per_layer: int) -> tuple[dict[str, Any], dict | None]:
-    total = sum(int(d["E"]) for d in data["layers"].values())
+def embedded_neuron_data(results: Mapping[str, Any], store: Any = None, max_neurons: int = EMBED_ALL_MAX,
+                         per_layer: int = TOP_NEURONS) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the neuron pages' JSON, None) when the model has at most ``max_neurons`` neurons; above that, (the
+    JSON with the detail of :func:`top_neurons` of each layer only, {per_layer, total, max, message})."""
+    total = _n_neurons(results)
     if total <= max_neurons:
-        return data, None
-    keep = {lid: top_neurons(d, per_layer) for lid, d in data["layers"].items()}
+        return neuron_data(results, store), None
+    data = neuron_data(results, store, top_neurons(results, store, per_layer))
     message = (f"This report embeds the full pages (contexts, logit effects, attention rows) of the top {per_layer} "
                f"neurons of each layer only: the model has {total:,} neurons, above the {max_neurons:,} a "
                "self-contained report embeds. Statistics are shown for every neuron. To open every neuron page, "
                "run: mambascope serve DIR (DIR: this report's output directory).")
     partial = {"per_layer": per_layer, "total": total, "max": max_neurons, "message": message}
-    return dict(embed_only(data, keep), partial=partial), partial
+    return dict(data, partial=partial), partial
 
 
 # ------------------------------------------------------------------------------------------ render
 
 def render_report(results: Mapping[str, Any], out_dir: str | Path, figures: Sequence[str | Path] | None = None, *,
-                  max_embedded_neurons: int = EMBED_ALL_MAX, top_per_layer: int = TOP_PER_LAYER) -> Path:
+                  store: Any = None, max_embedded_neurons: int = EMBED_ALL_MAX,
+                  top_per_layer: int = TOP_NEURONS) -> Path:
     """Write ``out_dir/report.html`` (one self-contained file) and return its path.
 
     ``figures``: PNG paths to embed (e.g. from :func:`create_comprehensive_report`; a :class:`FigureSet`
     also carries the reasons of the figures not drawn).  None draws them into ``out_dir/figures``.
-    Models with more than ``max_embedded_neurons`` neurons get the full pages of ``top_per_layer``
-    neurons per layer (:func:`top_neurons`) and a note on how to open the rest with ``mambascope serve``.
+    ``store``: the run's ``NeuronStore`` when ``results`` is the slim results.json (per-neuron fields read
+    from it).  Models with more than ``max_embedded_neurons`` neurons get the full pages of
+    ``top_per_layer`` neurons per layer and a note on how to open the rest with ``mambascope serve``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if figures is None:
         figures = create_comprehensive_report(results, out_dir / "figures")
     skipped = dict(getattr(figures, "skipped", {}) or {})
-    data, partial = _embedded_data(neuron_data(results), max_embedded_neurons, top_per_layer)
+    data, partial = embedded_neuron_data(results, store, max_embedded_neurons, top_per_layer)
     page = environment().get_template("report.html").render(
         **report_context(results, [Path(p) for p in figures], skipped, _data_uri, partial),
         served=False, css=static_text("report.css"), js=static_text("neurons.js"), neuron_data=data)

@@ -21,9 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from mambascope.report import _access as acc
-from mambascope.report.html import embed_only, environment, report_context
+from mambascope.report.html import environment, report_context
 from mambascope.serve.live import LiveInputError, LiveModel, load_live
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -75,25 +73,6 @@ def open_output(directory: str | Path) -> tuple[Path, dict[str, Any], Any]:
     return path, load_results(path), NeuronStore(path)
 
 
-class _LRU:
-    """A small cache of layer payloads (each built once from the store; the store never changes)."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
-
-    def get(self, key: Any, make: Callable[[], Any]) -> Any:
-        with self.lock:
-            if key in self.items:
-                self.items.move_to_end(key)
-                return self.items[key]
-        value = make()
-        with self.lock:
-            self.items[key] = value
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-        return value
-
-
 def _int(request: Request, name: str, default: int | None = None, low: int | None = None,
          high: int | None = None) -> int | None:
     raw = request.query_params.get(name)
@@ -128,14 +107,21 @@ def _json(data: Any, status: int = 200) -> JSONResponse:
 class Explorer:
     """The state behind the routes: DIR, its results and store, the rendered summary page, the live model."""
 
-    def __init__(self, directory: Path, results: dict[str, Any], store: Any, live: LiveModel | None,
-                 live_reason: str | None) -> None:
+    def __init__(self, directory: Path, results: dict[str, Any], store: Any) -> None:
         self.dir, self.results, self.store = directory, results, store
-        self.live, self.live_reason = live, live_reason
         self.layers = [int(x) for x in store.layers]
         self.table = store.table()
         self.sizes = {str(int(layer)): int(n) for layer, n in self.table.groupby("layer").size().items()}
-        self.payloads = _LRU(4)
+        self.live: LiveModel | None = None
+        self.live_reason: str | None = None
+        self.page = ""  # rendered by set_live, which create_app always calls
+
+    def set_live(self, live: LiveModel | None, reason: str | None) -> None:
+        """Use ``live`` for traces if it is the output's model (else say why not), and re-render the page."""
+        if live is not None:
+            reason = live.mismatch({int(layer): n for layer, n in self.sizes.items()})
+            live = None if reason else live
+        self.live, self.live_reason = live, reason
         self.page = self._render_page()
 
     # ---------------------------------------------------------------------------------------- pages
@@ -213,17 +199,16 @@ class Explorer:
 
     def _check_neuron(self, layer: int, neuron: int) -> None:
         if layer not in self.layers:
-            raise HTTPException(404, f"layer {layer} is not in this output (layers: {', '.join(map(str, self.layers))})")
+            raise HTTPException(404, f"layer {layer} is not in this output (layers: "
+                                     f"{', '.join(map(str, self.layers))})")
         n = self.sizes[str(layer)]
         if not 0 <= neuron < n:
             raise HTTPException(404, f"neuron {neuron} is out of range: layer {layer} has neurons 0..{n - 1}")
 
     def neuron_page(self, layer: int, neuron: int) -> dict[str, Any]:
         self._check_neuron(layer, neuron)
-        full = self.payloads.get(layer, lambda: self.store.layer_payload(layer))
-        data = embed_only(full, {str(layer): [neuron]})
-        return {"strings": data.get("strings", []), "windows": data.get("windows", {}),
-                "layer": data["layers"][str(layer)]}
+        data = self.store.layer_payload(layer, [neuron])  # one row group of the store read, not the layer
+        return {"strings": data["strings"], "windows": data["windows"], "layer": data["layers"][str(layer)]}
 
     def detail(self, layer: int, neuron: int) -> dict[str, Any]:
         self._check_neuron(layer, neuron)
@@ -351,15 +336,14 @@ def create_app(directory: str | Path, *, model: str | None = None, live: bool = 
     allowed_hosts: Host headers accepted (DNS-rebinding guard); ``("*",)`` accepts any.
     Raises FileNotFoundError / NotADirectoryError / ValueError for a DIR that is not a mambascope output.
     """
-    path, results, store = open_output(directory)
-    live_model, reason = None, "started without a live model"
-    if live:
-        name = model or (results.get("model") or {}).get("name")
-        if not name:
-            reason = "results.json names no model: start with --model M"
-        else:
-            live_model, reason = load_live(str(name), device)
-    ex = Explorer(path, results, store, live_model, reason)
+    ex = Explorer(*open_output(directory))
+    name = model or (ex.results.get("model") or {}).get("name")
+    if not live:
+        ex.set_live(None, "started without a model (--no-model)")
+    elif not name:
+        ex.set_live(None, "results.json names no model: start with --model M")
+    else:
+        ex.set_live(*load_live(str(name), device))
     app = Starlette(debug=False, routes=_routes(ex),
                     middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))],
                     exception_handlers={HTTPException: _http_error, Exception: _server_error})

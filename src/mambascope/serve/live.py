@@ -45,6 +45,26 @@ class LiveModel:
         return {"available": True, "model": self.name, "max_tokens": self.max_tokens, "max_chars": MAX_CHARS,
                 "layers": {str(layer): self.adapter.layer_kind(layer) for layer in range(self.adapter.n_layers)}}
 
+    def neuron_counts(self) -> dict[int, int]:
+        """Neurons per layer that has them (from a one-token trace of the neuron units: shapes only)."""
+        ad = self.adapter
+        units = {layer: ad.neuron_unit(layer) for layer in range(ad.n_layers)}
+        names = [f"blocks.{layer}.{unit}" for layer, unit in units.items() if unit]
+        device = next(self.model.parameters()).device
+        with self._lock, torch.no_grad():
+            tr = trace(self.model, torch.zeros(1, 1, dtype=torch.long, device=device), names)
+        return {int(name.split(".")[1]): int(tr[name][0, 0].numel()) for name in names}
+
+    def mismatch(self, sizes: dict[int, int]) -> str | None:
+        """Why this model is not the one of an output with ``sizes`` {layer: neurons}, or None."""
+        counts = self.neuron_counts()
+        for layer, n in sorted(sizes.items()):
+            if counts.get(layer) != n:
+                has = f"{counts[layer]} neurons" if layer in counts else "no neurons"
+                return (f"model {self.name!r} does not match this output: its layer {layer} has {has}, the output's "
+                        f"{n}; give the run's model with --model")
+        return None
+
     def tokenize(self, text: str) -> torch.Tensor:
         if not isinstance(text, str) or not text:
             raise LiveInputError("text: give a non-empty string")
