@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from starlette.testclient import TestClient
 
 from mambascope.report.neuron_payload import neuron_data
@@ -234,6 +235,48 @@ def test_live_trace_equals_an_independent_trace(client: TestClient) -> None:
     assert body["position"] == position
     last = client.post("/api/trace", json={"text": text, "layer": layer, "neuron": neuron}).json()
     assert last["position"] == len(body["tokens"]) - 1 and len(last["attention"]["row"]) == len(body["tokens"])
+
+
+def test_live_trace_mamba2_rows_are_per_head() -> None:
+    """Mamba-2 (bundled tiny-mamba2): the row of the neuron's head, against the loop reference."""
+    from mambascope.models import load_model
+    from mambascope.serve.live import LiveModel
+    from mambascope.ssm.reference import hidden_attention_loops
+    from mambascope.trace import mixer_params, trace
+
+    model, tokenizer = load_model("tiny-mamba2", device="cpu")
+    text, layer, neuron, position = "Hello there, general Kenobi.", 2, 37, 4
+    body = LiveModel(model, tokenizer, "tiny-mamba2").trace(text, layer, neuron, position)
+    params = mixer_params(model, layer)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    names = [f"blocks.{layer}.mixer.{u}" for u in ("hook_post", "hook_dt", "hook_B", "hook_C")]
+    tr = trace(model, ids, names)
+    head = neuron // params.head_dim
+    assert body["attention"]["unit"] == "head" and body["attention"]["index"] == head and params.head_dim > 1
+    ref = hidden_attention_loops(*(tr[n].double() for n in names[1:2]), params.A.double(),
+                                 *(tr[n].double() for n in names[2:]))[0, head, position, :position + 1]
+    assert body["attention"]["row"] == pytest.approx(ref.tolist(), rel=1e-4, abs=1e-6)
+    assert body["activations"] == pytest.approx(tr[names[0]][0, :, neuron].tolist(), rel=1e-5, abs=1e-7)
+
+
+def test_live_trace_transformer_layer_has_no_hidden_attention() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mambascope.serve.live import LiveInputError, LiveModel
+    from mambascope.trace import trace
+
+    tokenizer = mamba_model()[1]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=2, n_positions=16)).eval()
+    live = LiveModel(model, tokenizer, "random-gpt2")
+    body = live.trace("the cat sat", 1, 3)
+    assert body["attention"] is None and "has no hidden attention" in body["reason"]
+    ids = tokenizer("the cat sat", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ref = trace(model, ids, ["blocks.1.mlp.hook_post"])["blocks.1.mlp.hook_post"][0, :, 3]
+    assert body["activations"] == pytest.approx(ref.tolist(), rel=1e-5, abs=1e-7)
+    assert live.max_tokens == 16  # the model's own maximum length caps the text
+    with pytest.raises(LiveInputError, match="at most 16 for a live trace"):
+        live.trace("the cat sat on the mat " * 10, 1, 3)
 
 
 @pytest.mark.parametrize(("body", "status"), [

@@ -412,6 +412,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     nothing is left unfinished (uvicorn shuts down gracefully, then re-raises the signal, caught here)."""
     from mambascope.serve.server import is_local
 
+    if args.model and args.no_model:
+        raise ValueError("--model and --no-model exclude each other")
     local = is_local(args.host)
     if not local:
         print(f"mambascope: warning: serving on {args.host}, not only this machine: anyone who can reach it can "

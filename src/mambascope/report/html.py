@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -248,7 +248,8 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _figures(section: str, figures: list[Path], skipped: dict[str, str], src: Any) -> tuple[list[Figure], list[Block]]:
+def _figures(section: str, figures: list[Path], skipped: dict[str, str],
+             src: Callable[[Path], str]) -> tuple[list[Figure], list[Block]]:
     shown, notes = [], []
     for path in figures:
         if figure_section(path) != section:
@@ -645,7 +646,8 @@ def _errors_section(results: Mapping[str, Any], skipped: dict[str, str]) -> dict
             "skipped": table(["figure", "reason"], list(skipped.items())) if skipped else None}
 
 
-def report_context(results: Mapping[str, Any], figures: Sequence[Path], skipped: Mapping[str, str], figure_src: Any,
+def report_context(results: Mapping[str, Any], figures: Sequence[Path], skipped: Mapping[str, str],
+                   figure_src: Callable[[Path], str],
                    partial: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything the report template shows except the neuron data: the sections as plain data, in page order.
 

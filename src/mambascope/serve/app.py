@@ -237,6 +237,9 @@ class Explorer:
                 raise HTTPException(400, f"{name}: give an integer")
         if not isinstance(text, str):
             raise HTTPException(400, "text: give a string")
+        if layer not in self.layers:
+            raise HTTPException(400, f"layer: {layer} is not a layer of this output (layers: "
+                                     f"{', '.join(map(str, self.layers))})")
         try:
             return self.live.trace(text, layer, neuron, position)
         except LiveInputError as exc:
@@ -281,11 +284,11 @@ def _routes(ex: Explorer) -> list[Any]:
         return _json(ex.by_token(request))
 
     async def api_trace(request: Request) -> Response:
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
-            raise HTTPException(413, f"request body over {MAX_BODY} bytes")
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise HTTPException(413, f"request body over {MAX_BODY} bytes")
+        raw = bytearray()
+        async for chunk in request.stream():  # read no more than MAX_BODY, whatever Content-Length says
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                raise HTTPException(413, f"request body over {MAX_BODY} bytes")
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):

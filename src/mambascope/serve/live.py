@@ -53,7 +53,7 @@ class LiveModel:
         device = next(self.model.parameters()).device
         with self._lock, torch.no_grad():
             tr = trace(self.model, torch.zeros(1, 1, dtype=torch.long, device=device), names)
-        return {int(name.split(".")[1]): int(tr[name][0, 0].numel()) for name in names}
+        return {int(name.split(".")[1]): int(tr[name].shape[-1]) for name in names if tr[name].dim() == 3}
 
     def mismatch(self, sizes: dict[int, int]) -> str | None:
         """Why this model is not the one of an output with ``sizes`` {layer: neurons}, or None."""
@@ -100,7 +100,10 @@ class LiveModel:
                                               if ssm else [])
         with self._lock, torch.no_grad():
             tr = trace(self.model, ids, names)
-            post = tr[f"blocks.{layer}.{unit}"][0].reshape(L, -1)  # MoE [L, X, F] flattened like the census
+            post = tr[f"blocks.{layer}.{unit}"][0]
+            if post.dim() != 2:  # MoE [L, X, F]: the census takes each expert's neurons separately
+                raise LiveInputError(f"layer {layer} is a {ad.layer_kind(layer)} layer: live traces show dense "
+                                     "neurons only")
             if not 0 <= neuron < post.shape[1]:
                 raise LiveInputError(f"neuron: {neuron} is out of range: layer {layer} has neurons "
                                      f"0..{post.shape[1] - 1}")
