@@ -329,24 +329,36 @@ def test_not_an_output(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([sys.executable, "-m", "mambascope", *args], capture_output=True, text=True, timeout=120,
-                          env=env, check=False)
+def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    from mambascope.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--port", "70000"], "--port must be between 0 and 65535"), (["--port", "x"], "invalid int value"),
     (["--device", "tpu"], "device"), (["--bogus"], "unrecognized arguments"),
+    (["--model", "tiny-mamba", "--no-model"], "--model and --no-model exclude each other"),
 ])
-def test_cli_bad_flags_exit_2(output: Path, args: list[str], message: str) -> None:
-    r = _cli("serve", str(output), *args)
-    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+def test_cli_bad_flags_exit_2(output: Path, capsys: pytest.CaptureFixture, args: list[str], message: str) -> None:
+    code, err = _cli(capsys, "serve", str(output), *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_cli_not_an_output_exits_2(tmp_path: Path) -> None:
-    r = _cli("serve", str(tmp_path))
-    assert r.returncode == 2 and "is not a mambascope output" in r.stderr
+def test_cli_not_an_output_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = _cli(capsys, "serve", str(tmp_path))
+    assert code == 2 and "is not a mambascope output" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_busy_port_is_a_one_line_error(output: Path, capsys: pytest.CaptureFixture) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        code, err = _cli(capsys, "serve", str(output), "--port", str(busy.getsockname()[1]), "--no-model")
+    assert code == 2 and "cannot listen on 127.0.0.1:" in err, err
 
 
 def _start(*args: str) -> tuple[subprocess.Popen, str, str]:
@@ -388,13 +400,3 @@ def test_cli_non_local_host_warns(output: Path) -> None:
         proc.stderr.read()
         proc.wait(30)
     assert proc.returncode == 0
-
-
-def test_cli_busy_port_is_a_one_line_error(output: Path) -> None:
-    import socket
-
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
-        r = _cli("serve", str(output), "--port", str(busy.getsockname()[1]), "--no-model")
-    assert r.returncode == 2 and "cannot listen on 127.0.0.1:" in r.stderr, r.stderr

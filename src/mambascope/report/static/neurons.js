@@ -1,3 +1,7 @@
+// Neuron pages of report.html and of `mambascope serve`, rendered client-side from the JSON in
+// <script id="neuron-data"> (layout: mambascope.report.neuron_payload.neuron_data; served: fetched per neuron
+// from /api/neuron/L/N).  Every element is built with DOM calls and text set with textContent only, so token
+// strings from the corpus can never inject markup.
 (function () {
   "use strict";
   var node = document.getElementById("neuron-data");
