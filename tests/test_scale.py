@@ -1,7 +1,6 @@
 """The census at scale (docs/design.md §9): killed at any point and resumed, or shared by torchrun processes,
 it gives the results of one uninterrupted process.  Real processes, real signals, real torchrun."""
 
-import json
 import math
 import os
 import subprocess
@@ -14,6 +13,7 @@ import torch
 
 from mambascope.cli import main
 from mambascope.report import results_schema
+from mambascope.results import load_results
 
 RUNNER = Path(__file__).with_name("signal_runner.py")
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -45,7 +45,7 @@ def reference(tmp_path_factory, census_args) -> dict:
     """One uninterrupted process."""
     out = tmp_path_factory.mktemp("reference") / "out"
     assert main(census_args(out)) == 0
-    return json.loads((out / "results.json").read_text())
+    return load_results(out, detail=True)
 
 
 def assert_same(a, b, rel: float, where: str = "results") -> None:
@@ -93,7 +93,7 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, census_args, referenc
     else:
         assert checkpoint(out)["position"] == position
     assert main(census_args(out, "--resume")) == 0
-    assert_same(reference, json.loads((out / "results.json").read_text()), rel=1e-12)
+    assert_same(reference, load_results(out, detail=True), rel=1e-12)
     assert not list(tmp_path.glob("*checkpoint*"))  # a finished run leaves no checkpoint behind
 
 
@@ -120,7 +120,7 @@ def test_two_gloo_processes_equal_one(tmp_path, census_args, reference):
     out = tmp_path / "out"
     run = torchrun(census_args(out), 2)
     assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
+    results = load_results(out, detail=True)
     assert (reference["processes"], results["processes"]) == (1, 2)
     jsonschema.Draft202012Validator(results_schema()).validate(results)
     assert_same(reference, results, rel=1e-9)
@@ -140,7 +140,7 @@ def test_two_processes_killed_and_resumed(tmp_path, census_args, reference):
     assert main(census_args(out, "--resume")) == 2  # one process cannot continue the share of two
     run = torchrun(census_args(out, "--resume"), 2)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert_same(reference, json.loads((out / "results.json").read_text()), rel=1e-9)
+    assert_same(reference, load_results(out, detail=True), rel=1e-9)
 
 
 def test_a_streamed_census_killed_and_resumed(tmp_path, census_args):
@@ -151,7 +151,7 @@ def test_a_streamed_census_killed_and_resumed(tmp_path, census_args):
     assert run.returncode == -9, run.stderr
     assert checkpoint(out)["position"] == 4
     assert main(census_args(out, "--stream", "--no-ablation", "--resume")) == 0
-    expected, resumed = (json.loads((p / "results.json").read_text()) for p in (whole, out))
+    expected, resumed = (load_results(p, detail=True) for p in (whole, out))
     assert expected["corpus"]["streamed"] and expected["corpus"]["tokens"] == 640
     jsonschema.Draft202012Validator(results_schema()).validate(resumed)
     assert_same(expected, resumed, rel=1e-12)
@@ -169,7 +169,7 @@ def test_a_memory_budget_below_the_exact_tables_counts_ngrams_in_bounded_summari
     budget = (exact.peak - exact.parts["ngram_tables"] / 2) / 2**30  # half of what exact tables would take
     out = tmp_path / "out"
     assert main([*census_args(out, "--memory-budget", f"{budget:.6f}")]) == 0
-    results = json.loads((out / "results.json").read_text())
+    results = load_results(out, detail=True)
     assert results["census"]["approximate"] == ["layers.*.detectors.ngram_coverage.2",
                                                 "layers.*.detectors.ngram_coverage.3"]
     jsonschema.Draft202012Validator(results_schema()).validate(results)

@@ -45,9 +45,11 @@ def test_every_field_comes_back_from_the_store(name, tmp_path):
 
 def test_the_groups_are_really_non_empty():
     """So that the round trip above covers detectors, suppression, groups, attention rows and Δ."""
-    r = mamba_results()["layers"]["0"]
-    assert r["token_detectors"] and r["dead_neurons"] + r["rarely_active"] and r["positional_neurons"]
-    assert r["suppression"]["detectors"] and r["attention_rows"]["neurons"] and r["delta"]["selectivity"]
+    layers = mamba_results()["layers"].values()
+    for key in ("token_detectors", "rarely_active", "positional_neurons"):
+        assert any(r[key] for make in MAKERS.values() for r in _layers(make()).values()), key
+    assert all(r["suppression"]["detectors"] and r["attention_rows"]["neurons"] and r["delta"]["selectivity"]
+               for r in layers)
 
 
 def test_mamba2_delta_per_head_round_trip(small_checkpoints, tmp_path):
@@ -149,7 +151,7 @@ def test_by_token_agrees_with_a_slow_loop(tmp_path):
     expected = sorted(((-n, -abs(m), layer, e) for layer, e, n, m in contexts if (layer, e) not in seen))
     assert [(-n, -abs(m), layer, e) for n, m, layer, e in zip(rest["count"], rest["mean_activation"],
                                                               rest["layer"], rest["neuron"], strict=True)] \
-        == pytest.approx(expected)
+        == expected
     assert len(store.by_token(token, k=3)) == 3
     assert store.by_token("a token no corpus has \u2603").empty
 
@@ -161,7 +163,7 @@ def test_neuron_pages_read_the_same_from_the_store(tmp_path):
     assert neuron_data(load_results(tmp_path), store) == neuron_data(results)
     with pytest.raises(ValueError, match="in the neuron store"):
         neuron_data(load_results(tmp_path))  # never "not computed" for data that exists
-    assert store.layer_payload(1)["layers"] == {"1": neuron_data(results)["layers"]["1"]}
+    assert store.layer_payload(1) == neuron_data(results, layers_neurons={1: None})
 
 
 def test_a_subset_embeds_only_its_neurons(tmp_path):
@@ -283,3 +285,26 @@ def test_results_json_stays_small_for_a_wide_model(tmp_path):
     assert inline > 5 * 2**20 and size < 5 * 2**20, (inline, size)
     assert size < inline / 10
     assert NeuronStore(tmp_path).n_neurons == 8 * 1024
+
+
+def test_an_attention_only_run_round_trips(tmp_path):
+    """``mambascope attention``: no census layers, only the attention-neuron arrays go to the store."""
+    full = mamba_results()
+    results = {**{k: full[k] for k in ("model", "corpus", "errors", "attention_neurons")}, "layers": {},
+               "census": None}
+    slim, store = _saved(tmp_path, results)
+    assert store.layers == [] and store.n_neurons == 0 and store.table().empty
+    assert all("importance" not in entry for per in slim["attention_neurons"]["results"].values()
+               for entry in per.values())
+    assert load_results(tmp_path) == results
+    assert store.by_token(" the").empty
+
+
+def test_the_seed_layout_keeps_one_copy_in_the_store(tmp_path):
+    """``run_comprehensive_analysis`` repeats the parts under ``analysis_results``: slim there too."""
+    results = mamba_results()
+    results["analysis_results"] = {key: results[key] for key in ("census", "attention_neurons", "ablation",
+                                                                  "pruning")}
+    slim, _ = _saved(tmp_path, results)
+    assert slim["analysis_results"]["attention_neurons"] == slim["attention_neurons"]
+    assert load_results(tmp_path, detail=True) == json.loads(json.dumps(results))

@@ -435,6 +435,9 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
     finished, and ``incomplete`` lists the stages that did not run.  ``scan``: the census's traced pass
     (``census_accumulate``), e.g. resumable or shared by ``torchrun`` ranks; ``ngram_counters``: bounded
     n-gram summaries (``census_accumulate``).
+
+    The returned dict holds every per-neuron field; ``results.save_results`` writes it as a slim
+    ``results.json`` plus the neuron store (``mambascope.store``; docs/results.md says where each field goes).
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -512,7 +515,8 @@ def run_complete_neuron_analysis(model: nn.Module, tokenizer: Any, texts: Sequen
     detectors, Δ-sensitive, overlap, ablation and pruning (``run_census``) for ``layer_idx`` (None = all).
 
     Returns ``run_census``'s dict: ``tokens``, ``window``, ``loss``, ``layers`` {layer: per-layer keys of
-    docs/design.md §8}, ``detector_tokens_by_layer``, ``heldout_tokens``, ``ablation``, ``pruning``.
+    docs/design.md §8}, ``detector_tokens_by_layer``, ``heldout_tokens``, ``ablation``, ``pruning``; every
+    per-neuron list in memory (written to disk, they go to the neuron store: ``results.save_results``).
     """
     return run_census(model, tokenizer, _windows(tokenizer, texts, window, max_tokens),
                       layers=_as_layers(layer_idx), **options)

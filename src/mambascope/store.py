@@ -54,7 +54,10 @@ DETAIL_FIELDS = {
 }
 ATTENTION_ROW_COLUMNS = {"tokens": "attention_tokens", "values": "attention_values"}
 RECORD_FIELDS = {"token_detectors": "detectors", "suppression.detectors": "suppression"}  # lists of records
-ATTENTION_KEYS = ("activation", "importance")  # attention_neurons.results[method][layer].<key>: [units]
+ATTENTION_KEYS = ("activation", "importance")
+TOKEN_SCHEMA = pa.schema([("layer", pa.int64()), ("neuron", pa.int64()), ("token", pa.string()),
+                          ("source", pa.string()), ("count", pa.int64()), ("precision", pa.float64()),
+                          ("mean_activation", pa.float64())])  # attention_neurons.results[method][layer].<key>: [units]
 
 
 class StoreError(ValueError):
@@ -248,10 +251,6 @@ def _token_rows(summary: dict[str, list], detail: dict[str, list], records: dict
 
 # -- writing ---------------------------------------------------------------------------------------------
 
-def _table(columns: dict[str, list]) -> pa.Table:
-    return pa.Table.from_pydict(columns)
-
-
 def _concat(frames: Sequence[dict[str, list]]) -> dict[str, list]:
     """Column dicts of the layers as one, a column missing in a layer filled with nulls."""
     names = list(dict.fromkeys(name for frame in frames for name in frame))
@@ -303,6 +302,9 @@ def _split(results: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     attention, attention_rows = _attention_table(slim)
     if "attention_neurons" in results:
         slim["attention_neurons"] = attention
+    seed = results.get("analysis_results")  # run_comprehensive_analysis: the same parts again under one key
+    if isinstance(seed, Mapping) and seed.get("attention_neurons") == results.get("attention_neurons"):
+        slim["analysis_results"] = {**seed, "attention_neurons": attention}
     summary_columns = _concat(summaries)
     _add_importance(summary_columns, attention_rows)
     slim["store"] = {"path": STORE_DIR, "version": VERSION}
@@ -327,23 +329,30 @@ def write_store(directory: str | Path, results: Mapping[str, Any]) -> dict[str, 
     tmp = directory / f".{STORE_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_tables(tmp, parts)
+        _swap_in(tmp, directory / STORE_DIR)
+    except BaseException:  # an interrupt or a full disk leaves the earlier store, never half of a new one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return slim
+
+
+def _write_tables(tmp: Path, parts: dict[str, Any]) -> None:
     empty = pa.table({"layer": pa.array([], pa.int64()), "neuron": pa.array([], pa.int64())})
-    _write(_table(parts["summary"]) if parts["summary"] else empty, tmp / "summary.parquet")
+    _write(pa.Table.from_pydict(parts["summary"]) if parts["summary"] else empty, tmp / "summary.parquet")
     for layer, detail in parts["details"].items():
-        _write(_table(detail), tmp / "neurons" / f"layer={layer}" / "part-0.parquet", ROW_GROUP)
+        _write(pa.Table.from_pydict(detail), tmp / "neurons" / f"layer={layer}" / "part-0.parquet", ROW_GROUP)
     for table, rows in parts["records"].items():
         _write(_records_table(rows, ("layer", "neuron")), tmp / f"{table}.parquet")
-    token_table = _records_table(parts["tokens"], ("layer", "neuron"))
-    if parts["tokens"]:
-        token_table = token_table.sort_by([("token", "ascending"), ("layer", "ascending"), ("neuron", "ascending")])
+    token_table = pa.Table.from_pylist(parts["tokens"], schema=TOKEN_SCHEMA).sort_by(
+        [("token", "ascending"), ("layer", "ascending"), ("neuron", "ascending")])
     _write(token_table, tmp / "tokens.parquet", 4096)
     _write(_records_table(parts["attention"], ("layer", "unit")), tmp / "attention_neurons.parquet")
     manifest = {"format": FORMAT, "version": VERSION, "layers": sorted(parts["details"]),
                 "n_neurons": {str(layer): len(d["neuron"]) for layer, d in sorted(parts["details"].items())},
                 "row_group_size": ROW_GROUP, "layers_key": parts["layers_key"]}
     write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1))
-    _swap_in(tmp, directory / STORE_DIR)
-    return slim
 
 
 def _add_importance(summary: dict[str, list], rows: list[dict]) -> None:
@@ -361,7 +370,7 @@ def _add_importance(summary: dict[str, list], rows: list[dict]) -> None:
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    old = target.with_name(f".{target.name}.replaced-{os.getpid()}")  # not ".old-": that names an output swap
     if target.exists():
         os.rename(target, old)
     os.rename(tmp, target)
@@ -369,19 +378,6 @@ def _swap_in(tmp: Path, target: Path) -> None:
 
 
 # -- reading ---------------------------------------------------------------------------------------------
-
-def _clean(value: Any) -> Any:
-    """Plain JSON values: NaN (pandas' missing) to None, numpy scalars and arrays to Python."""
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if hasattr(value, "tolist"):
-        return _clean(value.tolist())
-    if isinstance(value, float) and value != value:
-        return None
-    return value
-
 
 class NeuronStore:
     """Read access to ``DIR/store/`` of an analysis output directory ``DIR``.
@@ -410,6 +406,9 @@ class NeuronStore:
         self._sizes = {int(k): int(v) for k, v in self.manifest["n_neurons"].items()}
         self.n_neurons: int = sum(self._sizes.values())
         self._files: dict[int, pq.ParquetFile] = {}
+        self._tables: dict[str, pa.Table] = {}
+        self._layer_columns: dict[int, dict[str, list]] = {}
+        self._payloads: dict[int, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         return f"NeuronStore({str(self.directory)!r}: {len(self.layers)} layers, {self.n_neurons} neurons)"
@@ -422,8 +421,25 @@ class NeuronStore:
         return pq.read_table(path, columns=list(columns) if columns is not None else None, filters=filters)
 
     @cached_property
+    def _summary_arrow(self) -> pa.Table:
+        return self._read("summary")
+
+    @cached_property
     def _summary(self) -> pd.DataFrame:
-        return self._read("summary").to_pandas()
+        return self._summary_arrow.to_pandas()
+
+    def _layer_summary(self, layer: int) -> dict[str, list]:
+        """The summary columns of one layer as plain lists (ints stay ints, nulls None), by neuron."""
+        if layer not in self._layer_columns:
+            table = self._summary_arrow.filter(pc.equal(self._summary_arrow["layer"], layer)).sort_by("neuron")
+            self._layer_columns[layer] = table.to_pydict()
+        return self._layer_columns[layer]
+
+    def _small(self, name: str) -> pa.Table:
+        """A table small enough to keep (detectors, suppression, attention_neurons), read once."""
+        if name not in self._tables:
+            self._tables[name] = self._read(name)
+        return self._tables[name]
 
     def table(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """One row per (layer, neuron): every sortable statistic (docs/results.md, ``summary``)."""
@@ -469,9 +485,11 @@ class NeuronStore:
         return table.filter(pc.is_in(table["neuron"], value_set=wanted))
 
     def records(self, table: str, layer: int | None = None) -> list[dict]:
-        """Rows of ``detectors`` / ``suppression`` / ``tokens`` / ``attention_neurons`` (one layer or all)."""
-        filters = None if layer is None else [("layer", "=", layer)]
-        return _clean(self._read(table, filters=filters).to_pylist())
+        """Rows of ``detectors`` / ``suppression`` / ``attention_neurons`` (one layer or all), in stored order."""
+        rows = self._small(table)
+        if layer is not None:
+            rows = rows.filter(pc.equal(rows["layer"], layer))
+        return rows.to_pylist()
 
     # -- the API of the neuron pages ---------------------------------------------------------------------
     def neuron(self, layer: int, neuron: int) -> dict[str, Any]:
@@ -481,9 +499,9 @@ class NeuronStore:
         among the Δ-sensitive units), ``attention`` {method: {unit, activation, importance}}.
         """
         self._check(layer, neuron)
-        summary = self._summary
-        row = summary[(summary["layer"] == layer) & (summary["neuron"] == neuron)]
-        out: dict[str, Any] = {"layer": layer, "neuron": neuron, "summary": _clean(row.iloc[0].to_dict())}
+        columns = self._layer_summary(layer)
+        out: dict[str, Any] = {"layer": layer, "neuron": neuron,
+                               "summary": {name: values[neuron] for name, values in columns.items()}}
         detail = self.detail(layer, [neuron]).to_pylist()[0]
         tc = {key.removeprefix("context_"): detail.get(key) for key in DETAIL_FIELDS.values()
               if key.startswith("context_")}
@@ -501,11 +519,11 @@ class NeuronStore:
         out["attention"] = {r["method"]: {k: r[k] for k in ("unit_kind", "unit", *ATTENTION_KEYS)}
                             for r in self.records("attention_neurons", layer) if r["unit"] == _attention_unit(
                                 r, neuron, layer_result)}
-        return _clean(out)
+        return out
 
     def _record(self, table: str, layer: int, neuron: int) -> dict | None:
-        rows = self._read(table, filters=[("layer", "=", layer), ("neuron", "=", neuron)]).to_pylist()
-        return _clean({k: v for k, v in rows[0].items() if k != "layer"}) if rows else None
+        rows = [r for r in self.records(table, layer) if r["neuron"] == neuron]
+        return {k: v for k, v in rows[0].items() if k != "layer"} if rows else None
 
     def by_token(self, token: str, k: int = 20) -> pd.DataFrame:
         """The neurons that fire most on the token string ``token`` (exact, e.g. ``" the"``), best first:
@@ -527,7 +545,11 @@ class NeuronStore:
         from mambascope.report.neuron_payload import neuron_data
 
         self._check(layer)
-        return neuron_data(self.results, self, {layer: neurons})
+        if neurons is not None:
+            return neuron_data(self.results, self, {layer: neurons})
+        if layer not in self._payloads:  # a server asks for the same layer again and again
+            self._payloads[layer] = neuron_data(self.results, self, {layer: None})
+        return self._payloads[layer]
 
     # -- back to the pipeline's dict ---------------------------------------------------------------------
     def layer_result(self, layer: int, slim: Mapping[str, Any], detail: bool = True,
@@ -540,7 +562,7 @@ class NeuronStore:
         moved = list(r.pop("in_store", []))
         record_keys = r.pop("store_record_keys", {})
         E = self._sizes[layer]
-        summary = self._summary[self._summary["layer"] == layer].sort_values("neuron")
+        summary = self._layer_summary(layer)
         records = {table: [{k: v for k, v in x.items() if k != "layer"} for x in self.records(table, layer)]
                    for table in RECORD_FIELDS.values()}
         detail_table = self.detail(layer, neurons) if detail and any(
@@ -553,11 +575,11 @@ class NeuronStore:
             value: Any
             _copy_path(r, path)
             if path in columns:
-                value = _clean(summary[columns[path]].tolist())
+                value = summary[columns[path]]
             elif path in GROUP_FIELDS:
-                value = [int(e) for e in summary.loc[summary[GROUP_FIELDS[path]].astype(bool), "neuron"]]
+                value = [e for e, flag in zip(summary["neuron"], summary[GROUP_FIELDS[path]], strict=True) if flag]
             elif path.startswith("delta."):
-                value = _clean(summary[f"dt_{path.split('.')[1]}"].tolist()[::per])
+                value = summary[f"dt_{path.split('.')[1]}"][::per]
             elif path in RECORD_FIELDS:
                 keys = record_keys.get(RECORD_FIELDS[path], [])
                 value = [{k: x[k] for k in keys} for x in records[RECORD_FIELDS[path]]]
@@ -586,7 +608,7 @@ def _detail_columns(table: pa.Table, E: int) -> dict[str, list]:
     for name in table.column_names:
         if name == "neuron":
             continue
-        values = _clean(table[name].to_pylist())
+        values = table[name].to_pylist()
         empty = None if name in ATTENTION_ROW_COLUMNS.values() else []
         out[name] = [values[rows[e]] if e in rows else empty for e in range(E)]
     return out
@@ -653,6 +675,9 @@ def hydrate(results: Mapping[str, Any], store: NeuronStore, detail: bool = True)
             full_results[method] = {layer: _attention_entry(entry, rows.get((method, int(layer)), []))
                                     for layer, entry in per.items()} if isinstance(per, Mapping) else per
         out["attention_neurons"] = {**att, "results": full_results}
+        seed = results.get("analysis_results")
+        if isinstance(seed, Mapping) and seed.get("attention_neurons") == att:
+            out["analysis_results"] = {**seed, "attention_neurons": out["attention_neurons"]}
     return out
 
 
