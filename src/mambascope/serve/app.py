@@ -19,7 +19,6 @@ Nothing is written: the app reads ``results.json``, ``figures/`` and the neuron 
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Sequence
 from importlib import resources
@@ -37,7 +36,8 @@ from starlette.staticfiles import StaticFiles
 
 from mambascope.report import _access as acc
 from mambascope.report.html import environment, report_context
-from mambascope.serve.live import LiveInputError, LiveModel, load_live
+from mambascope.results import to_jsonable
+from mambascope.serve.live import LiveInputError, LiveModel, LiveTooLongError, load_live
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 MAX_PAGE = 500  # rows per /api/neurons page
@@ -87,21 +87,8 @@ def _int(request: Request, name: str, default: int | None = None, low: int | Non
     return value
 
 
-def _jsonable(value: Any) -> Any:
-    """NaN/inf → None (JSON has neither), numpy scalars → Python."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, str | bytes):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _json(data: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(_jsonable(data), status_code=status, headers=_SECURITY_HEADERS)
+    return JSONResponse(to_jsonable(data), status_code=status, headers=_SECURITY_HEADERS)
 
 
 class Explorer:
@@ -130,9 +117,10 @@ class Explorer:
         folder = self.dir / "figures"
         if not folder.is_dir():
             return []
-        return sorted(p for p in folder.glob("*.png") if self._inside(p) and _FIGURE_NAME.fullmatch(p.name))
+        return sorted(p for p in folder.glob("*.png") if self.inside(p) and _FIGURE_NAME.fullmatch(p.name))
 
-    def _inside(self, path: Path) -> bool:
+    def inside(self, path: Path) -> bool:
+        """Whether ``path`` is a file inside DIR once every symlink is resolved."""
         try:
             real = path.resolve(strict=True)
         except (OSError, RuntimeError):
@@ -146,7 +134,6 @@ class Explorer:
         return environment().get_template("serve.html").render(
             **context, served=True, neuron_data=data, layers=self.layers, sort_columns=self.sort_columns(),
             live=self.live_state())
-
 
     def live_state(self) -> dict[str, Any]:
         if self.live is not None:
@@ -192,10 +179,9 @@ class Explorer:
                 "columns": list(df.columns), "rows": page.to_dict(orient="records")}
 
     def _token_column(self) -> Any:
-        for name in ("detector_tokens", "detector_token", "token"):
-            if name in self.table.columns:
-                return self.table[name]
-        raise HTTPException(400, "q: this output's neuron table has no detector-token column")
+        if "detector_tokens" not in self.table.columns:
+            raise HTTPException(400, "q: this output's neuron table has no detector_tokens column")
+        return self.table["detector_tokens"]
 
     def _check_neuron(self, layer: int, neuron: int) -> None:
         if layer not in self.layers:
@@ -242,8 +228,10 @@ class Explorer:
                                      f"{', '.join(map(str, self.layers))})")
         try:
             return self.live.trace(text, layer, neuron, position)
+        except LiveTooLongError as exc:
+            raise HTTPException(413, str(exc)) from None
         except LiveInputError as exc:
-            raise HTTPException(413 if "at most" in str(exc) else 400, str(exc)) from None
+            raise HTTPException(400, str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------- routes
@@ -258,7 +246,7 @@ def _routes(ex: Explorer) -> list[Any]:
         if not _FIGURE_NAME.fullmatch(name) or ".." in name:
             raise HTTPException(404, "no such figure")
         path = ex.dir / "figures" / name
-        if not ex._inside(path):
+        if not ex.inside(path):
             raise HTTPException(404, "no such figure")
         return FileResponse(path, media_type="image/png", headers=_SECURITY_HEADERS)
 

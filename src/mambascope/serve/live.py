@@ -28,7 +28,11 @@ MAX_CHARS = 20_000
 
 
 class LiveInputError(ValueError):
-    """A live-trace request the model cannot answer (too long, empty, no such layer/neuron): HTTP 4xx."""
+    """A live-trace request the model cannot answer (empty, no such layer/neuron/position): HTTP 400."""
+
+
+class LiveTooLongError(LiveInputError):
+    """A text over the live-trace limits: HTTP 413."""
 
 
 class LiveModel:
@@ -69,12 +73,12 @@ class LiveModel:
         if not isinstance(text, str) or not text:
             raise LiveInputError("text: give a non-empty string")
         if len(text) > MAX_CHARS:
-            raise LiveInputError(f"text: {len(text)} characters; at most {MAX_CHARS}")
+            raise LiveTooLongError(f"text: {len(text)} characters; at most {MAX_CHARS}")
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         if ids.shape[1] == 0:
             raise LiveInputError("text: it has no tokens")
         if ids.shape[1] > self.max_tokens:
-            raise LiveInputError(f"text: {ids.shape[1]} tokens; at most {self.max_tokens} for a live trace")
+            raise LiveTooLongError(f"text: {ids.shape[1]} tokens; at most {self.max_tokens} for a live trace")
         return ids.to(next(self.model.parameters()).device)
 
     def trace(self, text: str, layer: int, neuron: int, position: int | None = None) -> dict[str, Any]:
