@@ -27,6 +27,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -102,12 +103,11 @@ class Table(NamedTuple):
 
 class Block(NamedTuple):
     """A piece of a section body: ``note`` / ``error`` / ``muted`` (text), ``table``, ``h3`` (text),
-    ``frags`` (a paragraph of :class:`Frag`), ``details`` (summary text, a list of blocks)."""
+    ``details`` (summary text, a list of blocks)."""
 
     kind: str
     text: str = ""
     table: Table | None = None
-    frags: list[Frag] | None = None
     blocks: list[Block] | None = None
 
 
@@ -215,15 +215,12 @@ def environment() -> jinja2.Environment:
                              autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)
     env.filters["script_json"] = _script_json
-    env.filters["fmt"] = acc.fmt
     return env
 
 
 def static_text(name: str) -> Markup:
     """A CSS or JavaScript file of ``report/static``, to inline in <style>/<script> (our own file, no
     ``</`` in it: checked)."""
-    from importlib import resources
-
     body = resources.files("mambascope.report").joinpath("static", name).read_text(encoding="utf-8")
     if "</" in body:
         raise ValueError(f"report/static/{name} contains '</', which would end its inline element")
@@ -238,7 +235,7 @@ class Figure(NamedTuple):
     src: str  # a data: URI (the static report) or a URL (the server)
 
 
-def figure_section(path: Path) -> str:
+def _figure_section(path: Path) -> str:
     stem = path.stem
     base = "attention_neurons" if stem.startswith("attention_neurons_L") else stem
     return _FIGURE_SECTION.get(base, "other")
@@ -252,7 +249,7 @@ def _figures(section: str, figures: list[Path], skipped: dict[str, str],
              src: Callable[[Path], str]) -> tuple[list[Figure], list[Block]]:
     shown, notes = [], []
     for path in figures:
-        if figure_section(path) != section:
+        if _figure_section(path) != section:
             continue
         try:
             shown.append(Figure(path.stem, path.name, src(path)))
