@@ -25,11 +25,16 @@
     if (Array.isArray(v)) { return v.map(function (x) { return JSON.stringify(x); }).join(", "); }
     return typeof v === "string" ? v : fmt(v);
   }
-  function neuronTable(box, body) {
+  // The search table shows the statistics one sorts by (and the sorted column); the API returns every column.
+  var SHOWN = ["frequency", "positional_mi", "dt_selectivity", "detector_tokens", "peak_abs_post"];
+  function shown(c, sort) {
+    return !sort || c === sort || SHOWN.indexOf(c) >= 0 || c.indexOf("importance_") === 0;
+  }
+  function neuronTable(box, body, sort) {
     box.textContent = "";
     var t = el("table");
     t.className = "results";
-    var cols = body.columns.filter(function (c) { return c !== "layer" && c !== "neuron"; });
+    var cols = body.columns.filter(function (c) { return c !== "layer" && c !== "neuron" && shown(c, sort); });
     var head = el("tr");
     ["neuron"].concat(cols).forEach(function (c) { head.appendChild(el("th", null, c)); });
     t.appendChild(head);
@@ -39,7 +44,10 @@
       td.appendChild(N.link(r.layer, r.neuron));
       tr.appendChild(td);
       cols.forEach(function (c) {
-        var cell = el("td", typeof r[c] === "number" ? "num" : null, cellText(r[c]));
+        var cell = el("td", typeof r[c] === "number" ? "num" : null);
+        if (c === "token" && typeof r[c] === "string") { cell.appendChild(N.chip(r[c])); } else {
+          cell.textContent = cellText(r[c]);
+        }
         tr.appendChild(cell);
       });
       t.appendChild(tr);
@@ -60,7 +68,7 @@
       var last = Math.min(body.offset + body.rows.length, body.total);
       say("search-message", body.total ? ("neurons " + (body.offset + 1) + "\u2013" + last + " of " + body.total)
                                        : "no neuron matches");
-      neuronTable($("search-results"), body);
+      neuronTable($("search-results"), body, body.sort);
       $("search-prev").disabled = body.offset === 0;
       $("search-next").disabled = last >= body.total;
       $("search-next").onclick = function () { offset = body.offset + body.limit; search(); };
