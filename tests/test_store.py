@@ -39,6 +39,7 @@ def test_every_field_comes_back_from_the_store(name, tmp_path):
     for r in _layers(slim).values():  # the per-neuron lists left results.json
         assert "activation_frequency" not in r and "token_detectors" not in r and "dead_neurons" not in r
         assert set(r["top_contexts"]) == {"k", "width"} and "promoted" not in r["logit_effects"]
+        assert "frequency_by_position" not in r["positional"]["positional_top"]  # [n_top][window]
     assert hydrate(slim, store) == results
     assert load_results(tmp_path, detail=True) == results
 

@@ -54,6 +54,8 @@ DETAIL_FIELDS = {
 }
 ATTENTION_ROW_COLUMNS = {"tokens": "attention_tokens", "values": "attention_values"}
 RECORD_FIELDS = {"token_detectors": "detectors", "suppression.detectors": "suppression"}  # lists of records
+# [n_top][T] per-position frequency of the highest-MI neurons: grows with the window, so stored by neuron
+POSITIONAL_TOP = "positional.positional_top.frequency_by_position"
 ATTENTION_KEYS = ("activation", "importance")
 TOKEN_SCHEMA = pa.schema([("layer", pa.int64()), ("neuron", pa.int64()), ("token", pa.string()),
                           ("source", pa.string()), ("count", pa.int64()), ("precision", pa.float64()),
@@ -174,6 +176,11 @@ def _split_layer(layer: int, r: Mapping[str, Any]) -> tuple[dict[str, Any], dict
         elif value == []:
             records[table] = []
             move(path)
+    top = _get(r, "positional.positional_top") or {}
+    if isinstance(top.get("neurons"), list) and _is_list(top.get("frequency_by_position"), len(top["neurons"])):
+        records["positional_top"] = [{"layer": layer, "neuron": e, "frequency_by_position": f}
+                                     for e, f in zip(top["neurons"], top["frequency_by_position"], strict=True)]
+        move(POSITIONAL_TOP)
     if "token_detectors" in moved and isinstance(r.get("tokens_covered"), list) \
             and r["tokens_covered"] == sorted({t for d in r["token_detectors"] for t in d.get("tokens", [])}):
         move("tokens_covered")  # the union of the detectors' triggers, sorted: rebuilt from the detectors table
@@ -281,7 +288,8 @@ def _split(results: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     if layers_key is None and isinstance(census, Mapping) and isinstance(census.get("layers"), Mapping):
         layers_key = "census.layers"  # run_census's own layout
     layer_map: Mapping[str, Any] = _get(results, layers_key) if layers_key else {}
-    summaries, details, records_by_table, tokens = [], {}, {"detectors": [], "suppression": []}, []
+    summaries, details, records_by_table, tokens = [], {}, {"detectors": [], "suppression": [],
+                                                             "positional_top": []}, []
     slim_layers = {}
     for key, r in layer_map.items():
         if not (isinstance(r, Mapping) and isinstance(r.get("n_neurons"), int)):
@@ -485,7 +493,8 @@ class NeuronStore:
         return table.filter(pc.is_in(table["neuron"], value_set=wanted))
 
     def records(self, table: str, layer: int | None = None) -> list[dict]:
-        """Rows of ``detectors`` / ``suppression`` / ``attention_neurons`` (one layer or all), in stored order."""
+        """Rows of ``detectors`` / ``suppression`` / ``positional_top`` / ``attention_neurons`` (one layer or
+        all), in stored order."""
         rows = self._small(table)
         if layer is not None:
             rows = rows.filter(pc.equal(rows["layer"], layer))
@@ -563,8 +572,6 @@ class NeuronStore:
         record_keys = r.pop("store_record_keys", {})
         E = self._sizes[layer]
         summary = self._layer_summary(layer)
-        records = {table: [{k: v for k, v in x.items() if k != "layer"} for x in self.records(table, layer)]
-                   for table in RECORD_FIELDS.values()}
         detail_table = self.detail(layer, neurons) if detail and any(
             p.split(".")[0] in ("top_contexts", "logit_effects", "attention_rows") for p in moved) else None
         detail_rows = _detail_columns(detail_table, E) if detail_table is not None else None
@@ -580,11 +587,13 @@ class NeuronStore:
                 value = [e for e, flag in zip(summary["neuron"], summary[GROUP_FIELDS[path]], strict=True) if flag]
             elif path.startswith("delta."):
                 value = summary[f"dt_{path.split('.')[1]}"][::per]
+            elif path == POSITIONAL_TOP:
+                value = [x["frequency_by_position"] for x in self.records("positional_top", layer)]
             elif path in RECORD_FIELDS:
                 keys = record_keys.get(RECORD_FIELDS[path], [])
-                value = [{k: x[k] for k in keys} for x in records[RECORD_FIELDS[path]]]
+                value = [{k: x[k] for k in keys} for x in self.records(RECORD_FIELDS[path], layer)]
             elif path == "tokens_covered":
-                value = sorted({t for d in records["detectors"] for t in d.get("tokens") or []})
+                value = sorted({t for d in self.records("detectors", layer) for t in d.get("tokens") or []})
             elif detail_rows is None:
                 left.append(path)  # still in the store: neuron_data reads it from there
                 continue
