@@ -66,13 +66,18 @@ def _run(model: torch.nn.Module, name: str, stages: tuple[str, ...]) -> dict:
     return results
 
 
-@functools.cache
-def _mamba() -> dict:
+def mamba_model() -> tuple[torch.nn.Module, Any]:
+    """The random 2-layer Mamba-1 of ``mamba_results()`` (the same weights on every call) and its tokenizer."""
     from transformers import MambaConfig, MambaForCausalLM
 
     torch.manual_seed(0)
     model = MambaForCausalLM(MambaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, state_size=8)).eval()
-    results = _run(model, "tiny-random-mamba", ("census", "interventions", "attention_neurons"))
+    return model, _corpus()[0]
+
+
+@functools.cache
+def _mamba() -> dict:
+    results = _run(mamba_model()[0], "tiny-random-mamba", ("census", "interventions", "attention_neurons"))
     return _roundtrip(results)
 
 

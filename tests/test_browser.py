@@ -1,10 +1,13 @@
-"""report.html in a real headless Chromium: the scripts run, neuron pages render, no console errors.
+"""report.html and ``mambascope serve`` in a real headless Chromium: the scripts run, neuron pages render, the
+explorer searches, opens neurons and traces text live, with no console errors.
 
 Needs a Chromium binary (Debian: ``apt-get install -y chromium``); skipped, with that reason, where none is
 installed, except that with ``MAMBASCOPE_REQUIRE_BROWSER=1`` (set by ``.ci/run``) a missing browser fails
-every test instead, so CI cannot pass without having run them.  Chromium is driven from the command line:
-``--dump-dom`` serialises the DOM after the page's scripts ran, ``--screenshot`` renders it,
-``--enable-logging=stderr`` prints the console (``CONSOLE`` lines, uncaught exceptions included).
+every test instead, so CI cannot pass without having run them.  The static report is driven from the command
+line: ``--dump-dom`` serialises the DOM after the page's scripts ran, ``--screenshot`` renders it,
+``--enable-logging=stderr`` prints the console (``CONSOLE`` lines, uncaught exceptions included).  The server's
+pages need clicks and typing: Playwright (the ``test`` extra) drives the same system Chromium
+(``executable_path``; no browser download) against the app served by uvicorn on a free port in a thread.
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ import os
 import re
 import shutil
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from report_fixtures import mamba_report
+from report_fixtures import mamba_model, mamba_report, mamba_results
+from serve_fixtures import EVIL, served_output
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 CHROMIUM = next((path for path in map(shutil.which, BROWSERS) if path), None)
@@ -137,3 +144,156 @@ def test_screenshot_of_a_neuron_page(report: Path, tmp_path: Path) -> None:
     pixels = imread(shot)
     assert pixels.shape[:2] == (2000, 1280)
     assert float(pixels[..., :3].std()) > 0.05, "the screenshot is not blank"
+
+
+def test_partial_report_says_how_to_open_the_rest(tmp_path: Path) -> None:
+    from mambascope.report import render_report
+    from mambascope.report.neuron_payload import top_neurons
+
+    results = mamba_results()
+    keep = top_neurons(results, None, 5)
+    report = render_report(results, tmp_path, figures=[], max_embedded_neurons=100, top_per_layer=5)
+    left_out = next(e for e in range(64) if e not in keep[0])
+    dom, console = _dom(report.as_uri() + f"#neuron-0-{left_out}", tmp_path)
+    assert console == [], console
+    page = dom[dom.index('<div id="neuron-page">'):dom.index('<main id="report"')]
+    assert f"Layer 0 · neuron {left_out}" in page and "activation frequency" in page
+    assert "run: mambascope serve DIR" in page and page.count("Not embedded in this report") == 3
+    dom, console = _dom(report.as_uri() + f"#neuron-0-{keep[0][0]}", tmp_path)
+    page = dom[dom.index('<div id="neuron-page">'):dom.index('<main id="report"')]
+    assert console == [] and "Not embedded" not in page and "Top-activating contexts" in page
+
+
+# ------------------------------------------------------------------------------------- mambascope serve
+
+@pytest.fixture(scope="module")
+def served_url() -> Iterator[str]:
+    """The explorer of tests/serve_fixtures.py's output (with its model for live traces) on a free port."""
+    import uvicorn
+
+    from mambascope.serve import create_app
+    from mambascope.serve.server import bind, url
+
+    out, model = served_output()
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(out, model=str(model)), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield url(sock)
+    server.should_exit = True
+    thread.join(30)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def playwright_browser() -> Iterator[object]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        why = "playwright is not installed (pip install -e '.[test]')"
+        if REQUIRED:
+            pytest.fail(f"{why}; MAMBASCOPE_REQUIRE_BROWSER=1 requires the browser tests to run", pytrace=False)
+        pytest.skip(why)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        yield browser
+        browser.close()
+
+
+def _page(browser: object, problems: list[str]) -> object:
+    """A fresh page that records console errors/warnings, uncaught exceptions and dialogs in ``problems``."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1600})
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
+            else None)
+    page.on("pageerror", lambda exc: problems.append(f"uncaught: {exc}"))
+    page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+    return page
+
+
+def test_served_explorer_search_neuron_page_and_live_trace(served_url: str, playwright_browser: object,
+                                                           tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    from mambascope.trace import trace
+
+    results = mamba_results()
+    problems: list[str] = []
+    page = _page(playwright_browser, problems)
+    page.goto(served_url)
+    assert "Key counts per layer" in page.inner_text("#summary")
+    assert page.locator("#census-dead figure img").count() >= 1
+
+    # sort all neurons by frequency, page forward
+    page.select_option("#search-sort", "frequency")
+    page.click("#search-go")
+    page.wait_for_selector("#search-results table")
+    freq = sorted(((v, -int(layer), -e) for layer, r in results["layers"].items()
+                   for e, v in enumerate(r["activation_frequency"])), reverse=True)
+    first = page.locator("#search-results a").first
+    assert first.inner_text() == f"L{-freq[0][1]} N{-freq[0][2]}"
+    assert page.inner_text("#search-message") == "neurons 1\u201350 of 128"
+    page.click("#search-next")
+    expect(page.locator("#search-message")).to_have_text(re.compile(r"^neurons 51\u2013100 of 128$"))
+
+    # which neurons fire most on a token: a detector's trigger
+    det = results["layers"]["1"]["token_detectors"][0]
+    page.fill("#bytoken-token", det["token_strings"][0])
+    page.fill("#bytoken-k", "200")
+    page.click("#bytoken-go")
+    page.wait_for_selector("#bytoken-results table")
+    hrefs = page.locator("#bytoken-results a").evaluate_all("links => links.map(a => a.getAttribute('href'))")
+    assert f"#neuron-1-{det['neuron']}" in hrefs
+
+    # open that neuron's page from the result
+    page.click(f"#bytoken-results a[href='#neuron-1-{det['neuron']}']")
+    page.wait_for_selector("#neuron-title")
+    assert page.inner_text("#neuron-title") == f"Layer 1 · neuron {det['neuron']}"
+    body = page.inner_text("#neuron-page")
+    for heading in ("Token detector", "Top-activating contexts", "Direct logit effects", "Hidden-attention row"):
+        assert heading in body, heading
+
+    # live trace of the user's text, checked against an independent trace
+    text = "The cat sat on the mat."
+    page.fill("#live-text", text)
+    page.fill("#live-position", "3")
+    page.click("#live-go")
+    page.wait_for_selector("#live-table")
+    model, tokenizer = mamba_model()
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    post = trace(model, ids, ["blocks.1.mixer.hook_post"])["blocks.1.mixer.hook_post"][0, :, det["neuron"]].tolist()
+    rows = page.locator("#live-table tr").evaluate_all(
+        "rows => rows.slice(1).map(r => Array.from(r.cells).map(c => c.textContent))")
+    assert len(rows) == len(post)
+    assert [float(r[2]) for r in rows] == pytest.approx(post, rel=2e-3, abs=1e-6)  # shown to 4 digits
+    assert [r[3] for r in rows[4:]] == [""] * (len(post) - 4) and all(r[3] for r in rows[:4])  # causal row at t=3
+    assert "Hidden-attention row α[t, ·] of channel" in page.inner_text("#live-result")
+    page.screenshot(path=str(tmp_path / "live.png"), full_page=True)
+    assert (tmp_path / "live.png").stat().st_size > 20_000
+    assert problems == [], problems
+
+
+def test_served_pages_escape_corpus_markup(served_url: str, playwright_browser: object) -> None:
+    from playwright.sync_api import expect
+
+    problems: list[str] = []
+    page = _page(playwright_browser, problems)
+    page.goto(served_url + "#neuron-0-3")
+    page.wait_for_selector("#neuron-title")
+    assert EVIL.replace(" ", "·") in page.inner_text("#neuron-page") or EVIL in page.inner_text("#neuron-page")
+    assert page.locator("#neuron-page script").count() == 0
+    page.click("#neuron-view a[href='#neurons']")  # back to the report and its explorer
+    page.fill("#search-q", "<script>")
+    page.click("#search-go")
+    page.wait_for_selector("#search-results table")
+    assert EVIL in page.inner_text("#search-results")
+    assert problems == [], problems
+    page.fill("#bytoken-token", "")  # a bad request: the page shows the server's 400 message
+    page.click("#bytoken-go")
+    expect(page.locator("#bytoken-message")).to_have_text(re.compile(r"^token: give the token"))
+    assert problems == ["console error: Failed to load resource: the server responded with a status of 400 "
+                        "(Bad Request)"], problems

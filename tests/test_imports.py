@@ -94,10 +94,16 @@ def test_ssm_is_math_on_tensors(graph):
     assert not outside, f"ssm/ imports other mambascope modules: {sorted(outside)}"
 
 
-def test_only_the_cli_and_the_report_import_the_report(graph):
+def test_only_the_cli_the_report_and_serve_import_the_report(graph):
+    # serve (the explorer) comes after the report: it renders the report's templates
     offenders = {(m, t) for m, deps in graph.items() for t in deps
-                 if _in(t, "report") and not _in(m, "report", "cli")}
+                 if _in(t, "report") and not _in(m, "report", "serve", "cli")}
     assert not offenders, f"an earlier stage imports the report: {sorted(offenders)}"
+
+
+def test_only_the_cli_imports_serve(graph):
+    offenders = {(m, t) for m, deps in graph.items() for t in deps if _in(t, "serve") and not _in(m, "serve", "cli")}
+    assert not offenders, f"only the CLI starts the explorer: {sorted(offenders)}"
 
 
 def test_nothing_but_the_entry_point_imports_the_cli(graph):

@@ -165,7 +165,7 @@ def test_html_renders_recorded_errors_escaped(tmp_path: Path) -> None:
     assert "Faithfulness: failed (attention_neurons)" in page
     errors = page[page.index('<section id="errors">'):]
     assert "interventions" in errors and "attention_neurons" in errors
-    assert "Figure &#x27;ablation&#x27; not drawn: no ablation results: failed (interventions)" in page
+    assert "Figure &#39;ablation&#39; not drawn: no ablation results: failed (interventions)" in page
 
 
 def test_html_escapes_token_strings(tmp_path: Path) -> None:
@@ -178,7 +178,7 @@ def test_html_escapes_token_strings(tmp_path: Path) -> None:
     layer["delta_sensitive"][0]["top_tokens"][0]["string"] = evil
     page = render_report(results, tmp_path, figures=[]).read_text()
     assert "<img" not in page  # no figures here, so no <img> at all
-    assert "&lt;img·src=x·onerror=&quot;alert(1)&quot;&gt;&amp;amp;" in page  # a chip: spaces shown as ·
+    assert "&lt;img·src=x·onerror=&#34;alert(1)&#34;&gt;&amp;amp;" in page  # a chip: spaces shown as ·
     data = _neuron_json(page)
     assert evil in data["strings"]  # the JSON carries the string as such; the page sets it as text
 
@@ -292,3 +292,52 @@ def test_failed_census_renders_and_validates(tmp_path: Path) -> None:
     assert "Ablation: failed (interventions): RuntimeError: needs the census" in page
     assert "attention_weighted" in page  # the attention analysis that did run is still shown
     assert _neuron_json(page)["layers"] == {}
+
+
+# ------------------------------------------------------------------------------ large models: partial embed
+
+def test_report_above_the_threshold_embeds_the_top_neurons_and_says_how_to_open_the_rest(tmp_path: Path) -> None:
+    from mambascope.report.neuron_payload import top_neurons
+
+    results = mamba_results()
+    page = render_report(results, tmp_path, figures=[], max_embedded_neurons=100, top_per_layer=5).read_text()
+    data = _neuron_json(page)
+    full = neuron_data(mamba_results())
+    assert data["partial"]["total"] == 128 and data["partial"]["per_layer"] == 5
+    assert "mambascope serve DIR" in data["partial"]["message"]
+    assert '<p class="note" id="partial-note">This report embeds the full pages' in page
+    chosen = top_neurons(results, None, 5)
+    for layer, d in data["layers"].items():
+        keep = chosen[int(layer)]
+        assert d["embedded"] == keep and len(keep) == 5
+        assert d["freq"] == full["layers"][layer]["freq"]  # statistics of every neuron
+        for e in range(d["E"]):
+            if e in keep:
+                assert d["ctx"]["a"][e] == full["layers"][layer]["ctx"]["a"][e]
+                assert d["logit"]["v"][e] == full["layers"][layer]["logit"]["v"][e]
+            else:
+                assert d["ctx"]["v"][e] is None and d["ctx"]["a"][e] is None and d["logit"]["p"][e] is None
+        assert sorted(map(int, d["attn"]["index"])) == keep
+    embedded = len(json.dumps(data["layers"]))
+    assert embedded < 0.5 * len(json.dumps(_neuron_json(render_report(results, tmp_path / "all", figures=[])
+                                                        .read_text())["layers"]))
+
+
+def test_report_default_threshold(tmp_path: Path) -> None:
+    """The default EMBED_ALL_MAX applies: 16,384 neurons embed whole, 16,385 do not."""
+    from mambascope.report.html import EMBED_ALL_MAX
+
+    assert EMBED_ALL_MAX == 16_384
+    assert "partial" not in _neuron_json(render_report(mamba_results(), tmp_path, figures=[]).read_text())
+    for E, partial in ((EMBED_ALL_MAX, False), (EMBED_ALL_MAX + 1, True)):
+        rng = np.random.default_rng(E)
+        layer = {"n_neurons": E, "tokens": 1000, "activation_frequency": rng.random(E).tolist(),
+                 "positional_mi": rng.random(E).tolist(), "dead_neurons": [], "rarely_active": [],
+                 "positional_neurons": [], "token_detectors": [],
+                 "top_contexts": {"k": 1, "width": 2, "values": rng.normal(size=(E, 1)).tolist(),
+                                  "tokens": [[["a", "b"]]] * E, "activations": rng.normal(size=(E, 1, 2)).tolist()}}
+        results = {"model": {"name": "big", "arch": "mamba"}, "layers": {"0": layer}}
+        data = _neuron_json(render_report(results, tmp_path / str(E), figures=[]).read_text())
+        assert ("partial" in data) is partial
+        d = data["layers"]["0"]
+        assert sum(v is not None for v in d["ctx"]["v"]) == (100 if partial else E)

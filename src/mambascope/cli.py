@@ -131,6 +131,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         parse_every(args.checkpoint_every)
     if hasattr(args, "noise_subject"):
         _check_patch_flags(args)
+    if hasattr(args, "port") and not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
     if getattr(args, "device", None):
         from mambascope.models.loading import resolve_device
 
@@ -439,6 +441,38 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return OK
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Serve DIR until Ctrl-C / SIGTERM: exit 0, since stopping the server is how a serve session ends and
+    nothing is left unfinished (uvicorn shuts down gracefully, then re-raises the signal, caught here)."""
+    from mambascope.serve.server import is_local
+
+    if args.model and args.no_model:
+        raise ValueError("--model and --no-model exclude each other")
+    local = is_local(args.host)
+    if not local:
+        print(f"mambascope: warning: serving on {args.host}, not only this machine: anyone who can reach it can "
+              "read this output and run the model on their text (no authentication)", file=sys.stderr)
+    from mambascope.serve import LOCAL_HOSTS, create_app
+    from mambascope.serve.app import open_output
+    from mambascope.serve.server import bind, run
+
+    open_output(args.directory)  # DIR checked before the port and the model
+    sock = bind(args.host, args.port)
+    try:
+        app = create_app(args.directory, model=args.model, live=not args.no_model, device=args.device,
+                         allowed_hosts=LOCAL_HOSTS if local else ("*",))
+        live = app.state.explorer.live_state()
+        print(f"mambascope: live traces: {live['model'] if live['available'] else 'off: ' + live['reason']}",
+              file=sys.stderr)
+        run(app, sock, quiet=args.quiet)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    print("mambascope: server stopped", file=sys.stderr)
+    return OK
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     return _run(args, ("census", "interventions", "attention_neurons"))
 
@@ -635,6 +669,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", parents=common, help="re-render figures and report.html from a results directory")
     p.add_argument("directory", help="a directory holding results.json")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("serve", parents=common, help="browse the neurons of an output directory in a local web app")
+    p.add_argument("directory", help="an output directory of mambascope analyze (with results.json and store/)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only; another address prints a "
+                        "warning: the app has no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--model", default=None,
+                   help="model for live traces (default: the one named in results.json)")
+    p.add_argument("--no-model", action="store_true", help="serve without live traces (no model loaded)")
+    p.add_argument("--device", default="cpu", help="device of the live model: cpu, cuda, cuda:N or auto "
+                   "(default: %(default)s)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("compare", parents=common, help="the same census and attention statistics across models")
     p.add_argument("--models", nargs="+", default=["tiny-mamba", "tiny-mamba2", "tiny-gpt"],

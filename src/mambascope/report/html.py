@@ -6,33 +6,40 @@ summary of the model and corpus, a section per analysis with its figures and tab
 top-activating contexts shaded by activation, direct logit effects, hidden-attention row), reached by a
 search box ("L2 N37", "2:37") or the URL hash ``#neuron-<layer>-<neuron>``.
 
-Every string that comes from the results (token strings from the corpus included) is escaped on the
-server side with :func:`html.escape`, and set with ``textContent`` on the client side.  A section whose
+The page is rendered from the Jinja2 templates in ``report/templates`` (autoescaping on: every string
+from the results, token strings from the corpus included, is escaped by the engine) with the CSS and
+JavaScript of ``report/static`` inlined; ``mambascope serve`` renders the same templates with those files
+linked and the neuron pages fetched from its API.  The functions below turn the results into plain data
+(:class:`Table` rows of :class:`Frag` text pieces, notes, figures) and never build HTML.  A section whose
 analysis is absent or failed says so with the recorded reason; no number is ever a placeholder.
 
-Size: per-neuron floats are rounded to 4 significant digits; the activation arrays of the contexts, the
-logit effects and the attention rows are int16 relative to each neuron's largest |value| (base64), and
-the context tokens are stored once per corpus window they come from, so a report of 24 layers × 1536
-neurons stays in the tens of megabytes.
+Size: the neuron pages' JSON (:func:`mambascope.report.neuron_payload.neuron_data`) is embedded whole up to
+:data:`EMBED_ALL_MAX` neurons; above that, the report embeds every neuron's statistics but the contexts,
+logit effects and attention rows of the top ``TOP_NEURONS`` neurons of each layer only
+(:func:`~mambascope.report.neuron_payload.top_neurons`), and says on the page how to open the rest with
+``mambascope serve DIR``.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import cache
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import jinja2
+from markupsafe import Markup
 
 from mambascope.report import _access as acc
-from mambascope.report._static import CSS, JS
 from mambascope.report.figures import GROUP_LABELS, create_comprehensive_report
-from mambascope.report.neuron_payload import neuron_data, r4
+from mambascope.report.neuron_payload import TOP_NEURONS, neuron_data, r4, top_neurons
 from mambascope.report.patching_plots import PATCHING_FIGURES, UNIT_STYLE, top_cells
 
-__all__ = ["SECTIONS", "render_report"]
+__all__ = ["EMBED_ALL_MAX", "SECTIONS", "embedded_neuron_data", "render_comparison_report", "render_report"]
 
 SECTIONS: dict[str, str] = {
     "summary": "Summary",
@@ -68,15 +75,43 @@ _FIGURE_SECTION = {
 MAX_LIST = 200  # neuron links listed inline per layer and group before "… and N more"
 MAX_DETECTOR_ROWS = 300  # detector rows per layer in the static table (every one is on its neuron page)
 
+EMBED_ALL_MAX = 16_384
+"""Neurons (all census layers together) up to which report.html embeds every neuron page: about 1 KB of
+JSON per neuron (docs/design.md §8), so at most ~16 MB, which a browser opens comfortably; a 130m Mamba
+(36,864 neurons) is above it.  Above it the report embeds the pages of ``TOP_NEURONS`` neurons per layer
+(:func:`mambascope.report.neuron_payload.top_neurons`)."""
 
-# ---------------------------------------------------------------------------------------- small helpers
 
-class _Raw(str):
-    """Already-escaped HTML."""
+# ---------------------------------------------------------------------------------------- plain data
+
+class Frag(NamedTuple):
+    """A piece of text in a cell or paragraph; the template decides its markup by ``kind``."""
+
+    kind: str  # "text", "link" (href), "tok" (a token chip; title = the exact string), "muted"
+    text: str
+    href: str = ""
+    title: str = ""
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+class Cell(NamedTuple):
+    num: bool  # right-aligned, tabular digits
+    parts: list[Frag]
+
+
+class Table(NamedTuple):
+    headers: list[str]
+    rows: list[list[Cell]]
+    cls: str = ""
+
+
+class Block(NamedTuple):
+    """A piece of a section body: ``note`` / ``error`` / ``muted`` (text), ``table``, ``h3`` (text),
+    ``details`` (summary text, a list of blocks)."""
+
+    kind: str
+    text: str = ""
+    table: Table | None = None
+    blocks: list[Block] | None = None
 
 
 def _visible(token: str) -> str:
@@ -86,50 +121,58 @@ def _visible(token: str) -> str:
     return token.replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
 
 
-def _tok(token: Any) -> _Raw:
+def tok(token: Any) -> Frag:
     """A token chip: invisible characters shown, spaces as middle dots, the exact string as tooltip."""
     text = str(token)
-    return _Raw(f'<code class="tok" title="{_e(json.dumps(text))}">{_e(_visible(text).replace(" ", "·"))}</code>')
+    return Frag("tok", _visible(text).replace(" ", "·"), title=json.dumps(text))
 
 
-def _nlink(layer: int | str, neuron: int, text: str | None = None) -> _Raw:
-    return _Raw(f'<a href="#neuron-{int(layer)}-{int(neuron)}">{_e(text or f"L{layer} N{neuron}")}</a>')
+def link(layer: int | str, neuron: int, text: str | None = None) -> Frag:
+    return Frag("link", text or f"L{layer} N{neuron}", href=f"#neuron-{int(layer)}-{int(neuron)}")
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, _Raw):
-        return value
-    if isinstance(value, bool) or value is None or isinstance(value, int | float):
-        return _e(acc.fmt(value))
-    return _e(value)
+def text(value: Any) -> Frag:
+    return Frag("text", str(value))
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "") -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = []
-    for r in rows:
-        cells = []
-        for v in r:
-            numeric = isinstance(v, int | float) and not isinstance(v, bool)
-            cells.append(f'<td class="num">{_cell(v)}</td>' if numeric else f"<td>{_cell(v)}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+def muted(value: Any) -> Frag:
+    return Frag("muted", str(value))
 
 
-def _kv(mapping: Mapping[str, Any] | None) -> str:
+def cell(value: Any) -> Cell:
+    """A table cell from a number (formatted, right-aligned), None/bool, a string, a Frag or a list of them."""
+    if isinstance(value, Frag):
+        return Cell(False, [value])
+    if isinstance(value, list):
+        return Cell(False, value)
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if numeric or isinstance(value, bool) or value is None:
+        return Cell(numeric, [text(acc.fmt(value))])
+    return Cell(False, [text(value)])
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "") -> Table:
+    return Table(list(headers), [[cell(v) for v in r] for r in rows], cls)
+
+
+def _tb(headers: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "") -> Block:
+    return Block("table", table=table(headers, rows, cls))
+
+
+def _note(message: str) -> Block:
+    return Block("note", message)
+
+
+def _error(message: str) -> Block:
+    return Block("error", message)
+
+
+def _kv(mapping: Mapping[str, Any] | None) -> Block:
     if not mapping:
-        return '<p class="muted">not recorded</p>'
+        return Block("muted", "not recorded")
     rows = [(k, v) for k, v in mapping.items() if not isinstance(v, dict | list)]
     rows += [(k, json.dumps(v)[:300]) for k, v in mapping.items() if isinstance(v, list) and len(v) <= 20]
-    return _table(["key", "value"], rows, "kv")
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{_e(text)}</p>'
-
-
-def _error(text: str) -> str:
-    return f'<div class="error">{_e(text)}</div>'
+    return _tb(["key", "value"], rows, "kv")
 
 
 def _layer_label(layer: int, r: Mapping[str, Any]) -> str:
@@ -138,59 +181,103 @@ def _layer_label(layer: int, r: Mapping[str, Any]) -> str:
     return f"{layer} ({kind})" if kind else str(layer)
 
 
-def _links(layer: int, neurons: Sequence[int]) -> _Raw:
-    shown = [_nlink(layer, n, str(n)) for n in list(neurons)[:MAX_LIST]]
-    more = f" … and {len(neurons) - MAX_LIST} more" if len(neurons) > MAX_LIST else ""
-    return _Raw(", ".join(shown) + _e(more)) if shown else _Raw('<span class="muted">none</span>')
+def _more(items: Sequence[Any]) -> list[Frag]:
+    return [text(f" … and {len(items) - MAX_LIST} more")] if len(items) > MAX_LIST else []
 
 
-def _script_json(data: Any) -> str:
+def _links(layer: int, neurons: Sequence[int]) -> list[Frag]:
+    neurons = list(neurons)
+    if not neurons:
+        return [muted("none")]
+    out: list[Frag] = []
+    for i, n in enumerate(neurons[:MAX_LIST]):
+        out += [text(", ")] if i else []
+        out.append(link(layer, n, str(n)))
+    return out + _more(neurons)
+
+
+def _joined(parts: Iterable[list[Frag]], sep: str = ", ") -> list[Frag]:
+    out: list[Frag] = []
+    for i, p in enumerate(parts):
+        out += ([text(sep)] if i else []) + p
+    return out
+
+
+def _script_json(data: Any) -> Markup:
     """JSON safe inside <script>: ASCII only, and no "<", ">" or "&" (escaped as \\u003c …)."""
-    text = json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    dumped = json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return Markup(dumped.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
+
+
+# ---------------------------------------------------------------------------------------- templates
+
+@cache
+def environment() -> jinja2.Environment:
+    """The Jinja2 environment of the report and the server's pages (autoescape on for every template)."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("mambascope.report", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True)
+    env.filters["script_json"] = _script_json
+    return env
+
+
+def static_text(name: str) -> Markup:
+    """A CSS or JavaScript file of ``report/static``, to inline in <style>/<script> (our own file, no
+    ``</`` in it: checked)."""
+    body = resources.files("mambascope.report").joinpath("static", name).read_text(encoding="utf-8")
+    if "</" in body:
+        raise ValueError(f"report/static/{name} contains '</', which would end its inline element")
+    return Markup(body)
+
+
+# ---------------------------------------------------------------------------------------- figures
+
+class Figure(NamedTuple):
+    stem: str
+    name: str
+    src: str  # a data: URI (the static report) or a URL (the server)
+
+
+def _figure_section(path: Path) -> str:
+    stem = path.stem
+    base = "attention_neurons" if stem.startswith("attention_neurons_L") else stem
+    return _FIGURE_SECTION.get(base, "other")
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _figures(section: str, figures: list[Path], skipped: dict[str, str],
+             src: Callable[[Path], str]) -> tuple[list[Figure], list[Block]]:
+    shown, notes = [], []
+    for path in figures:
+        if _figure_section(path) != section:
+            continue
+        try:
+            shown.append(Figure(path.stem, path.name, src(path)))
+        except OSError as exc:
+            notes.append(_note(f"figure {path.name} could not be read: {exc}"))
+    for name, reason in skipped.items():
+        if _FIGURE_SECTION.get(name, "other") == section:
+            notes.append(_note(f"Figure '{name}' not drawn: {reason}"))
+    return shown, notes
 
 
 # ---------------------------------------------------------------------------------------- sections
 
-def _figures_html(section: str, figures: list[Path], skipped: dict[str, str]) -> str:
-    parts = []
-    for path in figures:
-        stem = path.stem
-        base = "attention_neurons" if stem.startswith("attention_neurons_L") else stem
-        if _FIGURE_SECTION.get(base, "other") != section:
-            continue
-        try:
-            data = base64.b64encode(path.read_bytes()).decode("ascii")
-        except OSError as exc:
-            parts.append(_note(f"figure {path.name} could not be read: {exc}"))
-            continue
-        parts.append(f'<figure><img alt="{_e(stem)}" src="data:image/png;base64,{data}">'
-                     f"<figcaption>{_e(path.name)}</figcaption></figure>")
-    for name, reason in skipped.items():
-        if _FIGURE_SECTION.get(name, "other") == section:
-            parts.append(_note(f"Figure '{name}' not drawn: {reason}"))
-    return "".join(parts)
-
-
-def _section(sid: str, body: str, figures: list[Path], skipped: dict[str, str]) -> str:
-    return (f'<section id="{sid}"><h2>{_e(SECTIONS[sid])}</h2>{_figures_html(sid, figures, skipped)}'
-            f"{body}</section>")
-
-
-def _no_census(results: Mapping[str, Any]) -> str:
-    return _missing(results, "census", "Neuron census")
-
-
-def _missing(results: Mapping[str, Any], analysis: str, label: str) -> str:
+def _missing(results: Mapping[str, Any], analysis: str, label: str) -> Block:
     reason = acc.missing_reason(results, analysis)
     return (_error if reason.startswith("failed") else _note)(f"{label}: {reason}")
 
 
-def _summary(results: Mapping[str, Any]) -> str:
+def _no_census(results: Mapping[str, Any]) -> dict[str, Any]:
+    return {"missing": _missing(results, "census", "Neuron census")}
+
+
+def _summary(results: Mapping[str, Any]) -> dict[str, Any]:
     census = acc.census_part(results)
     layers = acc.layer_items(results)
-    parts = ['<div class="tables"><div><h3>Model</h3>', _kv(results.get("model")), "</div>",
-             "<div><h3>Corpus</h3>", _kv(results.get("corpus")), "</div>"]
     rows = []
     tokens = census.get("tokens")
     if isinstance(tokens, dict):
@@ -207,20 +294,19 @@ def _summary(results: Mapping[str, Any]) -> str:
         rows.append(("held-out loss (nats/token)", ab["baseline_loss"]))
         rows.append(("held-out perplexity", math.exp(ab["baseline_loss"])))
         rows.append(("held-out tokens predicted", ab.get("tokens")))
-    if rows:
-        parts += ["<div><h3>Losses</h3>", _table(["", "value"], rows, "kv"), "</div>"]
     timings = results.get("timings")
-    if isinstance(timings, dict) and timings:
-        parts += ["<div><h3>Timings (s)</h3>", _table(["stage", "seconds"], list(timings.items())), "</div>"]
-    parts.append("</div>")
-    if isinstance(results.get("incomplete"), list) and results["incomplete"]:
-        parts.append(_note("Stages that did not run: " + ", ".join(map(str, results["incomplete"]))))
-    n_err = len(acc.errors(results))
-    if n_err:
-        parts.append(_Raw(f'<p class="error">{n_err} analysis(es) failed: see <a href="#errors">Errors</a>.</p>'))
+    out: dict[str, Any] = {
+        "model": _kv(results.get("model")), "corpus": _kv(results.get("corpus")),
+        "losses": _tb(["", "value"], rows, "kv") if rows else None,
+        "timings": _tb(["stage", "seconds"], list(timings.items())) if isinstance(timings, dict) and timings
+        else None,
+        "incomplete": [str(x) for x in results.get("incomplete") or []] if isinstance(results.get("incomplete"),
+                                                                                        list) else [],
+        "n_errors": len(acc.errors(results)), "missing": None, "layers": None,
+    }
     if not layers:
-        parts.append(_no_census(results))
-        return "".join(parts)
+        out["missing"] = _no_census(results)["missing"]
+        return out
     cover = dict(acc.detector_tokens_by_layer(results))
     table_rows = []
     for layer, r in layers:
@@ -228,35 +314,30 @@ def _summary(results: Mapping[str, Any]) -> str:
         sel = acc.num(delta[0].get("selectivity")) if delta else None
         c = cover.get(layer) or {}
         table_rows.append([
-            _nlink(layer, 0, str(layer)), r.get("n_neurons"), r.get("tokens"),
+            link(layer, 0, str(layer)), r.get("n_neurons"), r.get("tokens"),
             r.get("n_dead", len(r.get("dead_neurons") or [])),
             r.get("pct_dead"), len(r.get("rarely_active") or []), r.get("mean_frequency_alive"),
             len(r.get("positional_neurons") or []), len(r.get("token_detectors") or []),
             f"{c.get('covered', 'n/a')} / {c.get('n_new', 'n/a')}",
             "n/a (no Δ)" if delta is None else sel])
-    parts.append("<h3>Key counts per layer</h3>")
-    parts.append(_table(["layer", "neurons", "tokens N", "dead", "% dead", "rarely active", "mean freq. (alive)",
-                         "positional", "token detectors", "tokens covered / new", "top Δ selectivity"], table_rows))
-    return "".join(parts)
+    out["layers"] = table(["layer", "neurons", "tokens N", "dead", "% dead", "rarely active", "mean freq. (alive)",
+                           "positional", "token detectors", "tokens covered / new", "top Δ selectivity"], table_rows)
+    return out
 
 
-def _dead_section(results: Mapping[str, Any]) -> str:
+def _dead_section(results: Mapping[str, Any]) -> dict[str, Any]:
     layers = acc.layer_items(results)
     if not layers:
         return _no_census(results)
-    rare_thr = (layers[0][1].get("activity") or {}).get("rare_threshold")
     rows = [[_layer_label(layer, r), r.get("tokens"), r.get("n_neurons"), len(r.get("dead_neurons") or []),
              _links(layer, r.get("dead_neurons") or []), len(r.get("rarely_active") or []),
              _links(layer, r.get("rarely_active") or [])] for layer, r in layers]
-    return (f"<p>A neuron is <b>active</b> at a token when its gate is open (z &gt; 0; gated MLP: gate "
-            f"pre-activation &gt; 0; plain MLP: post &gt; 0). "
-            f"<b>Dead</b>: active on 0 of the N tokens. <b>Rarely active</b>: 0 &lt; frequency &lt; "
-            f"{_e(acc.fmt(rare_thr))}.</p>"
-            + _table(["layer", "tokens N", "neurons", "dead", "dead neurons", "rarely active", "rarely active neurons"],
-                     rows))
+    return {"rare_threshold": acc.fmt((layers[0][1].get("activity") or {}).get("rare_threshold")),
+            "table": table(["layer", "tokens N", "neurons", "dead", "dead neurons", "rarely active",
+                            "rarely active neurons"], rows)}
 
 
-def _positional_section(results: Mapping[str, Any]) -> str:
+def _positional_section(results: Mapping[str, Any]) -> dict[str, Any]:
     layers = acc.layer_items(results)
     if not layers:
         return _no_census(results)
@@ -264,22 +345,17 @@ def _positional_section(results: Mapping[str, Any]) -> str:
     for layer, r in layers:
         pos = r.get("positional") or {}
         top = pos.get("positional_top") or {}
-        tops = _Raw(", ".join(f"{_nlink(layer, n, str(n))} ({_e(acc.fmt(mi, 3))})"
-                              for n, mi in zip(top.get("neurons") or [], top.get("mi") or [], strict=False)))
+        tops = _joined([link(layer, n, str(n)), text(f" ({acc.fmt(mi, 3)})")]
+                       for n, mi in zip(top.get("neurons") or [], top.get("mi") or [], strict=False))
         rows.append([_layer_label(layer, r), pos.get("positional_threshold"), len(r.get("positional_neurons") or []),
                      _links(layer, r.get("positional_neurons") or []), pos.get("mean_abs_position_correlation"),
-                     tops or _Raw('<span class="muted">not recorded</span>')])
-    notes = sorted({w for _, r in layers for w in (r.get("warnings") or []) if w.startswith("positional")})
-    return ("<p>Mutual information between a neuron being active and the position in fixed-length windows "
-            "(Voita et al. 2023), bias-corrected; positional iff I &gt; threshold and the within-window "
-            "permutation test rejects (docs/census.md).  Also the mean |Pearson correlation| of post "
-            "with position.</p>"
-            + "".join(f'<p class="muted">Warning: {_e(w)}</p>' for w in notes)
-            + _table(["layer", "MI threshold", "positional", "positional neurons", "mean |corr(post, pos)|",
-                      "highest-MI neurons (I)"], rows))
+                     tops or [muted("not recorded")]])
+    return {"warnings": sorted({w for _, r in layers for w in (r.get("warnings") or []) if w.startswith("positional")}),
+            "table": table(["layer", "MI threshold", "positional", "positional neurons", "mean |corr(post, pos)|",
+                            "highest-MI neurons (I)"], rows)}
 
 
-def _detectors_section(results: Mapping[str, Any]) -> str:
+def _detectors_section(results: Mapping[str, Any]) -> dict[str, Any]:
     layers = acc.layer_items(results)
     if not layers:
         return _no_census(results)
@@ -290,21 +366,13 @@ def _detectors_section(results: Mapping[str, Any]) -> str:
     summary_rows = []
     for layer, r in layers:
         c = cover.get(layer) or {}
-        new = [_tok(strings.get(int(t), f"#{t}")) for t in (c.get("new") or [])[:MAX_LIST]]
-        more = f" … and {len(c.get('new') or []) - MAX_LIST} more" if len(c.get("new") or []) > MAX_LIST else ""
+        new = c.get("new") or []
         sup = r.get("suppression") or {}
         summary_rows.append([_layer_label(layer, r), len(r.get("token_detectors") or []), c.get("covered"),
-                             c.get("n_new"),
-                             c.get("cumulative"), _Raw("".join(new) + _e(more)),
+                             c.get("n_new"), c.get("cumulative"),
+                             [tok(strings.get(int(t), f"#{t}")) for t in new[:MAX_LIST]] + _more(new),
                              sup.get("fraction_suppressing_own_triggers"), sup.get("fraction_suppressing_any_trigger")])
-    crit = (layers[0][1].get("detectors") or {}).get("criteria") or {}
-    parts = [f"<p>Token detector: ≤ {_e(crit.get('max_types', 5))} token types cover ≥ "
-             f"{_e(crit.get('coverage', 0.95))} of the neuron's activations, each firing it on ≥ "
-             f"{_e(crit.get('min_precision', 0.95))} of its (≥ {_e(crit.get('min_occurrences', 5))}) occurrences; "
-             "the trigger is the token at the activation (never later tokens). Suppression: the detector's direct "
-             "logit effect puts all (any) of its triggers among its most suppressed tokens.</p>",
-             _table(["layer", "detectors", "tokens covered", "new", "cumulative", "new tokens",
-                     "suppress own triggers (all)", "(any)"], summary_rows)]
+    per_layer = []
     for layer, r in layers:
         dets = r.get("token_detectors") or []
         if not dets:
@@ -314,67 +382,69 @@ def _detectors_section(results: Mapping[str, Any]) -> str:
         for det in dets[:MAX_DETECTOR_ROWS]:
             toks = det.get("token_strings") or [f"#{t}" for t in det.get("tokens") or []]
             prec = det.get("precision") or []
-            chips = _Raw("".join(f"{_tok(s)}<span class=\"muted\">{_e(acc.fmt(p, 3))}</span> "
-                                 for s, p in zip(toks, prec + [None] * (len(toks) - len(prec)), strict=False)))
+            chips = [f for s, p in zip(toks, prec + [None] * (len(toks) - len(prec)), strict=False)
+                     for f in (tok(s), muted(acc.fmt(p, 3)), text(" "))]
             s = ranks.get(det["neuron"]) or {}
-            rows.append([_nlink(layer, det["neuron"], str(det["neuron"])), chips, det.get("coverage"),
+            rows.append([link(layer, det["neuron"], str(det["neuron"])), chips, det.get("coverage"),
                          "n/a" if not s else ("all" if s.get("suppresses_all") else
                                               "some" if s.get("suppresses_any") else "none")])
-        more = (f'<p class="muted">{len(dets) - MAX_DETECTOR_ROWS} more detectors: see their neuron pages.</p>'
-                if len(dets) > MAX_DETECTOR_ROWS else "")
-        parts.append(f"<details><summary>Layer {layer}: {len(dets)} token detectors</summary>"
-                     + _table(["neuron", "trigger tokens (precision)", "coverage", "suppresses own triggers"], rows)
-                     + more + "</details>")
-    return "".join(parts)
+        blocks = [_tb(["neuron", "trigger tokens (precision)", "coverage", "suppresses own triggers"], rows)]
+        if len(dets) > MAX_DETECTOR_ROWS:
+            blocks.append(Block("muted", f"{len(dets) - MAX_DETECTOR_ROWS} more detectors: see their neuron pages."))
+        per_layer.append(Block("details", f"Layer {layer}: {len(dets)} token detectors", blocks=blocks))
+    crit = (layers[0][1].get("detectors") or {}).get("criteria") or {}
+    return {"criteria": {"max_types": crit.get("max_types", 5), "coverage": crit.get("coverage", 0.95),
+                         "min_precision": crit.get("min_precision", 0.95),
+                         "min_occurrences": crit.get("min_occurrences", 5)},
+            "table": table(["layer", "detectors", "tokens covered", "new", "cumulative", "new tokens",
+                            "suppress own triggers (all)", "(any)"], summary_rows),
+            "blocks": per_layer}
 
 
-def _delta_section(results: Mapping[str, Any]) -> str:
+def _delta_section(results: Mapping[str, Any]) -> dict[str, Any]:
     if acc.arch(results) == "gpt2":
-        return _note("Not applicable: GPT-2 has no Δ (the selective-scan step size is a Mamba quantity).")
+        return {"missing": _note("Not applicable: GPT-2 has no Δ (the selective-scan step size is a Mamba "
+                                 "quantity).")}
     layers = acc.layer_items(results)
     if not layers:
         return _no_census(results)
-    parts = ["<p>Δ = softplus(W_dt·dt_low + b_dt), traced from the model; per channel (Mamba-2: per head): mean, "
-             "std and selectivity = std of ln Δ over tokens; the top-k by selectivity and the tokens that drive their "
-             "Δ highest.</p>"]
+    blocks = []
     for layer, r in layers:
         delta = r.get("delta")
         top = r.get("delta_sensitive")
         if not isinstance(delta, dict) or top is None:
-            parts.append(_note(f"Layer {layer}: no Δ statistics recorded."))
+            blocks.append(_note(f"Layer {layer}: no Δ statistics recorded."))
             continue
         per = max(1, int(r.get("n_neurons") or 1) // max(1, int(delta.get("n_units") or 1)))
         rows = []
         for rank, t in enumerate(top, 1):
             label = f"head {t['index']}" if delta.get("unit") == "head" else f"channel {t['index']}"
-            chips = _Raw("".join(f"{_tok(x.get('string', x.get('token')))}"
-                                 f"<span class=\"muted\">{_e(acc.fmt(x.get('mean_dt'), 3))}</span> "
-                                 for x in t.get("top_tokens") or [])) if t.get("top_tokens") else "not recorded"
-            rows.append([rank, _nlink(layer, int(t["index"]) * per, label), t.get("mean"), t.get("std"),
-                         t.get("selectivity"), chips])
-        parts.append(f"<h3>Layer {layer}</h3>"
-                     + _table(["rank", delta.get("unit", "channel"), "mean Δ", "std Δ", "selectivity",
-                               "top tokens (mean Δ)"], rows))
-    return "".join(parts)
+            chips = [f for x in t.get("top_tokens") or []
+                     for f in (tok(x.get("string", x.get("token"))), muted(acc.fmt(x.get("mean_dt"), 3)), text(" "))]
+            rows.append([rank, link(layer, int(t["index"]) * per, label), t.get("mean"), t.get("std"),
+                         t.get("selectivity"), chips or "not recorded"])
+        blocks += [Block("h3", f"Layer {layer}"),
+                   _tb(["rank", delta.get("unit", "channel"), "mean Δ", "std Δ", "selectivity", "top tokens (mean Δ)"],
+                       rows)]
+    return {"blocks": blocks}
 
 
-def _overlap_section(results: Mapping[str, Any]) -> str:
+def _overlap_section(results: Mapping[str, Any]) -> dict[str, Any]:
     layers = acc.layer_items(results)
     if not layers:
         return _no_census(results)
-    parts = []
+    blocks = []
     for layer, r in layers:
         ov = r.get("overlap")
         if not isinstance(ov, dict):
-            parts.append(_note(f"Layer {layer}: no overlap recorded."))
+            blocks.append(_note(f"Layer {layer}: no overlap recorded."))
             continue
         sizes = ", ".join(f"{GROUP_LABELS.get(k, k)} {v}" for k, v in (ov.get("sizes") or {}).items())
         rows = [[GROUP_LABELS.get(p["a"], p["a"]), GROUP_LABELS.get(p["b"], p["b"]), p.get("intersection"),
                  p.get("union"), p.get("jaccard")] for p in ov.get("pairs") or []]
-        parts.append(f"<details><summary>Layer {layer}: {_e(sizes)}</summary>"
-                     + _table(["group a", "group b", "|a∩b|", "|a∪b|", "Jaccard"], rows) + "</details>")
-    return "<p>Counts and Jaccard index between the groups of each layer (Jaccard n/a: both groups empty).</p>" + \
-        "".join(parts)
+        blocks.append(Block("details", f"Layer {layer}: {sizes}",
+                            blocks=[_tb(["group a", "group b", "|a∩b|", "|a∪b|", "Jaccard"], rows)]))
+    return {"blocks": blocks}
 
 
 def _spread(entry: Mapping[str, Any] | None, base: float | None) -> str:
@@ -387,10 +457,10 @@ def _spread(entry: Mapping[str, Any] | None, base: float | None) -> str:
     return f"{shift:+.4g} ± {acc.fmt(std)}"
 
 
-def _ablation_section(results: Mapping[str, Any]) -> str:
+def _ablation_section(results: Mapping[str, Any]) -> dict[str, Any]:
     ab = acc.part(results, "ablation")
     if not ab or not isinstance(ab.get("groups"), dict):
-        return _missing(results, "ablation", "Ablation")
+        return {"missing": _missing(results, "ablation", "Ablation")}
     base = acc.num(ab.get("baseline_loss"))
     rows = []
     for name, g in ab["groups"].items():
@@ -402,18 +472,15 @@ def _ablation_section(results: Mapping[str, Any]) -> str:
         z, m = g.get("zero") or {}, g.get("mean") or {}
         rows.append([GROUP_LABELS.get(name, name), g.get("neurons"), per_layer, z.get("delta"),
                      _spread(z.get("random"), base), m.get("delta"), _spread(m.get("random"), base)])
-    return (f"<p>Held-out loss {_e(acc.fmt(base))} nats/token on {_e(ab.get('tokens'))} predicted tokens (windows "
-            "disjoint from the selection split). Each group is zero- or mean-ablated at the neuron unit across all "
-            f"census layers; the control ablates random neurons of the same size per layer ({_e(ab.get('draws'))} "
-            "draws, mean ± std of Δloss).</p>"
-            + _table(["group", "neurons", "per layer", "zero Δloss", "zero random Δloss", "mean Δloss",
-                      "mean random Δloss"], rows))
+    return {"baseline": acc.fmt(base), "tokens": ab.get("tokens"), "draws": ab.get("draws"),
+            "table": table(["group", "neurons", "per layer", "zero Δloss", "zero random Δloss", "mean Δloss",
+                            "mean random Δloss"], rows)}
 
 
-def _pruning_section(results: Mapping[str, Any]) -> str:
+def _pruning_section(results: Mapping[str, Any]) -> dict[str, Any]:
     pr = acc.part(results, "pruning")
     if not pr or not isinstance(pr.get("ratios"), dict):
-        return _missing(results, "pruning", "Pruning")
+        return {"missing": _missing(results, "pruning", "Pruning")}
     base = acc.num(pr.get("baseline_loss"))
     rows = []
     for ratio, v in sorted(pr["ratios"].items(), key=lambda kv: float(kv[0])):
@@ -421,27 +488,24 @@ def _pruning_section(results: Mapping[str, Any]) -> str:
         rnd = v.get("random") or {}
         rows.append([float(ratio), per_layer, v.get("loss"), v.get("delta"),
                      f"{acc.fmt(rnd.get('mean'))} ± {acc.fmt(rnd.get('std'))}", _spread(rnd, base)])
-    return (f"<p>Priority: {_e(pr.get('priority', 'not recorded'))}. Unpruned held-out loss {_e(acc.fmt(base))} "
-            f"nats/token on {_e(pr.get('tokens'))} tokens.</p>"
-            + _table(["ratio", "pruned per layer", "loss", "Δloss", "random loss (mean ± std)", "random Δloss"], rows))
+    return {"priority": pr.get("priority", "not recorded"), "baseline": acc.fmt(base), "tokens": pr.get("tokens"),
+            "table": table(["ratio", "pruned per layer", "loss", "Δloss", "random loss (mean ± std)",
+                            "random Δloss"], rows)}
 
 
-def _attention_section(results: Mapping[str, Any]) -> str:
+def _attention_section(results: Mapping[str, Any]) -> dict[str, Any]:
     att = acc.attention_part(results)
     if not att:
-        return _missing(results, "attention_neurons", "Attention neurons")
-    parts = [_table(["", "value"], [(k, att.get(k) if not isinstance(att.get(k), list) else
-                                      ", ".join(map(str, att[k])))
-                                     for k in ("arch", "layers", "methods", "n_windows", "window", "query")
-                                     if k in att], "kv")]
+        return {"missing": _missing(results, "attention_neurons", "Attention neurons")}
+    blocks = [_tb(["", "value"], [(k, att.get(k) if not isinstance(att.get(k), list) else ", ".join(map(str, att[k])))
+                                  for k in ("arch", "layers", "methods", "n_windows", "window", "query") if k in att],
+                  "kv")]
     errs = att.get("errors") or {}
-    for name, reason in errs.items():
-        parts.append(_error(f"{name} failed: {reason}"))
+    blocks += [_error(f"{name} failed: {reason}") for name, reason in errs.items()]
     per_method = att.get("results") if isinstance(att.get("results"), dict) else {}
     wanted = att.get("methods") if isinstance(att.get("methods"), list) else list(per_method)
-    for method in wanted:
-        if method not in per_method and method not in errs:
-            parts.append(_note(f"method {method}: no results recorded"))
+    blocks += [_note(f"method {method}: no results recorded") for method in wanted
+               if method not in per_method and method not in errs]
     rows = []
     for method, per in per_method.items():
         for layer, e in sorted((per or {}).items(), key=lambda kv: int(kv[0])):
@@ -449,70 +513,20 @@ def _attention_section(results: Mapping[str, Any]) -> str:
                 continue
             top = (e.get("top_neurons") or {}).get("indices") or []
             if e.get("unit") == "channel":
-                top_cell = _Raw(", ".join(_nlink(layer, n, str(n)) for n in top))
+                top_cell: Any = _joined([link(layer, n, str(n))] for n in top)
             else:
                 top_cell = ", ".join(map(str, top))
             rows.append([method, int(layer), e.get("unit", "unit"), e.get("num_neurons"), e.get("mean_activation"),
                          e.get("activation_std"), e.get("neuron_diversity"), e.get("effective_neurons"), top_cell])
     if rows:
-        parts.append(_table(["method", "layer", "unit", "units", "mean activation", "activation std", "diversity",
-                             "effective units", "top units by importance"], rows))
+        blocks.append(_tb(["method", "layer", "unit", "units", "mean activation", "activation std", "diversity",
+                           "effective units", "top units by importance"], rows))
     missing_keys = [k for k in ("num_neurons", "mean_activation", "activation_std", "top_neurons", "neuron_diversity")
                     if any(isinstance(e, dict) and k not in e
                            for per in per_method.values() for e in (per or {}).values())]
     if missing_keys:
-        parts.append(_note("Keys missing from some method/layer entries: " + ", ".join(missing_keys)))
-    return "".join(parts)
-
-
-def _faithfulness_section(results: Mapping[str, Any]) -> str:
-    faith = acc.faithfulness_part(results)
-    if not faith:
-        return _missing(results, "faithfulness", "Faithfulness")
-    parts = [f"<p>Split: {_e(faith.get('split', 'not recorded'))}.</p>"]
-    for name, reason in (faith.get("errors") or {}).items():
-        parts.append(_error(f"{name} failed: {reason}"))
-    tok = faith.get("token")
-    if isinstance(tok, dict) and isinstance(tok.get("methods"), dict):
-        rows = []
-        for method, per in tok["methods"].items():
-            for layer, e in sorted((per or {}).items(), key=lambda kv: int(kv[0])):
-                above = e.get("above_random")
-                rows.append([method, int(layer), e.get("morf_area"), e.get("lerf_area"), e.get("difference"),
-                             _ci(e.get("difference_ci")), "n/a" if above is None else ("yes" if above else "no")])
-        rnd = tok.get("random") or {}
-        if rnd:
-            rows.append([f"random ({rnd.get('seeds', '?')} seeds)", "all", rnd.get("morf_area"), rnd.get("lerf_area"),
-                         f"{acc.fmt(rnd.get('difference'))} ± {acc.fmt(rnd.get('difference_std'))} (seed std)",
-                         _ci(rnd.get("difference_ci")), ""])
-        query = tok.get("query_rule") or f"query position {tok.get('query_position')}"
-        parts.append(f"<h3>Token level (MoRF / LeRF)</h3><p>{_e(tok.get('n_windows'))} windows of "
-                     f"{_e(tok.get('window'))} tokens; query: {_e(query)}; target: "
-                     f"{_e(tok.get('target', 'n/a'))}; mean log p {_e(acc.fmt(tok.get('baseline_logprob')))} with the "
-                     f"full context, {_e(acc.fmt(tok.get('masked_context_logprob')))} with it masked. "
-                     "Difference = LeRF area − MoRF area (larger = more faithful); intervals: "
-                     f"{_e(tok.get('interval', 'not recorded'))}.</p>"
-                     + _table(["method", "layer", "MoRF area", "LeRF area", "difference", "95% CI",
-                               "above random"], rows))
-    else:
-        parts.append(_note("Token-level faithfulness: not recorded."))
-    neu = faith.get("neuron")
-    if isinstance(neu, dict) and isinstance(neu.get("methods"), dict):
-        rows = []
-        rnd = neu.get("random") or {}
-        for method, per in neu["methods"].items():
-            for layer, e in sorted((per or {}).items(), key=lambda kv: int(kv[0])):
-                r = rnd.get(str(layer)) or {}
-                rows.append([method, int(layer), e.get("k"), e.get("delta"),
-                             f"{acc.fmt(r.get('delta_mean'))} ± {acc.fmt(r.get('delta_std'))}", e.get("z_vs_random")])
-        parts.append(f"<h3>Neuron level (ablate each method's top-k {_e(neu.get('unit', 'unit'))}s)</h3>"
-                     f"<p>Baseline loss {_e(acc.fmt(neu.get('baseline_loss')))} on {_e(neu.get('tokens'))} tokens "
-                     f"of {_e(neu.get('n_eval_windows'))} evaluation windows (ranking from "
-                     f"{_e(neu.get('n_select_windows'))} selection windows).</p>"
-                     + _table(["method", "layer", "k", "Δloss", "random Δloss (mean ± std)", "z vs random"], rows))
-    else:
-        parts.append(_note("Neuron-level faithfulness: not recorded."))
-    return "".join(parts)
+        blocks.append(_note("Keys missing from some method/layer entries: " + ", ".join(missing_keys)))
+    return {"blocks": blocks}
 
 
 def _interval(entry: Any) -> str:
@@ -527,19 +541,55 @@ def _ci(entry: Any) -> str:
     return f"[{acc.fmt(entry.get('low'), 3)}, {acc.fmt(entry.get('high'), 3)}]"
 
 
-def _ground_truth_section(results: Mapping[str, Any]) -> str:
+def _faithfulness_section(results: Mapping[str, Any]) -> dict[str, Any]:
+    faith = acc.faithfulness_part(results)
+    if not faith:
+        return {"missing": _missing(results, "faithfulness", "Faithfulness")}
+    out: dict[str, Any] = {"split": faith.get("split", "not recorded"),
+                           "errors": [_error(f"{name} failed: {reason}")
+                                      for name, reason in (faith.get("errors") or {}).items()],
+                           "token": None, "neuron": None}
+    tok_part = faith.get("token")
+    if isinstance(tok_part, dict) and isinstance(tok_part.get("methods"), dict):
+        rows = []
+        for method, per in tok_part["methods"].items():
+            for layer, e in sorted((per or {}).items(), key=lambda kv: int(kv[0])):
+                above = e.get("above_random")
+                rows.append([method, int(layer), e.get("morf_area"), e.get("lerf_area"), e.get("difference"),
+                             _ci(e.get("difference_ci")), "n/a" if above is None else ("yes" if above else "no")])
+        rnd = tok_part.get("random") or {}
+        if rnd:
+            rows.append([f"random ({rnd.get('seeds', '?')} seeds)", "all", rnd.get("morf_area"), rnd.get("lerf_area"),
+                         f"{acc.fmt(rnd.get('difference'))} ± {acc.fmt(rnd.get('difference_std'))} (seed std)",
+                         _ci(rnd.get("difference_ci")), ""])
+        out["token"] = {
+            "n_windows": tok_part.get("n_windows"), "window": tok_part.get("window"),
+            "query": tok_part.get("query_rule") or f"query position {tok_part.get('query_position')}",
+            "target": tok_part.get("target", "n/a"), "baseline": acc.fmt(tok_part.get("baseline_logprob")),
+            "masked": acc.fmt(tok_part.get("masked_context_logprob")),
+            "interval": tok_part.get("interval", "not recorded"),
+            "table": table(["method", "layer", "MoRF area", "LeRF area", "difference", "95% CI", "above random"],
+                           rows)}
+    neu = faith.get("neuron")
+    if isinstance(neu, dict) and isinstance(neu.get("methods"), dict):
+        rows = []
+        rnd = neu.get("random") or {}
+        for method, per in neu["methods"].items():
+            for layer, e in sorted((per or {}).items(), key=lambda kv: int(kv[0])):
+                r = rnd.get(str(layer)) or {}
+                rows.append([method, int(layer), e.get("k"), e.get("delta"),
+                             f"{acc.fmt(r.get('delta_mean'))} ± {acc.fmt(r.get('delta_std'))}", e.get("z_vs_random")])
+        out["neuron"] = {
+            "unit": neu.get("unit", "unit"), "baseline": acc.fmt(neu.get("baseline_loss")), "tokens": neu.get("tokens"),
+            "n_eval": neu.get("n_eval_windows"), "n_select": neu.get("n_select_windows"),
+            "table": table(["method", "layer", "k", "Δloss", "random Δloss (mean ± std)", "z vs random"], rows)}
+    return out
+
+
+def _ground_truth_section(results: Mapping[str, Any]) -> dict[str, Any]:
     truth = acc.part(results, "ground_truth")
     if not truth or not isinstance(truth.get("rows"), list):
-        return _missing(results, "ground_truth", "Ground truth")
-    parts = [f"<p>Task {_e(truth.get('task'))} ({_e(truth.get('seq_len'))} tokens"
-             + (f", {_e(truth.get('num_pairs'))} key–value pairs" if truth.get("num_pairs") else "")
-             + f"): model accuracy {_e(acc.fmt(truth.get('task_accuracy')))} on "
-             f"{_e(truth.get('task_accuracy_queries'))} held-out queries. {_e(truth.get('n_queries'))} queries "
-             f"scored (one per example); rank among {_e(truth.get('rank_among'))}; intervals: "
-             f"{_e(truth.get('interval'))}. A method beats a baseline when the interval of the paired "
-             "difference lies above 0.</p>"]
-    for name, reason in (truth.get("errors") or {}).items():
-        parts.append(_error(f"{name} failed: {reason}"))
+        return {"missing": _missing(results, "ground_truth", "Ground truth")}
     rows = []
     for r in truth["rows"]:
         if not isinstance(r, dict):
@@ -552,28 +602,27 @@ def _ground_truth_section(results: Mapping[str, Any]) -> str:
                        f"MRR {acc.fmt(expected.get('mrr'), 3)}")
         rows.append([r.get("source"), r.get("method"), "all" if r.get("layer") is None else r.get("layer"),
                      _interval(r.get("hit_rate")), _interval(r.get("mrr")), verdict])
-    parts.append(_table(["true source", "method", "layer", "top-1 hit rate [95% CI]", "MRR [95% CI]",
-                         "significance"], rows))
-    return "".join(parts)
+    return {"truth": {k: truth.get(k) for k in ("task", "seq_len", "num_pairs", "task_accuracy_queries", "n_queries",
+                                                "rank_among", "interval")},
+            "accuracy": acc.fmt(truth.get("task_accuracy")),
+            "errors": [_error(f"{name} failed: {reason}") for name, reason in (truth.get("errors") or {}).items()],
+            "table": table(["true source", "method", "layer", "top-1 hit rate [95% CI]", "MRR [95% CI]",
+                            "significance"], rows)}
 
 
-def _patching_section(results: Mapping[str, Any]) -> str:
+def _patching_section(results: Mapping[str, Any]) -> dict[str, Any]:
     """``mambascope patch``: the prompts and metric, each grid's strongest cells, attribution agreement."""
-    patching = results.get("patching")
-    if not isinstance(patching, dict) or not isinstance(patching.get("grids"), dict):
-        return _note("Patching: not run (mambascope patch).")
+    patching = results["patching"]
     prompts = patching.get("prompts") or {}
     metric = patching.get("metric") or {}
     noise = patching.get("noise")
     corrupt = (f"the clean prompt with Gaussian noise (ν = {acc.fmt(noise.get('nu'))}) on the embeddings of "
                f"positions {noise.get('subject_positions')}" if isinstance(noise, dict) else prompts.get("corrupt"))
-    parts = [_table(["", "value"], [
+    setup = _tb(["", "value"], [
         ("clean prompt", prompts.get("clean")), ("corrupted", corrupt),
-        ("target", _tok(prompts.get("target", ""))), ("against", _tok(prompts.get("corrupt_target") or "")),
+        ("target", tok(prompts.get("target", ""))), ("against", tok(prompts.get("corrupt_target") or "")),
         ("metric", f"{metric.get('kind')}: {metric.get('formula')}"), ("direction", patching.get("direction")),
-        ("clean metric", patching.get("clean_metric")), ("corrupted metric", patching.get("corrupt_metric"))], "kv"),
-        _note("Effect = (m_patched − m_corrupt) / (m_clean − m_corrupt): the fraction of the clean metric "
-              "restored by patching one unit at one position.")]
+        ("clean metric", patching.get("clean_metric")), ("corrupted metric", patching.get("corrupt_metric"))], "kv")
     attribution = patching.get("attribution") or {}
     rows = []
     for unit in patching["grids"]:
@@ -581,12 +630,13 @@ def _patching_section(results: Mapping[str, Any]) -> str:
         agree = attribution.get(unit) or {}
         rows.append([UNIT_STYLE.get(unit, (unit,))[0], top, agree.get("pearson"), agree.get("spearman"),
                      agree.get("cells")])
-    parts.append(_table(["unit", "strongest cells (layer @position token (effect))", "attribution Pearson",
-                         "attribution Spearman", "cells compared"], rows))
-    return "".join(parts)
+    return {"blocks": [setup, _note("Effect = (m_patched − m_corrupt) / (m_clean − m_corrupt): the fraction of the "
+                                    "clean metric restored by patching one unit at one position."),
+                       _tb(["unit", "strongest cells (layer @position token (effect))", "attribution Pearson",
+                            "attribution Spearman", "cells compared"], rows)]}
 
 
-def _neurons_section(results: Mapping[str, Any]) -> str:
+def _neurons_section(results: Mapping[str, Any], partial: Mapping[str, Any] | None) -> dict[str, Any]:
     layers = acc.layer_items(results)
     if not layers:
         return _no_census(results)
@@ -596,8 +646,7 @@ def _neurons_section(results: Mapping[str, Any]) -> str:
                                ("positional", r.get("positional_neurons") or []),
                                ("rarely active", r.get("rarely_active") or [])):
             if neurons:
-                examples.append(f"{_nlink(layer, neurons[0])} ({_e(label)})")
-    ex = ('<p class="muted">Examples: ' + ", ".join(examples[:12]) + "</p>") if examples else ""
+                examples.append([link(layer, neurons[0]), text(f" ({label})")])
     missing = []
     first = layers[0][1]
     for key, label in (("top_contexts", "top-activating contexts"), ("logit_effects", "logit effects"),
@@ -606,47 +655,32 @@ def _neurons_section(results: Mapping[str, Any]) -> str:
             if key == "attention_rows" and (first.get("arch") == "gpt2" or acc.arch(results) == "gpt2"):
                 continue
             missing.append(label)
-    miss = _note("Not computed in this run: " + ", ".join(missing) + ".") if missing else ""
-    return ("<p>Every neuron of every census layer has a page: type a layer and a neuron (\"L2 N37\", \"2:37\") "
-            "in the search box at the top, follow a neuron link in any table, or open "
-            "<code>report.html#neuron-&lt;layer&gt;-&lt;neuron&gt;</code>.</p>" + miss + ex)
+    return {"examples": _joined(examples[:12]),
+            "missing": _note("Not computed in this run: " + ", ".join(missing) + ".") if missing else None,
+            "partial": partial}
 
 
-def _errors_section(results: Mapping[str, Any], skipped: dict[str, str]) -> str:
+def _errors_section(results: Mapping[str, Any], skipped: dict[str, str]) -> dict[str, Any]:
     rows = [[name, reason] for name, reason in acc.errors(results).items()]
     att = acc.attention_part(results)
-    for name, reason in ((att or {}).get("errors") or {}).items():
-        rows.append([f"attention_neurons: {name}", reason])
+    rows += [[f"attention_neurons: {name}", reason] for name, reason in ((att or {}).get("errors") or {}).items()]
     faith = acc.faithfulness_part(results)
-    for name, reason in ((faith or {}).get("errors") or {}).items():
-        rows.append([f"faithfulness: {name}", reason])
-    parts = []
-    if rows:
-        parts.append(_table(["analysis", "reason"], rows))
-    else:
-        parts.append('<p class="muted">No analysis recorded an error.</p>')
-    if isinstance(results.get("incomplete"), list) and results["incomplete"]:
-        parts.append(_note("Did not run: " + ", ".join(map(str, results["incomplete"]))))
-    if skipped:
-        parts.append("<h3>Figures not drawn</h3>" + _table(["figure", "reason"], list(skipped.items())))
-    return "".join(parts)
+    rows += [[f"faithfulness: {name}", reason] for name, reason in ((faith or {}).get("errors") or {}).items()]
+    incomplete = results.get("incomplete")
+    return {"table": table(["analysis", "reason"], rows) if rows else None,
+            "incomplete": [str(x) for x in incomplete] if isinstance(incomplete, list) else [],
+            "skipped": table(["figure", "reason"], list(skipped.items())) if skipped else None}
 
 
-# ------------------------------------------------------------------------------------------ render
+def report_context(results: Mapping[str, Any], figures: Sequence[Path], skipped: Mapping[str, str],
+                   figure_src: Callable[[Path], str],
+                   partial: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything the report template shows except the neuron data: the sections as plain data, in page order.
 
-def render_report(results: Mapping[str, Any], out_dir: str | Path, figures: Sequence[str | Path] | None = None) -> Path:
-    """Write ``out_dir/report.html`` (one self-contained file) and return its path.
-
-    ``figures``: PNG paths to embed (e.g. from :func:`create_comprehensive_report`; a :class:`FigureSet`
-    also carries the reasons of the figures not drawn).  None draws them into ``out_dir/figures``.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if figures is None:
-        figures = create_comprehensive_report(results, out_dir / "figures")
-    skipped = dict(getattr(figures, "skipped", {}) or {})
+    ``figure_src(path) -> str`` gives an image's ``src`` (a data: URI here, a URL in the server)."""
+    skipped = dict(skipped)
     paths = [Path(p) for p in figures]
-    body = {
+    sections = {
         "summary": _summary(results),
         "census-dead": _dead_section(results),
         "census-positional": _positional_section(results),
@@ -658,38 +692,64 @@ def render_report(results: Mapping[str, Any], out_dir: str | Path, figures: Sequ
         "attention-neurons": _attention_section(results),
         "faithfulness": _faithfulness_section(results),
         "ground-truth": _ground_truth_section(results),
-        "patching": _patching_section(results),
-        "neurons": _neurons_section(results),
+        "neurons": _neurons_section(results, partial),
         "errors": _errors_section(results, skipped),
     }
-    sections = "".join(_section(sid, body[sid], paths, skipped) for sid in SECTIONS)
-    other = _figures_html("other", paths, skipped)
-    if other:
-        sections += f'<section id="other-figures"><h2>Other figures</h2>{other}</section>'
-    nav = "".join(f'<a href="#{sid}">{_e(label)}</a>' for sid, label in SECTIONS.items())
-    name = acc.model_name(results)
-    arch = acc.arch(results)
+    has_patching = isinstance(results.get("patching"), dict) and isinstance(results["patching"].get("grids"), dict)
+    if has_patching:
+        sections["patching"] = _patching_section(results)
+    headings = {sid: label for sid, label in SECTIONS.items() if sid != "patching" or has_patching}
+    figs = {sid: _figures(sid, paths, skipped, figure_src) for sid in [*headings, "other"]}
     corpus = results.get("corpus") if isinstance(results.get("corpus"), dict) else {}
-    subtitle = ", ".join(str(x) for x in (arch, corpus.get("name"), corpus.get("split")) if x)
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>mambascope report — {_e(name)}</title><style>{CSS}</style></head>
-<body><nav><span class="brand">mambascope</span>{nav}
-<form id="neuron-search-form" autocomplete="off" role="search"><input id="neuron-search" type="text"
- placeholder="neuron: L2 N37 or 2:37" aria-label="find a neuron"> <button type="submit">Go</button></form></nav>
-<div id="neuron-view" hidden><main><p><a href="#neurons">← back to the report</a></p>
-<div id="neuron-tools"><select id="neuron-layer" aria-label="layer"></select>
-<input id="neuron-index" type="number" min="0" value="0" aria-label="neuron">
-<button id="neuron-go" type="button">Show</button></div>
-<div id="neuron-message"></div><div id="neuron-page"></div></main></div>
-<main id="report">
-<h1>{_e(name)}</h1><p class="muted">{_e(subtitle)}</p>
-{sections}
-</main>
-<script type="application/json" id="neuron-data">{_script_json(neuron_data(results))}</script>
-<script>{JS}</script>
-</body></html>
-"""
+    arch = acc.arch(results)
+    return {"sections": sections, "headings": headings, "figs": figs, "name": acc.model_name(results),
+            "subtitle": ", ".join(str(x) for x in (arch, corpus.get("name"), corpus.get("split")) if x)}
+
+
+# ---------------------------------------------------------------------------------- neurons embedded
+
+def _n_neurons(results: Mapping[str, Any]) -> int:
+    return sum(int(r.get("n_neurons") or 0) for _, r in acc.layer_items(results))
+
+
+def embedded_neuron_data(results: Mapping[str, Any], store: Any = None, max_neurons: int = EMBED_ALL_MAX,
+                         per_layer: int = TOP_NEURONS) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the neuron pages' JSON, None) when the model has at most ``max_neurons`` neurons; above that, (the
+    JSON with the detail of :func:`top_neurons` of each layer only, {per_layer, total, max, message})."""
+    total = _n_neurons(results)
+    if total <= max_neurons:
+        return neuron_data(results, store), None
+    data = neuron_data(results, store, top_neurons(results, store, per_layer))
+    message = (f"This report embeds the full pages (contexts, logit effects, attention rows) of the top {per_layer} "
+               f"neurons of each layer only: the model has {total:,} neurons, above the {max_neurons:,} a "
+               "self-contained report embeds. Statistics are shown for every neuron. To open every neuron page, "
+               "run: mambascope serve DIR (DIR: this report's output directory).")
+    partial = {"per_layer": per_layer, "total": total, "max": max_neurons, "message": message}
+    return dict(data, partial=partial), partial
+
+
+# ------------------------------------------------------------------------------------------ render
+
+def render_report(results: Mapping[str, Any], out_dir: str | Path, figures: Sequence[str | Path] | None = None, *,
+                  store: Any = None, max_embedded_neurons: int = EMBED_ALL_MAX,
+                  top_per_layer: int = TOP_NEURONS) -> Path:
+    """Write ``out_dir/report.html`` (one self-contained file) and return its path.
+
+    ``figures``: PNG paths to embed (e.g. from :func:`create_comprehensive_report`; a :class:`FigureSet`
+    also carries the reasons of the figures not drawn).  None draws them into ``out_dir/figures``.
+    ``store``: the run's ``NeuronStore`` when ``results`` is the slim results.json (per-neuron fields read
+    from it).  Models with more than ``max_embedded_neurons`` neurons get the full pages of
+    ``top_per_layer`` neurons per layer and a note on how to open the rest with ``mambascope serve``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if figures is None:
+        figures = create_comprehensive_report(results, out_dir / "figures")
+    skipped = dict(getattr(figures, "skipped", {}) or {})
+    data, partial = embedded_neuron_data(results, store, max_embedded_neurons, top_per_layer)
+    page = environment().get_template("report.html").render(
+        **report_context(results, [Path(p) for p in figures], skipped, _data_uri, partial),
+        served=False, css=static_text("report.css"), js=static_text("neurons.js"), neuron_data=data)
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
@@ -702,31 +762,23 @@ def render_comparison_report(comparison: Mapping[str, Any], out_dir: str | Path,
     out_dir = Path(out_dir)
     model_keys = ("arch", "n_layers", "d_model", "d_inner", "parameters", "analysed_tokens", "text_characters",
                   "text_tokens", "chars_per_token", "loss")
-    models = _table(["model", *model_keys],
-                    [[name, *[r4(m.get(k)) if isinstance(m.get(k), float) else m.get(k) for k in model_keys]]
-                     for name, m in comparison.get("models", {}).items()])
+    models = table(["model", *model_keys],
+                   [[name, *[r4(m.get(k)) if isinstance(m.get(k), float) else m.get(k) for k in model_keys]]
+                    for name, m in comparison.get("models", {}).items()])
     rows = comparison.get("layers", [])
     columns = [c for c in (rows[0] if rows else {}) if c not in ("arch",)]
-    layers = _table(columns, [[r4(r.get(c)) if isinstance(r.get(c), float) else r.get(c) for c in columns]
-                              for r in rows])
-    images = []
+    layers = table(columns, [[r4(r.get(c)) if isinstance(r.get(c), float) else r.get(c) for c in columns]
+                             for r in rows])
+    images, notes = [], []
     for stat, path in (figures or {}).items():
         if isinstance(path, Path) and path.exists():
-            data = base64.b64encode(path.read_bytes()).decode("ascii")
-            images.append(f'<figure><img alt="{_e(stat)}" src="data:image/png;base64,{data}">'
-                          f"<figcaption>{_e(path.name)}</figcaption></figure>")
+            images.append(Figure(stat, path.name, _data_uri(path)))
         else:
-            images.append(_note(f"Figure '{stat}' not drawn: {path}"))
-    errors = "".join(_error(f"{name}: {reason}") for name, reason in comparison.get("errors", {}).items())
-    corpus = comparison.get("corpus", {})
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>mambascope comparison</title><style>{CSS}</style></head>
-<body><main id="report"><h1>Model comparison</h1>
-<p class="muted">{_e(corpus.get("name", ""))} {_e(corpus.get("split", ""))}: each model on the same texts with its own
-tokenizer and its own neuron unit; depth is layer / (layers − 1).</p>
-<section id="comparison"><h2>Comparison</h2><h3>Models</h3>{models}<h3>Per layer</h3>{layers}
-{"".join(images)}{errors}</section></main></body></html>
-"""
+            notes.append(_note(f"Figure '{stat}' not drawn: {path}"))
+    page = environment().get_template("comparison.html").render(
+        css=static_text("report.css"), corpus=comparison.get("corpus", {}), models=models, layers=layers,
+        images=images, notes=notes,
+        errors=[_error(f"{name}: {reason}") for name, reason in comparison.get("errors", {}).items()])
     path = out_dir / "comparison.html"
     path.write_text(page, encoding="utf-8")
     return path

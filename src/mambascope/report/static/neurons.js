@@ -1,76 +1,22 @@
-"""Inline CSS and JavaScript of the HTML report (self-contained: no network, no external files).
-
-The script renders neuron pages client-side from the JSON embedded in ``<script id="neuron-data">``
-(layout: :func:`mambascope.report.neuron_payload.neuron_data`).  It builds every element with DOM calls and sets
-text with ``textContent`` only, so token strings from the corpus can never inject markup.
-"""
-
-CSS = r"""
-:root { --fg: #1d2430; --muted: #5b6573; --line: #d9dee5; --bg: #ffffff; --panel: #f6f8fa; --accent: #2563eb; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
-       background: var(--bg); }
-nav { position: sticky; top: 0; z-index: 5; background: #0f172a; color: #fff; padding: 6px 16px;
-      display: flex; flex-wrap: wrap; gap: 4px 14px; align-items: center; }
-nav a { color: #cbd5e1; text-decoration: none; font-size: 13px; }
-nav a:hover { color: #fff; }
-nav .brand { font-weight: 700; color: #fff; margin-right: 8px; }
-main { max-width: 1240px; margin: 0 auto; padding: 8px 20px 80px; }
-section { border-bottom: 1px solid var(--line); padding: 10px 0 22px; }
-h1 { font-size: 24px; margin: 16px 0 4px; }
-h2 { font-size: 20px; margin: 18px 0 8px; }
-h3 { font-size: 16px; margin: 14px 0 6px; }
-h4 { font-size: 14px; margin: 14px 0 6px; }
-.muted { color: var(--muted); }
-.note { background: #fff7ed; border-left: 4px solid #f59e0b; padding: 6px 10px; margin: 8px 0; }
-.error { background: #fef2f2; border-left: 4px solid #dc2626; padding: 6px 10px; margin: 8px 0;
-         white-space: pre-wrap; word-break: break-word; }
-table { border-collapse: collapse; margin: 6px 0 10px; font-size: 13px; }
-th, td { border: 1px solid var(--line); padding: 3px 7px; text-align: left; vertical-align: top; }
-th { background: var(--panel); font-weight: 600; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-.kv td:first-child { color: var(--muted); }
-.tables { display: flex; flex-wrap: wrap; gap: 6px 28px; align-items: flex-start; }
-figure { margin: 10px 0 16px; }
-figure img { max-width: 100%; height: auto; border: 1px solid var(--line); }
-figcaption { color: var(--muted); font-size: 12px; }
-details { margin: 6px 0; }
-summary { cursor: pointer; color: var(--accent); }
-code.tok { background: #eef2f7; border: 1px solid #d5dce6; border-radius: 3px; padding: 0 3px; margin: 0 2px 2px 0;
-           white-space: pre; font-size: 12px; display: inline-block; }
-.badge { display: inline-block; border-radius: 10px; padding: 1px 9px; margin: 0 4px 4px 0; font-size: 12px;
-         background: #e5e7eb; }
-.badge.dead { background: #fee2e2; } .badge.rare { background: #ffedd5; } .badge.pos { background: #ede9fe; }
-.badge.det { background: #dcfce7; } .badge.delta { background: #dbeafe; }
-[hidden] { display: none !important; }
-nav form { margin-left: auto; }
-nav input { width: 190px; padding: 2px 6px; }
-#neuron-tools { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; background: var(--panel);
-                padding: 8px 10px; border: 1px solid var(--line); border-radius: 6px; }
-#neuron-tools input[type=number] { width: 90px; padding: 4px 6px; }
-#neuron-message { color: #b91c1c; min-height: 1.2em; margin: 4px 0; }
-#neuron-page { margin-top: 10px; }
-.ctx { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12.5px; margin: 3px 0 8px;
-       padding: 4px 6px; border: 1px solid var(--line); border-radius: 4px; line-height: 1.9; overflow-x: auto;
-       white-space: nowrap; }
-.ctx .t { white-space: pre; padding: 1px 0; border-radius: 2px; }
-.ctx .t.peak { outline: 2px solid #111827; outline-offset: 0; }
-.ctx .t.empty { color: #9ca3af; }
-.ctx-head { font-size: 12px; color: var(--muted); }
-.logit { display: flex; gap: 30px; flex-wrap: wrap; }
-.bar { display: inline-block; height: 9px; vertical-align: middle; margin-left: 6px; }
-.bar.pos { background: #e6550d; } .bar.neg { background: #3182bd; }
-.legend-swatch { display: inline-block; width: 40px; height: 10px; vertical-align: middle; margin: 0 4px; }
-"""
-
-JS = r"""
+// Neuron pages of report.html and of `mambascope serve`, rendered client-side from the JSON in
+// <script id="neuron-data"> (layout: mambascope.report.neuron_payload.neuron_data; served: fetched per neuron
+// from /api/neuron/L/N).  Every element is built with DOM calls and text set with textContent only, so token
+// strings from the corpus can never inject markup.
 (function () {
   "use strict";
   var node = document.getElementById("neuron-data");
   var DATA = JSON.parse(node.textContent);
+  // Static report: every layer's payload is embedded.  Served by `mambascope serve`: each neuron's payload
+  // (the same layout, one neuron filled in) is fetched from the server's API when its page opens.
+  var SERVED = DATA.source === "server";
   var S = DATA.strings || [];
+  var WINDOWS = DATA.windows || {};
   var LAYERS = DATA.layers || {};
-  var LAYER_IDS = Object.keys(LAYERS).map(Number).sort(function (a, b) { return a - b; });
+  var SIZES = DATA.sizes || {};
+  var LAYER_IDS = (SERVED ? Object.keys(SIZES) : Object.keys(LAYERS)).map(Number).sort(function (a, b) {
+    return a - b;
+  });
+  var pending = null;
 
   function el(tag, cls, text) {
     var e = document.createElement(tag);
@@ -137,6 +83,10 @@ JS = r"""
   function notComputed(parent, what) {
     add(parent, el("p", "muted", what + ": not computed in this run."));
   }
+  function isEmbedded(d, e) { return !Array.isArray(d.embedded) || d.embedded.indexOf(e) >= 0; }
+  function notEmbedded(parent) {
+    add(parent, el("p", "muted", "Not embedded in this report (see the note above)."));
+  }
 
   function tokenRow(tokens, values, peakIndex) {
     var div = el("div", "ctx");
@@ -156,7 +106,7 @@ JS = r"""
     var w = ctx.w;
     if (ctx.t) { return ctx.t[e][j].map(str); }
     var win = ctx.wp[e][2 * j], pos = ctx.wp[e][2 * j + 1];
-    var seq = (DATA.windows || {})[String(win)] || [];
+    var seq = WINDOWS[String(win)] || [];
     var out = [];
     for (var i = 0; i < w; i++) {
       var p = pos - (w - 1) + i;
@@ -169,6 +119,7 @@ JS = r"""
     var ctx = d.ctx;
     add(box, el("h4", null, "Top-activating contexts"));
     if (!ctx) { notComputed(box, "Top contexts"); return; }
+    if (ctx.v[e] === null) { notEmbedded(box); return; }
     var vals = ctx.v[e] || [];
     if (!vals.length) { add(box, el("p", "muted", "No activations recorded for this neuron.")); return; }
     var acts = q16(ctx.a[e], ctx.s[e]);
@@ -191,6 +142,7 @@ JS = r"""
     add(box, el("h4", null, "Direct logit effects (through the final norm and unembedding)"));
     var lg = d.logit;
     if (!lg) { notComputed(box, "Logit effects"); return; }
+    if (lg.p[e] === null) { notEmbedded(box); return; }
     var both = q16(lg.v[e], lg.s[e]);
     var k = lg.p[e].length;
     var wrap = el("div", "logit");
@@ -220,7 +172,10 @@ JS = r"""
       return;
     }
     var r = at.index[String(e)];
-    if (r === undefined) { add(box, el("p", "muted", "Not computed for this neuron.")); return; }
+    if (r === undefined) {
+      if (isEmbedded(d, e)) { add(box, el("p", "muted", "Not computed for this neuron.")); } else { notEmbedded(box); }
+      return;
+    }
     var values = q16(at.v[r], at.s[r]);
     var tokens = at.t[r] === 0 && d.ctx ? contextTokens(L, e, 0, d.ctx) : (at.t[r] || []).map(str);
     add(box, el("p", "muted", "α[t, s] of this neuron's " + (at.unit || "channel") +
@@ -289,15 +244,39 @@ JS = r"""
     var msg = document.getElementById("neuron-message");
     page.textContent = "";
     msg.textContent = "";
-    var d = LAYERS[String(L)];
-    if (!d) {
+    pending = null;
+    if (LAYER_IDS.indexOf(L) < 0) {
       msg.textContent = "Layer " + L + " is not in this report (layers: " + LAYER_IDS.join(", ") + ").";
       return false;
     }
-    if (!(e >= 0 && e < d.E)) {
-      msg.textContent = "Neuron " + e + " is out of range: layer " + L + " has neurons 0.." + (d.E - 1) + ".";
+    var E = SERVED ? SIZES[String(L)] : LAYERS[String(L)].E;
+    if (!(e >= 0 && e < E)) {
+      msg.textContent = "Neuron " + e + " is out of range: layer " + L + " has neurons 0.." + (E - 1) + ".";
       return false;
     }
+    if (!SERVED) { show(L, e, LAYERS[String(L)]); return true; }
+    var key = L + ":" + e;
+    pending = key;
+    msg.textContent = "Loading layer " + L + " neuron " + e + "\u2026";
+    fetch("api/neuron/" + L + "/" + e).then(function (resp) {
+      return resp.json().then(function (body) {
+        if (!resp.ok) { throw new Error(body.error || ("HTTP " + resp.status)); }
+        return body;
+      });
+    }).then(function (body) {
+      if (pending !== key) { return; }  // a later request superseded this one
+      S = body.strings;
+      WINDOWS = body.windows;
+      msg.textContent = "";
+      show(L, e, body.layer);
+    }).catch(function (err) {
+      if (pending === key) { msg.textContent = "Could not load layer " + L + " neuron " + e + ": " + err.message; }
+    });
+    return true;
+  }
+
+  function show(L, e, d) {
+    var page = document.getElementById("neuron-page");
     document.getElementById("neuron-layer").value = String(L);
     document.getElementById("neuron-index").value = String(e);
     var head = el("h3", null, "Layer " + L + " \u00b7 neuron " + e);
@@ -316,13 +295,15 @@ JS = r"""
     if (d.delta && d.delta.top && d.delta.top.some(function (x) { return x[0] === unit; })) {
       add(badges, el("span", "badge delta", "\u0394-sensitive"));
     }
-    add(page, head, nav, badges, statsTable(L, e, d));
+    add(page, head, nav, badges);
+    if (!isEmbedded(d, e)) { add(page, el("p", "note", DATA.partial.message)); }
+    add(page, statsTable(L, e, d));
     renderDetector(page, e, d);
     renderDelta(page, e, d);
     renderContexts(page, L, e, d);
     renderLogits(page, e, d);
     renderAttention(page, L, e, d);
-    return true;
+    document.dispatchEvent(new CustomEvent("mambascope:neuron", {detail: {layer: L, neuron: e, data: d}}));
   }
 
   function parseQuery(q) {
@@ -382,7 +363,7 @@ JS = r"""
     go(parseInt(select.value, 10), parseInt(document.getElementById("neuron-index").value, 10) || 0);
   });
   window.addEventListener("hashchange", route);
-  window.mambascopeNeurons = { parseQuery: parseQuery, render: render };
+  window.mambascopeNeurons = { parseQuery: parseQuery, render: render, go: go, chip: chip, fmt: fmt, el: el,
+                             tokenRow: tokenRow, link: link };
   route();
 })();
-"""

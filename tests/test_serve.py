@@ -1,0 +1,402 @@
+"""``mambascope serve``: the HTTP API and pages through Starlette's test client, and the CLI.
+
+The output served is tests/serve_fixtures.py's (the random Mamba of report_fixtures, written by the package's
+own writers, one corpus token replaced by markup).  Every number is checked against a source other than the
+code under test: results.json's arrays as the pipeline computed them (``mamba_results()``), the full-results
+neuron payload, and, for live traces, an independent ``mambascope.trace.trace`` call and the loop reference of
+hidden attention.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from starlette.testclient import TestClient
+
+from mambascope.report.neuron_payload import neuron_data
+from mambascope.serve import create_app
+from report_fixtures import mamba_model, mamba_results
+from serve_fixtures import EVIL, served_output
+
+BASE = "http://127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def output() -> Path:
+    return served_output()[0]
+
+
+@pytest.fixture(scope="module")
+def client(output: Path) -> TestClient:
+    app = create_app(output, model=str(served_output()[1]))
+    with TestClient(app, base_url=BASE, raise_server_exceptions=False) as c:
+        yield c
+
+
+def _no_traceback(response) -> None:
+    assert "Traceback" not in response.text and 'File "' not in response.text
+
+
+# ---------------------------------------------------------------------------------------------- pages
+
+def test_summary_page_and_api(client: TestClient, output: Path) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    text = page.text
+    for needle in ('<section id="explore">', "Key counts per layer", '<section id="summary">', 'id="live-form"',
+                   '<link rel="stylesheet" href="static/report.css">', '<script src="static/neurons.js">'):
+        assert needle in text, needle
+    figures = re.findall(r'<img alt="[^"]*" src="(figures/[^"]+\.png)">', text)
+    assert len(figures) == len(list((output / "figures").glob("*.png"))) > 5
+    png = client.get("/" + figures[0])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content == (output / figures[0]).read_bytes()
+    for name in ("report.css", "neurons.js", "serve.js"):
+        assert client.get(f"/static/{name}").status_code == 200
+    summary = client.get("/api/summary").json()
+    results = mamba_results()
+    assert summary["layers"] == {k: r["n_neurons"] for k, r in results["layers"].items()}
+    assert summary["n_neurons"] == sum(r["n_neurons"] for r in results["layers"].values())
+    assert summary["model"]["name"] == "tiny-random-mamba"
+    assert summary["live"]["available"] is True
+
+
+def test_corpus_markup_is_escaped(client: TestClient) -> None:
+    page = client.get("/").text
+    assert EVIL not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # the detector table's chip
+    hits = client.get("/api/neurons", params={"q": "<script>", "layer": 0}).json()
+    assert hits["total"] >= 1 and all(EVIL in r["detector_tokens"] for r in hits["rows"])
+    neuron = client.get("/api/neuron/0/3")
+    assert neuron.headers["content-type"] == "application/json"  # data, never rendered as HTML by the browser
+    assert EVIL in neuron.json()["strings"]
+
+
+def test_error_pages_are_escaped_and_have_no_traceback(client: TestClient) -> None:
+    r = client.get("/figures/" + "%3Cscript%3Ealert(1)%3C%2Fscript%3E.png")
+    assert r.status_code == 404 and "<script>alert" not in r.text
+    r = client.get("/api/neurons", params={"sort": "<b>x</b>"})
+    assert r.status_code == 400 and r.json()["error"].startswith("sort: '<b>x</b>' is not a column")
+    assert r.headers["content-type"] == "application/json"
+
+
+# ---------------------------------------------------------------------------------------- traversal
+
+@pytest.mark.parametrize("path", [
+    "/figures/../results.json", "/figures/..%2Fresults.json", "/figures/%2e%2e/results.json",
+    "/figures/%2e%2e%2fresults.json", "/figures/..%5Cresults.json", "/figures//etc/passwd",
+    "/figures/%2Fetc%2Fpasswd.png", "/figures/....//results.json", "/figures/%252e%252e%252fresults.json",
+    "/figures/../../../../etc/passwd", "/static/../results.json", "/static/..%2F..%2Fstore.py",
+    "/static/%2e%2e/html.py", "/figures/x.png%00.png", "/results.json", "/store/manifest.json",
+    "/.mambascope",
+])
+def test_no_path_outside_the_figures_is_readable(client: TestClient, path: str) -> None:
+    r = client.get(path)
+    assert r.status_code in (400, 404), (path, r.status_code)
+    assert '"n_neurons"' not in r.text and "root:" not in r.text and "def " not in r.text
+    _no_traceback(r)
+
+
+def test_symlink_out_of_dir_is_refused(client: TestClient, output: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG\r\n\x1a\nsecret")
+    link = output / "figures" / "outside.png"
+    link.symlink_to(secret)
+    try:
+        r = client.get("/figures/outside.png")
+        assert r.status_code == 404 and b"secret" not in r.content
+    finally:
+        link.unlink()
+
+
+# ---------------------------------------------------------------------------------- search and sort
+
+def _rows(results: dict, key: str) -> list[tuple[int, int, float]]:
+    return [(int(layer), e, v) for layer, r in results["layers"].items() for e, v in enumerate(r[key])]
+
+
+@pytest.mark.parametrize(("column", "source"), [("frequency", "activation_frequency"),
+                                                ("positional_mi", "positional_mi")])
+def test_sort_by_a_statistic_with_paging(client: TestClient, column: str, source: str) -> None:
+    want = sorted(_rows(mamba_results(), source), key=lambda x: (-x[2], x[0], x[1]))
+    got = []
+    for offset in range(0, len(want), 50):
+        page = client.get("/api/neurons", params={"sort": column, "order": "desc", "offset": offset,
+                                                  "limit": 50}).json()
+        assert page["total"] == len(want) and page["offset"] == offset
+        got += [(r["layer"], r["neuron"], r[column]) for r in page["rows"]]
+    assert [(layer, e) for layer, e, _ in got] == [(layer, e) for layer, e, _ in want]
+    assert [v for *_, v in got] == pytest.approx([v for *_, v in want])
+
+
+def test_sort_by_delta_detector_and_importance(client: TestClient) -> None:
+    results = mamba_results()
+    r1 = results["layers"]["1"]
+    page = client.get("/api/neurons", params={"layer": 1, "sort": "dt_selectivity", "limit": 5}).json()
+    top_units = [d["index"] for d in r1["delta_sensitive"][:5]]
+    assert [r["neuron"] for r in page["rows"]] == top_units  # Mamba-1: one neuron per Δ channel
+    imp = results["attention_neurons"]["results"]["attention_weighted"]["1"]["importance"]
+    page = client.get("/api/neurons", params={"sort": "importance_attention_weighted", "limit": 3}).json()
+    assert [(r["layer"], r["neuron"]) for r in page["rows"]] == \
+        [(1, e) for e in sorted(range(len(imp)), key=lambda e: -imp[e])[:3]]
+    page = client.get("/api/neurons", params={"sort": "detector_token", "order": "asc", "limit": 500}).json()
+    named = [r["detector_token"] for r in page["rows"] if r["detector_token"] is not None]
+    assert named == sorted(named) and len(named) == sum(len(r["token_detectors"]) for r in results["layers"].values())
+    page = client.get("/api/neurons", params={"layer": 0, "sort": "neuron", "order": "asc"}).json()
+    assert [r["neuron"] for r in page["rows"]] == list(range(50)) and page["total"] == 64
+
+
+@pytest.mark.parametrize("params", [
+    {"sort": "nope"}, {"order": "sideways"}, {"limit": "0"}, {"limit": "100000"}, {"offset": "-1"},
+    {"offset": "x"}, {"layer": "7"}, {"layer": "a"}, {"q": "x" * 500},
+])
+def test_malformed_search_params_get_4xx_json(client: TestClient, params: dict) -> None:
+    r = client.get("/api/neurons", params=params)
+    assert 400 <= r.status_code < 500 and set(r.json()) == {"error", "status"}
+    _no_traceback(r)
+
+
+# ---------------------------------------------------------------------------------------- neurons
+
+def test_neuron_payload_equals_the_full_results_payload(client: TestClient) -> None:
+    results = mamba_results()
+    results["layers"]["0"]["token_detectors"][0]["token_strings"][0] = EVIL
+    results["layers"]["0"]["top_contexts"]["tokens"][3][0][-1] = EVIL
+    results["layers"]["0"]["logit_effects"]["promoted"][3][0] = EVIL
+    full = neuron_data(results)  # from the pipeline's dict, not the store
+    for layer, e in ((0, 3), (1, 63)):
+        body = client.get(f"/api/neuron/{layer}/{e}").json()
+        d, ref = body["layer"], full["layers"][str(layer)]
+        assert d["embedded"] == [e] and d["E"] == ref["E"] and d["freq"] == ref["freq"]
+        for part, keys in (("ctx", ("v", "a", "s")), ("logit", ("v", "s"))):
+            for key in keys:
+                assert d[part][key][e] == ref[part][key][e], (part, key)
+                assert all(x is None for i, x in enumerate(d[part][key]) if i != e)
+        strings = lambda ids, s: [s[i] for i in ids]  # noqa: E731
+        assert strings(d["logit"]["p"][e], body["strings"]) == strings(ref["logit"]["p"][e], full["strings"])
+        row, ref_row = d["attn"]["index"][str(e)], ref["attn"]["index"][str(e)]
+        assert d["attn"]["v"][row] == ref["attn"]["v"][ref_row]
+        detail = client.get(f"/api/detail/{layer}/{e}").json()
+        assert detail["top_contexts"]["values"] == results["layers"][str(layer)]["top_contexts"]["values"][e]
+
+
+@pytest.mark.parametrize(("path", "status"), [("/api/neuron/0/64", 404), ("/api/neuron/5/0", 404),
+                                              ("/api/neuron/-1/0", 404), ("/api/neuron/x/1", 400),
+                                              ("/api/detail/0/99999", 404), ("/api/neuron/0/1e3", 400)])
+def test_bad_neurons(client: TestClient, path: str, status: int) -> None:
+    r = client.get(path)
+    assert r.status_code == status and r.json()["error"]
+    _no_traceback(r)
+
+
+def test_by_token(client: TestClient) -> None:
+    results = mamba_results()
+    det = results["layers"]["1"]["token_detectors"][0]
+    token = det["token_strings"][0]
+    body = client.get("/api/by_token", params={"token": token, "k": 200}).json()
+    found = {(r["layer"], r["neuron"]) for r in body["rows"]}
+    detectors = {(int(layer), d["neuron"]) for layer, r in results["layers"].items()
+                 for d in r["token_detectors"] if token in d["token_strings"]}
+    assert detectors and detectors <= found
+    assert [r["source"] for r in body["rows"]][:len(detectors)] == ["detector"] * len(detectors)
+    assert client.get("/api/by_token").status_code == 400
+    assert client.get("/api/by_token", params={"token": "x", "k": "0"}).status_code == 400
+    assert client.get("/api/by_token", params={"token": "no such token \u2603"}).json()["rows"] == []
+
+
+# ---------------------------------------------------------------------------------------- live trace
+
+def test_live_trace_equals_an_independent_trace(client: TestClient) -> None:
+    from mambascope.ssm.reference import hidden_attention_loops
+    from mambascope.trace import mixer_params, trace
+
+    text = "The cat sat on the mat, and the dog sat too."
+    layer, neuron, position = 1, 7, 5
+    body = client.post("/api/trace", json={"text": text, "layer": layer, "neuron": neuron,
+                                           "position": position}).json()
+    model, tokenizer = mamba_model()  # a fresh copy of the weights, not the server's
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    names = [f"blocks.{layer}.mixer.{u}" for u in ("hook_post", "hook_dt", "hook_B", "hook_C")]
+    tr = trace(model, ids, names)
+    assert body["tokens"] == [tokenizer.decode([i]) for i in ids[0].tolist()]
+    assert body["activations"] == pytest.approx(tr[names[0]][0, :, neuron].tolist(), rel=1e-5, abs=1e-7)
+    params = mixer_params(model, layer)
+    ref = hidden_attention_loops(tr[names[1]].double(), params.A.double(), tr[names[2]].double(),
+                                 tr[names[3]].double())[0, neuron, position, :position + 1]
+    assert body["attention"]["unit"] == "channel" and body["attention"]["index"] == neuron
+    assert body["attention"]["row"] == pytest.approx(ref.tolist(), rel=1e-4, abs=1e-6)
+    assert body["position"] == position
+    last = client.post("/api/trace", json={"text": text, "layer": layer, "neuron": neuron}).json()
+    assert last["position"] == len(body["tokens"]) - 1 and len(last["attention"]["row"]) == len(body["tokens"])
+
+
+def test_live_trace_mamba2_rows_are_per_head() -> None:
+    """Mamba-2 (bundled tiny-mamba2): the row of the neuron's head, against the loop reference."""
+    from mambascope.models import load_model
+    from mambascope.serve.live import LiveModel
+    from mambascope.ssm.reference import hidden_attention_loops
+    from mambascope.trace import mixer_params, trace
+
+    model, tokenizer = load_model("tiny-mamba2", device="cpu")
+    text, layer, neuron, position = "Hello there, general Kenobi.", 2, 37, 4
+    body = LiveModel(model, tokenizer, "tiny-mamba2").trace(text, layer, neuron, position)
+    params = mixer_params(model, layer)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    names = [f"blocks.{layer}.mixer.{u}" for u in ("hook_post", "hook_dt", "hook_B", "hook_C")]
+    tr = trace(model, ids, names)
+    head = neuron // params.head_dim
+    assert body["attention"]["unit"] == "head" and body["attention"]["index"] == head and params.head_dim > 1
+    ref = hidden_attention_loops(*(tr[n].double() for n in names[1:2]), params.A.double(),
+                                 *(tr[n].double() for n in names[2:]))[0, head, position, :position + 1]
+    assert body["attention"]["row"] == pytest.approx(ref.tolist(), rel=1e-4, abs=1e-6)
+    assert body["activations"] == pytest.approx(tr[names[0]][0, :, neuron].tolist(), rel=1e-5, abs=1e-7)
+
+
+def test_live_trace_transformer_layer_has_no_hidden_attention() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mambascope.serve.live import LiveInputError, LiveModel
+    from mambascope.trace import trace
+
+    tokenizer = mamba_model()[1]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=2, n_positions=16)).eval()
+    live = LiveModel(model, tokenizer, "random-gpt2")
+    body = live.trace("the cat sat", 1, 3)
+    assert body["attention"] is None and "has no hidden attention" in body["reason"]
+    ids = tokenizer("the cat sat", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ref = trace(model, ids, ["blocks.1.mlp.hook_post"])["blocks.1.mlp.hook_post"][0, :, 3]
+    assert body["activations"] == pytest.approx(ref.tolist(), rel=1e-5, abs=1e-7)
+    assert live.max_tokens == 16  # the model's own maximum length caps the text
+    with pytest.raises(LiveInputError, match="at most 16 for a live trace"):
+        live.trace("the cat sat on the mat " * 10, 1, 3)
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    ({"text": "a", "layer": 0}, 400), ({"text": "", "layer": 0, "neuron": 0}, 400),
+    ({"text": "a", "layer": 9, "neuron": 0}, 400), ({"text": "a", "layer": 0, "neuron": 64}, 400),
+    ({"text": "a b", "layer": 0, "neuron": 0, "position": 40}, 400), ({"text": 3, "layer": 0, "neuron": 0}, 400),
+    ({"text": "a", "layer": "0", "neuron": 0}, 400), ({"text": "a", "layer": True, "neuron": 0}, 400),
+    ({"text": "x " * 5000, "layer": 0, "neuron": 0}, 413), ({"text": "x" * 30000, "layer": 0, "neuron": 0}, 413),
+])
+def test_live_trace_bad_input(client: TestClient, body: dict, status: int) -> None:
+    r = client.post("/api/trace", json=body)
+    assert r.status_code == status, r.text
+    _no_traceback(r)
+
+
+def test_live_trace_bad_bodies(client: TestClient) -> None:
+    assert client.post("/api/trace", content=b"{not json").status_code == 400
+    assert client.post("/api/trace", content=b"[1, 2]").status_code == 400
+    assert client.post("/api/trace", content=b"\xff\xfe").status_code == 400
+    assert client.post("/api/trace", content=b" " * 300_000).status_code == 413
+    assert client.get("/api/trace").status_code == 405
+
+
+def test_live_panel_says_why_without_a_model(output: Path) -> None:
+    app = create_app(output)  # results.json names "tiny-random-mamba": no such model to load
+    with TestClient(app, base_url=BASE) as c:
+        page = c.get("/").text
+        assert "No live traces: model &#39;tiny-random-mamba&#39; could not be loaded" in page
+        r = c.post("/api/trace", json={"text": "a", "layer": 0, "neuron": 0})
+        assert r.status_code == 409 and "tiny-random-mamba" in r.json()["error"]
+    app = create_app(output, model="tiny-mamba")  # loads, but it is not this output's model
+    with TestClient(app, base_url=BASE) as c:
+        assert "does not match this output: its layer 0 has 256 neurons, the output&#39;s 64" in c.get("/").text
+
+
+def test_host_header_guard(output: Path) -> None:
+    app = create_app(output, live=False)
+    with TestClient(app, base_url="http://evil.example") as c:
+        assert c.get("/").status_code == 400  # DNS rebinding: a foreign Host is refused on a local server
+    with TestClient(app, base_url="http://localhost:8000") as c:
+        assert c.get("/api/summary").status_code == 200
+
+
+def test_not_an_output(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a mambascope output"):
+        create_app(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        create_app(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    from mambascope.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--port", "70000"], "--port must be between 0 and 65535"), (["--port", "x"], "invalid int value"),
+    (["--device", "tpu"], "device"), (["--bogus"], "unrecognized arguments"),
+    (["--model", "tiny-mamba", "--no-model"], "--model and --no-model exclude each other"),
+])
+def test_cli_bad_flags_exit_2(output: Path, capsys: pytest.CaptureFixture, args: list[str], message: str) -> None:
+    code, err = _cli(capsys, "serve", str(output), *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_not_an_output_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = _cli(capsys, "serve", str(tmp_path))
+    assert code == 2 and "is not a mambascope output" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_busy_port_is_a_one_line_error(output: Path, capsys: pytest.CaptureFixture) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        code, err = _cli(capsys, "serve", str(output), "--port", str(busy.getsockname()[1]), "--no-model")
+    assert code == 2 and "cannot listen on 127.0.0.1:" in err, err
+
+
+def _start(*args: str) -> tuple[subprocess.Popen, str, str]:
+    """(process, its stderr up to the "serving URL" line, URL)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "mambascope", "serve", *args, "--quiet"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        m = re.search(r"serving (http://\S+)", line)
+        if m:
+            return proc, "".join(lines), m.group(1)
+    proc.wait(10)
+    raise AssertionError("".join(lines))
+
+
+def test_cli_serves_and_stops_cleanly_on_ctrl_c(output: Path) -> None:
+    import httpx
+
+    proc, head, url = _start(str(output), "--port", "0", "--no-model")
+    try:
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(":0/")
+        assert "warning" not in head
+        assert httpx.get(url + "api/summary").json()["n_neurons"] == 128
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        proc.wait(30)
+    assert proc.returncode == 0 and "server stopped" in rest, rest
+
+
+def test_cli_non_local_host_warns(output: Path) -> None:
+    proc, head, _ = _start(str(output), "--host", "0.0.0.0", "--port", "0", "--no-model")
+    try:
+        assert "warning: serving on 0.0.0.0, not only this machine" in head
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.stderr.read()
+        proc.wait(30)
+    assert proc.returncode == 0
