@@ -413,11 +413,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     """Re-render into a scratch folder inside DIR, then swap figures/ and report.html in (results.json untouched)."""
     from mambascope.outputs import OutputLock, signals_deferred
     from mambascope.report import create_comprehensive_report, render_report
-    from mambascope.results import load_results
+    from mambascope.results import load_results, read_results_file
+    from mambascope.store import NeuronStore, has_store
 
-    results = load_results(args.directory, detail=True)  # older results.json: everything inline already
     directory = Path(args.directory)
     directory = directory if directory.is_dir() else directory.parent
+    # The neuron pages' detail is read from the store as the report embeds it, never all at once.
+    store = NeuronStore(directory) if has_store(read_results_file(args.directory)) else None
+    results = load_results(args.directory)  # older results.json: everything inline already
     lock = OutputLock(directory.resolve(), flag="report")
     try:
         scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=directory))
@@ -426,7 +429,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise PermissionError(f"cannot write the report into {directory}: {exc.strerror or exc}") from None
     try:
         figures = create_comprehensive_report(results, scratch / "figures")
-        render_report(results, scratch, figures)
+        render_report(results, scratch, figures, store=store)
         old = directory / f".figures-old-{os.getpid()}"
         with signals_deferred():
             if (directory / "figures").exists():
