@@ -318,3 +318,39 @@ def test_train_loop_uses_every_full_batch_of_an_epoch() -> None:
     _train_loop(model, opt, sched, stream, torch.Generator().manual_seed(0), torch.device("cpu"), steps=6,
                 batch_size=batch_size, seq_len=seq_len, arch="gpt2", log=lambda _: None, curve=curve)
     assert curve[-1]["epoch"] == 2  # the sixth batch starts the second epoch
+
+
+# --- task-model training curricula ----------------------------------------------------------------
+
+
+def test_mixed_pair_batches_hold_every_pair_count_and_keep_the_plain_stream() -> None:
+    from mambascope.data.tasks import IGNORE, generate
+    from mambascope.models.train_task import training_batch
+
+    plain = training_batch("mqar", 6, 64, 8, seed=3, step=5)
+    assert torch.equal(plain.input_ids, generate("mqar", 6, 64, num_pairs=8, seed=3_000_005).input_ids)
+    mixed = training_batch("mqar", 10, 64, 8, seed=3, step=5, min_pairs=5)  # groups of 3, 3, 2, 2 rows
+    # Each example's trained positions are its queries: one per pair.
+    per_row = (mixed.labels != IGNORE).sum(1).tolist()
+    assert per_row == [5, 5, 5, 6, 6, 6, 7, 7, 8, 8]
+    # The 8-pair group is its own seeded draw (not a slice of the plain batch), and the same call repeats.
+    assert torch.equal(mixed.input_ids[8:], generate("mqar", 2, 64, num_pairs=8, seed=3_000_005 * 64 + 3).input_ids)
+    assert torch.equal(mixed.labels, training_batch("mqar", 10, 64, 8, seed=3, step=5, min_pairs=5).labels)
+
+
+def test_growing_curriculum_adds_a_pair_only_after_a_learnt_window() -> None:
+    from mambascope.data.tasks import IGNORE
+    from mambascope.models.train_task import GROW_LOSS, GROW_WINDOW, PairCurriculum
+
+    pairs = PairCurriculum("grow", num_pairs=4, min_pairs=2)
+    for step in range(GROW_WINDOW):
+        pairs.update(step, 10.0)  # not learnt: stays at 2 (and 10 nats keeps any window holding it above)
+    assert pairs.current == 2
+    for step in range(GROW_WINDOW, 3 * GROW_WINDOW):
+        pairs.update(step, GROW_LOSS / 2)
+    assert pairs.current == 4 and pairs.reached == {2: 0, 3: 2 * GROW_WINDOW, 4: 3 * GROW_WINDOW}
+    batch = pairs.batch("mqar", 3, 64, seed=0, step=0, min_pairs=2)
+    assert (batch.labels != IGNORE).sum(1).tolist() == [4, 4, 4]
+    assert PairCurriculum("mix", num_pairs=8, min_pairs=8).kind is None  # nothing to mix
+    with pytest.raises(ValueError, match="unknown curriculum"):
+        PairCurriculum("shuffle", num_pairs=8, min_pairs=2)

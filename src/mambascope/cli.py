@@ -487,6 +487,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return FAILED if comparison["errors"] else OK
 
 
+def _shape_overrides(items: list[str] | None) -> dict[str, int]:
+    """``--shape hidden_size=128 n_head=8`` as config overrides (integer values)."""
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not value.lstrip("-").isdigit():
+            raise ValueError(f"--shape {item!r}: expected KEY=INT, e.g. hidden_size=128")
+        overrides[key] = int(value)
+    return overrides
+
+
 def _cmd_train_tiny(args: argparse.Namespace) -> int:
     from mambascope.models import train_tiny
 
@@ -499,7 +510,10 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
 
             stats = train_task(args.arch, args.task, out.staging, seq_len=args.seq_len, num_pairs=args.num_pairs,
                                steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                               device=args.device, num_threads=args.threads)
+                               device=args.device, num_threads=args.threads, min_pairs=args.min_pairs,
+                               curriculum=args.curriculum,
+                               weight_decay=args.weight_decay, warmup=args.warmup,
+                               config_overrides=_shape_overrides(args.shape))
         else:
             stats = train_tiny(args.arch, out.staging, steps=args.steps, batch_size=args.batch_size,
                                seq_len=args.seq_len, lr=args.lr, seed=args.seed, device=args.device,
@@ -575,6 +589,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, choices=["mqar", "copy"],
                    help="train on a synthetic task (mambascope.data.tasks) instead of the corpus")
     p.add_argument("--num-pairs", type=int, default=8, help="MQAR key-value pairs per example (default: %(default)s)")
+    p.add_argument("--min-pairs", type=int, default=None,
+                   help="--task mqar: train on every pair count from this to --num-pairs, mixed in each batch")
+    p.add_argument("--curriculum", default="mix", choices=["mix", "grow"],
+                   help="with --min-pairs: mix the pair counts in each batch, or grow from --min-pairs as each is "
+                        "learnt (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
+    p.add_argument("--shape", nargs="+", default=None, metavar="KEY=INT",
+                   help="--task: override the model shape, e.g. hidden_size=128 (train_task.TASK_SHAPES)")
     p.set_defaults(func=_cmd_train_tiny)
     return parser
 
