@@ -354,3 +354,38 @@ def test_growing_curriculum_adds_a_pair_only_after_a_learnt_window() -> None:
     assert PairCurriculum("mix", num_pairs=8, min_pairs=8).kind is None  # nothing to mix
     with pytest.raises(ValueError, match="unknown curriculum"):
         PairCurriculum("shuffle", num_pairs=8, min_pairs=2)
+
+
+def test_reference_mixer_init_redraws_only_the_input_projections() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mambascope.models.train_task import reference_mixer_init
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(build_config("mamba", 35, 0, 64, hidden_size=64, num_hidden_layers=2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = reference_mixer_init(model)
+    assert names == [f"backbone.layers.{i}.mixer.{p}" for i in range(2) for p in ("in_proj", "x_proj")]
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"{n}.weight" for n in names}
+    in_proj = model.backbone.layers[0].mixer.in_proj.weight.detach()
+    # nn.Linear's default: uniform on ±1/sqrt(fan_in) (std 1/sqrt(3·fan_in)), not N(0, 0.02).
+    assert float(in_proj.abs().max()) <= 64 ** -0.5
+    assert float(in_proj.std()) == pytest.approx((3 * 64) ** -0.5, rel=0.05)
+    with pytest.raises(ValueError, match="no Mamba mixer"):
+        reference_mixer_init(AutoModelForCausalLM.from_config(build_config("gpt2", 35, 0, 64, **TINY["gpt2"])))
+
+
+def test_sinusoidal_position_init_makes_a_shift_one_linear_map() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mambascope.models.train_task import sinusoidal_position_init
+
+    model = AutoModelForCausalLM.from_config(build_config("gpt2", 35, 0, 64, n_embd=32, n_layer=1, n_head=2))
+    sinusoidal_position_init(model)
+    wpe = model.transformer.wpe.weight.detach().double()
+    assert torch.allclose(wpe.norm(dim=1), torch.full((64,), 0.02 * 32 ** 0.5, dtype=torch.float64), rtol=1e-5)
+    # The defining property: one matrix maps every position's embedding to the previous position's.
+    shift = torch.linalg.lstsq(wpe[1:], wpe[:-1]).solution
+    assert torch.allclose(wpe[1:] @ shift, wpe[:-1], atol=1e-5)
+    assert torch.allclose(wpe[1::2, 0] / wpe[1::2, 1], torch.tan(torch.arange(1, 64, 2, dtype=torch.float64)))

@@ -511,7 +511,8 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
             stats = train_task(args.arch, args.task, out.staging, seq_len=args.seq_len, num_pairs=args.num_pairs,
                                steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                device=args.device, num_threads=args.threads, min_pairs=args.min_pairs,
-                               curriculum=args.curriculum,
+                               curriculum=args.curriculum, reference_init=args.reference_init,
+                               sinusoidal_positions=args.sinusoidal_positions,
                                weight_decay=args.weight_decay, warmup=args.warmup,
                                config_overrides=_shape_overrides(args.shape))
         else:
@@ -594,6 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curriculum", default="mix", choices=["mix", "grow"],
                    help="with --min-pairs: mix the pair counts in each batch, or grow from --min-pairs as each is "
                         "learnt (default: %(default)s)")
+    p.add_argument("--reference-init", action="store_true",
+                   help="--task, Mamba: initialise the mixers' in_proj/x_proj as the reference mamba_ssm code does")
+    p.add_argument("--sinusoidal-positions", action="store_true",
+                   help="--task, GPT-2: start the learned position embeddings as sinusoids")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
     p.add_argument("--shape", nargs="+", default=None, metavar="KEY=INT",

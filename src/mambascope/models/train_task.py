@@ -33,7 +33,8 @@ TASK_SHAPES: dict[str, dict[str, Any]] = {
     "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128},
 }
 
-__all__ = ["TASK_SHAPES", "PairCurriculum", "heldout_task_batch", "task_accuracy", "train_task", "training_batch"]
+__all__ = ["TASK_SHAPES", "PairCurriculum", "heldout_task_batch", "reference_mixer_init",
+           "sinusoidal_position_init", "task_accuracy", "train_task", "training_batch"]
 
 
 def heldout_task_batch(task: str, n: int, seq_len: int, num_pairs: int, seed: int) -> TaskBatch:
@@ -114,6 +115,53 @@ class PairCurriculum:
             self._losses = []
 
 
+def reference_mixer_init(model: nn.Module) -> list[str]:
+    """Give the Mamba mixers' input projections PyTorch's default ``nn.Linear`` init, as the reference code does.
+
+    ``transformers`` draws every ``nn.Linear`` of a Mamba model from N(0, initializer_range = 0.02); the
+    reference implementation (``mamba_ssm``'s ``Mamba``/``Mamba2`` and ``MambaLMHeadModel._init_weights``)
+    keeps ``nn.Linear``'s default (Kaiming-uniform, std ≈ 1/√(3·fan_in)) for ``in_proj`` and ``x_proj`` and
+    uses N(0, 0.02) only for the embedding.  At d_model 64 the 0.02 init makes B and C (and so the state
+    read-out C·h) a few times smaller, which slows the start of recall learning.  ``dt_proj``, ``A_log``,
+    ``D``, ``conv1d`` and ``out_proj`` keep their (reference-like) ``transformers`` init.
+    Returns the re-initialised parameter names (the random draws come from the global torch generator).
+    """
+    names = []
+    for name, module in model.named_modules():
+        for attr in ("in_proj", "x_proj"):
+            linear = getattr(module, attr, None)
+            if isinstance(linear, nn.Linear) and hasattr(module, "A_log"):
+                linear.reset_parameters()
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+                names.append(f"{name}.{attr}")
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no Mamba mixer to re-initialise")
+    return names
+
+
+def sinusoidal_position_init(model: nn.Module) -> None:
+    """Initialise GPT-2's learned position embeddings (``transformer.wpe`` [P, d]) with sinusoids.
+
+    Row t is [sin(t·ω_i), cos(t·ω_i)]_i with ω_i = 10000^(−2i/d) (Vaswani et al. 2017, §3.5), scaled so its
+    norm equals the expected norm of a N(0, initializer_range) token embedding.  A fixed offset (t → t−1)
+    is then one linear map for every t, which a previous-token head (the first half of an induction
+    circuit) can learn from any position; the embeddings stay trainable.
+    """
+    wpe = getattr(getattr(model, "transformer", None), "wpe", None)
+    if not isinstance(wpe, nn.Embedding):
+        raise ValueError(f"{type(model).__name__} has no learned position embedding (transformer.wpe)")
+    positions, dim = wpe.weight.shape
+    t = torch.arange(positions, dtype=torch.float64)[:, None]
+    omega = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    table = torch.zeros(positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(t * omega)
+    table[:, 1::2] = torch.cos(t * omega)
+    scale = model.config.initializer_range * dim ** 0.5 / table.norm(dim=1, keepdim=True)
+    with torch.no_grad():
+        wpe.weight.copy_((table * scale).to(wpe.weight.dtype))
+
+
 def _train_seeds(seed: int, steps: int, num_pairs: int, min_pairs: int | None) -> str:
     first, last = seed * 1_000_000, seed * 1_000_000 + steps - 1
     if min_pairs is None or min_pairs == num_pairs:
@@ -124,14 +172,16 @@ def _train_seeds(seed: int, steps: int, num_pairs: int, min_pairs: int | None) -
 def train_task(arch: str, task: str, out_dir: str | Path, *, seq_len: int = 64, num_pairs: int = 8,
                steps: int = 3000, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, device: str = "auto",
                weight_decay: float = 0.1, warmup: int | None = None, eval_examples: int = 512,
-               min_pairs: int | None = None, curriculum: str = "mix",
-               config_overrides: dict[str, Any] | None = None, num_threads: int | None = None,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+               min_pairs: int | None = None, curriculum: str = "mix", reference_init: bool = False,
+               sinusoidal_positions: bool = False, config_overrides: dict[str, Any] | None = None,
+               num_threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train ``arch`` on ``task`` ("mqar" or "copy") and save model, tokenizer and training.json to ``out_dir``.
 
     Shapes: ``TASK_SHAPES[arch]`` updated by ``config_overrides`` (the shape used is saved in the
     checkpoint's config.json and in training.json).  ``min_pairs`` with ``curriculum`` "mix" or
-    "grow": train on fewer pairs too (:class:`PairCurriculum`).  Returns the recorded stats, including
+    "grow": train on fewer pairs too (:class:`PairCurriculum`).  ``reference_init``: Mamba mixers
+    initialised as the reference code does (:func:`reference_mixer_init`).  ``sinusoidal_positions``: GPT-2's
+    position embeddings start as sinusoids (:func:`sinusoidal_position_init`).  Returns the recorded stats, including
     ``heldout_query_accuracy`` on ``eval_examples`` held-out examples (always at ``num_pairs``).
     """
     if arch not in ARCHS:
@@ -150,14 +200,16 @@ def train_task(arch: str, task: str, out_dir: str | Path, *, seq_len: int = 64, 
         return _train_task(arch, task, Path(out_dir), heldout, seq_len=seq_len, num_pairs=num_pairs,
                            steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
                            weight_decay=weight_decay, warmup=warmup, min_pairs=min_pairs,
-                           curriculum=curriculum, config_overrides=config_overrides, log=log)
+                           curriculum=curriculum, reference_init=reference_init,
+                           sinusoidal_positions=sinusoidal_positions, config_overrides=config_overrides, log=log)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len: int, num_pairs: int, steps: int,
                 batch_size: int, lr: float, seed: int, device: str, weight_decay: float, warmup: int | None,
-                min_pairs: int | None, curriculum: str, config_overrides: dict[str, Any] | None,
+                min_pairs: int | None, curriculum: str, reference_init: bool, sinusoidal_positions: bool,
+                config_overrides: dict[str, Any] | None,
                 log: Callable[[str], None]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -171,7 +223,12 @@ def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len:
     if unknown:
         raise ValueError(f"unknown {type(config).__name__} fields {unknown}")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(dev)
+    model = AutoModelForCausalLM.from_config(config)
+    if reference_init:
+        reference_mixer_init(model)
+    if sinusoidal_positions:
+        sinusoidal_position_init(model)
+    model = model.to(dev)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     warmup = max(1, steps // 20) if warmup is None else max(1, warmup)
@@ -213,6 +270,8 @@ def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len:
         "seq_len": seq_len, "num_pairs": num_pairs if task == "mqar" else None,
         "queries_per_example": int(heldout.query.shape[1]), "shape": shape,
         "min_pairs": min_pairs, "curriculum": pairs.kind,
+        "init": "reference (mixer in_proj/x_proj: nn.Linear default)" if reference_init else "transformers",
+        "position_init": "sinusoidal" if sinusoidal_positions else None,
         "pairs_reached_at_step": pairs.reached if pairs.kind == "grow" else None, "steps": steps,
         "batch_size": batch_size,
         "examples_seen": steps * batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
