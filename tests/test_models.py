@@ -389,3 +389,23 @@ def test_sinusoidal_position_init_makes_a_shift_one_linear_map() -> None:
     shift = torch.linalg.lstsq(wpe[1:], wpe[:-1]).solution
     assert torch.allclose(wpe[1:] @ shift, wpe[:-1], atol=1e-5)
     assert torch.allclose(wpe[1::2, 0] / wpe[1::2, 1], torch.tan(torch.arange(1, 64, 2, dtype=torch.float64)))
+
+
+def test_mqar_with_more_queries_asks_every_key_evenly_and_keeps_the_default_stream() -> None:
+    from mambascope.data.tasks import IGNORE, generate
+
+    default = generate("mqar", 8, 64, num_pairs=8, seed=11)
+    same = generate("mqar", 8, 64, num_pairs=8, seed=11, num_queries=8)
+    assert all(torch.equal(getattr(default, f), getattr(same, f)) for f in ("input_ids", "labels", "query", "key_pos"))
+    dense = generate("mqar", 8, 64, num_pairs=3, seed=11, num_queries=16)
+    rows = torch.arange(8)[:, None]
+    # Every answer is the value right after the queried key in the pairs; the input after a query is filler.
+    assert torch.equal(dense.input_ids[rows, dense.query], dense.input_ids[rows, dense.key_pos])
+    assert torch.equal(dense.labels[rows, dense.query + 1], dense.input_ids[rows, dense.key_pos + 1])
+    assert bool((dense.input_ids[rows, dense.query + 1] == 1).all()) and int((dense.labels != IGNORE).sum()) == 8 * 16
+    counts = torch.stack([(dense.key_pos == p).sum(1) for p in (1, 3, 5)], 1)
+    assert bool(((counts == 5) | (counts == 6)).all()) and bool((counts.sum(1) == 16).all())
+    with pytest.raises(ValueError, match="too short for 8 pairs and 24 queries"):
+        generate("mqar", 1, 64, num_pairs=8, num_queries=24)
+    with pytest.raises(ValueError, match="at least num_pairs"):
+        generate("mqar", 1, 64, num_pairs=8, num_queries=4)

@@ -57,21 +57,22 @@ def task_accuracy(model: nn.Module, batch: TaskBatch, batch_size: int = 256) -> 
 
 
 def training_batch(task: str, batch_size: int, seq_len: int, num_pairs: int, seed: int, step: int,
-                   min_pairs: int | None = None) -> TaskBatch:
+                   min_pairs: int | None = None, num_queries: int | None = None) -> TaskBatch:
     """Training step ``step``'s examples (seed ``seed·10⁶ + step``).
 
     ``min_pairs`` (MQAR only, a curriculum by mixing): the batch is split into equal groups with
     ``min_pairs … num_pairs`` pairs (the first groups one example larger when it does not divide), group
     ``g`` drawn from seed ``(seed·10⁶ + step)·64 + g``; with ``None`` every example has ``num_pairs``.
     Fewer pairs give the recall circuit an easier signal early on (Zoology trains on mixed sizes too);
-    the held-out set keeps ``num_pairs``.
+    the held-out set keeps ``num_pairs``.  ``num_queries`` (MQAR): queries per training example
+    (``generate``; default one per pair).
     """
     step_seed = seed * 1_000_000 + step
     if min_pairs is None or min_pairs == num_pairs:
-        return generate(task, batch_size, seq_len, num_pairs=num_pairs, seed=step_seed)
+        return generate(task, batch_size, seq_len, num_pairs=num_pairs, seed=step_seed, num_queries=num_queries)
     sizes = range(min_pairs, num_pairs + 1)
     counts = [batch_size // len(sizes) + (g < batch_size % len(sizes)) for g in range(len(sizes))]
-    parts = [generate(task, n, seq_len, num_pairs=d, seed=step_seed * 64 + g)
+    parts = [generate(task, n, seq_len, num_pairs=d, seed=step_seed * 64 + g, num_queries=num_queries)
              for g, (d, n) in enumerate(zip(sizes, counts, strict=True)) if n]
     # Queries differ in number across groups; training needs only inputs and labels (the rest stays empty).
     empty = torch.empty(0, 0, dtype=torch.long)
@@ -100,9 +101,10 @@ class PairCurriculum:
         self.reached: dict[int, int] = {self.current: 0}  # pair count -> first step trained at it
         self._losses: list[float] = []
 
-    def batch(self, task: str, batch_size: int, seq_len: int, seed: int, step: int, min_pairs: int | None) -> TaskBatch:
+    def batch(self, task: str, batch_size: int, seq_len: int, seed: int, step: int, min_pairs: int | None,
+              num_queries: int | None = None) -> TaskBatch:
         mix = min_pairs if self.kind == "mix" else None
-        return training_batch(task, batch_size, seq_len, self.current, seed, step, mix)
+        return training_batch(task, batch_size, seq_len, self.current, seed, step, mix, num_queries)
 
     def update(self, step: int, loss: float) -> None:
         """Record step ``step``'s loss; raise the pair count when the stage is learnt (``"grow"``)."""
@@ -173,15 +175,18 @@ def train_task(arch: str, task: str, out_dir: str | Path, *, seq_len: int = 64, 
                steps: int = 3000, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, device: str = "auto",
                weight_decay: float = 0.1, warmup: int | None = None, eval_examples: int = 512,
                min_pairs: int | None = None, curriculum: str = "mix", reference_init: bool = False,
-               sinusoidal_positions: bool = False, config_overrides: dict[str, Any] | None = None,
-               num_threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+               sinusoidal_positions: bool = False, train_queries: int | None = None,
+               config_overrides: dict[str, Any] | None = None, num_threads: int | None = None,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train ``arch`` on ``task`` ("mqar" or "copy") and save model, tokenizer and training.json to ``out_dir``.
 
     Shapes: ``TASK_SHAPES[arch]`` updated by ``config_overrides`` (the shape used is saved in the
     checkpoint's config.json and in training.json).  ``min_pairs`` with ``curriculum`` "mix" or
     "grow": train on fewer pairs too (:class:`PairCurriculum`).  ``reference_init``: Mamba mixers
-    initialised as the reference code does (:func:`reference_mixer_init`).  ``sinusoidal_positions``: GPT-2's
-    position embeddings start as sinusoids (:func:`sinusoidal_position_init`).  Returns the recorded stats, including
+    initialised as the reference code does (:func:`reference_mixer_init`).  ``sinusoidal_positions``:
+    GPT-2's position embeddings start as sinusoids (:func:`sinusoidal_position_init`).
+    ``train_queries`` (MQAR): queries per training example (default one per pair; the held-out examples
+    keep one per pair).  Returns the recorded stats, including
     ``heldout_query_accuracy`` on ``eval_examples`` held-out examples (always at ``num_pairs``).
     """
     if arch not in ARCHS:
@@ -201,7 +206,8 @@ def train_task(arch: str, task: str, out_dir: str | Path, *, seq_len: int = 64, 
                            steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
                            weight_decay=weight_decay, warmup=warmup, min_pairs=min_pairs,
                            curriculum=curriculum, reference_init=reference_init,
-                           sinusoidal_positions=sinusoidal_positions, config_overrides=config_overrides, log=log)
+                           sinusoidal_positions=sinusoidal_positions, train_queries=train_queries,
+                           config_overrides=config_overrides, log=log)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -209,7 +215,7 @@ def train_task(arch: str, task: str, out_dir: str | Path, *, seq_len: int = 64, 
 def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len: int, num_pairs: int, steps: int,
                 batch_size: int, lr: float, seed: int, device: str, weight_decay: float, warmup: int | None,
                 min_pairs: int | None, curriculum: str, reference_init: bool, sinusoidal_positions: bool,
-                config_overrides: dict[str, Any] | None,
+                train_queries: int | None, config_overrides: dict[str, Any] | None,
                 log: Callable[[str], None]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -242,7 +248,7 @@ def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len:
     t_train = time.perf_counter()
     with _training_scan(arch):
         for step in range(steps):
-            batch = pairs.batch(task, batch_size, seq_len, seed, step, min_pairs)
+            batch = pairs.batch(task, batch_size, seq_len, seed, step, min_pairs, train_queries)
             loss = optimizer_step(model, opt, sched, batch.input_ids.to(dev), batch.labels.to(dev))
             pairs.update(step, loss)
             running += loss
@@ -271,7 +277,7 @@ def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len:
         "queries_per_example": int(heldout.query.shape[1]), "shape": shape,
         "min_pairs": min_pairs, "curriculum": pairs.kind,
         "init": "reference (mixer in_proj/x_proj: nn.Linear default)" if reference_init else "transformers",
-        "position_init": "sinusoidal" if sinusoidal_positions else None,
+        "position_init": "sinusoidal" if sinusoidal_positions else None, "train_queries": train_queries,
         "pairs_reached_at_step": pairs.reached if pairs.kind == "grow" else None, "steps": steps,
         "batch_size": batch_size,
         "examples_seen": steps * batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
