@@ -487,14 +487,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return FAILED if comparison["errors"] else OK
 
 
-def _shape_overrides(items: list[str] | None) -> dict[str, int]:
-    """``--shape hidden_size=128 n_head=8`` as config overrides (integer values)."""
-    overrides = {}
+def _shape_overrides(items: list[str] | None) -> dict[str, int | float]:
+    """``--shape hidden_size=128 initializer_range=0.05`` as config overrides (numbers)."""
+    overrides: dict[str, int | float] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not value.lstrip("-").isdigit():
-            raise ValueError(f"--shape {item!r}: expected KEY=INT, e.g. hidden_size=128")
-        overrides[key] = int(value)
+        try:
+            overrides[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--shape {item!r}: expected KEY=NUMBER, e.g. hidden_size=128")
     return overrides
 
 
@@ -603,8 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--task mqar: queries per training example (default: one per pair; held-out: one per pair)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
-    p.add_argument("--shape", nargs="+", default=None, metavar="KEY=INT",
-                   help="--task: override the model shape, e.g. hidden_size=128 (train_task.TASK_SHAPES)")
+    p.add_argument("--shape", nargs="+", default=None, metavar="KEY=NUMBER",
+                   help="--task: override config fields, e.g. hidden_size=128 initializer_range=0.05 "
+                        "(train_task.TASK_SHAPES)")
     p.set_defaults(func=_cmd_train_tiny)
     return parser
 
