@@ -409,3 +409,18 @@ def test_mqar_with_more_queries_asks_every_key_evenly_and_keeps_the_default_stre
         generate("mqar", 1, 64, num_pairs=8, num_queries=24)
     with pytest.raises(ValueError, match="at least num_pairs"):
         generate("mqar", 1, 64, num_pairs=8, num_queries=4)
+
+
+def test_unit_decay_init_sets_only_mamba1_decays() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mambascope.models.train_task import unit_decay_init
+
+    model = AutoModelForCausalLM.from_config(build_config("mamba", 35, 0, 64, **TINY["mamba"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert unit_decay_init(model) == 2
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"backbone.layers.{i}.mixer.A_log" for i in range(2)}
+    assert bool((-torch.exp(model.backbone.layers[0].mixer.A_log) == -1).all())
+    with pytest.raises(ValueError, match="no Mamba-1 mixer"):
+        unit_decay_init(AutoModelForCausalLM.from_config(build_config("mamba2", 35, 0, 64, **TINY["mamba2"])))

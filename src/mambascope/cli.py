@@ -516,6 +516,7 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
                                device=args.device, num_threads=args.threads, min_pairs=args.min_pairs,
                                curriculum=args.curriculum, reference_init=args.reference_init,
                                sinusoidal_positions=args.sinusoidal_positions, train_queries=args.train_queries,
+                               unit_decay=args.unit_decay,
                                weight_decay=args.weight_decay, warmup=args.warmup,
                                config_overrides=_shape_overrides(args.shape))
         else:
@@ -604,6 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--task, GPT-2: start the learned position embeddings as sinusoids")
     p.add_argument("--train-queries", type=int, default=None,
                    help="--task mqar: queries per training example (default: one per pair; held-out: one per pair)")
+    p.add_argument("--unit-decay", action="store_true",
+                   help="--task, Mamba-1: start every state dimension at A = -1 instead of S4D-real -(1..N)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
     p.add_argument("--shape", nargs="+", default=None, metavar="KEY=NUMBER",

@@ -34,7 +34,8 @@ TASK_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 __all__ = ["TASK_SHAPES", "PairCurriculum", "heldout_task_batch", "reference_mixer_init",
-           "sinusoidal_position_init", "task_accuracy", "train_task", "training_batch"]
+           "sinusoidal_position_init", "task_accuracy", "train_task", "training_batch",
+           "unit_decay_init"]
 
 
 def heldout_task_batch(task: str, n: int, seq_len: int, num_pairs: int, seed: int) -> TaskBatch:
@@ -142,6 +143,23 @@ def reference_mixer_init(model: nn.Module) -> list[str]:
     return names
 
 
+def unit_decay_init(model: nn.Module) -> int:
+    """Start every Mamba-1 state dimension at A = −1 (``A_log`` = 0) instead of S4D-real A_n = −n.
+
+    With S4D-real (n = 1…16) and Δ ≈ 0.01, state dimension n keeps exp(−0.01·n·Δt) of a write after Δt
+    tokens: over the ~50 tokens between a pair and its query only the first few dimensions remember, too
+    few for B·C to tell 8 keys apart.  A = −1 everywhere is the decay Mamba-2 gives every dimension of a
+    head (one scalar A per head, A_log = log 1…H); A stays trainable.  Returns the number of mixers changed.
+    """
+    mixers = [m for m in model.modules() if hasattr(m, "A_log") and hasattr(m, "x_proj")]
+    if not mixers:
+        raise ValueError(f"{type(model).__name__} has no Mamba-1 mixer (A_log and x_proj)")
+    with torch.no_grad():
+        for mixer in mixers:
+            mixer.A_log.zero_()
+    return len(mixers)
+
+
 def sinusoidal_position_init(model: nn.Module) -> None:
     """Initialise GPT-2's learned position embeddings (``transformer.wpe`` [P, d]) with sinusoids.
 
@@ -175,7 +193,7 @@ def train_task(arch: str, task: str, out_dir: str | Path, *, seq_len: int = 64, 
                steps: int = 3000, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, device: str = "auto",
                weight_decay: float = 0.1, warmup: int | None = None, eval_examples: int = 512,
                min_pairs: int | None = None, curriculum: str = "mix", reference_init: bool = False,
-               sinusoidal_positions: bool = False, train_queries: int | None = None,
+               sinusoidal_positions: bool = False, train_queries: int | None = None, unit_decay: bool = False,
                config_overrides: dict[str, Any] | None = None, num_threads: int | None = None,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train ``arch`` on ``task`` ("mqar" or "copy") and save model, tokenizer and training.json to ``out_dir``.
@@ -186,7 +204,8 @@ def train_task(arch: str, task: str, out_dir: str | Path, *, seq_len: int = 64, 
     initialised as the reference code does (:func:`reference_mixer_init`).  ``sinusoidal_positions``:
     GPT-2's position embeddings start as sinusoids (:func:`sinusoidal_position_init`).
     ``train_queries`` (MQAR): queries per training example (default one per pair; the held-out examples
-    keep one per pair).  Returns the recorded stats, including
+    keep one per pair).  ``unit_decay`` (Mamba-1): every state dimension starts at A = −1
+    (:func:`unit_decay_init`).  Returns the recorded stats, including
     ``heldout_query_accuracy`` on ``eval_examples`` held-out examples (always at ``num_pairs``).
     """
     if arch not in ARCHS:
@@ -207,7 +226,7 @@ def train_task(arch: str, task: str, out_dir: str | Path, *, seq_len: int = 64, 
                            weight_decay=weight_decay, warmup=warmup, min_pairs=min_pairs,
                            curriculum=curriculum, reference_init=reference_init,
                            sinusoidal_positions=sinusoidal_positions, train_queries=train_queries,
-                           config_overrides=config_overrides, log=log)
+                           unit_decay=unit_decay, config_overrides=config_overrides, log=log)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -215,7 +234,7 @@ def train_task(arch: str, task: str, out_dir: str | Path, *, seq_len: int = 64, 
 def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len: int, num_pairs: int, steps: int,
                 batch_size: int, lr: float, seed: int, device: str, weight_decay: float, warmup: int | None,
                 min_pairs: int | None, curriculum: str, reference_init: bool, sinusoidal_positions: bool,
-                train_queries: int | None, config_overrides: dict[str, Any] | None,
+                train_queries: int | None, unit_decay: bool, config_overrides: dict[str, Any] | None,
                 log: Callable[[str], None]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -234,6 +253,8 @@ def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len:
         reference_mixer_init(model)
     if sinusoidal_positions:
         sinusoidal_position_init(model)
+    if unit_decay:
+        unit_decay_init(model)
     model = model.to(dev)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -278,6 +299,7 @@ def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len:
         "min_pairs": min_pairs, "curriculum": pairs.kind,
         "init": "reference (mixer in_proj/x_proj: nn.Linear default)" if reference_init else "transformers",
         "position_init": "sinusoidal" if sinusoidal_positions else None, "train_queries": train_queries,
+        "a_init": "A = -1 (unit_decay_init)" if unit_decay else None,
         "pairs_reached_at_step": pairs.reached if pairs.kind == "grow" else None, "steps": steps,
         "batch_size": batch_size,
         "examples_seen": steps * batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
