@@ -20,7 +20,7 @@ ARCH_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "gpt2"
 BUNDLED_ARCH = {"tiny-mamba": "mamba", "tiny-mamba2": "mamba2", "tiny-gpt": "gpt2", "tiny-hybrid": "bamba"}
 # The bundled task models (docs/models.md, "Task models"); each must reach 95 % held-out query accuracy.
 # (tiny-mamba-mqar and tiny-gpt-mqar did not reach the bar on the CPU budget and are not bundled.)
-TASK_ARCH = {"tiny-mamba2-mqar": "mamba2", "tiny-gpt-mqar": "gpt2"}
+TASK_ARCH = {"tiny-mamba2-mqar": "mamba2", "tiny-gpt-mqar": "gpt2", "tiny-gpt-copy": "gpt2"}
 # Smallest shapes that still exercise every code path (Mamba-2: 2 heads, 1 group, chunking).
 TINY = {
     "mamba": {"hidden_size": 16, "num_hidden_layers": 2, "state_size": 4},
@@ -170,12 +170,15 @@ def test_bundled_task_model_reaches_the_accuracy_bar(name: str) -> None:
     path = bundled_path(name)
     assert (path / "model.safetensors").stat().st_size < 2 * 2**20
     stats = json.loads((path / "training.json").read_text(encoding="utf-8"))
-    assert stats["arch"] == TASK_ARCH[name] and stats["task"] == "mqar"
-    assert stats["num_pairs"] >= 8 and stats["seq_len"] >= 64 and stats["heldout_queries"] >= 512
+    task = name.rsplit("-", 1)[1]  # tiny-<arch>-mqar / tiny-<arch>-copy
+    assert stats["arch"] == TASK_ARCH[name] and stats["task"] == task
+    assert stats["seq_len"] >= 64 and stats["heldout_queries"] >= 512
+    assert task == "copy" or stats["num_pairs"] >= 8
     assert stats["heldout_query_accuracy"] >= 0.95
     # Independent re-check with the loaded weights and the model's own forward on the same held-out examples.
     model, _ = load_model(name, device="cpu")
-    batch = heldout_task_batch("mqar", stats["heldout_examples"], stats["seq_len"], stats["num_pairs"], stats["seed"])
+    batch = heldout_task_batch(task, stats["heldout_examples"], stats["seq_len"], stats["num_pairs"] or 8,
+                               stats["seed"])
     parts = [batch.rows(slice(i, i + 128)) for i in range(0, batch.input_ids.shape[0], 128)]
     with torch.no_grad():
         correct = torch.cat([query_correct(model(input_ids=part.input_ids).logits, part) for part in parts])

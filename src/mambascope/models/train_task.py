@@ -213,6 +213,8 @@ def train_task(arch: str, task: str, out_dir: str | Path, *, seq_len: int = 64, 
     for label, value in (("steps", steps), ("batch_size", batch_size), ("eval_examples", eval_examples)):
         if value < 1:
             raise ValueError(f"{label} must be positive, got {value}")
+    if train_queries is not None and task != "mqar":
+        raise ValueError(f"train_queries applies to task mqar only, got task {task!r}")
     if min_pairs is not None and (task != "mqar" or not 1 <= min_pairs <= num_pairs):
         raise ValueError(f"min_pairs must be in 1..num_pairs ({num_pairs}) and needs task mqar, got {min_pairs} "
                          f"with task {task!r}")
@@ -275,11 +277,14 @@ def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len:
             running += loss
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 n = (step % log_every) + 1
-                entry = {"step": step + 1, "train_loss": round(running / n, 4), "train_pairs": pairs.current}
+                entry: dict[str, float] = {"step": step + 1, "train_loss": round(running / n, 4)}
+                if task == "mqar":
+                    entry["train_pairs"] = pairs.current  # "mix": the largest count of the mix
                 if (step + 1) % (5 * log_every) == 0 or step + 1 == steps:
                     entry["heldout_query_accuracy"] = round(task_accuracy(model, heldout), 4)
                 curve.append(entry)
-                log(f"[{arch} {task}] step {step + 1}/{steps} pairs {pairs.current} loss {running / n:.3f} "
+                shown = f"pairs {pairs.current} " if task == "mqar" else ""
+                log(f"[{arch} {task}] step {step + 1}/{steps} {shown}loss {running / n:.3f} "
                     f"acc {entry.get('heldout_query_accuracy', '-')} {time.perf_counter() - t_train:.0f}s")
                 running = 0.0
     train_time = time.perf_counter() - t_train
