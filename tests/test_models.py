@@ -427,3 +427,18 @@ def test_unit_decay_init_sets_only_mamba1_decays() -> None:
     assert bool((-torch.exp(model.backbone.layers[0].mixer.A_log) == -1).all())
     with pytest.raises(ValueError, match="no Mamba-1 mixer"):
         unit_decay_init(AutoModelForCausalLM.from_config(build_config("mamba2", 35, 0, 64, **TINY["mamba2"])))
+
+
+def test_train_tiny_shape_flag_and_unknown_config_fields(tmp_path: Path) -> None:
+    from mambascope.cli import _shape_overrides
+    from mambascope.models.train_task import train_task
+
+    assert _shape_overrides(["n_embd=128", "initializer_range=0.06"]) == {"n_embd": 128, "initializer_range": 0.06}
+    assert _shape_overrides(None) == {}
+    for bad in ("n_embd", "n_embd=wide"):
+        with pytest.raises(ValueError, match="expected KEY=NUMBER"):
+            _shape_overrides([bad])
+    with pytest.raises(ValueError, match=r"unknown GPT2Config fields \['n_embed'\]"):
+        train_task("gpt2", "mqar", tmp_path, steps=1, config_overrides={"n_embed": 32}, log=lambda _: None)
+    with pytest.raises(ValueError, match="train_queries applies to task mqar only"):
+        train_task("gpt2", "copy", tmp_path, steps=1, train_queries=16, log=lambda _: None)
