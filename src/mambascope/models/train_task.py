@@ -125,7 +125,8 @@ def reference_mixer_init(model: nn.Module) -> list[str]:
     reference implementation (``mamba_ssm``'s ``Mamba``/``Mamba2`` and ``MambaLMHeadModel._init_weights``)
     keeps ``nn.Linear``'s default (Kaiming-uniform, std ≈ 1/√(3·fan_in)) for ``in_proj`` and ``x_proj`` and
     uses N(0, 0.02) only for the embedding.  At d_model 64 the 0.02 init makes B and C (and so the state
-    read-out C·h) a few times smaller, which slows the start of recall learning.  ``dt_proj``, ``A_log``,
+    read-out C·h) a few times smaller; with this init a Mamba-1 left chance sooner on MQAR (docs/models.md,
+    runs m2 and m3).  ``dt_proj``, ``A_log``,
     ``D``, ``conv1d`` and ``out_proj`` keep their (reference-like) ``transformers`` init.
     Returns the re-initialised parameter names (the random draws come from the global torch generator).
     """
@@ -146,10 +147,12 @@ def reference_mixer_init(model: nn.Module) -> list[str]:
 def unit_decay_init(model: nn.Module) -> int:
     """Start every Mamba-1 state dimension at A = −1 (``A_log`` = 0) instead of S4D-real A_n = −n.
 
-    With S4D-real (n = 1…16) and Δ ≈ 0.01, state dimension n keeps exp(−0.01·n·Δt) of a write after Δt
-    tokens: over the ~50 tokens between a pair and its query only the first few dimensions remember, too
-    few for B·C to tell 8 keys apart.  A = −1 everywhere is the decay Mamba-2 gives every dimension of a
-    head (one scalar A per head, A_log = log 1…H); A stays trainable.  Returns the number of mixers changed.
+    The hypothesis it tests: with S4D-real (n = 1…16) and Δ ≈ 0.01, state dimension n keeps exp(−0.01·n·t)
+    of a write after t tokens, so over the ~50 tokens between a pair and its query only the first few
+    dimensions remember, perhaps too few for B·C to tell the keys apart.  A = −1 everywhere gives every
+    dimension the slowest S4D-real decay (Mamba-2 has one scalar A per head); A stays trainable.  In the
+    runs of docs/models.md ("Task models", m8 and m9) it did not get Mamba-1 past the MQAR plateau.
+    Returns the number of mixers changed.
     """
     mixers = [m for m in model.modules() if hasattr(m, "A_log") and hasattr(m, "x_proj")]
     if not mixers:
