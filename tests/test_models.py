@@ -20,7 +20,7 @@ ARCH_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "gpt2"
 BUNDLED_ARCH = {"tiny-mamba": "mamba", "tiny-mamba2": "mamba2", "tiny-gpt": "gpt2", "tiny-hybrid": "bamba"}
 # The bundled task models (docs/models.md, "Task models"); each must reach 95 % held-out query accuracy.
 # (tiny-mamba-mqar and tiny-gpt-mqar did not reach the bar on the CPU budget and are not bundled.)
-TASK_ARCH = {"tiny-mamba2-mqar": "mamba2"}
+TASK_ARCH = {"tiny-mamba2-mqar": "mamba2", "tiny-gpt-mqar": "gpt2", "tiny-gpt-copy": "gpt2"}
 # Smallest shapes that still exercise every code path (Mamba-2: 2 heads, 1 group, chunking).
 TINY = {
     "mamba": {"hidden_size": 16, "num_hidden_layers": 2, "state_size": 4},
@@ -170,12 +170,15 @@ def test_bundled_task_model_reaches_the_accuracy_bar(name: str) -> None:
     path = bundled_path(name)
     assert (path / "model.safetensors").stat().st_size < 2 * 2**20
     stats = json.loads((path / "training.json").read_text(encoding="utf-8"))
-    assert stats["arch"] == TASK_ARCH[name] and stats["task"] == "mqar"
-    assert stats["num_pairs"] >= 8 and stats["seq_len"] >= 64 and stats["heldout_queries"] >= 512
+    task = name.rsplit("-", 1)[1]  # tiny-<arch>-mqar / tiny-<arch>-copy
+    assert stats["arch"] == TASK_ARCH[name] and stats["task"] == task
+    assert stats["seq_len"] >= 64 and stats["heldout_queries"] >= 512
+    assert task == "copy" or stats["num_pairs"] >= 8
     assert stats["heldout_query_accuracy"] >= 0.95
     # Independent re-check with the loaded weights and the model's own forward on the same held-out examples.
     model, _ = load_model(name, device="cpu")
-    batch = heldout_task_batch("mqar", stats["heldout_examples"], stats["seq_len"], stats["num_pairs"], stats["seed"])
+    batch = heldout_task_batch(task, stats["heldout_examples"], stats["seq_len"], stats["num_pairs"] or 8,
+                               stats["seed"])
     parts = [batch.rows(slice(i, i + 128)) for i in range(0, batch.input_ids.shape[0], 128)]
     with torch.no_grad():
         correct = torch.cat([query_correct(model(input_ids=part.input_ids).logits, part) for part in parts])
@@ -318,3 +321,124 @@ def test_train_loop_uses_every_full_batch_of_an_epoch() -> None:
     _train_loop(model, opt, sched, stream, torch.Generator().manual_seed(0), torch.device("cpu"), steps=6,
                 batch_size=batch_size, seq_len=seq_len, arch="gpt2", log=lambda _: None, curve=curve)
     assert curve[-1]["epoch"] == 2  # the sixth batch starts the second epoch
+
+
+# --- task-model training curricula ----------------------------------------------------------------
+
+
+def test_mixed_pair_batches_hold_every_pair_count_and_keep_the_plain_stream() -> None:
+    from mambascope.data.tasks import IGNORE, generate
+    from mambascope.models.train_task import training_batch
+
+    plain = training_batch("mqar", 6, 64, 8, seed=3, step=5)
+    assert torch.equal(plain.input_ids, generate("mqar", 6, 64, num_pairs=8, seed=3_000_005).input_ids)
+    mixed = training_batch("mqar", 10, 64, 8, seed=3, step=5, min_pairs=5)  # groups of 3, 3, 2, 2 rows
+    # Each example's trained positions are its queries: one per pair.
+    per_row = (mixed.labels != IGNORE).sum(1).tolist()
+    assert per_row == [5, 5, 5, 6, 6, 6, 7, 7, 8, 8]
+    # The 8-pair group is its own seeded draw (not a slice of the plain batch), and the same call repeats.
+    assert torch.equal(mixed.input_ids[8:], generate("mqar", 2, 64, num_pairs=8, seed=3_000_005 * 64 + 3).input_ids)
+    assert torch.equal(mixed.labels, training_batch("mqar", 10, 64, 8, seed=3, step=5, min_pairs=5).labels)
+
+
+def test_growing_curriculum_adds_a_pair_only_after_a_learnt_window() -> None:
+    from mambascope.data.tasks import IGNORE
+    from mambascope.models.train_task import GROW_LOSS, GROW_WINDOW, PairCurriculum
+
+    pairs = PairCurriculum("grow", num_pairs=4, min_pairs=2)
+    for step in range(GROW_WINDOW):
+        pairs.update(step, 10.0)  # not learnt: stays at 2 (and 10 nats keeps any window holding it above)
+    assert pairs.current == 2
+    for step in range(GROW_WINDOW, 3 * GROW_WINDOW):
+        pairs.update(step, GROW_LOSS / 2)
+    assert pairs.current == 4 and pairs.reached == {2: 0, 3: 2 * GROW_WINDOW, 4: 3 * GROW_WINDOW}
+    batch = pairs.batch("mqar", 3, 64, seed=0, step=0, min_pairs=2)
+    assert (batch.labels != IGNORE).sum(1).tolist() == [4, 4, 4]
+    assert PairCurriculum("mix", num_pairs=8, min_pairs=8).kind is None  # nothing to mix
+    with pytest.raises(ValueError, match="unknown curriculum"):
+        PairCurriculum("shuffle", num_pairs=8, min_pairs=2)
+
+
+def test_reference_mixer_init_redraws_only_the_input_projections() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mambascope.models.train_task import reference_mixer_init
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(build_config("mamba", 35, 0, 64, hidden_size=64, num_hidden_layers=2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = reference_mixer_init(model)
+    assert names == [f"backbone.layers.{i}.mixer.{p}" for i in range(2) for p in ("in_proj", "x_proj")]
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"{n}.weight" for n in names}
+    in_proj = model.backbone.layers[0].mixer.in_proj.weight.detach()
+    # nn.Linear's default: uniform on ±1/sqrt(fan_in) (std 1/sqrt(3·fan_in)), not N(0, 0.02).
+    assert float(in_proj.abs().max()) <= 64 ** -0.5
+    assert float(in_proj.std()) == pytest.approx((3 * 64) ** -0.5, rel=0.05)
+    with pytest.raises(ValueError, match="no Mamba mixer"):
+        reference_mixer_init(AutoModelForCausalLM.from_config(build_config("gpt2", 35, 0, 64, **TINY["gpt2"])))
+
+
+def test_sinusoidal_position_init_makes_a_shift_one_linear_map() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mambascope.models.train_task import sinusoidal_position_init
+
+    model = AutoModelForCausalLM.from_config(build_config("gpt2", 35, 0, 64, n_embd=32, n_layer=1, n_head=2))
+    sinusoidal_position_init(model)
+    wpe = model.transformer.wpe.weight.detach().double()
+    assert torch.allclose(wpe.norm(dim=1), torch.full((64,), 0.02 * 32 ** 0.5, dtype=torch.float64), rtol=1e-5)
+    # The defining property: one matrix maps every position's embedding to the previous position's.
+    shift = torch.linalg.lstsq(wpe[1:], wpe[:-1]).solution
+    assert torch.allclose(wpe[1:] @ shift, wpe[:-1], atol=1e-5)
+    assert torch.allclose(wpe[1::2, 0] / wpe[1::2, 1], torch.tan(torch.arange(1, 64, 2, dtype=torch.float64)))
+
+
+def test_mqar_with_more_queries_asks_every_key_evenly_and_keeps_the_default_stream() -> None:
+    from mambascope.data.tasks import IGNORE, generate
+
+    default = generate("mqar", 8, 64, num_pairs=8, seed=11)
+    same = generate("mqar", 8, 64, num_pairs=8, seed=11, num_queries=8)
+    assert all(torch.equal(getattr(default, f), getattr(same, f)) for f in ("input_ids", "labels", "query", "key_pos"))
+    dense = generate("mqar", 8, 64, num_pairs=3, seed=11, num_queries=16)
+    rows = torch.arange(8)[:, None]
+    # Every answer is the value right after the queried key in the pairs; the input after a query is filler.
+    assert torch.equal(dense.input_ids[rows, dense.query], dense.input_ids[rows, dense.key_pos])
+    assert torch.equal(dense.labels[rows, dense.query + 1], dense.input_ids[rows, dense.key_pos + 1])
+    assert bool((dense.input_ids[rows, dense.query + 1] == 1).all()) and int((dense.labels != IGNORE).sum()) == 8 * 16
+    counts = torch.stack([(dense.key_pos == p).sum(1) for p in (1, 3, 5)], 1)
+    assert bool(((counts == 5) | (counts == 6)).all()) and bool((counts.sum(1) == 16).all())
+    with pytest.raises(ValueError, match="too short for 8 pairs and 24 queries"):
+        generate("mqar", 1, 64, num_pairs=8, num_queries=24)
+    with pytest.raises(ValueError, match="at least num_pairs"):
+        generate("mqar", 1, 64, num_pairs=8, num_queries=4)
+
+
+def test_unit_decay_init_sets_only_mamba1_decays() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mambascope.models.train_task import unit_decay_init
+
+    model = AutoModelForCausalLM.from_config(build_config("mamba", 35, 0, 64, **TINY["mamba"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert unit_decay_init(model) == 2
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"backbone.layers.{i}.mixer.A_log" for i in range(2)}
+    assert bool((-torch.exp(model.backbone.layers[0].mixer.A_log) == -1).all())
+    with pytest.raises(ValueError, match="no Mamba-1 mixer"):
+        unit_decay_init(AutoModelForCausalLM.from_config(build_config("mamba2", 35, 0, 64, **TINY["mamba2"])))
+
+
+def test_train_tiny_shape_flag_and_unknown_config_fields(tmp_path: Path) -> None:
+    from mambascope.cli import _shape_overrides
+    from mambascope.models.train_task import train_task
+
+    assert _shape_overrides(["n_embd=128", "initializer_range=0.06"]) == {"n_embd": 128, "initializer_range": 0.06}
+    assert _shape_overrides(None) == {}
+    for bad in ("n_embd", "n_embd=wide"):
+        with pytest.raises(ValueError, match="expected KEY=NUMBER"):
+            _shape_overrides([bad])
+    with pytest.raises(ValueError, match=r"unknown GPT2Config fields \['n_embed'\]"):
+        train_task("gpt2", "mqar", tmp_path, steps=1, config_overrides={"n_embed": 32}, log=lambda _: None)
+    with pytest.raises(ValueError, match="train_queries applies to task mqar only"):
+        train_task("gpt2", "copy", tmp_path, steps=1, train_queries=16, log=lambda _: None)

@@ -607,6 +607,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return FAILED if comparison["errors"] else OK
 
 
+def _shape_overrides(items: list[str] | None) -> dict[str, int | float]:
+    """``--shape hidden_size=128 initializer_range=0.05`` as config overrides (numbers)."""
+    overrides: dict[str, int | float] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        try:
+            overrides[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--shape {item!r}: expected KEY=NUMBER, e.g. hidden_size=128")
+    return overrides
+
+
 def _cmd_train_tiny(args: argparse.Namespace) -> int:
     from mambascope.models import train_tiny
 
@@ -619,7 +633,12 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
 
             stats = train_task(args.arch, args.task, out.staging, seq_len=args.seq_len, num_pairs=args.num_pairs,
                                steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                               device=args.device, num_threads=args.threads)
+                               device=args.device, num_threads=args.threads, min_pairs=args.min_pairs,
+                               curriculum=args.curriculum, reference_init=args.reference_init,
+                               sinusoidal_positions=args.sinusoidal_positions, train_queries=args.train_queries,
+                               unit_decay=args.unit_decay,
+                               weight_decay=args.weight_decay, warmup=args.warmup,
+                               config_overrides=_shape_overrides(args.shape))
         else:
             stats = train_tiny(args.arch, out.staging, steps=args.steps, batch_size=args.batch_size,
                                seq_len=args.seq_len, lr=args.lr, seed=args.seed, device=args.device,
@@ -712,6 +731,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, choices=["mqar", "copy"],
                    help="train on a synthetic task (mambascope.data.tasks) instead of the corpus")
     p.add_argument("--num-pairs", type=int, default=8, help="MQAR key-value pairs per example (default: %(default)s)")
+    p.add_argument("--min-pairs", type=int, default=None,
+                   help="--task mqar: train on every pair count from this to --num-pairs, mixed in each batch")
+    p.add_argument("--curriculum", default="mix", choices=["mix", "grow"],
+                   help="with --min-pairs: mix the pair counts in each batch, or grow from --min-pairs as each is "
+                        "learnt (default: %(default)s)")
+    p.add_argument("--reference-init", action="store_true",
+                   help="--task, Mamba: initialise the mixers' in_proj/x_proj as the reference mamba_ssm code does")
+    p.add_argument("--sinusoidal-positions", action="store_true",
+                   help="--task, GPT-2: start the learned position embeddings as sinusoids")
+    p.add_argument("--train-queries", type=int, default=None,
+                   help="--task mqar: queries per training example (default: one per pair; held-out: one per pair)")
+    p.add_argument("--unit-decay", action="store_true",
+                   help="--task, Mamba-1: start every state dimension at A = -1 instead of S4D-real -(1..N)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
+    p.add_argument("--shape", nargs="+", default=None, metavar="KEY=NUMBER",
+                   help="--task: override config fields, e.g. hidden_size=128 initializer_range=0.05 "
+                        "(train_task.TASK_SHAPES)")
     p.set_defaults(func=_cmd_train_tiny)
     return parser
 

@@ -97,14 +97,17 @@ def _ids(num_keys: int, num_values: int) -> dict[str, int]:
 
 
 def _mqar(n: int, seq_len: int, num_pairs: int, num_keys: int, num_values: int,
-          gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+          gen: torch.Generator, num_queries: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     ids = _ids(num_keys, num_values)
     region = seq_len - 1 - 2 * num_pairs
+    n_q = num_pairs if num_queries is None else num_queries
     if num_pairs < 1 or num_pairs > num_keys:
         raise ValueError(f"num_pairs must be in 1..{num_keys} (distinct keys), got {num_pairs}")
-    if region < 2 * num_pairs:
-        raise ValueError(f"seq_len {seq_len} is too short for {num_pairs} pairs and their queries: "
-                         f"need at least {1 + 4 * num_pairs}")
+    if n_q < num_pairs:
+        raise ValueError(f"num_queries must be at least num_pairs ({num_pairs}): every key is queried, got {n_q}")
+    if region < 2 * n_q:
+        raise ValueError(f"seq_len {seq_len} is too short for {num_pairs} pairs and {n_q} queries: "
+                         f"need at least {1 + 2 * num_pairs + 2 * n_q}")
     D = num_pairs
     keys = torch.rand(n, num_keys, generator=gen).argsort(1)[:, :D] + ids["key0"]  # distinct per row
     values = torch.randint(0, num_values, (n, D), generator=gen) + ids["value0"]
@@ -113,10 +116,12 @@ def _mqar(n: int, seq_len: int, num_pairs: int, num_keys: int, num_values: int,
     pair_key_pos = 1 + 2 * torch.arange(D)
     x[:, pair_key_pos] = keys
     x[:, pair_key_pos + 1] = values
-    which = torch.rand(n, D, generator=gen).argsort(1)  # query i asks for pair which[:, i]
+    # Query i asks for pair which[:, i]: a random order of Q slots, pair j taking the slots ≡ j (mod D), so
+    # every key is asked ⌊Q/D⌋ or ⌈Q/D⌉ times (once each when Q = D).
+    which = torch.rand(n, n_q, generator=gen).argsort(1) % D
     # Q non-overlapping 2-token slots in a region of R: sorted distinct c_i in [0, R-Q), start_i = c_i + i.
-    c = torch.rand(n, region - D, generator=gen).argsort(1)[:, :D].sort(1).values
-    query = 1 + 2 * D + c + torch.arange(D)
+    c = torch.rand(n, region - n_q, generator=gen).argsort(1)[:, :n_q].sort(1).values
+    query = 1 + 2 * D + c + torch.arange(n_q)
     rows = torch.arange(n)[:, None]
     x[rows, query] = keys.gather(1, which)  # the token after a query stays filler: answers never leak
     key_pos = pair_key_pos[which]
@@ -141,11 +146,13 @@ def _copy(n: int, seq_len: int, num_keys: int, num_values: int,
 
 
 def generate(task: str, n: int, seq_len: int = 64, *, num_pairs: int = 8, seed: int = 0,
-             num_keys: int = NUM_KEYS, num_values: int = NUM_VALUES) -> TaskBatch:
+             num_keys: int = NUM_KEYS, num_values: int = NUM_VALUES, num_queries: int | None = None) -> TaskBatch:
     """``n`` seeded examples of ``task`` ("mqar" or "copy") of ``seq_len`` tokens (module docstring).
 
-    ``num_pairs`` (MQAR only): key–value pairs per example, each queried once.  Copy repeats
-    (seq_len − 2)/2 distinct symbols.
+    ``num_pairs`` (MQAR only): key–value pairs per example, each queried once.  ``num_queries`` (MQAR only,
+    default ``num_pairs``): more queries per example, every key asked ⌊Q/D⌋ or ⌈Q/D⌉ times (a denser
+    training signal; ``None`` gives exactly the examples of earlier versions for the same seed).  Copy
+    repeats (seq_len − 2)/2 distinct symbols.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
@@ -153,7 +160,7 @@ def generate(task: str, n: int, seq_len: int = 64, *, num_pairs: int = 8, seed: 
         raise ValueError(f"n must be positive, got {n}")
     gen = torch.Generator().manual_seed(seed)
     if task == "mqar":
-        x, query, key_pos, value_pos = _mqar(n, seq_len, num_pairs, num_keys, num_values, gen)
+        x, query, key_pos, value_pos = _mqar(n, seq_len, num_pairs, num_keys, num_values, gen, num_queries)
     else:
         x, query, key_pos, value_pos = _copy(n, seq_len, num_keys, num_values, gen)
     rows = torch.arange(n)[:, None]

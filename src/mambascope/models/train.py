@@ -64,20 +64,19 @@ def build_config(arch: str, vocab_size: int, special_id: int, seq_len: int, **ov
 
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
-    shape = {**DEFAULT_SHAPES[arch], **overrides}
+    # initializer_range (std of the N(0, σ) weight init) may be overridden like any shape field.
+    shape = {"initializer_range": 0.02, **DEFAULT_SHAPES[arch], **overrides}
     ids = {"bos_token_id": special_id, "eos_token_id": special_id, "pad_token_id": special_id}
     if arch == "mamba":
-        return MambaConfig(vocab_size=vocab_size, tie_word_embeddings=True, initializer_range=0.02,
-                           **ids, **shape)
+        return MambaConfig(vocab_size=vocab_size, tie_word_embeddings=True, **ids, **shape)
     if arch == "mamba2":
-        return Mamba2Config(vocab_size=vocab_size, tie_word_embeddings=True, initializer_range=0.02,
-                            **ids, **shape)
+        return Mamba2Config(vocab_size=vocab_size, tie_word_embeddings=True, **ids, **shape)
     if arch == "bamba":
-        return BambaConfig(vocab_size=vocab_size, tie_word_embeddings=True, initializer_range=0.02, **ids, **shape)
+        return BambaConfig(vocab_size=vocab_size, tie_word_embeddings=True, **ids, **shape)
     # GPT-2 has learned absolute positions: the context is the training length, so longer inputs fail
     # loudly (index error) rather than running on untrained position embeddings.
     shape.setdefault("n_positions", seq_len)
-    return GPT2Config(vocab_size=vocab_size, tie_word_embeddings=True, initializer_range=0.02,
+    return GPT2Config(vocab_size=vocab_size, tie_word_embeddings=True,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids, **shape)
 
 
