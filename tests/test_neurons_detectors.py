@@ -122,16 +122,35 @@ def test_ngram_ids_encoding():
 
 
 def test_count_table_matches_counter():
+    """Rows of counts per n-gram, added in batches with new and repeated n-grams, merged and cloned, against a
+    Counter of (neuron, n-gram) events; the float32 rows turn float64 before a count could pass 2²⁴ (where
+    float32 integers stop being exact)."""
     g = torch.Generator().manual_seed(0)
-    table, other, expected = CountTable(), CountTable(), Counter()
-    for i in range(5):
-        keys = torch.randint(0, 30, (40,), generator=g)
-        expected.update(keys.tolist())
-        u, c = torch.unique(keys, return_counts=True)
-        (table if i % 2 else other).add(u, c)
-    table.merge(other)
-    assert dict(zip(table.keys.tolist(), table.counts.tolist(), strict=True)) == dict(expected)
-    assert table.keys.tolist() == sorted(expected)
+    E, M = 3, 50
+    table, other, expected = CountTable(E, M), CountTable(E, M), Counter()
+    for i in range(7):
+        grams = torch.unique(torch.randint(0, M, (12,), generator=g))
+        counts = torch.randint(0, 3, (grams.numel(), E), generator=g, dtype=torch.int32)
+        for r, gram in enumerate(grams.tolist()):
+            for e in range(E):
+                expected[(e, gram)] += int(counts[r, e])
+        (table if i % 2 else other).count_rows(grams, counts, 2)
+    table.merge(other.clone())
+    neuron, gram, count = table.entries()
+    assert dict(zip(zip(neuron.tolist(), gram.tolist()), count.tolist(), strict=True)) == {
+        k: v for k, v in expected.items() if v}
+    assert list(zip(neuron.tolist(), gram.tolist())) == sorted(k for k, v in expected.items() if v)
+    assert table.ids.tolist() == sorted(set(table.ids.tolist()))  # the index stays sorted and distinct
+    assert table.values.dtype == torch.float32
+    table.count(torch.tensor([7, -1, 7]), torch.ones(3, E, dtype=torch.int32), 2**24)  # −1: a slot without n-gram
+    table.count(torch.tensor([M + 1]), torch.tensor([[0, 1, 0]], dtype=torch.int32), 1)  # lands in the cleared row
+    assert table.values.dtype == torch.float64
+    for e in range(E):
+        expected[(e, 7)] += 2
+    expected[(1, M + 1)] += 1
+    neuron, gram, count = table.entries()
+    assert dict(zip(zip(neuron.tolist(), gram.tolist()), count.tolist(), strict=True)) == {
+        k: v for k, v in expected.items() if v}
 
 
 def test_batch_size_and_merge_invariance():

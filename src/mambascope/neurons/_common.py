@@ -56,6 +56,98 @@ def within_segment_cumsum_before(segment: Tensor, value: Tensor, n_segments: int
     return value.cumsum(0) - value - offset[segment]
 
 
+def _merge_sorted(a: Tensor, a_rows: Tensor, b: Tensor, b_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge ascending ``a`` and ``b`` (disjoint values) with their payloads: O(|a| + |b|), no sort."""
+    at = torch.searchsorted(a, b) + torch.arange(b.numel(), device=b.device)  # b's places in the result
+    out, rows = a.new_empty(a.numel() + b.numel()), a_rows.new_empty(a.numel() + b.numel())
+    from_a = torch.ones(out.numel(), dtype=torch.bool, device=a.device)
+    from_a[at] = False
+    out[at], rows[at] = b, b_rows
+    out[from_a], rows[from_a] = a, a_rows
+    return out, rows
+
+
+class KeyedRows:
+    """Sums of ``width`` values per int64 key (an n-gram or token id), one dense row for each key seen.
+
+    ``values`` [capacity, width] holds the rows in the order their keys first appeared (allocated by
+    doubling); ``ids`` [G] (ascending) and ``rows`` [G] find a batch's keys with one ``searchsorted``, and
+    new keys are merged into them without re-sorting.  Memory: width·itemsize + 16 bytes per key seen (×2
+    while rows double), so a table over a vocabulary costs what the corpus uses of it, not V·width.
+    Rows are summed with ``index_add_`` in the order given, as a dense [V, width] table would be.
+    """
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.width = width
+        self.values = torch.zeros(0, width, dtype=dtype, device=device)
+        self.ids = torch.zeros(0, dtype=torch.long, device=device)
+        self.rows = torch.zeros(0, dtype=torch.long, device=device)
+
+    @property
+    def size(self) -> int:
+        return self.ids.numel()
+
+    def _reserve(self, rows: int) -> None:
+        if rows > self.values.shape[0]:  # double: amortized O(1) copies per row
+            grown = self.values.new_zeros(max(2 * self.values.shape[0], rows, 64), self.width)
+            grown[:self.size] = self.values[:self.size]
+            self.values = grown
+
+    def rows_for(self, ids: Tensor) -> Tensor:
+        """Rows [G] of the distinct ascending ``ids`` [G], given rows of their own when new."""
+        ids = ids.to(self.ids.device)
+        place = torch.searchsorted(self.ids, ids).clamp_max(max(self.size - 1, 0))
+        row = torch.full_like(ids, -1)
+        if self.size:
+            hit = self.ids[place] == ids
+            row[hit] = self.rows[place[hit]]
+        new = row < 0
+        n_new = int(new.sum())
+        if n_new:
+            row[new] = torch.arange(self.size, self.size + n_new, device=row.device)
+            self._reserve(self.size + n_new)
+            self.ids, self.rows = _merge_sorted(self.ids, self.rows, ids[new], row[new])
+        return row
+
+    def add(self, ids: Tensor, values: Tensor) -> None:
+        """Add ``values`` [S, width] at the keys ``ids`` [S] (repeats summed; a negative id skips its row)."""
+        keys, inverse = torch.unique(ids.to(self.ids.device), return_inverse=True)
+        skip = bool(keys.numel()) and int(keys[0]) < 0  # the skipped rows' key sorts first
+        rows = self.rows_for(keys[int(skip):])
+        if skip:  # they land in the first free row, cleared again after
+            self._reserve(self.size + 1)
+            rows = torch.cat([rows.new_tensor([self.size]), rows])
+        self.values.index_add_(0, rows[inverse], values.to(self.values.device, self.values.dtype))
+        if skip:
+            self.values[self.size] = 0
+
+    def add_rows(self, ids: Tensor, values: Tensor) -> None:
+        """Add ``values`` [G, width] at the distinct ascending keys ``ids`` [G]."""
+        rows = self.rows_for(ids)  # first: it may grow (replace) self.values
+        self.values.index_add_(0, rows, values.to(self.values.device, self.values.dtype))
+
+    def by_id(self) -> tuple[Tensor, Tensor]:
+        """(ids [G] ascending, their rows of values [G, width])."""
+        return self.ids, self.values[self.rows]
+
+    def merge(self, other: KeyedRows) -> KeyedRows:
+        self.add_rows(*other.by_id())
+        return self
+
+    def clone(self) -> KeyedRows:
+        copy = type(self).__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.values, copy.ids, copy.rows = self.values[:self.size].clone(), self.ids.clone(), self.rows.clone()
+        return copy
+
+    def dense(self, n_ids: int, columns: Tensor | None = None) -> Tensor:
+        """[n_ids, width] (or the ``columns``) with zero rows for the keys never seen; keys must be < n_ids."""
+        values = self.values[:self.size] if columns is None else self.values[:self.size][:, columns]
+        out = values.new_zeros(n_ids, values.shape[1])
+        out[self.ids] = values[self.rows]
+        return out
+
+
 class Accumulator:
     """Base of the streaming accumulators: ``update(batch)``, ``merge(other) -> self``, ``finalize() -> dict``.
 
@@ -92,7 +184,7 @@ class Accumulator:
         if dt:
             assert batch.dt is not None
             check_finite(batch.dt, batch.valid, "Δ (dt)", label)
-        else:
+        elif not bool(torch.isfinite(batch.valid_post_sum).all()):  # the shared sum: NaN/Inf make it non-finite
             check_finite(batch.post, batch.valid, "post (the neuron activation)", label)
 
     def _require_data(self) -> None:
@@ -122,7 +214,7 @@ class Accumulator:
             self.n_tokens = other.n_tokens
             for name in self._state:
                 value = getattr(other, name)
-                setattr(self, name, value.clone() if isinstance(value, Tensor) else value)
+                setattr(self, name, value.clone() if isinstance(value, Tensor | KeyedRows) else value)
             self._adopt_extra(other)
             return self
         if other.n_neurons != self.n_neurons:
@@ -137,4 +229,7 @@ class Accumulator:
     def _merge_state(self, other: Accumulator) -> None:
         for name in self._state:
             mine = getattr(self, name)
-            setattr(self, name, mine + getattr(other, name).to(mine.device))
+            if isinstance(mine, KeyedRows):
+                mine.merge(getattr(other, name))
+            else:
+                setattr(self, name, mine + getattr(other, name).to(mine.device))

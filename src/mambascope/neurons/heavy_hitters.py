@@ -1,10 +1,10 @@
 """Bounded-memory (neuron, n-gram) counts: a Misra–Gries heavy-hitter summary per neuron (docs/census.md).
 
-The exact count tables of the token-detector test (``detectors.CountTable``, 16 bytes per distinct
-(neuron, n-gram) pair) grow with the corpus.  ``HeavyHitterTable`` keeps at most ``capacity`` counters per
+The exact count tables of the token-detector test (``detectors.CountTable``, ~4·E bytes per distinct
+n-gram) grow with the corpus.  ``HeavyHitterTable`` keeps at most ``capacity`` counters per
 neuron: the mergeable Misra–Gries summary (Misra & Gries 1982; merge rule of Agarwal et al. 2012,
-"Mergeable summaries").  Updates are buffered and reduced like ``CountTable``'s; a reduction of neuron e
-subtracts δ_e, the (capacity+1)-th largest of its counters, from all of them and drops those ≤ 0.
+"Mergeable summaries").  Updates (keys neuron·Vⁿ + n-gram id) are buffered and reduced together (``torch.unique``
+once the buffer is as large as the summary); a reduction of neuron e subtracts δ_e, the (capacity+1)-th largest of its counters, from all of them and drops those ≤ 0.
 
 Error bound (per neuron e, N_e its activations with an n-gram, exact; Δ_e = Σ δ_e, tracked exactly): every
 kept count ĉ satisfies ĉ ≤ c ≤ ĉ + Δ_e, a dropped n-gram has c ≤ Δ_e, and Δ_e ≤ (N_e − Σ ĉ) / (capacity+1)
@@ -35,8 +35,9 @@ METHOD = "Misra-Gries heavy hitters per neuron (mergeable; Agarwal et al. 2012)"
 class HeavyHitterTable:
     """At most ``capacity`` (n-gram, count) counters per neuron; keys neuron·``modulus`` + n-gram id.
 
-    The interface of ``detectors.CountTable`` (``add``, ``compact``, ``merge``, ``clone``, sorted ``keys`` and
-    ``counts`` after ``compact``), plus ``totals`` N_e (exact) and ``decrement`` Δ_e [E] (see module doc).
+    The interface of ``detectors.CountTable`` (``count``, ``entries``, ``merge``, ``clone``), plus ``add``
+    of (key, count) pairs, sorted ``keys`` and ``counts`` after ``compact``, ``totals`` N_e (exact) and
+    ``decrement`` Δ_e [E] (see module doc).
     Memory: at most 16·capacity·E bytes after a reduction, plus the update buffer.
     """
 
@@ -53,6 +54,20 @@ class HeavyHitterTable:
     def add(self, keys: Tensor, counts: Tensor) -> None:
         self.totals.index_add_(0, (keys // self.modulus).to(self.totals.device), counts.to(self.totals.device))
         self._push(keys, counts)
+
+    def count(self, ids: Tensor, activity: Tensor, at_most: int = 0) -> None:
+        """Add ``activity`` [S, E] of slots whose n-grams are ``ids`` [S] (−1: none), as ``CountTable.count``."""
+        grams, inverse = torch.unique(ids, return_inverse=True)
+        counts = torch.zeros(grams.numel(), activity.shape[1], dtype=torch.long, device=activity.device)
+        counts.index_add_(0, inverse, activity.long())
+        skip = int(bool(grams.numel()) and int(grams[0]) < 0)
+        row, neuron = counts[skip:].nonzero(as_tuple=True)
+        self.add(neuron * self.modulus + grams[skip:][row], counts[skip:][row, neuron])
+
+    def entries(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(neuron, n-gram id, kept count ĉ) of every counter, sorted by neuron then id."""
+        self.compact()
+        return self.keys // self.modulus, self.keys % self.modulus, self.counts
 
     def _push(self, keys: Tensor, counts: Tensor) -> None:
         self._pending.append((keys, counts))
@@ -149,9 +164,9 @@ class BoundedTokenDetectorAccumulator(TokenDetectorAccumulator):
         super().update(batch)
         if fresh:  # the first batch created exact tables: from now on orders >= 2 are summaries
             for n in self._orders[1:]:
-                exact = self.tables[n].compact()
-                table = HeavyHitterTable(self.capacity, self.vocab_size**n, self.n_neurons, exact.keys.device)
-                table.add(exact.keys, exact.counts)
+                neuron, gram, count = self.tables[n].entries()
+                table = HeavyHitterTable(self.capacity, self.vocab_size**n, self.n_neurons, count.device)
+                table.add(neuron * self.vocab_size**n + gram, count)
                 self.tables[n] = table.compact()
 
     def finalize(self) -> dict[str, Any]:
