@@ -67,25 +67,30 @@ def _merge_sorted(a: Tensor, a_rows: Tensor, b: Tensor, b_rows: Tensor) -> tuple
     return out, rows
 
 
+# Key spaces up to this size are looked up in a direct [keys] → row array (8 bytes a key: 8 MiB) instead of
+# a sorted index: token ids (a vocabulary) always, n-grams of order >= 2 only for toy vocabularies.
+DIRECT_KEYS = 1 << 20
+
+
 class KeyedRows:
-    """Sums of ``width`` values per int64 key (an n-gram or token id), one dense row for each key seen.
+    """Sums of ``width`` values per int64 key in [0, ``key_space``) (an n-gram or token id), one dense row for
+    each key seen.
 
     ``values`` [capacity, width] holds the rows in the order their keys first appeared (allocated by
-    doubling); ``ids`` [G] (ascending) and ``rows`` [G] find a batch's keys with one ``searchsorted``, and
-    new keys are merged into them without re-sorting.  Memory: width·itemsize + 16 bytes per key seen (×2
+    doubling).  A key's row is found in a direct array ``index`` [key_space] (−1: unseen) when the key
+    space is at most ``DIRECT_KEYS``, else by one ``searchsorted`` in ``ids`` [G] (ascending) / ``rows`` [G],
+    into which new keys are merged without re-sorting.  Memory: width·itemsize (+16) bytes per key seen (×2
     while rows double), so a table over a vocabulary costs what the corpus uses of it, not V·width.
     Rows are summed with ``index_add_`` in the order given, as a dense [V, width] table would be.
     """
 
-    def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        self.width = width
+    def __init__(self, width: int, dtype: torch.dtype, key_space: int, device: torch.device | str = "cpu") -> None:
+        self.width, self.key_space, self.size = width, key_space, 0
         self.values = torch.zeros(0, width, dtype=dtype, device=device)
-        self.ids = torch.zeros(0, dtype=torch.long, device=device)
+        self.index = torch.full((key_space,), -1, dtype=torch.long, device=device) if key_space <= DIRECT_KEYS \
+            else None
+        self.ids = torch.zeros(0, dtype=torch.long, device=device)  # sorted index (unused with a direct one)
         self.rows = torch.zeros(0, dtype=torch.long, device=device)
-
-    @property
-    def size(self) -> int:
-        return self.ids.numel()
 
     def _reserve(self, rows: int) -> None:
         if rows > self.values.shape[0]:  # double: amortized O(1) copies per row
@@ -93,32 +98,53 @@ class KeyedRows:
             grown[:self.size] = self.values[:self.size]
             self.values = grown
 
+    def _insert(self, new: Tensor) -> Tensor:
+        """Give the distinct ascending unseen keys ``new`` rows of their own; returns the rows."""
+        rows = torch.arange(self.size, self.size + new.numel(), device=new.device)
+        self._reserve(self.size + new.numel())
+        if self.index is not None:
+            self.index[new] = rows
+        else:
+            self.ids, self.rows = _merge_sorted(self.ids, self.rows, new, rows)
+        self.size += new.numel()
+        return rows
+
     def rows_for(self, ids: Tensor) -> Tensor:
         """Rows [G] of the distinct ascending ``ids`` [G], given rows of their own when new."""
-        ids = ids.to(self.ids.device)
-        place = torch.searchsorted(self.ids, ids).clamp_max(max(self.size - 1, 0))
-        row = torch.full_like(ids, -1)
-        if self.size:
-            hit = self.ids[place] == ids
-            row[hit] = self.rows[place[hit]]
+        ids = ids.to(self.values.device)
+        if self.index is not None:
+            row = self.index[ids]
+        else:
+            place = torch.searchsorted(self.ids, ids).clamp_max(max(self.size - 1, 0))
+            row = torch.full_like(ids, -1)
+            if self.size:
+                hit = self.ids[place] == ids
+                row[hit] = self.rows[place[hit]]
         new = row < 0
-        n_new = int(new.sum())
-        if n_new:
-            row[new] = torch.arange(self.size, self.size + n_new, device=row.device)
-            self._reserve(self.size + n_new)
-            self.ids, self.rows = _merge_sorted(self.ids, self.rows, ids[new], row[new])
+        if bool(new.any()):
+            row[new] = self._insert(ids[new])
         return row
 
     def add(self, ids: Tensor, values: Tensor) -> None:
         """Add ``values`` [S, width] at the keys ``ids`` [S] (repeats summed; a negative id skips its row)."""
-        keys, inverse = torch.unique(ids.to(self.ids.device), return_inverse=True)
-        skip = bool(keys.numel()) and int(keys[0]) < 0  # the skipped rows' key sorts first
-        rows = self.rows_for(keys[int(skip):])
-        if skip:  # they land in the first free row, cleared again after
+        ids = ids.to(self.values.device)
+        skip = ids < 0
+        skipping = bool(skip.any())
+        if self.index is not None:  # direct: look every slot up, insert the unseen keys (few after a while)
+            slot_rows = self.index[ids.clamp_min(0)]
+            new = (slot_rows < 0) & ~skip
+            if bool(new.any()):
+                self._insert(torch.unique(ids[new]))
+                slot_rows = self.index[ids.clamp_min(0)]
+        else:  # sorted: one lookup per distinct key of the batch
+            keys, inverse = torch.unique(torch.where(skip, -1, ids), return_inverse=True)
+            rows = self.rows_for(keys[int(skipping):])
+            slot_rows = (torch.cat([rows.new_tensor([-1]), rows]) if skipping else rows)[inverse]
+        if skipping:  # the skipped rows land in the first free row, cleared again after
             self._reserve(self.size + 1)
-            rows = torch.cat([rows.new_tensor([self.size]), rows])
-        self.values.index_add_(0, rows[inverse], values.to(self.values.device, self.values.dtype))
-        if skip:
+            slot_rows = torch.where(skip, self.size, slot_rows)
+        self.values.index_add_(0, slot_rows, values.to(self.values.device, self.values.dtype))
+        if skipping:
             self.values[self.size] = 0
 
     def add_rows(self, ids: Tensor, values: Tensor) -> None:
@@ -128,6 +154,9 @@ class KeyedRows:
 
     def by_id(self) -> tuple[Tensor, Tensor]:
         """(ids [G] ascending, their rows of values [G, width])."""
+        if self.index is not None:
+            ids = (self.index >= 0).nonzero().flatten()
+            return ids, self.values[self.index[ids]]
         return self.ids, self.values[self.rows]
 
     def merge(self, other: KeyedRows) -> KeyedRows:
@@ -136,15 +165,17 @@ class KeyedRows:
 
     def clone(self) -> KeyedRows:
         copy = type(self).__new__(type(self))
-        copy.__dict__.update(self.__dict__)
-        copy.values, copy.ids, copy.rows = self.values[:self.size].clone(), self.ids.clone(), self.rows.clone()
+        copy.__dict__.update({name: value.clone() if isinstance(value, Tensor) else value
+                              for name, value in self.__dict__.items()})
+        copy.values = self.values[:self.size].clone()
         return copy
 
-    def dense(self, n_ids: int, columns: Tensor | None = None) -> Tensor:
-        """[n_ids, width] (or the ``columns``) with zero rows for the keys never seen; keys must be < n_ids."""
-        values = self.values[:self.size] if columns is None else self.values[:self.size][:, columns]
-        out = values.new_zeros(n_ids, values.shape[1])
-        out[self.ids] = values[self.rows]
+    def dense(self, columns: Tensor | None = None) -> Tensor:
+        """[key_space, width] (or the ``columns``), zero for the keys never seen."""
+        ids, values = self.by_id()
+        values = values if columns is None else values[:, columns]
+        out = values.new_zeros(self.key_space, values.shape[1])
+        out[ids] = values
         return out
 
 

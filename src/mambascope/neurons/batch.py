@@ -135,15 +135,20 @@ class NeuronBatch:
         """[b·L − n] indices of the other token slots."""
         return (~self.valid).reshape(-1).nonzero().flatten()
 
+    def valid_of(self, x: Tensor) -> Tensor:
+        """[n, C] rows of ``x`` [b, L, C] at the valid tokens (a view when every token is valid)."""
+        flat = x.reshape(-1, x.shape[-1])
+        return flat if self.invalid_rows.numel() == 0 else flat.index_select(0, self.valid_rows)
+
     @cached_property
     def valid_post(self) -> Tensor:
         """[n, E] float64: ``post`` on the n valid tokens (row-major), float64 so sums do not depend on batching."""
-        return self.post.reshape(-1, self.n_neurons).index_select(0, self.valid_rows).to(torch.float64)
+        return self.valid_of(self.post).to(torch.float64)
 
     @cached_property
     def valid_active(self) -> Tensor:
         """[n, E] bool: ``active`` on the valid tokens."""
-        return self.active.reshape(-1, self.n_neurons).index_select(0, self.valid_rows)
+        return self.valid_of(self.active)
 
     @cached_property
     def active_on_valid(self) -> Tensor:

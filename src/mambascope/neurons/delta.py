@@ -66,7 +66,7 @@ class DeltaAccumulator(Accumulator):
         """Add the Δ of one batch (``batch.dt`` [b,L,C]); valid tokens only. Δ must be > 0 (ln Δ)."""
         if batch.dt is None:
             raise ValueError(f"{self._where()}: the batch has no Δ (dt); trace 'mixer.hook_dt' (Mamba only)")
-        dt = batch.dt.reshape(-1, batch.dt.shape[-1]).index_select(0, batch.valid_rows).to(torch.float64)  # [n, C]
+        dt = batch.valid_of(batch.dt).to(torch.float64)  # [n, C]
         total = dt.sum(0)
         if not bool(torch.isfinite(total).all()):  # a NaN/Inf on a valid token: name the first
             self._check_finite(batch, dt=True)
@@ -111,7 +111,7 @@ class DeltaAccumulator(Accumulator):
                 f"(V={V} × {width} {self.unit}s × float64) > max_table_bytes={self.max_table_bytes}; "
                 "pass token_channels=[...] (e.g. the top-k of an earlier run), token_channels=None, "
                 "or a larger max_table_bytes")
-        self.token_sum = KeyedRows(width, torch.float64, device)  # rows for the token types seen only
+        self.token_sum = KeyedRows(width, torch.float64, V, device)  # rows for the token types seen only
 
     @property
     def _tracked(self) -> Tensor | None:
@@ -149,7 +149,7 @@ class DeltaAccumulator(Accumulator):
             has = cols >= 0
             if bool(has.any()):
                 count = self.token_count.double()
-                sums = self.token_sum.dense(self.vocab_size, cols[has].to(count.device))  # [V, k']
+                sums = self.token_sum.dense(cols[has].to(count.device))  # [V, k']
                 means = sums / count.clamp_min(1)[:, None]
                 eligible = (self.token_count >= self.min_occurrences)[:, None].expand_as(means)
                 means = torch.where(eligible, means, float("-inf"))

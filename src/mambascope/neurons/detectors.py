@@ -61,7 +61,7 @@ class CountTable(KeyedRows):
     """
 
     def __init__(self, n_neurons: int, modulus: int, device: torch.device | str = "cpu") -> None:
-        super().__init__(n_neurons, torch.float32, device)
+        super().__init__(n_neurons, torch.float32, modulus, device)
         self.modulus = modulus
         self.bound = 0  # no count exceeds this: the slots counted so far
 
@@ -128,6 +128,32 @@ def cover_counts(neuron: Tensor, counts: Tensor, n_neurons: int, coverage: float
     needed_row = before.double() < coverage * total[seg].double()
     needed = torch.zeros_like(total).index_add_(0, seg, needed_row.long())
     return needed, total
+
+
+def cover_columns(values: Tensor, coverage: float) -> tuple[Tensor, Tensor]:
+    """:func:`cover_counts` from dense counts ``values`` [G, E] (integers in a float dtype, exact), no sort.
+
+    With target = coverage·total_e and f(c) the sum of the counts >= c, let c* be the largest c with
+    f(c) >= target (a bisection over the count values, one pass over ``values`` a step).  Taking the counts
+    in descending order, all those > c* sum to f(c* + 1) < target and r more of value c* are needed, the
+    fewest with f(c* + 1) + r·c* >= target; needed = #{counts > c*} + r.  Returns (needed, total) [E] int64.
+    """
+    v = values.to(torch.float64) if values.dtype not in (torch.float32, torch.float64) else values
+    total = v.sum(0, dtype=torch.float64)
+    target = coverage * total
+    lo = torch.ones_like(total)  # f(1) = total >= target
+    hi = v.amax(0).to(torch.float64).clamp_min(1) if v.numel() else lo.clone()
+    while bool((lo < hi).any()):
+        mid = torch.floor((lo + hi + 1) / 2)
+        enough = torch.where(v >= mid.to(v.dtype), v, 0).sum(0, dtype=torch.float64) >= target
+        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid - 1)
+    above = v > lo.to(v.dtype)
+    taken = torch.where(above, v, 0).sum(0, dtype=torch.float64)
+    r = torch.ceil((target - taken) / lo)
+    r = torch.where(taken + (r - 1) * lo >= target, r - 1, r)  # the division may be one ulp off
+    r = torch.where(taken + r * lo < target, r + 1, r)
+    needed = above.sum(0) + r.long()
+    return torch.where(total > 0, needed, 0), total.long()
 
 
 class TokenDetectorAccumulator(Accumulator):
@@ -213,15 +239,37 @@ class TokenDetectorAccumulator(Accumulator):
         """(neuron, n-gram id, count) rows of order n, sorted by neuron then id."""
         return self.tables[n].entries()
 
+    def _cover(self, n: int) -> tuple[Tensor, Tensor]:
+        """(needed, total) [E] of order n (:func:`cover_counts`)."""
+        table = self.tables[n]
+        if isinstance(table, CountTable):
+            return cover_columns(table.by_id()[1], self.coverage)
+        neuron, _, count = self._table(n)
+        return cover_counts(neuron, count, self.n_neurons, self.coverage)
+
+    def _qualifying(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(neuron, token, count, occurrences) of every (neuron, token type) that passes the precision test,
+        ordered by neuron then token, and the activations A_e [E]."""
+        table = self.tables[1]
+        if isinstance(table, CountTable):  # test the dense rows, then list the (few) passing pairs
+            ids, values = table.by_id()
+            occ = self.occurrences[ids]
+            qualifies = ((occ >= self.min_occurrences)[:, None]
+                         & (values.double() >= self.min_precision * occ.double()[:, None]))
+            activations = values.sum(0, dtype=torch.float64).long()
+            row, neuron = qualifies.T.nonzero(as_tuple=True)[::-1]
+            return neuron, ids[row], values[row, neuron].long(), occ[row], activations
+        neuron, token, count = self._table(1)
+        occ = self.occurrences[token]
+        qualifies = (occ >= self.min_occurrences) & (count.double() >= self.min_precision * occ.double())
+        activations = torch.zeros(self.n_neurons, dtype=torch.long, device=count.device).index_add_(0, neuron, count)
+        return neuron[qualifies], token[qualifies], count[qualifies], occ[qualifies], activations
+
     def detectors(self) -> dict[str, Tensor]:
         """Detector test as tensors: ``is_detector`` [E] bool, ``activations`` A_e [E], and one row per
         trigger (``neuron``, ``token``, ``count``, ``occurrences``) grouped by neuron, count descending."""
         E = self.n_neurons
-        neuron, token, count = self._table(1)
-        occ = self.occurrences[token]
-        qualifies = (occ >= self.min_occurrences) & (count.double() >= self.min_precision * occ.double())
-        activations = torch.zeros(E, dtype=torch.long, device=count.device).index_add_(0, neuron, count)
-        neuron, token, count, occ = neuron[qualifies], token[qualifies], count[qualifies], occ[qualifies]
+        neuron, token, count, occ, activations = self._qualifying()
         order = segment_order(neuron, count)
         neuron, token, count, occ = neuron[order], token[order], count[order], occ[order]
         per_neuron = torch.bincount(neuron, minlength=E)
@@ -282,8 +330,7 @@ class TokenDetectorAccumulator(Accumulator):
             "ngram_coverage": {},
         }
         for n in self.ngram_orders:
-            neuron, _, count = self._table(n)
-            needed, total = cover_counts(neuron, count, self.n_neurons, self.coverage)
+            needed, total = self._cover(n)
             has = total > 0
             values = needed[has].double()
             result["ngram_coverage"][str(n)] = {

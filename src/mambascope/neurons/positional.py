@@ -159,14 +159,19 @@ class PositionalAccumulator(Accumulator):
         left padding), which are then the counts by position; None otherwise."""
         rows = batch.valid.any(1)
         valid, positions = batch.valid[rows], batch.positions[rows]
-        occupied = torch.zeros(valid.shape[0], length, dtype=torch.long, device=valid.device)
-        occupied.scatter_add_(1, torch.where(valid, positions, 0), valid.long())
-        if int(occupied.max()) > 1:
-            raise ValueError(f"{self._where()}: a window repeats a position among its valid tokens; "
-                             "each row must be one window with distinct positions")
         L = batch.positions.shape[1]
         columns = torch.arange(L, device=positions.device)
         aligned = bool((torch.where(batch.valid, batch.positions, columns) == columns).all())
+        if aligned:  # positions are the columns, so distinct; the shape is the valid mask itself
+            occupied = torch.zeros(valid.shape[0], length, dtype=torch.bool, device=valid.device)
+            occupied[:, :min(L, length)] = valid[:, :length]
+        else:
+            occupied = torch.zeros(valid.shape[0], length, dtype=torch.long, device=valid.device)
+            occupied.scatter_add_(1, torch.where(valid, positions, 0), valid.long())
+            if int(occupied.max()) > 1:
+                raise ValueError(f"{self._where()}: a window repeats a position among its valid tokens; "
+                                 "each row must be one window with distinct positions")
+            occupied = occupied.bool()
         active = batch.active_on_valid.view(*batch.valid.shape, -1)  # [b, L, E]
         by_column = active.sum(0).long() if aligned else None  # exact: < 2²⁴ rows
         if self.shapes is None:
@@ -174,7 +179,10 @@ class PositionalAccumulator(Accumulator):
         k = active[rows].sum(1).long()  # [w, E] active tokens per window
         n = valid.sum(1, keepdim=True)  # [w, 1]
         q = k * (n - k)
-        shape_of, inverse = torch.unique(occupied.bool(), dim=0, return_inverse=True)
+        if bool((occupied == occupied[:1]).all()):  # one shape (fixed-length windows): no grouping needed
+            shape_of, inverse = occupied[:1], torch.zeros(occupied.shape[0], dtype=torch.long, device=k.device)
+        else:
+            shape_of, inverse = torch.unique(occupied, dim=0, return_inverse=True)
         for g, mask in enumerate(shape_of):  # a loop over the few window shapes of a batch
             members = inverse == g
             key = tuple(mask.nonzero().flatten().tolist())
