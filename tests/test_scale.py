@@ -195,3 +195,25 @@ def test_checkpoint_every_takes_batches_or_a_time(capsys):
             parse_every(bad)
     assert main(["census", "--checkpoint-every", "soon", "--out", "unused"]) == 2
     assert "--checkpoint-every 'soon'" in capsys.readouterr().err
+
+
+def test_device_map_auto_traces_like_a_plain_load(small_checkpoints, capsys):
+    """device_map="auto" (accelerate; on a CPU-only machine it places every module on the CPU): the traced
+    logits equal those of a plain load and the model's own forward; a bad map fails in one line first."""
+    pytest.importorskip("accelerate")
+    from mambascope.models import load_model
+    from mambascope.trace import trace_stream
+
+    plain, _ = load_model(small_checkpoints["mamba"], device="cpu")
+    mapped, _ = load_model(small_checkpoints["mamba"], device_map="auto")
+    assert {p.device.type for p in mapped.parameters()} == {"cpu"}
+    ids = torch.randint(0, plain.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits = trace_stream(mapped, ids, None)
+    with torch.no_grad():
+        assert torch.equal(logits, trace_stream(plain, ids, None))
+        torch.testing.assert_close(logits, mapped(ids).logits, rtol=1e-5, atol=1e-5)
+    for argv, says in [(("--device-map", "everywhere"), "device_map 'everywhere' is not one of auto"),
+                       (("--device-map", "auto", "--device", "cpu"), "drop --device cpu")]:
+        assert main(["census", *argv, "--out", "unused"]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(errors) == 1 and says in errors[0], errors

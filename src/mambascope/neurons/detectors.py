@@ -138,17 +138,18 @@ def cover_columns(values: Tensor, coverage: float) -> tuple[Tensor, Tensor]:
     in descending order, all those > c* sum to f(c* + 1) < target and r more of value c* are needed, the
     fewest with f(c* + 1) + r·c* >= target; needed = #{counts > c*} + r.  Returns (needed, total) [E] int64.
     """
-    v = values.to(torch.float64) if values.dtype not in (torch.float32, torch.float64) else values
-    total = v.sum(0, dtype=torch.float64)
+    # sums in the table's dtype: a CountTable is float32 only while every sum is below 2²⁴, so exact
+    v = values if values.dtype in (torch.float32, torch.float64) else values.to(torch.float64)
+    total = v.sum(0).double()
     target = coverage * total
     lo = torch.ones_like(total)  # f(1) = total >= target
-    hi = v.amax(0).to(torch.float64).clamp_min(1) if v.numel() else lo.clone()
+    hi = v.amax(0).double().clamp_min(1) if v.numel() else lo.clone()
     while bool((lo < hi).any()):
         mid = torch.floor((lo + hi + 1) / 2)
-        enough = torch.where(v >= mid.to(v.dtype), v, 0).sum(0, dtype=torch.float64) >= target
+        enough = (v * (v >= mid.to(v.dtype))).sum(0).double() >= target
         lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid - 1)
     above = v > lo.to(v.dtype)
-    taken = torch.where(above, v, 0).sum(0, dtype=torch.float64)
+    taken = (v * above).sum(0).double()
     r = torch.ceil((target - taken) / lo)
     r = torch.where(taken + (r - 1) * lo >= target, r - 1, r)  # the division may be one ulp off
     r = torch.where(taken + r * lo < target, r + 1, r)

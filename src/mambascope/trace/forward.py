@@ -113,7 +113,8 @@ def trace_stream(
         h = ad.embed(input_ids, ctx)
         for index in range(ad.n_layers):
             collected: dict[str, torch.Tensor] = {}
-            h = ad.run_block(index, h, ctx, _emitter(f"blocks.{index}.", wanted, edits, collected))
+            h = ad.run_block(index, ad.on_block_device(index, h, ctx), ctx,
+                             _emitter(f"blocks.{index}.", wanted, edits, collected))
             if collected:
                 callback(index, collected)
         logits = ad.logits(h)
