@@ -93,9 +93,11 @@ class KeyedRows:
         self.rows = torch.zeros(0, dtype=torch.long, device=device)
 
     def _reserve(self, rows: int) -> None:
-        if rows > self.values.shape[0]:  # double: amortized O(1) copies per row
-            grown = self.values.new_zeros(max(2 * self.values.shape[0], rows, 64), self.width)
+        if rows > self.values.shape[0]:  # double (up to one row a key): amortized O(1) copies per row
+            grown = self.values.new_empty(min(max(2 * self.values.shape[0], rows, 64), self.key_space + 1),
+                                          self.width)
             grown[:self.size] = self.values[:self.size]
+            grown[self.size:] = 0
             self.values = grown
 
     def _insert(self, new: Tensor) -> Tensor:

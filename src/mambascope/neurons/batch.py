@@ -44,10 +44,10 @@ def check_finite(x: Tensor, valid: Tensor, what: str, layer: LayerLabel) -> None
 
     Only valid tokens are checked: padding and excluded tokens never enter a statistic (every
     accumulator selects ``x[valid]``), so a non-finite value there cannot corrupt a result.
-    A finite float64 sum of all of ``x`` proves every value finite (a NaN or ±Inf anywhere makes it
-    non-finite) in one cheap reduction; only otherwise are the valid tokens searched.
+    A finite sum of all of ``x`` proves every value finite (a NaN or ±Inf anywhere makes it non-finite) in
+    one cheap reduction; only otherwise (or when the float32 sum overflows) are the valid tokens searched.
     """
-    if bool(torch.isfinite(x.sum(dtype=torch.float64))):
+    if bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
         return
     bad_token = (~torch.isfinite(x)).any(-1) & valid
     if bool(bad_token.any()):
@@ -155,6 +155,11 @@ class NeuronBatch:
         """[b·L, E] float32, 1 where ``active`` and ``valid`` (float: CPU sums and ``index_add_`` of float are
         several times faster than of bool or int, and exact for counts below 2²⁴)."""
         return self.active.reshape(-1, self.n_neurons).to(torch.float32).index_fill_(0, self.invalid_rows, 0.0)
+
+    @cached_property
+    def valid_active64(self) -> Tensor:
+        """[n, E] float64, 1 where active, on the valid tokens (for products with ``valid_post``)."""
+        return self.valid_of(self.active).to(torch.float64)
 
     @cached_property
     def valid_post_sum(self) -> Tensor:

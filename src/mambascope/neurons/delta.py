@@ -72,16 +72,17 @@ class DeltaAccumulator(Accumulator):
             self._check_finite(batch, dt=True)
         if self._start(batch, batch.dt.shape[-1]):
             self._create(batch.device)
-        if dt.numel() and not bool(dt.min() > 0):
+        log = dt.log()
+        log_total = log.sum(0)
+        if not bool(torch.isfinite(log_total).all()):  # ln Δ is −inf or NaN exactly where Δ <= 0
             positive = (dt > 0).all(1)
             row, pos = (int(i) for i in batch.valid.nonzero()[int((~positive).nonzero()[0, 0])])
             raise ValueError(f"Δ (dt) of {layer_name(self.layer)} is <= 0 at batch row {row}, position {pos}; "
                              "Δ = softplus(·) > 0 and its log is needed (underflow in a low-precision dtype?)")
-        log = dt.log()
         self.n_tokens += dt.shape[0]
         self.sum_dt += total
         self.sum_dt2 += torch.linalg.vecdot(dt, dt, dim=0)
-        self.sum_log += log.sum(0)
+        self.sum_log += log_total
         self.sum_log2 += torch.linalg.vecdot(log, log, dim=0)
         tok = batch.token_ids[batch.valid]
         if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= self.vocab_size):
