@@ -153,7 +153,8 @@ def main() -> None:
     t_census = timed(lambda: scan(feed))
     t_forward_again = timed(lambda: scan(lambda *a: None))  # the load may change: forward before and after
     t_finalize = timed(lambda: [(census[layer].finalize(), tops[layer].finalize()) for layer in layers])
-    del census, tops
+    census.clear()  # free the tables before the seed comparison
+    tops.clear()
 
     seed_layers = list(layers)[:args.seed_layers] if args.seed_layers else list(layers)
     posts, gates = {layer: [] for layer in seed_layers}, {layer: [] for layer in seed_layers}

@@ -99,7 +99,7 @@ def test_a_bounded_census_keeps_exact_detectors_and_bounds_the_ngram_coverage(sm
                                max_tokens=32 * 64).ids
     vocab = model.get_input_embeddings().num_embeddings
     exact = TokenDetectorAccumulator(vocab, ngram_orders=(1, 2, 3), min_occurrences=2, layer=0)
-    bounded = BoundedTokenDetectorAccumulator.like(exact, capacity=8)
+    bounded = BoundedTokenDetectorAccumulator.like(exact, 8)
 
     def consume(layer, units, ids, rows):
         if layer == 0:
@@ -118,3 +118,33 @@ def test_a_bounded_census_keeps_exact_detectors_and_bounds_the_ngram_coverage(sm
         for t, lo, hi in zip(truth["needed"], approx["needed_lower"], approx["needed"], strict=True):
             assert (t is None) == (lo is None)
             assert t is None or (lo <= t and (hi is None or t <= hi))
+
+
+def test_summarized_unigrams_give_certain_detectors_only():
+    """With the unigram table summarized too, every detector listed is an exact detector, its trigger counts are
+    lower bounds within the Misra–Gries bound, the activations stay exact, and the coverage bounds hold."""
+    from neuron_reference import make_batch
+
+    from mambascope.neurons.heavy_hitters import Summaries
+
+    exact = TokenDetectorAccumulator(8, ngram_orders=(1, 2), min_occurrences=3)
+    bounded = BoundedTokenDetectorAccumulator.like(exact, Summaries(2, (1, 2)))  # 2 counters: the random neurons
+    for seed in range(6):  # of 7 token types are reduced, the planted detector (tokens 2 and 5) is not
+        batch = make_batch(seed=seed)
+        exact.update(batch)
+        bounded.update(batch)
+    a, b = exact.finalize(), bounded.finalize()
+    assert b["activations"] == a["activations"]
+    error = b["approximate"]["max_count_error"]
+    assert 0 < error <= max(a["activations"]) / 3  # the summary really bound, within N_e/(k+1)
+    neuron, token, count = exact._table(1)
+    counts = dict(zip(zip(neuron.tolist(), token.tolist(), strict=True), count.tolist(), strict=True))
+    found = {d["neuron"] for d in b["token_detectors"]}
+    assert 2 in found and found <= {d["neuron"] for d in a["token_detectors"]}  # certain: exact detectors too
+    for d in b["token_detectors"]:
+        for t, c in zip(d["tokens"], d["counts"], strict=True):
+            assert c <= counts[(d["neuron"], t)] <= c + error
+    for n in ("1", "2"):
+        lo, hi = b["ngram_coverage"][n]["needed_lower"], b["ngram_coverage"][n]["needed"]
+        for t, low, high in zip(a["ngram_coverage"][n]["needed"], lo, hi, strict=True):
+            assert t is None or (low <= t and (high is None or t <= high))

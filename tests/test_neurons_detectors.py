@@ -14,8 +14,8 @@ from mambascope.neurons import (
     detector_tokens_by_layer,
     ngram_ids,
 )
-from mambascope.neurons.detectors import cover_columns
 from mambascope.neurons._common import DIRECT_KEYS
+from mambascope.neurons.detectors import cover_columns
 from neuron_reference import check_invariance, make_batch, ref_detectors, ref_wilson_lower
 
 
@@ -149,9 +149,9 @@ def test_count_table_matches_counter(M):
         (table if i % 2 else other).count_rows(grams, counts, 2)
     table.merge(other.clone())
     neuron, gram, count = table.entries()
-    assert dict(zip(zip(neuron.tolist(), gram.tolist()), count.tolist(), strict=True)) == {
+    assert dict(zip(zip(neuron.tolist(), gram.tolist(), strict=True), count.tolist(), strict=True)) == {
         k: v for k, v in expected.items() if v}
-    assert list(zip(neuron.tolist(), gram.tolist())) == sorted(k for k, v in expected.items() if v)
+    assert list(zip(neuron.tolist(), gram.tolist(), strict=True)) == sorted(k for k, v in expected.items() if v)
     assert table.by_id()[0].tolist() == sorted({k[1] for k in expected})  # the index: every n-gram seen, once
     assert table.values.dtype == torch.float32
     table.count(torch.tensor([7, -1, 7]), torch.ones(3, E, dtype=torch.int32), 2**24)  # −1: a slot without n-gram
@@ -161,7 +161,7 @@ def test_count_table_matches_counter(M):
         expected[(e, 7)] += 2
     expected[(1, M - 1)] += 1
     neuron, gram, count = table.entries()
-    assert dict(zip(zip(neuron.tolist(), gram.tolist()), count.tolist(), strict=True)) == {
+    assert dict(zip(zip(neuron.tolist(), gram.tolist(), strict=True), count.tolist(), strict=True)) == {
         k: v for k, v in expected.items() if v}
 
 

@@ -217,3 +217,53 @@ def test_device_map_auto_traces_like_a_plain_load(small_checkpoints, capsys):
         assert main(["census", *argv, "--out", "unused"]) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(errors) == 1 and says in errors[0], errors
+
+
+def test_the_memory_plan_gives_up_exact_tables_in_order(small_checkpoints):
+    """Shrinking budgets: all exact; n >= 2 summarized; no per-token Δ table; unigrams summarized; refused."""
+    from mambascope.models import load_model
+    from mambascope.scale import plan_memory
+
+    model, _ = load_model(small_checkpoints["mamba"], device="cpu")
+    plan = lambda budget: plan_memory(model, 2, 64, 64, tokens=math.inf, window=32, batch_size=2,  # noqa: E731
+                                      budget=budget)
+    exact = plan(2**40)
+    assert exact.summaries is None
+    fixed = sum(v for k, v in exact.parts.items() if k in ("model", "batch", "accumulators"))
+    seen = []
+    budget = exact.peak
+    while True:
+        budget *= 0.7
+        try:
+            p = plan(budget)
+        except ValueError as exc:
+            assert "too small" in str(exc) and budget < fixed + 2 * 3 * 64 * 48 * 16
+            break
+        assert p.peak <= budget
+        seen.append((p.summaries.orders, p.summaries.delta_tokens))
+    assert [s for i, s in enumerate(seen) if s not in seen[:i]] == [((2, 3), True), ((2, 3), False),
+                                                                      ((1, 2, 3), False)]
+
+
+def test_a_budget_below_the_exact_unigram_tables_marks_the_detectors_approximate(tmp_path, census_args,
+                                                                                 small_checkpoints, reference):
+    from mambascope.models import load_model
+    from mambascope.scale import plan_memory
+
+    model, _ = load_model(small_checkpoints["mamba"], device="cpu")
+    budget = plan_memory(model, 2, 64, 64, tokens=640, window=32, batch_size=2, budget=2**40).peak
+    while (p := plan_memory(model, 2, 64, 64, tokens=640, window=32, batch_size=2, budget=budget)).summaries is None \
+            or 1 not in p.summaries.orders:
+        budget *= 0.9
+    out = tmp_path / "out"
+    assert main([*census_args(out, "--memory-budget", f"{budget / 2**30:.9f}")]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["census"]["approximate"][:3] == ["layers.*.token_detectors", "layers.*.tokens_covered",
+                                                    "detector_tokens_by_layer"]
+    assert "layers.*.delta_sensitive.*.top_tokens" in results["census"]["approximate"]
+    jsonschema.Draft202012Validator(results_schema()).validate(results)
+    for layer, exact_layer in reference["layers"].items():
+        found = {d["neuron"] for d in results["layers"][layer]["token_detectors"]}
+        assert found <= {d["neuron"] for d in exact_layer["token_detectors"]}
+        assert results["layers"][layer]["detectors"]["approximate"]["counters_per_neuron"] >= 16
+        assert all(d["top_tokens"] is None for d in results["layers"][layer]["delta_sensitive"])

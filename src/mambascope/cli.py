@@ -252,11 +252,11 @@ def _scan_plan(args: argparse.Namespace, ranks, model, windows, info: dict):
         "model": {**{k: v for k, v in info["model"].items() if k != "device"}, "weights_sha256": weights_digest(model)},
         "corpus": {k: info["corpus"].get(k) for k in ("name", "split", "tokens", "windows", "window", "max_tokens")},
         "settings": {"layers": args.layers, "heldout_fraction": args.heldout_fraction,
-                     "ngram_counters": memory.counters}}
+                     "tables": memory.summaries}}
     ckpt = Checkpointer(checkpoint_path(args.out, ranks), fingerprint, batches, seconds, resume=args.resume)
     select, _ = split_windows(windows, args.heldout_fraction)
     ckpt.prepare(select, args.batch_size, ranks, model.get_input_embeddings().weight.device)
-    return ScanPlan(ranks, ckpt if batches or seconds or args.resume else None, memory.counters)
+    return ScanPlan(ranks, ckpt if batches or seconds or args.resume else None, memory.summaries)
 
 
 def _memory_plan(args: argparse.Namespace, model, info: dict):

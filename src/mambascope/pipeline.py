@@ -181,7 +181,7 @@ def pruning_priority(layer_result: dict, write_norms: torch.Tensor) -> torch.Ten
 def census_accumulate(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *,
                       layers: Sequence[int] | None = None, batch_size: int = 8, progress: bool = True,
                       census_options: dict | None = None, top_k_contexts: int = 5, context_width: int = 16,
-                      scan: Callable[..., LossResult] | None = None, ngram_counters: int | None = None
+                      scan: Callable[..., LossResult] | None = None, ngram_counters: int | Any | None = None
                       ) -> tuple[dict[int, LayerCensus], dict[int, TopContextAccumulator],
                                  dict[int, dict[int, LayerCensus]], LossResult]:
     """The traced pass of the census: every chosen layer's ``LayerCensus`` and ``TopContextAccumulator``
@@ -189,7 +189,8 @@ def census_accumulate(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *
     next-token loss.  ``scan``: ``scale.scan_function(plan)`` for a resumable or multi-process pass
     (default: one plain ``scan_corpus``).  ``ngram_counters``: count the n-grams of order >= 2 in
     Misra-Gries summaries of that many counters per neuron (``neurons.heavy_hitters``; bounded memory,
-    approximate n-gram coverage) instead of exact tables."""
+    approximate n-gram coverage) instead of exact tables; a ``heavy_hitters.Summaries`` also says which
+    orders (1: the token detectors' unigram table too)."""
     ad = adapter(model)
     moe = {layer: ad.moe_kind(layer) for layer in check_layers(model, layers) if ad.moe_kind(layer)}
     layers, skipped = census_layers(model, layers)
@@ -197,6 +198,8 @@ def census_accumulate(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *
         raise ValueError(f"no layer of this {ad.model_type} model has neurons the census reads: {skipped}")
     kinds = {layer: ad.neuron_kind(layer) for layer in layers}
     vocab = model.get_input_embeddings().num_embeddings
+    if ngram_counters is not None and not getattr(ngram_counters, "delta_tokens", True):
+        census_options = {**(census_options or {}), "delta_token_channels": None}  # the memory plan's choice
     census = {layer: LayerCensus(kinds[layer], vocab, layer=layer, **(census_options or {})) for layer in layers}
     if ngram_counters is not None:
         from mambascope.neurons.heavy_hitters import BoundedTokenDetectorAccumulator
@@ -241,7 +244,8 @@ def census_accumulate(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *
 def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layers: Sequence[int] | None = None,
                 batch_size: int = 8, progress: bool = True, census_options: dict | None = None,
                 top_k_contexts: int = 5, context_width: int = 16,
-                scan: Callable[..., LossResult] | None = None, ngram_counters: int | None = None) -> dict[str, Any]:
+                scan: Callable[..., LossResult] | None = None, ngram_counters: int | Any | None = None
+                ) -> dict[str, Any]:
     """The neuron census of every chosen layer in one traced pass over ``windows`` [n, T] (no padding).
 
     Returns ``tokens``, ``window``, ``loss`` (next-token loss on the same windows), ``layers`` {layer:
@@ -264,8 +268,10 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
                            "layers": {}, "skipped_layers": {str(layer): why for layer, why in skipped.items()},
                            "moe_layers": moe_layers}
     if ngram_counters is not None:
-        orders = [n for part in census.values() for n in part.detectors.ngram_orders if n >= 2]
-        out["approximate"] = [f"layers.*.detectors.ngram_coverage.{n}" for n in sorted(set(orders))]
+        from mambascope.neurons.heavy_hitters import Summaries
+
+        orders = tuple({n for part in census.values() for n in part.detectors.ngram_orders})
+        out["approximate"] = Summaries.of(ngram_counters).approximate_fields(orders)
     for layer in layers:
         result = census[layer].finalize()
         result["layer_kind"] = ad.layer_kind(layer)

@@ -72,7 +72,7 @@ class TopContextAccumulator(Accumulator):
             raise ValueError(f"{self._where()}: batches need window_ids to locate the contexts")
         self._check_finite(batch)
         first = self._start(batch)
-        b, L, E = batch.post.shape
+        _, L, E = batch.post.shape
         if self.window_length is None:
             self.window_length = L
         self.n_tokens += int(batch.valid.sum())
@@ -95,7 +95,7 @@ class TopContextAccumulator(Accumulator):
     def _candidates(self, batch: NeuronBatch, magnitude: Tensor, neurons: Tensor) -> dict[str, Tensor]:
         """The batch's best k tokens of each of ``neurons`` [m], with their contexts ([m, k] and [m, k, w]);
         ``magnitude`` [b·L, E]."""
-        b, L, E = batch.post.shape
+        L, E = batch.post.shape[1:]
         score = (magnitude if neurons.numel() == E else magnitude.index_select(1, neurons)).T  # [m, b·L] view
         token_index = (batch.window_ids[:, None] * self.window_length + torch.arange(L, device=score.device))
         flat = _best(score, token_index.reshape(1, -1).expand(score.shape[0], -1), self.k)  # [m, k]
