@@ -123,9 +123,8 @@ def test_a_bounded_census_keeps_exact_detectors_and_bounds_the_ngram_coverage(sm
 def test_summarized_unigrams_give_certain_detectors_only():
     """With the unigram table summarized too, every detector listed is an exact detector, its trigger counts are
     lower bounds within the Misra–Gries bound, the activations stay exact, and the coverage bounds hold."""
-    from neuron_reference import make_batch
-
     from mambascope.neurons.heavy_hitters import Summaries
+    from neuron_reference import make_batch
 
     exact = TokenDetectorAccumulator(8, ngram_orders=(1, 2), min_occurrences=3)
     bounded = BoundedTokenDetectorAccumulator.like(exact, Summaries(2, (1, 2)))  # 2 counters: the random neurons
