@@ -8,8 +8,8 @@
 
 Prints, measured in one run on the same model and windows:
 1. the traced forward alone (the units the census needs, collected and dropped) vs the same pass feeding
-   every accumulator (activity, positional, token detectors with n-gram coverage, Δ, top contexts), and
-   the ratio (target: at most 1.5x); finalize separately;
+   every accumulator (activity, positional, token detectors with n-gram coverage, Δ, top contexts and their
+   hidden-attention rows), and the ratio (target: at most 1.5x); finalize separately;
 2. dead neurons and the plug-in positional information of every neuron from the same activations, by our
    accumulators and by a plain per-neuron Python loop like the seed's (written here as the baseline): first
    checked to agree (same dead neurons, information within 1e-5), then timed, and the speed-up.
@@ -30,14 +30,16 @@ import torch
 from mambascope.data import load_corpus, tokenize_windows
 from mambascope.models import load_model
 from mambascope.neurons import (
+    ATTENTION_ROW_UNITS,
     ActivityAccumulator,
     LayerCensus,
     NeuronBatch,
     PositionalAccumulator,
+    TopAttentionRows,
     TopContextAccumulator,
 )
 from mambascope.runner import scan_corpus
-from mambascope.trace import NEURON_UNIT, architecture, n_layers
+from mambascope.trace import NEURON_UNIT, architecture, mixer_params, n_layers
 
 RANDOM_130M = "random-130m"
 
@@ -124,8 +126,9 @@ def main() -> None:
     texts = load_corpus("builtin", "validation").texts
     windows = tokenize_windows(texts, tokenizer, args.window, max_tokens=args.tokens).ids
     unit = NEURON_UNIT[arch]
-    units = [f"blocks.{layer}.{u}" for layer in layers
-             for u in ([unit] if arch == "gpt2" else [unit, "mixer.hook_gate_pre", "mixer.hook_dt"])]
+    ssm = arch in ("mamba", "mamba2")
+    units = [f"blocks.{layer}.{u}" for layer in layers  # what the census traces
+             for u in ([unit] if not ssm else dict.fromkeys([unit, "mixer.hook_gate_pre", *ATTENTION_ROW_UNITS]))]
     vocab = model.get_input_embeddings().num_embeddings
     sync = torch.cuda.synchronize if windows.is_cuda or args.device.startswith("cuda") else (lambda: None)
 
@@ -143,18 +146,29 @@ def main() -> None:
 
     census = {layer: LayerCensus(arch, vocab, layer=layer) for layer in layers}
     tops = {layer: TopContextAccumulator(layer=layer) for layer in layers}
+    attention = {layer: TopAttentionRows(mixer_params(model, layer), tops[layer].width, layer) for layer in layers
+                 if ssm}
 
     def feed(layer, tensors, ids, rows):
         batch = NeuronBatch.from_layer(tensors, arch, ids.to(tensors[unit].device), label=layer,
                                        bos_token_id=tokenizer.bos_token_id, window_ids=rows)
         census[layer].update(batch)
         tops[layer].update(batch)
+        if ssm:
+            attention[layer].update(tensors, tops[layer], rows)
 
     t_census = timed(lambda: scan(feed))
     t_forward_again = timed(lambda: scan(lambda *a: None))  # the load may change: forward before and after
-    t_finalize = timed(lambda: [(census[layer].finalize(), tops[layer].finalize()) for layer in layers])
+    def finalize(layer):
+        census[layer].finalize()
+        top = tops[layer].finalize()
+        if ssm:  # the token ids stand for the decoded strings the pipeline gives
+            attention[layer].finalize({**top, "tokens": top["context_tokens"]})
+
+    t_finalize = timed(lambda: [finalize(layer) for layer in layers])
     census.clear()  # free the tables before the seed comparison
     tops.clear()
+    attention.clear()
 
     seed_layers = list(layers)[:args.seed_layers] if args.seed_layers else list(layers)
     posts, gates = {layer: [] for layer in seed_layers}, {layer: [] for layer in seed_layers}

@@ -88,8 +88,11 @@ class TopAttentionRows:
         for e, wins in enumerate(top["windows"]):  # formatting E rows for JSON, not a computation
             if not wins:
                 continue
-            j = next(j for j, (w, p) in enumerate(zip(window[e], position[e], strict=True))
-                     if w == wins[0] and p == top["positions"][e][0])
+            j = next((j for j, (w, p) in enumerate(zip(window[e], position[e], strict=True))
+                      if w == wins[0] and p == top["positions"][e][0]), None)
+            if j is None:
+                raise RuntimeError(f"layer {self.layer}: no attention row for neuron {e}'s top context (window "
+                                   f"{wins[0]}); the rows must see every batch the top contexts see")
             out["neurons"].append(e)
             out["tokens"].append(list(top["tokens"][e][0]))
             out["values"].append([None if v != v else v for v in values[e][j]])
