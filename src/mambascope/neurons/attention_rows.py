@@ -3,8 +3,8 @@
 For neuron e of an SSM layer (channel e on Mamba-1, head e // head_dim on Mamba-2), the exact hidden-attention
 row α[t, ·] (Ali et al. 2024, ``ssm.hidden_attention``) at the peak t of its top context (the first of
 ``TopContextAccumulator``), over the ``width`` tokens of the context ending at t.  Whenever a batch gives a
-neuron a new top context, its row is computed from that batch's traced Δ, B and C, so the rows never need a
-second pass over the corpus; after the first batches a new top context is rare.
+neuron a new top context, its row is computed from that batch's traced Δ, B and C (all such neurons at once),
+so the rows never need a second pass over the corpus; after the first batches a new top context is rare.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from torch import Tensor
 
 from mambascope.neurons.batch import LayerLabel
 from mambascope.neurons.top_contexts import TopContextAccumulator
-from mambascope.ssm import hidden_attention
 from mambascope.ssm.params import MixerParams
 
 # the traced units the rows are computed from
@@ -50,19 +49,31 @@ class TopAttentionRows:
         neurons = in_batch.nonzero().flatten()
         if neurons.numel() == 0:
             return
-        row_of = torch.searchsorted(window_ids, win[neurons]) if bool((window_ids[1:] > window_ids[:-1]).all()) \
-            else (window_ids[None, :] == win[neurons, None]).int().argmax(1)
-        for i in row_of.unique().tolist():  # a loop over the batch's windows, each computing only its rows
-            here = neurons[row_of == i]
-            channels, peaks = here // self.params.head_dim, pos[here]
-            chans, peak_rows = channels.unique(), peaks.unique()
-            alpha = hidden_attention({name: units[name][i:i + 1] for name in UNITS}, self.params, "s6",
-                                     channels=chans, rows=peak_rows)[0]  # [C', R, L]
-            s = peaks[:, None] - (self.width - 1) + torch.arange(self.width, device=device)  # [m, width]
-            picked = alpha[torch.searchsorted(chans, channels)[:, None], torch.searchsorted(peak_rows, peaks)[:, None],
-                           s.clamp_min(0)]
-            self.values[here, 0] = torch.where(s >= 0, picked.float(), float("nan"))
-            self.window[here, 0], self.position[here, 0] = win[here], peaks
+        row = (window_ids[None, :] == win[neurons, None]).int().argmax(1)  # the batch row of each top context
+        self.values[neurons, 0] = self._rows(units, row, neurons // self.params.head_dim, pos[neurons]).float()
+        self.window[neurons, 0], self.position[neurons, 0] = win[neurons], pos[neurons]
+
+    def _rows(self, units: Mapping[str, Tensor], row: Tensor, unit: Tensor, peak: Tensor) -> Tensor:
+        """α[t, s] for s = t − width + 1 … t (NaN before the window start) of m (batch row, Δ unit, peak t)
+        triples, [m, width] float64, all at once: with S_s = Σ_{k=s+1..t} Δ_k (Ali et al. 2024, eq. 9–11;
+        ``ssm.reference.hidden_attention_loops``), α[t, s] = Σ_n C[t, n]·exp(A_n·S_s)·B[s, n]·Δ_s."""
+        dt, B, C = (units[name].double() for name in UNITS)
+        s = peak[:, None] - (self.width - 1) + torch.arange(self.width, device=peak.device)  # [m, w]
+        inside = s >= 0
+        s = s.clamp_min(0)
+        r = row[:, None].expand_as(s)
+        delta = torch.where(inside, dt[r, s, unit[:, None].expand_as(s)], 0.0)  # [m, w]
+        after = delta.flip(1).cumsum(1).flip(1) - delta  # S_s: Δ of the positions after s, up to t
+        A = self.params.A.to(dt.device, torch.float64)[unit]  # [m, N] (Mamba-1) or [m] (Mamba-2: one per head)
+        if B.dim() == 4:  # Mamba-2: B, C [b, L, G, N]; the head's group
+            group = unit // (self.params.n_heads // B.shape[2])
+            Bs, Ct = B[r, s, group[:, None].expand_as(s)], C[row, peak, group]  # [m, w, N], [m, N]
+            decay = torch.exp(A[:, None, None] * after[..., None])
+        else:
+            Bs, Ct = B[r, s], C[row, peak]
+            decay = torch.exp(A[:, None, :] * after[..., None])  # [m, w, N]
+        alpha = (Ct[:, None, :] * decay * Bs).sum(-1) * delta
+        return torch.where(inside, alpha, float("nan"))
 
     def merge(self, other: TopAttentionRows) -> TopAttentionRows:
         """Keep both accumulators' candidates: the merged top contexts decide at ``finalize``."""
