@@ -1,7 +1,7 @@
 """Cost of the full neuron census relative to the traced forward alone, and against a per-neuron loop.
 
     python benchmarks/bench_census.py [--model tiny-mamba | --model random-130m] [--tokens 16384] [--window 128]
-                                      [--threads N] [--seed-layers N] [--device cpu]
+                                      [--threads N] [--repeats 3] [--seed-layers N] [--device cpu]
 
 ``random-130m``: a randomly initialised Mamba-1 at 130m scale (MambaConfig hidden 768, expand 2 → 1536 channels,
 24 layers, d_state 16, vocabulary 50280), fed tiny-mamba's tokenizer's ids (its vocabulary is a subset).
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed-layers", type=int, default=None,
                         help="layers for the seed-loop comparison (default: all; its loop is slow at 130m)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating forward / census runs (default 3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.threads:
@@ -132,43 +133,50 @@ def main() -> None:
     vocab = model.get_input_embeddings().num_embeddings
     sync = torch.cuda.synchronize if windows.is_cuda or args.device.startswith("cuda") else (lambda: None)
 
-    def timed(fn) -> float:
+    def timed(fn) -> tuple[float, float]:
+        """(wall seconds, CPU seconds of this process): on a shared machine the CPU time is what the work
+        cost, the wall time also what the other processes took."""
         sync()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
         sync()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     scan = lambda consume: scan_corpus(model, windows, consume, names=units,  # noqa: E731
                                        batch_size=args.batch_size, progress=False)
     scan(lambda *a: None)  # warm-up
-    t_forward = timed(lambda: scan(lambda *a: None))
 
-    census = {layer: LayerCensus(arch, vocab, layer=layer) for layer in layers}
-    tops = {layer: TopContextAccumulator(layer=layer) for layer in layers}
-    attention = {layer: TopAttentionRows(mixer_params(model, layer), tops[layer].width, layer) for layer in layers
-                 if ssm}
+    def census_pass() -> tuple[float, float]:
+        census = {layer: LayerCensus(arch, vocab, layer=layer) for layer in layers}
+        tops = {layer: TopContextAccumulator(layer=layer) for layer in layers}
+        attention = {layer: TopAttentionRows(mixer_params(model, layer), tops[layer].width, layer)
+                     for layer in layers if ssm}
 
-    def feed(layer, tensors, ids, rows):
-        batch = NeuronBatch.from_layer(tensors, arch, ids.to(tensors[unit].device), label=layer,
-                                       bos_token_id=tokenizer.bos_token_id, window_ids=rows)
-        census[layer].update(batch)
-        tops[layer].update(batch)
-        if ssm:
-            attention[layer].update(tensors, tops[layer], rows)
+        def feed(layer, tensors, ids, rows):
+            batch = NeuronBatch.from_layer(tensors, arch, ids.to(tensors[unit].device), label=layer,
+                                           bos_token_id=tokenizer.bos_token_id, window_ids=rows)
+            census[layer].update(batch)
+            tops[layer].update(batch)
+            if ssm:
+                attention[layer].update(tensors, tops[layer], rows)
 
-    t_census = timed(lambda: scan(feed))
-    t_forward_again = timed(lambda: scan(lambda *a: None))  # the load may change: forward before and after
-    def finalize(layer):
-        census[layer].finalize()
-        top = tops[layer].finalize()
-        if ssm:  # the token ids stand for the decoded strings the pipeline gives
-            attention[layer].finalize({**top, "tokens": top["context_tokens"]})
+        def finalize(layer):
+            census[layer].finalize()
+            top = tops[layer].finalize()
+            if ssm:  # the token ids stand for the decoded strings the pipeline gives
+                attention[layer].finalize({**top, "tokens": top["context_tokens"]})
 
-    t_finalize = timed(lambda: [finalize(layer) for layer in layers])
-    census.clear()  # free the tables before the seed comparison
-    tops.clear()
-    attention.clear()
+        times.append(timed(lambda: scan(feed)))
+        return timed(lambda: [finalize(layer) for layer in layers])
+
+    # forward alone and forward + census alternate, so that a change of the machine's load hits both; the
+    # fastest of each is compared
+    forwards, times, finals = [], [], []
+    for _ in range(args.repeats):
+        forwards.append(timed(lambda: scan(lambda *a: None)))
+        finals.append(census_pass())
+    best = {name: tuple(min(t[i] for t in ts) for i in (0, 1))
+            for name, ts in (("forward", forwards), ("census", times), ("finalize", finals))}
 
     seed_layers = list(layers)[:args.seed_layers] if args.seed_layers else list(layers)
     posts, gates = {layer: [] for layer in seed_layers}, {layer: [] for layer in seed_layers}
@@ -183,20 +191,20 @@ def main() -> None:
     G = [torch.cat(gates[layer]) for layer in seed_layers]
     mine, theirs = ours_dead_and_positional(P, G), seed_style_dead_and_positional(P, G)
     worst = check_same(mine, theirs)
-    t_ours = timed(lambda: ours_dead_and_positional(P, G))
-    t_loop = timed(lambda: seed_style_dead_and_positional(P, G))
+    t_ours = timed(lambda: ours_dead_and_positional(P, G))[0]
+    t_loop = timed(lambda: seed_style_dead_and_positional(P, G))[0]
 
     cuda = args.device.startswith("cuda")
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    forward = min(t_forward, t_forward_again)
     print(f"model {label} ({arch}, {len(layers)} layers, {P[0].shape[-1]} neurons/layer); "
           f"{windows.numel()} tokens in {windows.shape[0]} windows of {args.window}; {device}; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"traced forward alone           {t_forward:8.3f} s   (again after the census: {t_forward_again:.3f} s)")
-    print(f"forward + every accumulator    {t_census:8.3f} s   ratio {t_census / forward:5.2f}x to the faster "
-          "forward (target <= 1.5x)")
-    print(f"finalize (all layers)          {t_finalize:8.3f} s   ratio incl. finalize "
-          f"{(t_census + t_finalize) / forward:5.2f}x")
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; fastest of {args.repeats} alternating runs")
+    (fw, fc), (cw, cc), (zw, zc) = best["forward"], best["census"], best["finalize"]
+    print(f"{'':31}{'wall s':>9}{'ratio':>8}{'CPU s':>9}{'ratio':>8}")
+    print(f"{'traced forward alone':31}{fw:9.3f}{'':8}{fc:9.3f}")
+    print(f"{'forward + every accumulator':31}{cw:9.3f}{cw / fw:7.2f}x{cc:9.3f}{cc / fc:7.2f}x   (target <= 1.5x)")
+    print(f"{'finalize (all layers)':31}{zw:9.3f}{'':8}{zc:9.3f}")
+    print(f"{'  incl. finalize':31}{cw + zw:9.3f}{(cw + zw) / fw:7.2f}x{cc + zc:9.3f}{(cc + zc) / fc:7.2f}x")
     print(f"dead + positional information, {len(seed_layers)} layer(s): ours and the seed loop agree (same dead "
           f"neurons, information within {worst:.1g})")
     print(f"dead + positional, ours        {t_ours:8.3f} s")
