@@ -157,11 +157,18 @@ def test_a_streamed_census_killed_and_resumed(tmp_path, census_args):
     assert_same(expected, resumed, rel=1e-12)
 
 
+def fixed_resident(monkeypatch) -> None:
+    """The plans of a test and of the census it runs see the same resident memory (the live one grows)."""
+    monkeypatch.setattr("mambascope.scale.resident_bytes", lambda model: float(2**28))
+
+
 def test_a_memory_budget_below_the_exact_tables_counts_ngrams_in_bounded_summaries(tmp_path, census_args,
                                                                                     small_checkpoints, reference,
-                                                                                    capsys):
+                                                                                    capsys, monkeypatch):
     from mambascope.models import load_model
     from mambascope.scale import plan_memory
+
+    fixed_resident(monkeypatch)
 
     model, _ = load_model(small_checkpoints["mamba"], device="cpu")
     exact = plan_memory(model, 2, 64, 64, tokens=640, window=32, batch_size=2, budget=2**40)
@@ -226,14 +233,14 @@ def test_the_memory_plan_gives_up_exact_tables_in_order(small_checkpoints):
 
     model, _ = load_model(small_checkpoints["mamba"], device="cpu")
     plan = lambda budget: plan_memory(model, 2, 64, 64, tokens=math.inf, window=32, batch_size=2,  # noqa: E731
-                                      budget=budget)
+                                      budget=budget, resident=2**20)
     exact = plan(2**40)
     assert exact.summaries is None
-    fixed = sum(v for k, v in exact.parts.items() if k in ("model", "batch", "accumulators"))
+    fixed = sum(v for k, v in exact.parts.items() if k in ("process", "batch", "accumulators"))
     seen = []
     budget = exact.peak
     while True:
-        budget *= 0.7
+        budget *= 0.9
         try:
             p = plan(budget)
         except ValueError as exc:
@@ -246,15 +253,32 @@ def test_the_memory_plan_gives_up_exact_tables_in_order(small_checkpoints):
 
 
 def test_a_budget_below_the_exact_unigram_tables_marks_the_detectors_approximate(tmp_path, census_args,
-                                                                                 small_checkpoints, reference):
+                                                                                 small_checkpoints, reference,
+                                                                                 monkeypatch):
     from mambascope.models import load_model
     from mambascope.scale import plan_memory
 
+    fixed_resident(monkeypatch)
+
     model, _ = load_model(small_checkpoints["mamba"], device="cpu")
-    budget = plan_memory(model, 2, 64, 64, tokens=640, window=32, batch_size=2, budget=2**40).peak
-    while (p := plan_memory(model, 2, 64, 64, tokens=640, window=32, batch_size=2, budget=budget)).summaries is None \
-            or 1 not in p.summaries.orders:
-        budget *= 0.9
+    def orders(budget: float) -> tuple[int, ...] | None:  # the summarized orders; None: refused
+        try:
+            p = plan_memory(model, 2, 64, 64, tokens=640, window=32, batch_size=2, budget=budget)
+        except ValueError:
+            return None
+        return () if p.summaries is None else p.summaries.orders
+
+    def lowest(accepted) -> float:  # the smallest budget with accepted(orders(budget)), by bisection
+        lo, hi = 1.0, 2.0**40
+        for _ in range(80):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if accepted(orders(mid)) else (mid, hi)
+        return hi
+
+    low = lowest(lambda o: o is not None)  # below: refused
+    high = lowest(lambda o: o is not None and 1 not in o)  # from here the unigrams stay exact
+    budget = (low + high) / 2  # where only summarized unigrams fit
+    assert low < high and 1 in orders(budget)
     out = tmp_path / "out"
     assert main([*census_args(out, "--memory-budget", f"{budget / 2**30:.9f}")]) == 0
     results = json.loads((out / "results.json").read_text())

@@ -383,19 +383,32 @@ class MemoryPlan:
         s = self.summaries
         tables = ("exact" if s is None else f"Misra-Gries summaries of {s.counters} counters per neuron for n in "
                   f"{', '.join(map(str, s.orders))}" + ("" if s.delta_tokens else "; no per-token Δ table"))
-        return (f"estimated peak memory {self.peak / 2**30:.2f} GiB (model {gib['model']}, one batch "
+        return (f"estimated peak memory {self.peak / 2**30:.2f} GiB (process now, model included, "
+                f"{gib['process']}, one batch "
                 f"{gib['batch']}, fixed accumulators {gib['accumulators']}, per-token Δ {gib['delta_tokens']}, "
                 f"n-gram tables {gib['ngram_tables']}: {tables}) within --memory-budget {self.budget / 2**30:g} GiB")
 
 
+def resident_bytes(model: nn.Module) -> float:
+    """What this process holds now (the interpreter, torch, the loaded model): its resident set on Linux
+    (/proc/self/statm), else the model's parameters alone."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return float(pages * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        return float(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
 def plan_memory(model: nn.Module, layers: int, n_neurons: int, delta_units: int, *, tokens: float, window: int,
                 batch_size: int, budget: float, orders: tuple[int, ...] = (1, 2, 3), top_k: int = 5,
-                width: int = 16) -> MemoryPlan:
+                width: int = 16, resident: float | None = None) -> MemoryPlan:
     """Size the census of ``layers`` layers of ``n_neurons`` neurons over ``tokens`` tokens (``math.inf`` when
     unknown) against ``budget`` bytes, and choose its tables (docs/census.md, "Memory").
 
-    An exact n-gram table holds a row of E float32 counts per distinct n-gram seen, at most min(Vⁿ, tokens) of
-    them, with rows allocated by doubling (up to 2× while growing) and a key index; the per-token Δ table a row
+    The process's resident memory now (interpreter, libraries, the loaded model; or ``resident`` bytes) is the
+    base.  An exact n-gram
+    table holds a row of E float32 counts per distinct n-gram seen, at most min(Vⁿ, tokens) of them, in rows
+    allocated by doubling (the next power of two) and a key index; the per-token Δ table a row
     of Δ-units float64 sums per token type seen; finalize holds about three more copies of the largest table.
     What does not fit is dropped in this order: exact n >= 2 tables (to summaries), the per-token Δ table, the
     exact unigram table (to summaries: the token detectors become certain-only)."""
@@ -404,8 +417,8 @@ def plan_memory(model: nn.Module, layers: int, n_neurons: int, delta_units: int,
 
     vocab = model.get_input_embeddings().num_embeddings
 
-    def rows(n: int) -> float:  # the rows a table of order n may allocate
-        return min(2 * min(vocab**n, tokens), vocab**n + 1)
+    def rows(n: int) -> float:  # the rows a table of order n may allocate: doubled from 64 past its n-grams
+        return min(2 ** math.ceil(math.log2(max(min(vocab**n, tokens), 64))), vocab**n + 1)
 
     def index(n: int) -> float:
         return 8 * vocab**n if vocab**n <= DIRECT_KEYS else 16 * 2 * min(vocab**n, tokens)
@@ -415,11 +428,11 @@ def plan_memory(model: nn.Module, layers: int, n_neurons: int, delta_units: int,
 
     per_layer = (n_neurons * (8 * window + 8 * 8 + top_k * width * 16 + 8 * 3)  # positions, activity, contexts
                  + 8 * 2 * vocab + delta_units * 8 * 4)  # token occurrences (census and Δ), Δ moments
-    parts = {"model": float(sum(p.numel() * p.element_size() for p in model.parameters())),
+    parts = {"process": resident_bytes(model) if resident is None else float(resident),
              "batch": float(batch_size * window * (8 * vocab + UNIT_BYTES * n_neurons)),
              "accumulators": float(layers * per_layer),
              "delta_tokens": float(layers * (rows(1) * 8 * delta_units + index(1)))}
-    fixed = parts["model"] + parts["batch"] + parts["accumulators"]
+    fixed = parts["process"] + parts["batch"] + parts["accumulators"]
     exact = sum(table(n) for n in orders) + 3 * max(table(n) for n in orders) / layers  # + finalize's copies
     if fixed + parts["delta_tokens"] + exact <= budget:
         return MemoryPlan({**parts, "ngram_tables": exact}, None, budget)
