@@ -12,7 +12,10 @@ Prints, measured in this run:
    gives at the default interval (one write per 10 minutes of scan);
 3. the peak RSS of a streamed census (``--stream``) of N tokens, for each N and each ``--memory-budget`` in
    ``--rss-budgets`` (each in a fresh process; the operating system's accounting of the finished child,
-   ``wait4``).
+   ``wait4``), beside the census's own printed estimate of its peak.
+
+``--model random-130m``: a randomly initialised Mamba-1 at 130m scale (24 layers, hidden 768, expand 2, d_state
+16, vocabulary 50280) saved with tiny-mamba's tokenizer into the work directory.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -56,20 +60,37 @@ def corpus_file(directory: Path, tokens: int, model: str, window: int) -> Path:
 _WINDOWED: dict[tuple[str, int], int] = {}
 
 
-def census_argv(model: str, corpus: Path, tokens: int, window: int, out: Path, *extra: str) -> list[str]:
+def census_argv(model: str, corpus: Path, tokens: int, window: int, out: Path, *extra: str,
+                quiet: bool = True) -> list[str]:
     return ["census", "--model", model, "--corpus", str(corpus), "--split", "all", "--window", str(window),
-            "--max-tokens", str(tokens), "--no-ablation", "--no-report", "--quiet", "--device", "cpu",
-            "--checkpoint-every", "0", "--out", str(out), *extra]
+            "--max-tokens", str(tokens), "--no-ablation", "--no-report", *(["--quiet"] if quiet else []),
+            "--device", "cpu", "--checkpoint-every", "0", "--out", str(out), *extra]
 
 
-def peak_rss(argv: list[str]) -> float:
-    """Peak RSS (MiB) of ``argv`` run as one child process (wait4's accounting)."""
+def random_130m(work: Path) -> str:
+    """A random 130m-scale Mamba-1 checkpoint (tiny-mamba's tokenizer) in ``work``; its directory."""
+    import torch
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from mambascope.models import load_model
+
+    path = work / "random-130m"
+    if not path.exists():
+        torch.manual_seed(0)
+        MambaForCausalLM(MambaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16,
+                                     expand=2)).save_pretrained(path)
+        load_model("tiny-mamba", device="cpu")[1].save_pretrained(path)
+    return str(path)
+
+
+def peak_rss(argv: list[str]) -> tuple[float, str]:
+    """Peak RSS (MiB) of ``argv`` run as one child process (wait4's accounting), and its stderr."""
     child = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
     stderr = child.stderr.read().decode(errors="replace") if child.stderr else ""
+    _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(argv[:6])} ... failed: {stderr[-2000:]}")
-    return usage.ru_maxrss / 1024  # Linux reports KiB
+    return usage.ru_maxrss / 1024, stderr  # Linux reports KiB
 
 
 def census_seconds(argv: list[str]) -> tuple[float, int]:
@@ -145,19 +166,21 @@ def bench_checkpoint(args: argparse.Namespace, work: Path) -> None:
 
 def bench_rss(args: argparse.Namespace, work: Path) -> None:
     print(f"\n3. peak RSS of a streamed census (--stream --no-ablation), {args.model}, window {args.window}")
-    print(f"{'tokens':>9} {'budget GiB':>10} {'n-grams >= 2':>13} {'peak MiB':>9} {'wall s':>8}")
+    print(f"{'tokens':>9} {'budget GiB':>10} {'tables':>34} {'estimate MiB':>12} {'peak MiB':>9} {'wall s':>8}")
     for tokens in args.rss_sizes:
         corpus = corpus_file(work, tokens, args.model, args.window)
         for budget in args.rss_budgets:
             start = time.perf_counter()
             out = work / f"rss-{tokens}-{budget}"
-            peak = peak_rss([sys.executable, "-m", "mambascope",
-                             *census_argv(args.model, corpus, tokens, args.window, out, "--stream",
-                                          "--memory-budget", str(budget))])
+            peak, stderr = peak_rss([sys.executable, "-m", "mambascope",
+                                     *census_argv(args.model, corpus, tokens, args.window, out, "--stream",
+                                                  "--memory-budget", str(budget), quiet=False)])
+            estimate = float(re.search(r"estimated peak memory ([0-9.]+) GiB", stderr).group(1)) * 1024
             results = json.loads((out / "results.json").read_text())
-            tables = "summaries" if results["census"].get("approximate") else "exact"
-            print(f"{results['corpus']['tokens']:>9} {budget:>10g} {tables:>13} {peak:>9.0f} "
-                  f"{time.perf_counter() - start:>8.1f}", flush=True)
+            tables = ", ".join(f.split(".")[-1] if "ngram" in f else f.split(".")[1]
+                               for f in results["census"].get("approximate", [])) or "exact"
+            print(f"{results['corpus']['tokens']:>9} {budget:>10g} {tables[:34]:>34} {estimate:>12.0f} "
+                  f"{peak:>9.0f} {time.perf_counter() - start:>8.1f}", flush=True)
 
 
 def main() -> None:
@@ -174,6 +197,8 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs visible, torch threads 1 per process; {time.strftime('%Y-%m-%d %H:%M')}")
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         work = Path(tmp)
+        if args.model == "random-130m":
+            args.model = random_130m(work)
         if "speed" not in args.skip:
             bench_speed(args, work)
         if "checkpoint" not in args.skip:

@@ -54,7 +54,7 @@ def test_sensitivity_counts_are_strict_and_monotone():
     acc = ActivityAccumulator(thresholds=[0.125, 0.25, 0.5])
     acc.update(batch)
     # neuron 0: |post| = 0.5, 0.125; neuron 1: 0.25, 0 → dead at θ=0.25 (0.25 is not > 0.25) and θ=0.5
-    assert acc.above_count.tolist() == [[1, 1], [1, 0], [0, 0]]
+    assert acc.max_abs.tolist() == [0.5, 0.25]  # C_{k,e} = 0 ⇔ max |post| <= θ_k
     assert acc.finalize()["dead_sensitivity"]["pct_dead"] == [0.0, 50.0, 100.0]
 
 

@@ -10,9 +10,12 @@ from mambascope.neurons import (
     EmptyAccumulatorError,
     NeuronBatch,
     TokenDetectorAccumulator,
+    cover_counts,
     detector_tokens_by_layer,
     ngram_ids,
 )
+from mambascope.neurons._common import DIRECT_KEYS
+from mambascope.neurons.detectors import cover_columns
 from neuron_reference import check_invariance, make_batch, ref_detectors, ref_wilson_lower
 
 
@@ -24,8 +27,16 @@ def _row_batch(tokens, active, valid=None):
     return NeuronBatch(torch.zeros(act.shape), act, tok, torch.arange(tok.shape[1])[None], valid)
 
 
+@pytest.fixture(params=["direct", "sorted"])
+def key_index(request, monkeypatch):
+    """Run a test with the tables' direct key index (toy vocabularies) and with the sorted one (real ones)."""
+    if request.param == "sorted":
+        monkeypatch.setattr("mambascope.neurons._common.DIRECT_KEYS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", [0, 7])
-def test_matches_brute_force_reference(seed):
+def test_matches_brute_force_reference(seed, key_index):
     batch = make_batch(seed=seed)
     acc = TokenDetectorAccumulator(vocab_size=8, min_occurrences=5)
     acc.update(batch)
@@ -121,20 +132,56 @@ def test_ngram_ids_encoding():
     assert not ok.any()
 
 
-def test_count_table_matches_counter():
+@pytest.mark.parametrize("M", [50, DIRECT_KEYS + 50])  # a direct index, and the sorted one
+def test_count_table_matches_counter(M):
+    """Rows of counts per n-gram, added in batches with new and repeated n-grams, merged and cloned, against a
+    Counter of (neuron, n-gram) events; the float32 rows turn float64 before a count could pass 2²⁴ (where
+    float32 integers stop being exact)."""
     g = torch.Generator().manual_seed(0)
-    table, other, expected = CountTable(), CountTable(), Counter()
-    for i in range(5):
-        keys = torch.randint(0, 30, (40,), generator=g)
-        expected.update(keys.tolist())
-        u, c = torch.unique(keys, return_counts=True)
-        (table if i % 2 else other).add(u, c)
-    table.merge(other)
-    assert dict(zip(table.keys.tolist(), table.counts.tolist(), strict=True)) == dict(expected)
-    assert table.keys.tolist() == sorted(expected)
+    E = 3
+    table, other, expected = CountTable(E, M), CountTable(E, M), Counter()
+    for i in range(7):
+        grams = torch.unique(torch.randint(0, 49, (12,), generator=g)) * ((M - 1) // 49)  # never M − 1
+        counts = torch.randint(0, 3, (grams.numel(), E), generator=g, dtype=torch.int32)
+        for r, gram in enumerate(grams.tolist()):
+            for e in range(E):
+                expected[(e, gram)] += int(counts[r, e])
+        (table if i % 2 else other).count_rows(grams, counts, 2)
+    table.merge(other.clone())
+    neuron, gram, count = table.entries()
+    assert dict(zip(zip(neuron.tolist(), gram.tolist(), strict=True), count.tolist(), strict=True)) == {
+        k: v for k, v in expected.items() if v}
+    assert list(zip(neuron.tolist(), gram.tolist(), strict=True)) == sorted(k for k, v in expected.items() if v)
+    assert table.by_id()[0].tolist() == sorted({k[1] for k in expected})  # the index: every n-gram seen, once
+    assert table.values.dtype == torch.float32
+    table.count(torch.tensor([7, -1, 7]), torch.ones(3, E, dtype=torch.int32), 2**24)  # −1: a slot without n-gram
+    table.count(torch.tensor([M - 1]), torch.tensor([[0, 1, 0]], dtype=torch.int32), 1)  # lands in the cleared row
+    assert table.values.dtype == torch.float64
+    for e in range(E):
+        expected[(e, 7)] += 2
+    expected[(1, M - 1)] += 1
+    neuron, gram, count = table.entries()
+    assert dict(zip(zip(neuron.tolist(), gram.tolist(), strict=True), count.tolist(), strict=True)) == {
+        k: v for k, v in expected.items() if v}
 
 
-def test_batch_size_and_merge_invariance():
+@pytest.mark.parametrize("coverage", [0.95, 0.5, 0.25, 1.0])
+def test_cover_columns_equals_the_sorted_cover(coverage):
+    """The bisection over count values gives the sort-based cover exactly, also where coverage·total is hit
+    exactly (0.5, 0.25 of even totals) and for neurons without counts."""
+    g = torch.Generator().manual_seed(3)
+    values = (torch.rand(40, 9, generator=g) ** 3 * 12).floor()
+    values[:, 4] = 0  # a neuron that never fired
+    values[:5, 5], values[5:, 5] = 3.0, 0.0  # ties at the cut
+    row, neuron = values.T.nonzero(as_tuple=True)[::-1]
+    order = torch.argsort(neuron * 100 + row)
+    expected = cover_counts(neuron[order], values[row, neuron][order].long(), 9, coverage)
+    for dtype in (torch.float32, torch.float64):
+        got = cover_columns(values.to(dtype), coverage)
+        assert got[0].tolist() == expected[0].tolist() and got[1].tolist() == expected[1].tolist()
+
+
+def test_batch_size_and_merge_invariance(key_index):
     check_invariance(lambda: TokenDetectorAccumulator(vocab_size=8), make_batch(seed=8))
 
 

@@ -157,11 +157,18 @@ def test_a_streamed_census_killed_and_resumed(tmp_path, census_args):
     assert_same(expected, resumed, rel=1e-12)
 
 
+def fixed_resident(monkeypatch) -> None:
+    """The plans of a test and of the census it runs see the same resident memory (the live one grows)."""
+    monkeypatch.setattr("mambascope.scale.resident_bytes", lambda model: float(2**28))
+
+
 def test_a_memory_budget_below_the_exact_tables_counts_ngrams_in_bounded_summaries(tmp_path, census_args,
                                                                                     small_checkpoints, reference,
-                                                                                    capsys):
+                                                                                    capsys, monkeypatch):
     from mambascope.models import load_model
     from mambascope.scale import plan_memory
+
+    fixed_resident(monkeypatch)
 
     model, _ = load_model(small_checkpoints["mamba"], device="cpu")
     exact = plan_memory(model, 2, 64, 64, tokens=640, window=32, batch_size=2, budget=2**40)
@@ -195,3 +202,92 @@ def test_checkpoint_every_takes_batches_or_a_time(capsys):
             parse_every(bad)
     assert main(["census", "--checkpoint-every", "soon", "--out", "unused"]) == 2
     assert "--checkpoint-every 'soon'" in capsys.readouterr().err
+
+
+def test_device_map_auto_traces_like_a_plain_load(small_checkpoints, capsys):
+    """device_map="auto" (accelerate; on a CPU-only machine it places every module on the CPU): the traced
+    logits equal those of a plain load and the model's own forward; a bad map fails in one line first."""
+    pytest.importorskip("accelerate")
+    from mambascope.models import load_model
+    from mambascope.trace import trace_stream
+
+    plain, _ = load_model(small_checkpoints["mamba"], device="cpu")
+    mapped, _ = load_model(small_checkpoints["mamba"], device_map="auto")
+    assert {p.device.type for p in mapped.parameters()} == {"cpu"}
+    ids = torch.randint(0, plain.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits = trace_stream(mapped, ids, None)
+    with torch.no_grad():
+        assert torch.equal(logits, trace_stream(plain, ids, None))
+        torch.testing.assert_close(logits, mapped(ids).logits, rtol=1e-5, atol=1e-5)
+    for argv, says in [(("--device-map", "everywhere"), "device_map 'everywhere' is not one of auto"),
+                       (("--device-map", "auto", "--device", "cpu"), "drop --device cpu")]:
+        assert main(["census", *argv, "--out", "unused"]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(errors) == 1 and says in errors[0], errors
+
+
+def test_the_memory_plan_gives_up_exact_tables_in_order(small_checkpoints):
+    """Shrinking budgets: all exact; n >= 2 summarized; no per-token Δ table; unigrams summarized; refused."""
+    from mambascope.models import load_model
+    from mambascope.scale import plan_memory
+
+    model, _ = load_model(small_checkpoints["mamba"], device="cpu")
+    plan = lambda budget: plan_memory(model, 2, 64, 64, tokens=math.inf, window=32, batch_size=2,  # noqa: E731
+                                      budget=budget, resident=2**20)
+    exact = plan(2**40)
+    assert exact.summaries is None
+    fixed = sum(v for k, v in exact.parts.items() if k in ("process", "batch", "accumulators"))
+    seen = []
+    budget = exact.peak
+    while True:
+        budget *= 0.9
+        try:
+            p = plan(budget)
+        except ValueError as exc:
+            assert "too small" in str(exc) and budget < fixed + 2 * 3 * 64 * 48 * 16
+            break
+        assert p.peak <= budget
+        seen.append((p.summaries.orders, p.summaries.delta_tokens))
+    assert [s for i, s in enumerate(seen) if s not in seen[:i]] == [((2, 3), True), ((2, 3), False),
+                                                                      ((1, 2, 3), False)]
+
+
+def test_a_budget_below_the_exact_unigram_tables_marks_the_detectors_approximate(tmp_path, census_args,
+                                                                                 small_checkpoints, reference,
+                                                                                 monkeypatch):
+    from mambascope.models import load_model
+    from mambascope.scale import plan_memory
+
+    fixed_resident(monkeypatch)
+
+    model, _ = load_model(small_checkpoints["mamba"], device="cpu")
+    def orders(budget: float) -> tuple[int, ...] | None:  # the summarized orders; None: refused
+        try:
+            p = plan_memory(model, 2, 64, 64, tokens=640, window=32, batch_size=2, budget=budget)
+        except ValueError:
+            return None
+        return () if p.summaries is None else p.summaries.orders
+
+    def lowest(accepted) -> float:  # the smallest budget with accepted(orders(budget)), by bisection
+        lo, hi = 1.0, 2.0**40
+        for _ in range(80):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if accepted(orders(mid)) else (mid, hi)
+        return hi
+
+    low = lowest(lambda o: o is not None)  # below: refused
+    high = lowest(lambda o: o is not None and 1 not in o)  # from here the unigrams stay exact
+    budget = (low + high) / 2  # where only summarized unigrams fit
+    assert low < high and 1 in orders(budget)
+    out = tmp_path / "out"
+    assert main([*census_args(out, "--memory-budget", f"{budget / 2**30:.9f}")]) == 0
+    results = load_results(out, detail=True)
+    assert results["census"]["approximate"][:3] == ["layers.*.token_detectors", "layers.*.tokens_covered",
+                                                    "detector_tokens_by_layer"]
+    assert "layers.*.delta_sensitive.*.top_tokens" in results["census"]["approximate"]
+    jsonschema.Draft202012Validator(results_schema()).validate(results)
+    for layer, exact_layer in reference["layers"].items():
+        found = {d["neuron"] for d in results["layers"][layer]["token_detectors"]}
+        assert found <= {d["neuron"] for d in exact_layer["token_detectors"]}
+        assert results["layers"][layer]["detectors"]["approximate"]["counters_per_neuron"] >= 16
+        assert all(d["top_tokens"] is None for d in results["layers"][layer]["delta_sensitive"])

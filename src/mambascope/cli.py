@@ -78,6 +78,9 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", type=float, default=16.0, metavar="GIB",
                    help="memory the census may use; where exact (neuron, n-gram) tables would not fit, n >= 2 is "
                    "counted in bounded Misra-Gries summaries, marked approximate (default: %(default)s GiB)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="spread a model that does not fit one device over all of them: auto, balanced or "
+                   "sequential (accelerate's device_map; replaces --device; one process, not with torchrun)")
     p.add_argument("--stream", action="store_true", help="read, tokenize and window the corpus lazily (constant "
                    "memory; with --max-tokens 0, all of it); held-out windows are every 1/f-th window, at most "
                    "512 (docs/census.md)")
@@ -137,6 +140,15 @@ def _check_flags(args: argparse.Namespace) -> None:
         from mambascope.models.loading import resolve_device
 
         resolve_device(args.device)
+    if getattr(args, "device_map", None):
+        from mambascope.models.loading import check_device_map
+
+        check_device_map(args.device_map)
+        if args.device != "auto":
+            raise ValueError(f"--device-map {args.device_map} places the model itself; drop --device {args.device}")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--device-map spreads one model over the devices of one process; under torchrun "
+                             "each rank holds a whole model on its own GPU: drop --device-map")
 
 
 def _check_patch_flags(args: argparse.Namespace) -> None:
@@ -196,7 +208,8 @@ def _prepare(args: argparse.Namespace):
     if getattr(args, "stream", False):
         return _prepare_stream(args)
     corpus = load_corpus(args.corpus, split=args.split)  # a bad corpus fails before a large model loads
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+                                  device_map=getattr(args, "device_map", None))
     _check_model_flags(args, model)
     try:
         windows = tokenize_windows(corpus.texts, tokenizer, args.window, max_tokens=args.max_tokens or None)
@@ -216,7 +229,7 @@ def _prepare_stream(args: argparse.Namespace):
     from mambascope.pipeline import model_info
 
     documents = stream_documents(args.corpus, split=args.split)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     _check_model_flags(args, model)
     windows = WindowStream(documents, tokenizer, args.window, max_tokens=args.max_tokens or None)
     info = {"model": model_info(model, args.model),
@@ -275,11 +288,11 @@ def _scan_plan(args: argparse.Namespace, ranks, model, windows, info: dict):
         "model": {**{k: v for k, v in info["model"].items() if k != "device"}, "weights_sha256": weights_digest(model)},
         "corpus": {k: info["corpus"].get(k) for k in ("name", "split", "tokens", "windows", "window", "max_tokens")},
         "settings": {"layers": args.layers, "heldout_fraction": args.heldout_fraction,
-                     "ngram_counters": memory.counters}}
+                     "tables": memory.summaries}}
     ckpt = Checkpointer(checkpoint_path(args.out, ranks), fingerprint, batches, seconds, resume=args.resume)
     select, _ = split_windows(windows, args.heldout_fraction)
     ckpt.prepare(select, args.batch_size, ranks, model.get_input_embeddings().weight.device)
-    return ScanPlan(ranks, ckpt if batches or seconds or args.resume else None, memory.counters)
+    return ScanPlan(ranks, ckpt if batches or seconds or args.resume else None, memory.summaries)
 
 
 def _memory_plan(args: argparse.Namespace, model, info: dict):

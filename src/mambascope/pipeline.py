@@ -20,9 +20,11 @@ from torch import nn
 from mambascope.arch import adapter
 from mambascope.interventions import ablation_study, check_draws, pruning_study
 from mambascope.neurons import (
+    ATTENTION_ROW_UNITS,
     EmptyAccumulatorError,
     LayerCensus,
     NeuronBatch,
+    TopAttentionRows,
     TopContextAccumulator,
     detector_suppression,
     detector_tokens_by_layer,
@@ -30,8 +32,7 @@ from mambascope.neurons import (
     top_logit_tokens,
 )
 from mambascope.runner import LossResult, scan_corpus
-from mambascope.ssm import hidden_attention
-from mambascope.trace import n_layers, neuron_write_weights, trace, unembedding
+from mambascope.trace import n_layers, neuron_write_weights, unembedding
 
 GROUPS = ("dead", "rarely_active", "positional", "token_detector", "delta_sensitive")
 # The traced units a census of each neuron kind reads (``Adapter.neuron_kind``).
@@ -181,15 +182,17 @@ def pruning_priority(layer_result: dict, write_norms: torch.Tensor) -> torch.Ten
 def census_accumulate(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *,
                       layers: Sequence[int] | None = None, batch_size: int = 8, progress: bool = True,
                       census_options: dict | None = None, top_k_contexts: int = 5, context_width: int = 16,
-                      scan: Callable[..., LossResult] | None = None, ngram_counters: int | None = None
+                      scan: Callable[..., LossResult] | None = None, ngram_counters: int | Any | None = None
                       ) -> tuple[dict[int, LayerCensus], dict[int, TopContextAccumulator],
-                                 dict[int, dict[int, LayerCensus]], LossResult]:
+                                 dict[int, dict[int, LayerCensus]], LossResult, dict[int, TopAttentionRows]]:
     """The traced pass of the census: every chosen layer's ``LayerCensus`` and ``TopContextAccumulator``
-    (and each MoE layer's experts' ``LayerCensus``, as they are seen) fed with ``windows`` [n, T], and the
-    next-token loss.  ``scan``: ``scale.scan_function(plan)`` for a resumable or multi-process pass
+    (and each MoE layer's experts' ``LayerCensus``, as they are seen) fed with ``windows`` [n, T], the
+    next-token loss, and each SSM layer's ``TopAttentionRows`` (the hidden-attention rows of the top contexts,
+    computed in this same pass).  ``scan``: ``scale.scan_function(plan)`` for a resumable or multi-process pass
     (default: one plain ``scan_corpus``).  ``ngram_counters``: count the n-grams of order >= 2 in
     Misra-Gries summaries of that many counters per neuron (``neurons.heavy_hitters``; bounded memory,
-    approximate n-gram coverage) instead of exact tables."""
+    approximate n-gram coverage) instead of exact tables; a ``heavy_hitters.Summaries`` also says which
+    orders (1: the token detectors' unigram table too)."""
     ad = adapter(model)
     moe = {layer: ad.moe_kind(layer) for layer in check_layers(model, layers) if ad.moe_kind(layer)}
     layers, skipped = census_layers(model, layers)
@@ -197,6 +200,8 @@ def census_accumulate(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *
         raise ValueError(f"no layer of this {ad.model_type} model has neurons the census reads: {skipped}")
     kinds = {layer: ad.neuron_kind(layer) for layer in layers}
     vocab = model.get_input_embeddings().num_embeddings
+    if ngram_counters is not None and not getattr(ngram_counters, "delta_tokens", True):
+        census_options = {**(census_options or {}), "delta_token_channels": None}  # the memory plan's choice
     census = {layer: LayerCensus(kinds[layer], vocab, layer=layer, **(census_options or {})) for layer in layers}
     if ngram_counters is not None:
         from mambascope.neurons.heavy_hitters import BoundedTokenDetectorAccumulator
@@ -204,21 +209,27 @@ def census_accumulate(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *
         for part in census.values():
             part.detectors = BoundedTokenDetectorAccumulator.like(part.detectors, ngram_counters)
     tops = {layer: TopContextAccumulator(top_k_contexts, context_width, layer=layer) for layer in layers}
+    rows = {layer: TopAttentionRows(ad.mixer_params(layer), context_width, layer=layer) for layer in layers
+            if kinds[layer] in ("mamba", "mamba2")}
     experts: dict[int, dict[int, LayerCensus]] = {layer: {} for layer in moe}  # filled as experts are seen
     bos = tokenizer.bos_token_id
-    units = [f"blocks.{layer}.{u}" for layer in layers for u in CENSUS_UNITS[kinds[layer]]]
+    units = [f"blocks.{layer}.{u}" for layer in layers
+             for u in dict.fromkeys([*CENSUS_UNITS[kinds[layer]], *(ATTENTION_ROW_UNITS if layer in rows else ())])]
     units += [f"blocks.{layer}.mlp.{u}" for layer, kind in moe.items()
               for u in ("hook_post", "hook_route", *(["hook_pre"] if kind == "gated_moe" else []))]
 
-    def consume(layer: int, tensors: dict[str, torch.Tensor], ids: torch.Tensor, rows: torch.Tensor) -> None:
+    def consume(layer: int, tensors: dict[str, torch.Tensor], ids: torch.Tensor, rows_of_batch: torch.Tensor) -> None:
         device = next(iter(tensors.values())).device
         ids = ids.to(device)
         if layer in census:
-            batch = NeuronBatch.from_layer(tensors, kinds[layer], ids, bos_token_id=bos, label=layer, window_ids=rows)
+            batch = NeuronBatch.from_layer(tensors, kinds[layer], ids, bos_token_id=bos, label=layer,
+                                           window_ids=rows_of_batch)
             census[layer].update(batch)
             tops[layer].update(batch)
+            if layer in rows:
+                rows[layer].update(tensors, tops[layer], rows_of_batch)
         if layer in moe:
-            for x, batch in expert_batches(tensors, moe[layer], ids, bos, layer, rows):
+            for x, batch in expert_batches(tensors, moe[layer], ids, bos, layer, rows_of_batch):
                 if x not in experts[layer]:
                     experts[layer][x] = LayerCensus(EXPERT_KIND[moe[layer]], vocab, layer=f"{layer}.expert{x}",
                                                     **(census_options or {}))
@@ -233,15 +244,16 @@ def census_accumulate(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *
         loss = scan_corpus(model, windows, consume, names=units, batch_size=batch_size, progress=progress,
                            description="census")
     else:  # the scan may restore (resume) or merge (ranks) the accumulators in these dicts
-        loss = scan(model, windows, consume, {"census": census, "tops": tops, "experts": experts}, names=units,
-                    batch_size=batch_size, progress=progress, description="census")
-    return census, tops, experts, loss
+        loss = scan(model, windows, consume, {"census": census, "tops": tops, "experts": experts, "rows": rows},
+                    names=units, batch_size=batch_size, progress=progress, description="census")
+    return census, tops, experts, loss, rows
 
 
 def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layers: Sequence[int] | None = None,
                 batch_size: int = 8, progress: bool = True, census_options: dict | None = None,
                 top_k_contexts: int = 5, context_width: int = 16,
-                scan: Callable[..., LossResult] | None = None, ngram_counters: int | None = None) -> dict[str, Any]:
+                scan: Callable[..., LossResult] | None = None, ngram_counters: int | Any | None = None
+                ) -> dict[str, Any]:
     """The neuron census of every chosen layer in one traced pass over ``windows`` [n, T] (no padding).
 
     Returns ``tokens``, ``window``, ``loss`` (next-token loss on the same windows), ``layers`` {layer:
@@ -251,7 +263,7 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
     """
     ad = adapter(model)
     moe = {layer: ad.moe_kind(layer) for layer in check_layers(model, layers) if ad.moe_kind(layer)}
-    census, tops, experts, loss = census_accumulate(
+    census, tops, experts, loss, rows = census_accumulate(
         model, tokenizer, windows, layers=layers, batch_size=batch_size, progress=progress,
         census_options=census_options, top_k_contexts=top_k_contexts, context_width=context_width, scan=scan,
         ngram_counters=ngram_counters)
@@ -264,8 +276,10 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
                            "layers": {}, "skipped_layers": {str(layer): why for layer, why in skipped.items()},
                            "moe_layers": moe_layers}
     if ngram_counters is not None:
-        orders = [n for part in census.values() for n in part.detectors.ngram_orders if n >= 2]
-        out["approximate"] = [f"layers.*.detectors.ngram_coverage.{n}" for n in sorted(set(orders))]
+        from mambascope.neurons.heavy_hitters import Summaries
+
+        orders = tuple({n for part in census.values() for n in part.detectors.ngram_orders})
+        out["approximate"] = Summaries.of(ngram_counters).approximate_fields(orders)
     for layer in layers:
         result = census[layer].finalize()
         result["layer_kind"] = ad.layer_kind(layer)
@@ -285,54 +299,17 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
         out["layers"][str(layer)] = result
     out["detector_tokens_by_layer"] = detector_tokens_by_layer(
         [out["layers"][str(layer)]["tokens_covered"] for layer in layers])
-    context_attention_rows(model, windows, out["layers"], batch_size=batch_size)
+    context_attention_rows(out["layers"], rows)
     return out
 
 
-def context_attention_rows(model: nn.Module, windows: torch.Tensor, layer_results: dict[str, dict],
-                           batch_size: int = 8) -> None:
+def context_attention_rows(layer_results: dict[str, dict], rows: dict[int, TopAttentionRows]) -> None:
     """Add ``attention_rows`` to each SSM layer result: for every neuron, the exact hidden-attention row
     α[t, ·] of its channel (Mamba-2: its head) at the peak t of its top context, over that context's
-    tokens (None before the window start).  Only the rows asked for are computed (``rows=`` fast path).
-    """
-    ad = adapter(model)
-    tops = {int(layer): r["top_contexts"] for layer, r in layer_results.items()
-            if ad.neuron_kind(int(layer)) in ("mamba", "mamba2")}
-    if not tops:
-        return
-    rows = {layer: {"neurons": [], "tokens": [], "values": []} for layer in tops}
-    by_window: dict[int, dict[int, list[int]]] = {layer: {} for layer in tops}  # layer -> window -> neurons
-    for layer, top in tops.items():
-        for e, wins in enumerate(top["windows"]):
-            if wins:
-                by_window[layer].setdefault(wins[0], []).append(e)
-    needed = sorted({w for per in by_window.values() for w in per})
-    needed_ids = windows[needed] if needed else None  # at once: a streamed corpus is re-read once, not per chunk
-    for start in range(0, len(needed), batch_size):
-        chunk = needed[start:start + batch_size]
-        tr = trace(model, needed_ids[start:start + batch_size], names=["mixer.hook_dt", "mixer.hook_B",
-                                                                        "mixer.hook_C"])
-        for layer, top in tops.items():
-            params, width = ad.mixer_params(layer), top["width"]
-            units = tr.layer(layer)
-            for i, window in enumerate(chunk):  # a loop over contexts, each computing only its rows
-                neurons = by_window[layer].get(window)
-                if not neurons:
-                    continue
-                peaks = [top["positions"][e][0] for e in neurons]
-                channels = [e // params.head_dim for e in neurons]  # head_dim is 1 on Mamba-1
-                alpha = hidden_attention({k: v[i:i + 1] for k, v in units.items()}, params, "s6",
-                                         channels=sorted(set(channels)), rows=sorted(set(peaks)))[0]
-                c_index = {c: j for j, c in enumerate(sorted(set(channels)))}
-                r_index = {p: j for j, p in enumerate(sorted(set(peaks)))}
-                for e, c, t in zip(neurons, channels, peaks, strict=True):
-                    row = alpha[c_index[c], r_index[t]].tolist()
-                    rows[layer]["neurons"].append(e)
-                    rows[layer]["tokens"].append(list(top["tokens"][e][0]))
-                    rows[layer]["values"].append([row[s] if s >= 0 else None for s in range(t - width + 1, t + 1)])
-    for layer, r in rows.items():
-        order = sorted(range(len(r["neurons"])), key=r["neurons"].__getitem__)
-        layer_results[str(layer)]["attention_rows"] = {key: [v[j] for j in order] for key, v in r.items()}
+    tokens (None before the window start), as the census pass computed them (``TopAttentionRows``)."""
+    for layer, accumulator in rows.items():
+        result = layer_results[str(layer)]
+        result["attention_rows"] = accumulator.finalize(result["top_contexts"])
 
 
 def census_interventions(model: nn.Module, layer_results: dict[str, dict], heldout: torch.Tensor, *,

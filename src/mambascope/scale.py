@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ from mambascope.outputs import write_atomic
 from mambascope.runner import LayerConsumer, LossResult, next_token_loss_sum
 from mambascope.trace import trace_stream
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: accumulator state of the row tables (KeyedRows) and max |post|
 DEFAULT_EVERY = "10m"
 
 
@@ -218,7 +219,7 @@ class ScanPlan:
 
     ranks: Ranks = field(default_factory=Ranks)
     checkpoint: Checkpointer | None = None
-    ngram_counters: int | None = None  # the memory plan's choice, the same on every rank (merge needs it)
+    ngram_counters: Any = None  # the memory plan's heavy_hitters.Summaries, the same on every rank (merge needs it)
 
 
 def _restore(state: dict[str, dict], saved: dict[str, dict]) -> None:
@@ -354,17 +355,24 @@ def scan_function(plan: ScanPlan) -> Callable[..., LossResult]:
 
 # -- memory ---------------------------------------------------------------------------------------------
 MIN_COUNTERS = 16  # fewer counters per neuron than this would bound the n-gram coverage too loosely to use
-ACTIVE_SHARE = 0.5  # share of (token, neuron) events assumed active when sizing exact n-gram tables (gates ≈ half)
+HH_BYTES = 16 * 3  # a Misra-Gries counter (key, count), ×3 for the update buffer and the reduction's temporaries
+UNIT_BYTES = 96  # per token and neuron in one batch: the traced units, the mixer's own activations, the
+#                   accumulators' float64 and float32 copies (valid post, activity, Δ and ln Δ, |post|)
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """The census's estimated peak memory (bytes, by part) and its n-gram tables: exact (``counters`` None)
-    or Misra–Gries summaries of ``counters`` counters per neuron (``neurons.heavy_hitters``)."""
+    """The census's estimated peak memory (bytes, by part) and its tables: all exact (``summaries`` None), or
+    the ``summaries.orders`` in Misra–Gries summaries of ``summaries.counters`` counters per neuron and, where
+    even that does not fit, no per-token Δ table (``neurons.heavy_hitters.Summaries``)."""
 
     parts: dict[str, float]
-    counters: int | None
+    summaries: Any  # heavy_hitters.Summaries | None
     budget: float
+
+    @property
+    def counters(self) -> int | None:
+        return None if self.summaries is None else self.summaries.counters
 
     @property
     def peak(self) -> float:
@@ -372,42 +380,75 @@ class MemoryPlan:
 
     def describe(self) -> str:
         gib = {k: f"{v / 2**30:.2f}" for k, v in self.parts.items()}
-        tables = ("exact" if self.counters is None
-                  else f"Misra-Gries summaries of {self.counters} counters per neuron for n >= 2")
-        return (f"estimated peak memory {self.peak / 2**30:.2f} GiB (model {gib['model']}, one batch "
-                f"{gib['batch']}, fixed accumulators {gib['accumulators']}, n-gram tables {gib['ngram_tables']}: "
-                f"{tables}) within --memory-budget {self.budget / 2**30:g} GiB")
+        s = self.summaries
+        tables = ("exact" if s is None else f"Misra-Gries summaries of {s.counters} counters per neuron for n in "
+                  f"{', '.join(map(str, s.orders))}" + ("" if s.delta_tokens else "; no per-token Δ table"))
+        return (f"estimated peak memory {self.peak / 2**30:.2f} GiB (process now, model included, "
+                f"{gib['process']}, one batch "
+                f"{gib['batch']}, fixed accumulators {gib['accumulators']}, per-token Δ {gib['delta_tokens']}, "
+                f"n-gram tables {gib['ngram_tables']}: {tables}) within --memory-budget {self.budget / 2**30:g} GiB")
+
+
+def resident_bytes(model: nn.Module) -> float:
+    """What this process holds now (the interpreter, torch, the loaded model): its resident set on Linux
+    (/proc/self/statm), else the model's parameters alone."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return float(pages * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        return float(sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
 def plan_memory(model: nn.Module, layers: int, n_neurons: int, delta_units: int, *, tokens: float, window: int,
                 batch_size: int, budget: float, orders: tuple[int, ...] = (1, 2, 3), top_k: int = 5,
-                width: int = 16) -> MemoryPlan:
+                width: int = 16, resident: float | None = None) -> MemoryPlan:
     """Size the census of ``layers`` layers of ``n_neurons`` neurons over ``tokens`` tokens (``math.inf`` when
-    unknown) against ``budget`` bytes.  Exact tables take 16 bytes per distinct (neuron, n-gram) pair, at most
-    min(E·Vⁿ, ``ACTIVE_SHARE``·tokens·E), ×3 while a table is reduced (concatenation, unique, inverse)."""
+    unknown) against ``budget`` bytes, and choose its tables (docs/census.md, "Memory").
+
+    The process's resident memory now (interpreter, libraries, the loaded model; or ``resident`` bytes) is the
+    base.  An exact n-gram
+    table holds a row of E float32 counts per distinct n-gram seen, at most min(Vⁿ, tokens) of them, in rows
+    allocated by doubling (the next power of two) and a key index; the per-token Δ table a row
+    of Δ-units float64 sums per token type seen; finalize holds about three more copies of the largest table.
+    What does not fit is dropped in this order: exact n >= 2 tables (to summaries), the per-token Δ table, the
+    exact unigram table (to summaries: the token detectors become certain-only)."""
+    from mambascope.neurons._common import DIRECT_KEYS
+    from mambascope.neurons.heavy_hitters import Summaries
+
     vocab = model.get_input_embeddings().num_embeddings
-    per_layer = (n_neurons * (8 * window + 8 * 16 + top_k * width * 16)  # positions, activity, top contexts
-                 + vocab * (8 + 8 * delta_units))  # token occurrences, per-token Δ sums
-    parts = {"model": float(sum(p.numel() * p.element_size() for p in model.parameters())),
-             "batch": float(batch_size * window * (vocab * 8 + n_neurons * 4 * 8)),
-             "accumulators": float(layers * per_layer)}
 
-    def table(n: int) -> float:
-        return 16 * 3 * layers * min(n_neurons * vocab**n, ACTIVE_SHARE * tokens * n_neurons)
+    def rows(n: int) -> float:  # the rows a table of order n may allocate: doubled from 64 past its n-grams
+        return min(2 ** math.ceil(math.log2(max(min(vocab**n, tokens), 64))), vocab**n + 1)
 
-    exact = sum(table(n) for n in orders)
-    fixed = sum(parts.values())
-    if fixed + exact <= budget:
+    def index(n: int) -> float:
+        return 8 * vocab**n if vocab**n <= DIRECT_KEYS else 16 * 2 * min(vocab**n, tokens)
+
+    def table(n: int) -> float:  # the exact tables of order n of every layer
+        return layers * (rows(n) * 4 * n_neurons + index(n))
+
+    per_layer = (n_neurons * (8 * window + 8 * 8 + top_k * width * 16 + 8 * 3)  # positions, activity, contexts
+                 + 8 * 2 * vocab + delta_units * 8 * 4)  # token occurrences (census and Δ), Δ moments
+    parts = {"process": resident_bytes(model) if resident is None else float(resident),
+             "batch": float(batch_size * window * (8 * vocab + UNIT_BYTES * n_neurons)),
+             "accumulators": float(layers * per_layer),
+             "delta_tokens": float(layers * (rows(1) * 8 * delta_units + index(1)))}
+    fixed = parts["process"] + parts["batch"] + parts["accumulators"]
+    exact = sum(table(n) for n in orders) + 3 * max(table(n) for n in orders) / layers  # + finalize's copies
+    if fixed + parts["delta_tokens"] + exact <= budget:
         return MemoryPlan({**parts, "ngram_tables": exact}, None, budget)
-    from mambascope.neurons.heavy_hitters import counters_for_budget
-
-    summaries = [n for n in orders if n >= 2]
-    room = budget - fixed - table(1)
-    counters = counters_for_budget(room, n_neurons, layers * len(summaries)) if room > 0 else 0
-    if counters < MIN_COUNTERS:
-        need = fixed + table(1) + 16 * 3 * n_neurons * layers * len(summaries) * MIN_COUNTERS
-        raise ValueError(f"--memory-budget {budget / 2**30:g} GiB is too small for this census (the model, a batch "
-                         f"and the exact unigram tables alone need about {need / 2**30:.1f} GiB); raise it, or "
-                         "pass fewer --layers")
-    return MemoryPlan({**parts, "ngram_tables": table(1) + 16 * 3 * n_neurons * layers * len(summaries) * counters},
-                      counters, budget)
+    summarized = tuple(n for n in orders if n >= 2)
+    unigrams = table(1) + 3 * table(1) / layers if 1 in orders else 0.0
+    for delta, unigram_exact in ((True, True), (False, True), (False, False)):
+        keep = (parts["delta_tokens"] if delta else 0.0) + (unigrams if unigram_exact else 0.0)
+        kinds = summarized if unigram_exact else tuple(sorted({1, *summarized}))
+        room = budget - fixed - keep
+        counters = math.floor(room / (layers * len(kinds) * n_neurons * HH_BYTES)) if room > 0 and kinds else 0
+        if counters >= MIN_COUNTERS:
+            plan = Summaries(counters, kinds, delta_tokens=delta)
+            return MemoryPlan({**parts, "delta_tokens": parts["delta_tokens"] if delta else 0.0,
+                               "ngram_tables": keep - (parts["delta_tokens"] if delta else 0.0)
+                               + layers * len(kinds) * n_neurons * HH_BYTES * counters}, plan, budget)
+    need = fixed + layers * len(orders) * n_neurons * HH_BYTES * MIN_COUNTERS
+    raise ValueError(f"--memory-budget {budget / 2**30:g} GiB is too small for this census (the model, a batch, "
+                     f"the accumulators and the smallest n-gram summaries alone need about {need / 2**30:.1f} GiB); "
+                     "raise it, or pass fewer --layers")

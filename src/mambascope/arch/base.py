@@ -60,6 +60,12 @@ class Context:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def module_device(module: nn.Module, default: torch.device) -> torch.device:
+    """The device of a module's weights (``default`` for a module without any)."""
+    weight = next(module.parameters(), None)
+    return default if weight is None else weight.device
+
+
 class Adapter:
     """One Hugging Face family of causal LMs, seen by the tracer.  Subclasses set ``model_type``
     (``config.model_type``) and ``hf_class``, and implement the methods that raise NotImplementedError."""
@@ -173,9 +179,20 @@ class Adapter:
         """Layer ``layer`` on the residual stream h [b, L, D], emitting its units; returns the new stream."""
         raise NotImplementedError
 
+    def on_block_device(self, layer: int, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """h (and the context's tensors) on the device of layer ``layer``'s weights, where a ``device_map``
+        (accelerate) may have put it; nothing moves when all layers share one device."""
+        device = module_device(self.blocks()[layer], h.device)
+        if h.device != device:
+            ctx.mask = None if ctx.mask is None else ctx.mask.to(device)
+            ctx.extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in ctx.extra.items()}
+        return h.to(device)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and unembedding of the last residual stream -> [b, L, V]."""
-        return self.model.get_output_embeddings()(self.final_norm()(h))
+        """Final norm and unembedding of the last residual stream -> [b, L, V] (each on its module's device)."""
+        norm, head = self.final_norm(), self.model.get_output_embeddings()
+        x = norm(h.to(module_device(norm, h.device)))
+        return head(x.to(module_device(head, x.device)))
 
     # ---- parameters ------------------------------------------------------------------------------
     def mixer(self, layer: int) -> nn.Module:

@@ -218,7 +218,8 @@ def _weights_problems(info: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _load_weights(source: str, config: Any, dtype: torch.dtype, weights: str, config_file: str) -> nn.Module:
+def _load_weights(source: str, config: Any, dtype: torch.dtype, weights: str, config_file: str,
+                  device_map: str | dict | None = None) -> nn.Module:
     """``from_pretrained`` with every failure as one ValueError naming ``weights`` and the fix.
 
     transformers only logs missing weights (left randomly initialised) and, with ``ignore_mismatched_sizes``,
@@ -231,8 +232,10 @@ def _load_weights(source: str, config: Any, dtype: torch.dtype, weights: str, co
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report would repeat, at length, what the error below says
     try:
+        placement = {} if device_map is None else {"device_map": device_map}
         model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
-                                                           output_loading_info=True, ignore_mismatched_sizes=True)
+                                                           output_loading_info=True, ignore_mismatched_sizes=True,
+                                                           **placement)
     except SafetensorError as exc:
         raise ValueError(f"{weights} is not a readable safetensors file ({_first_line(exc)}): it is truncated or "
                          f"corrupt; copy it again, or {_RESAVE}") from exc
@@ -272,6 +275,7 @@ def load_model(
     name_or_path: str,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load ``(model, tokenizer)`` for a bundled name, a local checkpoint directory, or a hub id.
 
@@ -279,6 +283,9 @@ def load_model(
     (``config.model_type``): those of ``mambascope.arch.SUPPORTED`` (mamba, mamba2, gpt2, falcon_mamba,
     ...). ``device="auto"`` picks CUDA when available;
     ``dtype=None`` means float32. The model is returned in eval mode.
+    ``device_map`` (``"auto"`` or a {module: device} dict; needs ``accelerate``) places the layers over the
+    available devices for a model that does not fit one (``from_pretrained(device_map=...)``); ``device`` is
+    then not used.  The tracer moves the residual stream to each block's device.
     Raises ``FileNotFoundError`` for a missing path or weights file and ``ValueError`` for an unknown
     name, an unreachable hub, an unsupported architecture, a config.json that is not a JSON object, a
     checkpoint without tokenizer files, unreadable (truncated, empty, corrupt) weights, or weights that do
@@ -287,7 +294,9 @@ def load_model(
     """
     from transformers import AutoConfig
 
-    dev = resolve_device(device)
+    dev = resolve_device(device) if device_map is None else None
+    if device_map is not None:
+        check_device_map(device_map)
     torch_dtype = resolve_dtype(dtype)
     source, local = _resolve_source(name_or_path)
     if local:  # checked before transformers, whose errors for it name neither the file nor the fix
@@ -313,7 +322,24 @@ def load_model(
         weights, config_file = str(_weights_file(Path(source))), str(Path(source) / "config.json")
         _check_tokenizer_files(Path(source), "checkpoint directory")
     tokenizer = _tokenizer(source, repr(name_or_path))
-    model = _load_weights(source, config, torch_dtype, weights, config_file)
-    model.to(dev)
+    model = _load_weights(source, config, torch_dtype, weights, config_file, device_map)
+    if dev is not None:
+        model.to(dev)
     model.eval()
     return model, tokenizer
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map: str | dict) -> None:
+    """A ``device_map`` that ``from_pretrained`` takes: one of ``DEVICE_MAPS`` or a dict, with ``accelerate``
+    installed; raises ``ValueError`` naming the fix."""
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise ValueError(f"device_map {device_map!r} is not one of {', '.join(DEVICE_MAPS)} (or a dict of module "
+                         "name to device)")
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise ValueError("device_map needs the accelerate package: pip install accelerate "
+                         "(or pip install 'mambascope[scale]')")

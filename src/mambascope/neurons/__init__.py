@@ -4,6 +4,8 @@ Definitions follow Voita et al. 2023, "Neurons in Large Language Models: Dead, N
 """
 
 from mambascope.neurons.activity import ActivityAccumulator, default_thresholds
+from mambascope.neurons.attention_rows import UNITS as ATTENTION_ROW_UNITS
+from mambascope.neurons.attention_rows import TopAttentionRows
 from mambascope.neurons.batch import EmptyAccumulatorError, NeuronBatch, NonFiniteError
 from mambascope.neurons.census import LayerCensus
 from mambascope.neurons.delta import DeltaAccumulator
@@ -20,6 +22,7 @@ from mambascope.neurons.suppression import detector_suppression, direct_logit_ef
 from mambascope.neurons.top_contexts import TopContextAccumulator
 
 __all__ = [
+    "ATTENTION_ROW_UNITS",
     "ActivityAccumulator",
     "CountTable",
     "DeltaAccumulator",
@@ -29,6 +32,7 @@ __all__ = [
     "NonFiniteError",
     "PositionalAccumulator",
     "TokenDetectorAccumulator",
+    "TopAttentionRows",
     "TopContextAccumulator",
     "cover_counts",
     "default_thresholds",

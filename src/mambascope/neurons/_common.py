@@ -56,6 +56,131 @@ def within_segment_cumsum_before(segment: Tensor, value: Tensor, n_segments: int
     return value.cumsum(0) - value - offset[segment]
 
 
+def _merge_sorted(a: Tensor, a_rows: Tensor, b: Tensor, b_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge ascending ``a`` and ``b`` (disjoint values) with their payloads: O(|a| + |b|), no sort."""
+    at = torch.searchsorted(a, b) + torch.arange(b.numel(), device=b.device)  # b's places in the result
+    out, rows = a.new_empty(a.numel() + b.numel()), a_rows.new_empty(a.numel() + b.numel())
+    from_a = torch.ones(out.numel(), dtype=torch.bool, device=a.device)
+    from_a[at] = False
+    out[at], rows[at] = b, b_rows
+    out[from_a], rows[from_a] = a, a_rows
+    return out, rows
+
+
+# Key spaces up to this size are looked up in a direct [keys] → row array (8 bytes a key: 8 MiB) instead of
+# a sorted index: token ids (a vocabulary) always, n-grams of order >= 2 only for toy vocabularies.
+DIRECT_KEYS = 1 << 20
+
+
+class KeyedRows:
+    """Sums of ``width`` values per int64 key in [0, ``key_space``) (an n-gram or token id), one dense row for
+    each key seen.
+
+    ``values`` [capacity, width] holds the rows in the order their keys first appeared (allocated by
+    doubling).  A key's row is found in a direct array ``index`` [key_space] (−1: unseen) when the key
+    space is at most ``DIRECT_KEYS``, else by one ``searchsorted`` in ``ids`` [G] (ascending) / ``rows`` [G],
+    into which new keys are merged without re-sorting.  Memory: width·itemsize (+16) bytes per key seen (×2
+    while rows double), so a table over a vocabulary costs what the corpus uses of it, not V·width.
+    Rows are summed with ``index_add_`` in the order given, as a dense [V, width] table would be.
+    """
+
+    def __init__(self, width: int, dtype: torch.dtype, key_space: int, device: torch.device | str = "cpu") -> None:
+        self.width, self.key_space, self.size = width, key_space, 0
+        self.values = torch.zeros(0, width, dtype=dtype, device=device)
+        self.index = torch.full((key_space,), -1, dtype=torch.long, device=device) if key_space <= DIRECT_KEYS \
+            else None
+        self.ids = torch.zeros(0, dtype=torch.long, device=device)  # sorted index (unused with a direct one)
+        self.rows = torch.zeros(0, dtype=torch.long, device=device)
+
+    def _reserve(self, rows: int) -> None:
+        if rows > self.values.shape[0]:  # double (up to one row a key): amortized O(1) copies per row
+            grown = self.values.new_empty(min(max(2 * self.values.shape[0], rows, 64), self.key_space + 1),
+                                          self.width)
+            grown[:self.size] = self.values[:self.size]
+            grown[self.size:] = 0
+            self.values = grown
+
+    def _insert(self, new: Tensor) -> Tensor:
+        """Give the distinct ascending unseen keys ``new`` rows of their own; returns the rows."""
+        rows = torch.arange(self.size, self.size + new.numel(), device=new.device)
+        self._reserve(self.size + new.numel())
+        if self.index is not None:
+            self.index[new] = rows
+        else:
+            self.ids, self.rows = _merge_sorted(self.ids, self.rows, new, rows)
+        self.size += new.numel()
+        return rows
+
+    def rows_for(self, ids: Tensor) -> Tensor:
+        """Rows [G] of the distinct ascending ``ids`` [G], given rows of their own when new."""
+        ids = ids.to(self.values.device)
+        if self.index is not None:
+            row = self.index[ids]
+        else:
+            place = torch.searchsorted(self.ids, ids).clamp_max(max(self.size - 1, 0))
+            row = torch.full_like(ids, -1)
+            if self.size:
+                hit = self.ids[place] == ids
+                row[hit] = self.rows[place[hit]]
+        new = row < 0
+        if bool(new.any()):
+            row[new] = self._insert(ids[new])
+        return row
+
+    def add(self, ids: Tensor, values: Tensor) -> None:
+        """Add ``values`` [S, width] at the keys ``ids`` [S] (repeats summed; a negative id skips its row)."""
+        ids = ids.to(self.values.device)
+        skip = ids < 0
+        skipping = bool(skip.any())
+        if self.index is not None:  # direct: look every slot up, insert the unseen keys (few after a while)
+            slot_rows = self.index[ids.clamp_min(0)]
+            new = (slot_rows < 0) & ~skip
+            if bool(new.any()):
+                self._insert(torch.unique(ids[new]))
+                slot_rows = self.index[ids.clamp_min(0)]
+        else:  # sorted: one lookup per distinct key of the batch
+            keys, inverse = torch.unique(torch.where(skip, -1, ids), return_inverse=True)
+            rows = self.rows_for(keys[int(skipping):])
+            slot_rows = (torch.cat([rows.new_tensor([-1]), rows]) if skipping else rows)[inverse]
+        if skipping:  # the skipped rows land in the first free row, cleared again after
+            self._reserve(self.size + 1)
+            slot_rows = torch.where(skip, self.size, slot_rows)
+        self.values.index_add_(0, slot_rows, values.to(self.values.device, self.values.dtype))
+        if skipping:
+            self.values[self.size] = 0
+
+    def add_rows(self, ids: Tensor, values: Tensor) -> None:
+        """Add ``values`` [G, width] at the distinct ascending keys ``ids`` [G]."""
+        rows = self.rows_for(ids)  # first: it may grow (replace) self.values
+        self.values.index_add_(0, rows, values.to(self.values.device, self.values.dtype))
+
+    def by_id(self) -> tuple[Tensor, Tensor]:
+        """(ids [G] ascending, their rows of values [G, width])."""
+        if self.index is not None:
+            ids = (self.index >= 0).nonzero().flatten()
+            return ids, self.values[self.index[ids]]
+        return self.ids, self.values[self.rows]
+
+    def merge(self, other: KeyedRows) -> KeyedRows:
+        self.add_rows(*other.by_id())
+        return self
+
+    def clone(self) -> KeyedRows:
+        copy = type(self).__new__(type(self))
+        copy.__dict__.update({name: value.clone() if isinstance(value, Tensor) else value
+                              for name, value in self.__dict__.items()})
+        copy.values = self.values[:self.size].clone()
+        return copy
+
+    def dense(self, columns: Tensor | None = None) -> Tensor:
+        """[key_space, width] (or the ``columns``), zero for the keys never seen."""
+        ids, values = self.by_id()
+        values = values if columns is None else values[:, columns]
+        out = values.new_zeros(self.key_space, values.shape[1])
+        out[ids] = values
+        return out
+
+
 class Accumulator:
     """Base of the streaming accumulators: ``update(batch)``, ``merge(other) -> self``, ``finalize() -> dict``.
 
@@ -92,7 +217,7 @@ class Accumulator:
         if dt:
             assert batch.dt is not None
             check_finite(batch.dt, batch.valid, "Δ (dt)", label)
-        else:
+        elif not bool(torch.isfinite(batch.valid_post_sum).all()):  # the shared sum: NaN/Inf make it non-finite
             check_finite(batch.post, batch.valid, "post (the neuron activation)", label)
 
     def _require_data(self) -> None:
@@ -122,7 +247,7 @@ class Accumulator:
             self.n_tokens = other.n_tokens
             for name in self._state:
                 value = getattr(other, name)
-                setattr(self, name, value.clone() if isinstance(value, Tensor) else value)
+                setattr(self, name, value.clone() if isinstance(value, Tensor | KeyedRows) else value)
             self._adopt_extra(other)
             return self
         if other.n_neurons != self.n_neurons:
@@ -137,4 +262,7 @@ class Accumulator:
     def _merge_state(self, other: Accumulator) -> None:
         for name in self._state:
             mine = getattr(self, name)
-            setattr(self, name, mine + getattr(other, name).to(mine.device))
+            if isinstance(mine, KeyedRows):
+                mine.merge(getattr(other, name))
+            else:
+                setattr(self, name, mine + getattr(other, name).to(mine.device))

@@ -55,8 +55,9 @@ class ActivityAccumulator(Accumulator):
     """Per-neuron activity over the valid tokens of a corpus.
 
     Streams (per neuron e, over the N valid tokens): active count A_e = Σ_t active[t,e] (int64);
-    Σ post, Σ |post|, Σ post·active (float64); and, for each threshold θ_k of the grid,
-    C_{k,e} = #{t : |post[t,e]| > θ_k} (int64, compared in float64).
+    Σ post, Σ |post|, Σ post·active (float64); and M_e = max_t |post[t,e]| (float64), from which the count
+    C_{k,e} = #{t : |post[t,e]| > θ_k} of each threshold θ_k of the grid is zero exactly when M_e <= θ_k
+    (compared in float64; only whether C_{k,e} is zero enters a result).
 
     ``finalize()`` reports (Voita et al. 2023, §3): frequency f_e = A_e / N; **dead** ⇔ A_e = 0
     (active on 0 of N tokens, N reported as ``tokens``); **rarely active** ⇔ 0 < f_e < ``rare_threshold``
@@ -68,7 +69,7 @@ class ActivityAccumulator(Accumulator):
     """
 
     _config: ClassVar[tuple[str, ...]] = ("rare_threshold", "thresholds")
-    _state: ClassVar[tuple[str, ...]] = ("active_count", "above_count", "sum_post", "sum_abs", "sum_post_active")
+    _state: ClassVar[tuple[str, ...]] = ("active_count", "max_abs", "sum_post", "sum_abs", "sum_post_active")
 
     def __init__(self, rare_threshold: float = 0.01, thresholds: Sequence[float] | Tensor | None = None,
                  layer: LayerLabel = None) -> None:
@@ -80,27 +81,29 @@ class ActivityAccumulator(Accumulator):
         """Add one batch: only tokens with ``batch.valid`` count. NaN/Inf in post raises NonFiniteError."""
         self._check_finite(batch)
         if self._start(batch):
-            E, K, dev = batch.n_neurons, self.thresholds.numel(), batch.device
+            E, dev = batch.n_neurons, batch.device
             self.active_count = torch.zeros(E, dtype=torch.long, device=dev)
-            self.above_count = torch.zeros(K, E, dtype=torch.long, device=dev)
+            self.max_abs = torch.zeros(E, dtype=torch.float64, device=dev)
             self.sum_post = torch.zeros(E, dtype=torch.float64, device=dev)
             self.sum_abs = torch.zeros(E, dtype=torch.float64, device=dev)
             self.sum_post_active = torch.zeros(E, dtype=torch.float64, device=dev)
-        E, K = self.n_neurons, self.thresholds.numel()
-        post = batch.post[batch.valid].to(torch.float64)  # [n, E]; float64 so sums do not depend on batching
-        act = batch.active[batch.valid]
+        post = batch.valid_post  # [n, E] float64 (shared with the other accumulators)
+        if post.shape[0] == 0:
+            return
         self.n_tokens += post.shape[0]
-        self.active_count += act.sum(0)
-        self.sum_post += post.sum(0)
+        self.active_count += batch.active_on_valid.sum(0).long()  # exact: a batch has < 2²⁴ tokens
+        self.sum_post += batch.valid_post_sum
         magnitude = post.abs()
         self.sum_abs += magnitude.sum(0)
-        self.sum_post_active += torch.where(act, post, 0.0).sum(0)
-        # bucket i means θ_{i-1} < |x| <= θ_i, so |x| > θ_k ⇔ bucket >= k+1: one histogram per neuron
-        # ([K+1, E] via a single bincount) and a reverse cumsum give every threshold's count at once.
-        bucket = torch.bucketize(magnitude, self.thresholds.to(magnitude.device))
-        flat = (bucket * E + torch.arange(E, device=bucket.device)).reshape(-1)
-        hist = torch.bincount(flat, minlength=(K + 1) * E).view(K + 1, E)
-        self.above_count += hist.flip(0).cumsum(0).flip(0)[1:]
+        self.sum_post_active += torch.linalg.vecdot(post, batch.valid_active64, dim=0)  # one fused pass
+        torch.maximum(self.max_abs, magnitude.amax(0), out=self.max_abs)
+
+    def _merge_state(self, other: Accumulator) -> None:
+        assert isinstance(other, ActivityAccumulator)
+        dev = self.max_abs.device
+        torch.maximum(self.max_abs, other.max_abs.to(dev), out=self.max_abs)
+        for name in ("active_count", "sum_post", "sum_abs", "sum_post_active"):
+            setattr(self, name, getattr(self, name) + getattr(other, name).to(dev))
 
     def finalize(self) -> dict[str, Any]:
         """Per-neuron lists (length E) and per-layer summaries, JSON-ready; see the class docstring."""
@@ -139,6 +142,7 @@ class ActivityAccumulator(Accumulator):
             "mean_post_active": none_if_nan(mean_active),
             "dead_sensitivity": {
                 "thresholds": self.thresholds.tolist(),
-                "pct_dead": (100.0 * (self.above_count == 0).double().mean(1)).tolist(),
+                "pct_dead": (100.0 * (self.max_abs[None, :] <= self.thresholds.to(self.max_abs.device)[:, None])
+                            .double().mean(1)).tolist(),
             },
         }

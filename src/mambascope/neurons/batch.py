@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -43,7 +44,11 @@ def check_finite(x: Tensor, valid: Tensor, what: str, layer: LayerLabel) -> None
 
     Only valid tokens are checked: padding and excluded tokens never enter a statistic (every
     accumulator selects ``x[valid]``), so a non-finite value there cannot corrupt a result.
+    A finite sum of all of ``x`` proves every value finite (a NaN or ±Inf anywhere makes it non-finite) in
+    one cheap reduction; only otherwise (or when the float32 sum overflows) are the valid tokens searched.
     """
+    if bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
+        return
     bad_token = (~torch.isfinite(x)).any(-1) & valid
     if bool(bad_token.any()):
         row, pos = (int(i) for i in bad_token.nonzero()[0])  # nonzero is row-major: the first bad value
@@ -115,6 +120,51 @@ class NeuronBatch:
         check_finite(self.post, self.valid, "post (the neuron activation)", self.layer)
         if self.dt is not None:
             check_finite(self.dt, self.valid, "Δ (dt)", self.layer)
+
+    # -- per-batch intermediates shared by the accumulators ------------------------------------------------
+    # Computed once on first use (after construction, so the accumulators' re-checks see in-place edits
+    # made before the first update) instead of once per accumulator.  Rows are picked with index_select /
+    # index_fill_ on the flat [b·L, E] view: on CPU several times faster than boolean-mask indexing.
+    @cached_property
+    def valid_rows(self) -> Tensor:
+        """[n] indices of the valid tokens in the flattened [b·L] batch, ascending (row-major)."""
+        return self.valid.reshape(-1).nonzero().flatten()
+
+    @cached_property
+    def invalid_rows(self) -> Tensor:
+        """[b·L − n] indices of the other token slots."""
+        return (~self.valid).reshape(-1).nonzero().flatten()
+
+    def valid_of(self, x: Tensor) -> Tensor:
+        """[n, C] rows of ``x`` [b, L, C] at the valid tokens (a view when every token is valid)."""
+        flat = x.reshape(-1, x.shape[-1])
+        return flat if self.invalid_rows.numel() == 0 else flat.index_select(0, self.valid_rows)
+
+    @cached_property
+    def valid_post(self) -> Tensor:
+        """[n, E] float64: ``post`` on the n valid tokens (row-major), float64 so sums do not depend on batching."""
+        return self.valid_of(self.post).to(torch.float64)
+
+    @cached_property
+    def valid_active(self) -> Tensor:
+        """[n, E] bool: ``active`` on the valid tokens."""
+        return self.valid_of(self.active)
+
+    @cached_property
+    def active_on_valid(self) -> Tensor:
+        """[b·L, E] float32, 1 where ``active`` and ``valid`` (float: CPU sums and ``index_add_`` of float are
+        several times faster than of bool or int, and exact for counts below 2²⁴)."""
+        return self.active.reshape(-1, self.n_neurons).to(torch.float32).index_fill_(0, self.invalid_rows, 0.0)
+
+    @cached_property
+    def valid_active64(self) -> Tensor:
+        """[n, E] float64, 1 where active, on the valid tokens (for products with ``valid_post``)."""
+        return self.valid_of(self.active).to(torch.float64)
+
+    @cached_property
+    def valid_post_sum(self) -> Tensor:
+        """[E] float64: Σ post over the valid tokens; non-finite exactly when a valid token's post is NaN/Inf."""
+        return self.valid_post.sum(0)
 
     @property
     def n_neurons(self) -> int:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from mambascope.neurons._common import Accumulator, check_positive_int
+from mambascope.neurons._common import Accumulator, KeyedRows, check_positive_int
 from mambascope.neurons.batch import LayerLabel, NeuronBatch, layer_name
 
 TokenChannels = Sequence[int] | Literal["all"] | None
@@ -26,12 +26,12 @@ class DeltaAccumulator(Accumulator):
     ΣΔ, ΣΔ², Σ ln Δ, Σ (ln Δ)². ``finalize()``: mean = ΣΔ/N, std = sqrt(ΣΔ²/N − mean²) (population,
     ddof 0), selectivity = std of ln Δ likewise; the ``top_k`` most selective units.
 
-    Tokens that drive Δ highest: per token type t and tracked unit c, ΣΔ[t,c] (float64, via
-    index_add) and the occurrences n[t]; mean Δ[t,c] = ΣΔ[t,c]/n[t] over types with n[t] >=
-    ``min_occurrences``; for each top-k unit its ``top_tokens`` types by mean Δ. The top-k is only known
-    at the end, so the table covers every unit by default (``token_channels="all"``): V·C·8 bytes,
-    e.g. 618 MB for V = 50280, C = 1536 (Mamba-1 130m), 9.7 MB for Mamba-2's 24 heads. Above
-    ``max_table_bytes`` (default 1 GiB) construction of the table fails with a clear error; pass
+    Tokens that drive Δ highest: per token type t and tracked unit c, ΣΔ[t,c] (float64, a
+    :class:`KeyedRows` with rows for the types seen) and the occurrences n[t]; mean Δ[t,c] = ΣΔ[t,c]/n[t]
+    over types with n[t] >= ``min_occurrences``; for each top-k unit its ``top_tokens`` types by mean Δ.
+    The top-k is only known at the end, so the table covers every unit by default (``token_channels="all"``):
+    C·8 bytes per type seen, at most V·C·8, e.g. 618 MB for V = 50280, C = 1536 (Mamba-1 130m), 9.7 MB for
+    Mamba-2's 24 heads. When that most is above ``max_table_bytes`` (default 1 GiB) construction fails; pass
     ``token_channels=[...]`` (e.g. the top-k of an earlier run) or ``None`` to skip the table.
     """
 
@@ -66,27 +66,32 @@ class DeltaAccumulator(Accumulator):
         """Add the Δ of one batch (``batch.dt`` [b,L,C]); valid tokens only. Δ must be > 0 (ln Δ)."""
         if batch.dt is None:
             raise ValueError(f"{self._where()}: the batch has no Δ (dt); trace 'mixer.hook_dt' (Mamba only)")
-        self._check_finite(batch, dt=True)
+        dt = batch.valid_of(batch.dt).to(torch.float64)  # [n, C]
+        total = dt.sum(0)
+        if not bool(torch.isfinite(total).all()):  # a NaN/Inf on a valid token: name the first
+            self._check_finite(batch, dt=True)
         if self._start(batch, batch.dt.shape[-1]):
             self._create(batch.device)
-        dt = batch.dt[batch.valid].to(torch.float64)  # [n, C]
-        positive = (dt > 0).all(1)
-        if not bool(positive.all()):
+        log = dt.log()
+        log_total = log.sum(0)
+        if not bool(torch.isfinite(log_total).all()):  # ln Δ is −inf or NaN exactly where Δ <= 0
+            positive = (dt > 0).all(1)
             row, pos = (int(i) for i in batch.valid.nonzero()[int((~positive).nonzero()[0, 0])])
             raise ValueError(f"Δ (dt) of {layer_name(self.layer)} is <= 0 at batch row {row}, position {pos}; "
                              "Δ = softplus(·) > 0 and its log is needed (underflow in a low-precision dtype?)")
-        log = dt.log()
         self.n_tokens += dt.shape[0]
-        self.sum_dt += dt.sum(0)
-        self.sum_dt2 += (dt * dt).sum(0)
-        self.sum_log += log.sum(0)
-        self.sum_log2 += (log * log).sum(0)
+        self.sum_dt += total
+        self.sum_dt2 += torch.linalg.vecdot(dt, dt, dim=0)
+        self.sum_log += log_total
+        self.sum_log2 += torch.linalg.vecdot(log, log, dim=0)
         tok = batch.token_ids[batch.valid]
         if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= self.vocab_size):
             raise ValueError(f"{self._where()}: token ids must lie in [0, vocab_size={self.vocab_size})")
         self.token_count += torch.bincount(tok, minlength=self.vocab_size)
-        if self._tracked is not None:
-            self.token_sum.index_add_(0, tok, dt[:, self._tracked.to(dt.device)])
+        if self.token_channels == "all":
+            self.token_sum.add(tok, dt)
+        elif self._tracked is not None:
+            self.token_sum.add(tok, dt[:, self._tracked.to(dt.device)])
 
     def _create(self, device: torch.device) -> None:
         C, V = self.n_neurons, self.vocab_size
@@ -107,7 +112,7 @@ class DeltaAccumulator(Accumulator):
                 f"(V={V} × {width} {self.unit}s × float64) > max_table_bytes={self.max_table_bytes}; "
                 "pass token_channels=[...] (e.g. the top-k of an earlier run), token_channels=None, "
                 "or a larger max_table_bytes")
-        self.token_sum = torch.zeros(V, width, dtype=torch.float64, device=device)
+        self.token_sum = KeyedRows(width, torch.float64, V, device)  # rows for the token types seen only
 
     @property
     def _tracked(self) -> Tensor | None:
@@ -145,7 +150,8 @@ class DeltaAccumulator(Accumulator):
             has = cols >= 0
             if bool(has.any()):
                 count = self.token_count.double()
-                means = self.token_sum[:, cols[has].to(count.device)] / count.clamp_min(1)[:, None]  # [V, k']
+                sums = self.token_sum.dense(cols[has].to(count.device))  # [V, k']
+                means = sums / count.clamp_min(1)[:, None]
                 eligible = (self.token_count >= self.min_occurrences)[:, None].expand_as(means)
                 means = torch.where(eligible, means, float("-inf"))
                 j = min(self.top_tokens, self.vocab_size)

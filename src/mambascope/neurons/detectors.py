@@ -13,6 +13,7 @@ from torch import Tensor
 
 from mambascope.neurons._common import (
     Accumulator,
+    KeyedRows,
     check_positive_int,
     check_unit_right_closed,
     segment_order,
@@ -48,46 +49,48 @@ def occurrences_to_establish(min_precision: float, confidence: float = PRECISION
     return math.ceil(z * z * min_precision / (1.0 - min_precision))
 
 
-class CountTable:
-    """Sparse int64 counts keyed by int64 keys (here: neuron · Vⁿ + n-gram id).
+EXACT_FLOAT32 = 2**24  # every integer up to this is exact in float32
 
-    New (key, count) pairs are buffered and reduced (``torch.unique`` + ``index_add``) once the buffer
-    is as large as the table, so each pair is re-sorted O(log) times in total instead of once per
-    batch. Memory: 16 bytes per distinct key.
+
+class CountTable(KeyedRows):
+    """Exact activation counts of E neurons per n-gram: a :class:`KeyedRows` of E counts per distinct n-gram
+    id (< ``modulus``) seen.  Counts are held in float32 (``index_add_`` of float rows is several times faster
+    than of int rows on CPU) while no count can pass 2²⁴, where float32 integers stop being exact, then in
+    float64 (exact to 2⁵³).  Memory: about 4·E + 16 bytes per distinct n-gram, so at most ~4·E bytes per
+    token seen however many neurons fire.
     """
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.keys = torch.zeros(0, dtype=torch.long, device=device)
-        self.counts = torch.zeros(0, dtype=torch.long, device=device)
-        self._pending: list[tuple[Tensor, Tensor]] = []
-        self._pending_size = 0
+    def __init__(self, n_neurons: int, modulus: int, device: torch.device | str = "cpu") -> None:
+        super().__init__(n_neurons, torch.float32, modulus, device)
+        self.modulus = modulus
+        self.bound = 0  # no count exceeds this: the slots counted so far
 
-    def add(self, keys: Tensor, counts: Tensor) -> None:
-        self._pending.append((keys, counts))
-        self._pending_size += keys.numel()
-        if self._pending_size >= max(self.keys.numel(), 1 << 20):
-            self.compact()
+    def _widen(self, at_most: int) -> None:
+        self.bound += at_most
+        if self.values.dtype == torch.float32 and self.bound > EXACT_FLOAT32:
+            self.values = self.values.double()
 
-    def compact(self) -> CountTable:
-        """Reduce to sorted unique keys with summed counts; returns self."""
-        if self._pending:
-            keys = torch.cat([self.keys] + [k.to(self.keys.device) for k, _ in self._pending])
-            counts = torch.cat([self.counts] + [c.to(self.keys.device) for _, c in self._pending])
-            self.keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-            self.counts = torch.zeros_like(self.keys).index_add_(0, inverse, counts)
-            self._pending, self._pending_size = [], 0
-        return self
+    def count(self, ids: Tensor, activity: Tensor, at_most: int) -> None:
+        """Add ``activity`` [S, E] (0/1) of S token slots whose n-grams are ``ids`` [S] (−1: none); no count
+        grows by more than ``at_most``."""
+        self._widen(at_most)
+        self.add(ids, activity)
+
+    def count_rows(self, grams: Tensor, counts: Tensor, at_most: int) -> None:
+        """Add ``counts`` [G, E] of the distinct ascending n-grams ``grams`` [G]."""
+        self._widen(at_most)
+        self.add_rows(grams, counts)
+
+    def entries(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(neuron, n-gram id, count) of every nonzero count, int64, sorted by neuron then id."""
+        ids, values = self.by_id()
+        by_neuron = values.T  # [E, G], columns in id order
+        neuron, column = by_neuron.nonzero(as_tuple=True)  # row-major: neuron, then id
+        return neuron, ids[column], by_neuron[neuron, column].long()
 
     def merge(self, other: CountTable) -> CountTable:
-        other.compact()
-        self.add(other.keys, other.counts)
-        return self.compact()
-
-    def clone(self) -> CountTable:
-        self.compact()
-        copy = CountTable(self.keys.device)
-        copy.keys, copy.counts = self.keys.clone(), self.counts.clone()
-        return copy
+        self.count_rows(*other.by_id(), other.bound)
+        return self
 
 
 def ngram_ids(token_ids: Tensor, valid: Tensor, n: int, vocab_size: int) -> tuple[Tensor, Tensor]:
@@ -127,14 +130,40 @@ def cover_counts(neuron: Tensor, counts: Tensor, n_neurons: int, coverage: float
     return needed, total
 
 
+def cover_columns(values: Tensor, coverage: float) -> tuple[Tensor, Tensor]:
+    """:func:`cover_counts` from dense counts ``values`` [G, E] (integers in a float dtype, exact), no sort.
+
+    With target = coverage·total_e and f(c) the sum of the counts >= c, let c* be the largest c with
+    f(c) >= target (a bisection over the count values, one pass over ``values`` a step).  Taking the counts
+    in descending order, all those > c* sum to f(c* + 1) < target and r more of value c* are needed, the
+    fewest with f(c* + 1) + r·c* >= target; needed = #{counts > c*} + r.  Returns (needed, total) [E] int64.
+    """
+    # sums in the table's dtype: a CountTable is float32 only while every sum is below 2²⁴, so exact
+    v = values if values.dtype in (torch.float32, torch.float64) else values.to(torch.float64)
+    total = v.sum(0).double()
+    target = coverage * total
+    lo = torch.ones_like(total)  # f(1) = total >= target
+    hi = v.amax(0).double().clamp_min(1) if v.numel() else lo.clone()
+    while bool((lo < hi).any()):
+        mid = torch.floor((lo + hi + 1) / 2)
+        enough = (v * (v >= mid.to(v.dtype))).sum(0).double() >= target
+        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid - 1)
+    above = v > lo.to(v.dtype)
+    taken = (v * above).sum(0).double()
+    r = torch.ceil((target - taken) / lo)
+    r = torch.where(taken + (r - 1) * lo >= target, r - 1, r)  # the division may be one ulp off
+    r = torch.where(taken + r * lo < target, r + 1, r)
+    needed = above.sum(0) + r.long()
+    return torch.where(total > 0, needed, 0), total.long()
+
+
 class TokenDetectorAccumulator(Accumulator):
     """Token detectors and n-gram coverage from exact (neuron, n-gram) activation counts.
 
     Streams: occurrences occ[t] of each token type t over valid tokens ([V] int64, via bincount)
-    and, for each order n in {1} ∪ ``ngram_orders``, a sparse table of activation counts per
-    (neuron, n-gram ending at the active token), keys e·Vⁿ + id (see :func:`ngram_ids`).
-    Memory is 16 bytes per distinct (neuron, n-gram) pair seen active; bounded by the number of
-    active events, so a big corpus with a dense activity rule wants ``ngram_orders=(1,)``.
+    and, for each order n in {1} ∪ ``ngram_orders``, a :class:`CountTable` of activation counts per
+    (n-gram ending at the active token, neuron) (see :func:`ngram_ids`). Memory is about 4·E bytes per
+    distinct n-gram seen, so it grows with the corpus for n >= 2; ``neurons.heavy_hitters`` bounds it.
 
     Token detector (Voita et al. 2023 §4, docs/design.md §5): with c[t,e] the activations of neuron e on
     token type t and A_e = Σ_t c[t,e], a type t *qualifies* for e iff occ[t] >= ``min_occurrences``
@@ -181,7 +210,7 @@ class TokenDetectorAccumulator(Accumulator):
                     raise ValueError(f"{self._where()}: (neuron, {n}-gram) keys overflow int64 for "
                                      f"{E} neurons and vocabulary {V}; drop order {n} from ngram_orders")
             self.occurrences = torch.zeros(V, dtype=torch.long, device=dev)
-            self.tables = {n: CountTable(dev) for n in self._orders}
+            self.tables = {n: CountTable(E, V**n, dev) for n in self._orders}
         E = self.n_neurons
         tok = batch.token_ids[batch.valid]
         if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= V):
@@ -189,17 +218,13 @@ class TokenDetectorAccumulator(Accumulator):
                              f"[{int(tok.min())}, {int(tok.max())}]")
         self.n_tokens += tok.numel()
         self.occurrences += torch.bincount(tok, minlength=V)
-        active = batch.active.reshape(-1, E)  # [token slots, E]
+        active = batch.active_on_valid  # [token slots, E] float 0/1, shared by the orders
         for n in self._orders:
             ids, ok = ngram_ids(batch.token_ids, batch.valid, n, V)
-            # Group the batch's token slots by n-gram (a sort of b·L ids) and sum the neurons' activity per
-            # group: the (neuron, n-gram) counts without sorting every active event (b·L·E of them).
-            slots = ok.reshape(-1).nonzero().flatten()
-            grams, group = torch.unique(ids.reshape(-1)[slots], return_inverse=True)
-            counts = torch.zeros(grams.numel(), E, dtype=torch.long, device=active.device)
-            counts.index_add_(0, group, active[slots].long())
-            gram, neuron = counts.nonzero(as_tuple=True)
-            self.tables[n].add(neuron * V**n + grams[gram], counts[gram, neuron])
+            # The table groups the batch's slots by n-gram (a sort of b·L ids) and adds each slot's activity to
+            # its n-gram's row: the (n-gram, neuron) counts without sorting the b·L·E events.
+            ok = ok.reshape(-1)
+            self.tables[n].count(torch.where(ok, ids.reshape(-1), -1), active, int(ok.sum()))
 
     def _adopt_extra(self, other: Accumulator) -> None:
         assert isinstance(other, TokenDetectorAccumulator)
@@ -213,19 +238,39 @@ class TokenDetectorAccumulator(Accumulator):
 
     def _table(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
         """(neuron, n-gram id, count) rows of order n, sorted by neuron then id."""
-        table = self.tables[n].compact()
-        modulus = self.vocab_size**n
-        return table.keys // modulus, table.keys % modulus, table.counts
+        return self.tables[n].entries()
+
+    def _cover(self, n: int) -> tuple[Tensor, Tensor]:
+        """(needed, total) [E] of order n (:func:`cover_counts`)."""
+        table = self.tables[n]
+        if isinstance(table, CountTable):
+            return cover_columns(table.by_id()[1], self.coverage)
+        neuron, _, count = self._table(n)
+        return cover_counts(neuron, count, self.n_neurons, self.coverage)
+
+    def _qualifying(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(neuron, token, count, occurrences) of every (neuron, token type) that passes the precision test,
+        ordered by neuron then token, and the activations A_e [E]."""
+        table = self.tables[1]
+        if isinstance(table, CountTable):  # test the dense rows, then list the (few) passing pairs
+            ids, values = table.by_id()
+            occ = self.occurrences[ids]
+            qualifies = ((occ >= self.min_occurrences)[:, None]
+                         & (values.double() >= self.min_precision * occ.double()[:, None]))
+            activations = values.sum(0, dtype=torch.float64).long()
+            row, neuron = qualifies.T.nonzero(as_tuple=True)[::-1]
+            return neuron, ids[row], values[row, neuron].long(), occ[row], activations
+        neuron, token, count = self._table(1)
+        occ = self.occurrences[token]
+        qualifies = (occ >= self.min_occurrences) & (count.double() >= self.min_precision * occ.double())
+        activations = torch.zeros(self.n_neurons, dtype=torch.long, device=count.device).index_add_(0, neuron, count)
+        return neuron[qualifies], token[qualifies], count[qualifies], occ[qualifies], activations
 
     def detectors(self) -> dict[str, Tensor]:
         """Detector test as tensors: ``is_detector`` [E] bool, ``activations`` A_e [E], and one row per
         trigger (``neuron``, ``token``, ``count``, ``occurrences``) grouped by neuron, count descending."""
         E = self.n_neurons
-        neuron, token, count = self._table(1)
-        occ = self.occurrences[token]
-        qualifies = (occ >= self.min_occurrences) & (count.double() >= self.min_precision * occ.double())
-        activations = torch.zeros(E, dtype=torch.long, device=count.device).index_add_(0, neuron, count)
-        neuron, token, count, occ = neuron[qualifies], token[qualifies], count[qualifies], occ[qualifies]
+        neuron, token, count, occ, activations = self._qualifying()
         order = segment_order(neuron, count)
         neuron, token, count, occ = neuron[order], token[order], count[order], occ[order]
         per_neuron = torch.bincount(neuron, minlength=E)
@@ -286,8 +331,7 @@ class TokenDetectorAccumulator(Accumulator):
             "ngram_coverage": {},
         }
         for n in self.ngram_orders:
-            neuron, _, count = self._table(n)
-            needed, total = cover_counts(neuron, count, self.n_neurons, self.coverage)
+            needed, total = self._cover(n)
             has = total > 0
             values = needed[has].double()
             result["ngram_coverage"][str(n)] = {

@@ -136,38 +136,59 @@ class PositionalAccumulator(Accumulator):
         if int(pos.min()) < 0:
             raise ValueError(f"{self._where()}: positions must be >= 0 on valid tokens")
         self._grow(int(pos.max()) + 1)
-        self._add_windows(batch, self.tokens_by_position.numel())
+        by_column = self._add_windows(batch, self.tokens_by_position.numel())
         self.n_tokens += pos.numel()
         self.tokens_by_position += torch.bincount(pos, minlength=self.tokens_by_position.numel())
-        self.active_by_position.index_add_(0, pos, batch.active[batch.valid].long())
-        x = batch.post[batch.valid].to(torch.float64)  # [n, E]
+        if by_column is not None:  # every row holds position l at column l: sum the rows, no scatter
+            m = min(by_column.shape[0], self.tokens_by_position.numel())  # later columns hold no valid token
+            self.active_by_position[:m] += by_column[:m]
+        else:
+            self.active_by_position.index_add_(0, pos, batch.valid_active.long())
+        x = batch.valid_post  # [n, E] float64 (shared)
         p = pos.to(torch.float64)
-        self.sum_x += x.sum(0)
-        self.sum_xx += (x * x).sum(0)
+        self.sum_x += batch.valid_post_sum
+        self.sum_xx += torch.linalg.vecdot(x, x, dim=0)
         self.sum_xp += p @ x
         self.sum_p += p.sum()
         self.sum_pp += (p * p).sum()
 
-    def _add_windows(self, batch: NeuronBatch, length: int) -> None:
-        """Per-window active counts k [E] into the sums of the window's shape (its set of valid positions)."""
+    def _add_windows(self, batch: NeuronBatch, length: int) -> Tensor | None:
+        """Per-window active counts k [E] into the sums of the window's shape (its set of valid positions).
+
+        Returns the active counts by column [L, E] when every row's positions are its columns 0..L−1 (no
+        left padding), which are then the counts by position; None otherwise."""
         rows = batch.valid.any(1)
         valid, positions = batch.valid[rows], batch.positions[rows]
-        occupied = torch.zeros(valid.shape[0], length, dtype=torch.long, device=valid.device)
-        occupied.scatter_add_(1, torch.where(valid, positions, 0), valid.long())
-        if int(occupied.max()) > 1:
-            raise ValueError(f"{self._where()}: a window repeats a position among its valid tokens; "
-                             "each row must be one window with distinct positions")
+        L = batch.positions.shape[1]
+        columns = torch.arange(L, device=positions.device)
+        aligned = bool((torch.where(batch.valid, batch.positions, columns) == columns).all())
+        if aligned:  # positions are the columns, so distinct; the shape is the valid mask itself
+            occupied = torch.zeros(valid.shape[0], length, dtype=torch.bool, device=valid.device)
+            occupied[:, :min(L, length)] = valid[:, :length]
+        else:
+            occupied = torch.zeros(valid.shape[0], length, dtype=torch.long, device=valid.device)
+            occupied.scatter_add_(1, torch.where(valid, positions, 0), valid.long())
+            if int(occupied.max()) > 1:
+                raise ValueError(f"{self._where()}: a window repeats a position among its valid tokens; "
+                                 "each row must be one window with distinct positions")
+            occupied = occupied.bool()
+        active = batch.active_on_valid.view(*batch.valid.shape, -1)  # [b, L, E]
+        by_column = active.sum(0).long() if aligned else None  # exact: < 2²⁴ rows
         if self.shapes is None:
-            return
-        k = (batch.active[rows] & valid[..., None]).sum(1)  # [w, E] active tokens per window
+            return by_column
+        k = active[rows].sum(1).long()  # [w, E] active tokens per window
         n = valid.sum(1, keepdim=True)  # [w, 1]
         q = k * (n - k)
-        shape_of, inverse = torch.unique(occupied.bool(), dim=0, return_inverse=True)
+        if bool((occupied == occupied[:1]).all()):  # one shape (fixed-length windows): no grouping needed
+            shape_of, inverse = occupied[:1], torch.zeros(occupied.shape[0], dtype=torch.long, device=k.device)
+        else:
+            shape_of, inverse = torch.unique(occupied, dim=0, return_inverse=True)
         for g, mask in enumerate(shape_of):  # a loop over the few window shapes of a batch
             members = inverse == g
             key = tuple(mask.nonzero().flatten().tolist())
             sums = [int(members.sum()), k[members].sum(0), q[members].sum(0), (q[members] * q[members]).sum(0)]
             self._add_shape(key, sums)
+        return by_column
 
     def _add_shape(self, key: tuple[int, ...], sums: list[Any]) -> None:
         if self.shapes is None:

@@ -200,7 +200,7 @@ def trace_stream(
         for index in range(ad.n_layers):
             collected: dict[str, torch.Tensor] = {}
             emit = _Emitter(f"blocks.{index}.", wanted, edits, collected, positions)
-            h = ad.run_block(index, h, ctx, emit)
+            h = ad.run_block(index, ad.on_block_device(index, h, ctx), ctx, emit)
             if collected:
                 callback(index, collected)
         logits = ad.logits(h)
