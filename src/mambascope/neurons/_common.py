@@ -77,7 +77,7 @@ class KeyedRows:
     each key seen.
 
     ``values`` [capacity, width] holds the rows in the order their keys first appeared (allocated by
-    doubling).  A key's row is found in a direct array ``index`` [key_space] (−1: unseen) when the key
+    doubling; rows from ``size`` on are uninitialised, cleared when a key takes them).  A key's row is found in a direct array ``index`` [key_space] (−1: unseen) when the key
     space is at most ``DIRECT_KEYS``, else by one ``searchsorted`` in ``ids`` [G] (ascending) / ``rows`` [G],
     into which new keys are merged without re-sorting.  Memory: width·itemsize (+16) bytes per key seen (×2
     while rows double), so a table over a vocabulary costs what the corpus uses of it, not V·width.
@@ -97,13 +97,13 @@ class KeyedRows:
             grown = self.values.new_empty(min(max(2 * self.values.shape[0], rows, 64), self.key_space + 1),
                                           self.width)
             grown[:self.size] = self.values[:self.size]
-            grown[self.size:] = 0
-            self.values = grown
+            self.values = grown  # rows >= size stay unwritten (never paged in) until _insert clears them
 
     def _insert(self, new: Tensor) -> Tensor:
         """Give the distinct ascending unseen keys ``new`` rows of their own; returns the rows."""
         rows = torch.arange(self.size, self.size + new.numel(), device=new.device)
         self._reserve(self.size + new.numel())
+        self.values[self.size:self.size + new.numel()] = 0
         if self.index is not None:
             self.index[new] = rows
         else:

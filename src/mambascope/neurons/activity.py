@@ -95,7 +95,7 @@ class ActivityAccumulator(Accumulator):
         self.sum_post += batch.valid_post_sum
         magnitude = post.abs()
         self.sum_abs += magnitude.sum(0)
-        self.sum_post_active += torch.linalg.vecdot(post, batch.valid_active64, dim=0)  # one fused pass
+        self.sum_post_active += torch.where(batch.valid_active, post, 0.0).sum(0)  # no float copy of active
         torch.maximum(self.max_abs, magnitude.amax(0), out=self.max_abs)
 
     def _merge_state(self, other: Accumulator) -> None:

@@ -157,11 +157,6 @@ class NeuronBatch:
         return self.active.reshape(-1, self.n_neurons).to(torch.float32).index_fill_(0, self.invalid_rows, 0.0)
 
     @cached_property
-    def valid_active64(self) -> Tensor:
-        """[n, E] float64, 1 where active, on the valid tokens (for products with ``valid_post``)."""
-        return self.valid_of(self.active).to(torch.float64)
-
-    @cached_property
     def valid_post_sum(self) -> Tensor:
         """[E] float64: Σ post over the valid tokens; non-finite exactly when a valid token's post is NaN/Inf."""
         return self.valid_post.sum(0)

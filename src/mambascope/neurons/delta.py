@@ -81,9 +81,9 @@ class DeltaAccumulator(Accumulator):
                              "Δ = softplus(·) > 0 and its log is needed (underflow in a low-precision dtype?)")
         self.n_tokens += dt.shape[0]
         self.sum_dt += total
-        self.sum_dt2 += torch.linalg.vecdot(dt, dt, dim=0)
+        self.sum_dt2 += dt.square().sum(0)
         self.sum_log += log_total
-        self.sum_log2 += torch.linalg.vecdot(log, log, dim=0)
+        self.sum_log2 += log.square().sum(0)
         tok = batch.token_ids[batch.valid]
         if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= self.vocab_size):
             raise ValueError(f"{self._where()}: token ids must lie in [0, vocab_size={self.vocab_size})")

@@ -147,7 +147,7 @@ class PositionalAccumulator(Accumulator):
         x = batch.valid_post  # [n, E] float64 (shared)
         p = pos.to(torch.float64)
         self.sum_x += batch.valid_post_sum
-        self.sum_xx += torch.linalg.vecdot(x, x, dim=0)
+        self.sum_xx += x.square().sum(0)
         self.sum_xp += p @ x
         self.sum_p += p.sum()
         self.sum_pp += (p * p).sum()
