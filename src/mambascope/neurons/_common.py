@@ -77,7 +77,8 @@ class KeyedRows:
     each key seen.
 
     ``values`` [capacity, width] holds the rows in the order their keys first appeared (allocated by
-    doubling; rows from ``size`` on are uninitialised, cleared when a key takes them).  A key's row is found in a direct array ``index`` [key_space] (−1: unseen) when the key
+    doubling; rows from ``size`` on are uninitialised, cleared when a key takes them, so spare capacity is
+    never written).  A key's row is found in a direct array ``index`` [key_space] (−1: unseen) when the key
     space is at most ``DIRECT_KEYS``, else by one ``searchsorted`` in ``ids`` [G] (ascending) / ``rows`` [G],
     into which new keys are merged without re-sorting.  Memory: width·itemsize (+16) bytes per key seen (×2
     while rows double), so a table over a vocabulary costs what the corpus uses of it, not V·width.

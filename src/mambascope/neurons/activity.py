@@ -95,8 +95,9 @@ class ActivityAccumulator(Accumulator):
         self.sum_post += batch.valid_post_sum
         magnitude = post.abs()
         self.sum_abs += magnitude.sum(0)
-        self.sum_post_active += torch.where(batch.valid_active, post, 0.0).sum(0)  # no float copy of active
         torch.maximum(self.max_abs, magnitude.amax(0), out=self.max_abs)
+        # post where active, written over |post| (no float copy of active, no fresh [n, E] buffer)
+        self.sum_post_active += torch.where(batch.valid_active, post, post.new_zeros(()), out=magnitude).sum(0)
 
     def _merge_state(self, other: Accumulator) -> None:
         assert isinstance(other, ActivityAccumulator)

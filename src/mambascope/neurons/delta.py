@@ -72,7 +72,9 @@ class DeltaAccumulator(Accumulator):
             self._check_finite(batch, dt=True)
         if self._start(batch, batch.dt.shape[-1]):
             self._create(batch.device)
-        log = dt.log()
+        squares = dt.square()  # [n, C] buffer then reused for ln Δ: a fresh large buffer costs its page faults
+        sum_squares = squares.sum(0)
+        log = torch.log(dt, out=squares)
         log_total = log.sum(0)
         if not bool(torch.isfinite(log_total).all()):  # ln Δ is −inf or NaN exactly where Δ <= 0
             positive = (dt > 0).all(1)
@@ -81,9 +83,9 @@ class DeltaAccumulator(Accumulator):
                              "Δ = softplus(·) > 0 and its log is needed (underflow in a low-precision dtype?)")
         self.n_tokens += dt.shape[0]
         self.sum_dt += total
-        self.sum_dt2 += dt.square().sum(0)
+        self.sum_dt2 += sum_squares
         self.sum_log += log_total
-        self.sum_log2 += log.square().sum(0)
+        self.sum_log2 += log.square_().sum(0)
         tok = batch.token_ids[batch.valid]
         if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= self.vocab_size):
             raise ValueError(f"{self._where()}: token ids must lie in [0, vocab_size={self.vocab_size})")
