@@ -426,14 +426,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     """Re-render into a scratch folder inside DIR, then swap figures/ and report.html in (results.json untouched)."""
     from mambascope.outputs import OutputLock, signals_deferred
     from mambascope.report import create_comprehensive_report, render_report
-    from mambascope.results import load_results, read_results_file
-    from mambascope.store import NeuronStore, has_store
+    from mambascope.results import open_results
 
     directory = Path(args.directory)
     directory = directory if directory.is_dir() else directory.parent
     # The neuron pages' detail is read from the store as the report embeds it, never all at once.
-    store = NeuronStore(directory) if has_store(read_results_file(args.directory)) else None
-    results = load_results(args.directory)  # older results.json: everything inline already
+    results, store = open_results(args.directory)  # older results.json: everything inline, no store
     lock = OutputLock(directory.resolve(), flag="report")
     try:
         scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=directory))

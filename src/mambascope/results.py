@@ -19,8 +19,8 @@ import torch
 from mambascope.outputs import write_atomic
 from mambascope.results_layout import REQUIRED_KEYS, read_results_file
 
-__all__ = ["REQUIRED_KEYS", "load_results", "read_results_file", "save_json", "save_results", "save_table",
-           "to_jsonable"]
+__all__ = ["REQUIRED_KEYS", "load_results", "open_results", "read_results_file", "save_json", "save_results",
+           "save_table", "to_jsonable"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -77,10 +77,17 @@ def load_results(path: str | Path, detail: bool = False) -> dict:
 
     Raises FileNotFoundError / ValueError naming the file for a missing, unreadable or malformed file or store.
     """
+    return open_results(path, detail)[0]
+
+
+def open_results(path: str | Path, detail: bool = False) -> tuple[dict, Any]:
+    """:func:`load_results` and the run's ``NeuronStore`` (None for an older, all-inline results.json), for
+    callers that read the remaining per-neuron detail from the store as they need it."""
     results = read_results_file(path)
     from mambascope.store import NeuronStore, has_store, hydrate
 
     if not has_store(results):
-        return results
+        return results, None
     path = Path(path)
-    return hydrate(results, NeuronStore(path if path.is_dir() else path.parent), detail)
+    store = NeuronStore(path if path.is_dir() else path.parent)
+    return hydrate(results, store, detail), store

@@ -58,7 +58,7 @@ def open_output(directory: str | Path) -> tuple[Path, dict[str, Any], Any]:
 
     Raises FileNotFoundError / NotADirectoryError / ValueError with one line naming DIR and the fix."""
     from mambascope.outputs import marker
-    from mambascope.results import load_results
+    from mambascope.results import open_results
     from mambascope.store import NeuronStore
 
     path = Path(directory)
@@ -70,7 +70,9 @@ def open_output(directory: str | Path) -> tuple[Path, dict[str, Any], Any]:
         raise ValueError(f"{path} is not a mambascope output (no .mambascope marker): give a directory written by "
                          "mambascope analyze")
     path = path.resolve()
-    return path, load_results(path), NeuronStore(path)
+    results, store = open_results(path)
+    # an output written before the store existed: NeuronStore raises its one-line "no neuron store" error
+    return path, results, store if store is not None else NeuronStore(path)
 
 
 def _int(request: Request, name: str, default: int | None = None, low: int | None = None,
