@@ -38,7 +38,7 @@ from mambascope.models import load_model
 from mambascope.pipeline import model_info, run_analysis
 from mambascope.report import create_comprehensive_report, render_report
 from mambascope.results import save_results, to_jsonable
-from mambascope.store import NeuronStore
+from mambascope.results.store import NeuronStore
 
 MB = 2**20
 

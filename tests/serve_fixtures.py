@@ -23,8 +23,8 @@ EVIL = "<script>alert(1)</script>"
 @functools.cache
 def served_output() -> tuple[Path, Path]:
     """(output directory, model checkpoint directory), built once per session (removed at exit)."""
-    from mambascope.outputs import OutputDir
     from mambascope.results import save_results
+    from mambascope.results.outputs import OutputDir
 
     root = Path(tempfile.mkdtemp(prefix="mambascope-serve-test-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)

@@ -201,7 +201,7 @@ def test_out_name_too_long(tmp_path, capsys, small_checkpoints):
 
 
 def test_a_second_run_on_the_same_out_fails_at_once(tmp_path, capsys, small_checkpoints, old_output):
-    from mambascope.outputs import OutputLock
+    from mambascope.results.outputs import OutputLock
 
     before = snapshot(old_output)
     holder = OutputLock(old_output)  # flock is per open file: this holds it against the run below
@@ -224,7 +224,7 @@ def test_overwrite_replaces_a_mambascope_output(tmp_path, capsys, small_checkpoi
 def test_overwrite_whose_old_output_cannot_be_removed(tmp_path, capsys, small_checkpoints, old_output,
                                                       monkeypatch):
     """The old output is moved aside before the swap: a failure to delete it loses nothing."""
-    import mambascope.outputs as outputs
+    import mambascope.results.outputs as outputs
 
     real_rmtree = shutil.rmtree
 
@@ -495,7 +495,7 @@ def test_api_load_results_is_checked(tmp_path):
 
 
 def test_api_output_dir_refuses_the_working_directory(tmp_path, monkeypatch):
-    from mambascope.outputs import OutputDir
+    from mambascope.results.outputs import OutputDir
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="working directory"):
@@ -503,7 +503,7 @@ def test_api_output_dir_refuses_the_working_directory(tmp_path, monkeypatch):
 
 
 def test_api_output_dir_leaves_nothing_when_nothing_finished(tmp_path):
-    from mambascope.outputs import OutputDir
+    from mambascope.results.outputs import OutputDir
 
     with OutputDir(tmp_path / "o") as out:
         assert out.staging.is_dir()

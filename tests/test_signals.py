@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mambascope.outputs import MARKER, OutputDir
+from mambascope.results.outputs import MARKER, OutputDir
 
 RUNNER = Path(__file__).with_name("signal_runner.py")
 

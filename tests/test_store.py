@@ -17,7 +17,7 @@ import pytest
 from mambascope.report import neuron_data, results_schema
 from mambascope.report.neuron_payload import top_neurons
 from mambascope.results import load_results, read_results_file, save_json, save_results, to_jsonable
-from mambascope.store import NeuronStore, hydrate, write_store
+from mambascope.results.store import NeuronStore, hydrate, write_store
 from report_fixtures import census_results, gpt2_results, mamba_results
 
 MAKERS = {"mamba": mamba_results, "gpt2": gpt2_results, "census": census_results}
@@ -238,7 +238,7 @@ def test_report_command_renders_both_layouts(layout, tmp_path):
     """``mambascope report DIR`` on a directory with a store, and on an older results.json with everything
     inline (no store): the same neuron pages."""
     from mambascope.cli import main
-    from mambascope.outputs import MARKER
+    from mambascope.results.outputs import MARKER
 
     results = mamba_results()
     if layout == "store":

@@ -4,7 +4,7 @@
 Every flag has a default and is checked before any work starts.  Exit codes, the same for every subcommand
 (docs/design.md §13): 0 ok, 1 a stage failed, 2 bad input, 130 interrupted (Ctrl-C or SIGTERM).  A failure
 prints one line naming the file or flag; ``--debug`` prints the traceback too.  Outputs go through
-:class:`mambascope.outputs.OutputDir`: built beside the destination, swapped in only when complete.
+:class:`mambascope.results.outputs.OutputDir`: built beside the destination, swapped in only when complete.
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def _stream_counts(windows) -> dict:
 
 
 def _claim(args: argparse.Namespace, kind: str):
-    from mambascope.outputs import OutputDir, marker
+    from mambascope.results.outputs import OutputDir, marker
 
     resuming = getattr(args, "resume", False) and (marker(Path(args.out)) or {}).get("status") == "incomplete"
     return OutputDir(args.out, overwrite=args.overwrite or resuming, kind=kind)
@@ -424,9 +424,9 @@ def _render(results: dict, directory: Path) -> None:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     """Re-render into a scratch folder inside DIR, then swap figures/ and report.html in (results.json untouched)."""
-    from mambascope.outputs import OutputLock, signals_deferred
     from mambascope.report import create_comprehensive_report, render_report
     from mambascope.results import open_results
+    from mambascope.results.outputs import OutputLock, signals_deferred
 
     directory = Path(args.directory)
     directory = directory if directory.is_dir() else directory.parent

@@ -414,7 +414,7 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
     n-gram summaries (``census_accumulate``).
 
     The returned dict holds every per-neuron field; ``results.save_results`` writes it as a slim
-    ``results.json`` plus the neuron store (``mambascope.store``; docs/results.md says where each field goes).
+    ``results.json`` plus the neuron store (``mambascope.results.store``; docs/results.md says where each field goes).
     """
     unknown = set(stages) - set(STAGES)
     if unknown:

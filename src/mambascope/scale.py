@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mambascope.outputs import write_atomic
+from mambascope.results.outputs import write_atomic
 from mambascope.runner import LayerConsumer, LossResult, next_token_loss_sum
 from mambascope.trace import trace_stream
 

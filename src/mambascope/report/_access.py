@@ -1,7 +1,7 @@
 """Read-only accessors over a results dict (docs/design.md §8), shared by the figures and the HTML report.
 
 The report never runs a model: everything comes from ``results.json`` and the neuron store.  Where each
-part is comes from ``mambascope.results_layout`` (re-exported here); these helpers add what the report
+part is comes from ``mambascope.results.layout`` (re-exported here); these helpers add what the report
 shows: *why* a part is absent (from ``results["errors"]``), titles, number formatting.
 """
 
@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mambascope.results_layout import arch, attention_part, census_part, layer_items, model_name, num, part
+from mambascope.results.layout import arch, attention_part, census_part, layer_items, model_name, num, part
 
 __all__ = ["STAGE_KEYS", "arch", "attention_part", "census_part", "detector_strings", "detector_tokens_by_layer",
            "errors", "faithfulness_part", "finite", "fmt", "layer_items", "missing_reason", "model_name", "num",

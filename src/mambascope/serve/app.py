@@ -57,9 +57,9 @@ def open_output(directory: str | Path) -> tuple[Path, dict[str, Any], Any]:
     """(DIR resolved, its results, its NeuronStore) for a mambascope output directory.
 
     Raises FileNotFoundError / NotADirectoryError / ValueError with one line naming DIR and the fix."""
-    from mambascope.outputs import marker
     from mambascope.results import open_results
-    from mambascope.store import NeuronStore
+    from mambascope.results.outputs import marker
+    from mambascope.results.store import NeuronStore
 
     path = Path(directory)
     if not path.exists():

@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mambascope.neuron_pages import neuron_data
-from mambascope.outputs import write_atomic
-from mambascope.results_layout import read_results_file
+from mambascope.results.layout import read_results_file
+from mambascope.results.outputs import write_atomic
+from mambascope.results.pages import neuron_data
 
 FORMAT = "mambascope-neuron-store"
 VERSION = 1

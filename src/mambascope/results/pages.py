@@ -1,6 +1,6 @@
 """The compact per-neuron JSON that the neuron pages render from (:func:`neuron_data`): the static report
 embeds it, and ``NeuronStore.layer_payload`` serves it one layer at a time (``store`` below is a
-``mambascope.store.NeuronStore``; not imported, the store imports this module).
+``mambascope.results.store.NeuronStore``; not imported, the store imports this module).
 
 Size: per-neuron floats are rounded to 4 significant digits; the activation arrays of the contexts, the
 logit effects and the attention rows are int16 relative to each neuron's largest |value| (base64), and
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mambascope import results_layout as layout
+from mambascope.results import layout
 
 __all__ = ["TOP_NEURONS", "neuron_data", "r4", "r4list", "top_neurons"]
 

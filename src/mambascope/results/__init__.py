@@ -1,7 +1,7 @@
-"""The results directory: ``results.json``, the neuron store ``store/`` (``mambascope.store``), the
+"""The results directory: ``results.json``, the neuron store ``store/`` (``mambascope.results.store``), the
 per-neuron table, ``figures/`` (docs/design.md §8).
 
-Writing goes through :class:`mambascope.outputs.OutputDir` (staged, swapped in when complete); every file
+Writing goes through :class:`mambascope.results.outputs.OutputDir` (staged, swapped in when complete); every file
 here is itself written atomically, so a reader never sees half of one.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mambascope.outputs import write_atomic
-from mambascope.results_layout import REQUIRED_KEYS, read_results_file
+from mambascope.results.layout import REQUIRED_KEYS, read_results_file
+from mambascope.results.outputs import write_atomic
 
 __all__ = ["REQUIRED_KEYS", "load_results", "open_results", "read_results_file", "save_json", "save_results",
            "save_table", "to_jsonable"]
@@ -63,7 +63,7 @@ def save_results(directory: Path, results: dict[str, Any], *, store: bool = True
     """``directory/results.json`` with the per-neuron fields in ``directory/store/`` (``store.write_store``),
     the store first so that a results.json never names a store older than itself.  ``store=False``: only
     results.json is rewritten (the per-neuron fields have not changed since the last save)."""
-    from mambascope.store import slim_results, write_store
+    from mambascope.results.store import slim_results, write_store
 
     jsonable = to_jsonable(results)
     return save_json(directory / "results.json", write_store(directory, jsonable) if store else slim_results(jsonable))
@@ -84,7 +84,7 @@ def open_results(path: str | Path, detail: bool = False) -> tuple[dict, Any]:
     """:func:`load_results` and the run's ``NeuronStore`` (None for an older, all-inline results.json), for
     callers that read the remaining per-neuron detail from the store as they need it."""
     results = read_results_file(path)
-    from mambascope.store import NeuronStore, has_store, hydrate
+    from mambascope.results.store import NeuronStore, has_store, hydrate
 
     if not has_store(results):
         return results, None
