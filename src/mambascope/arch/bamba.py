@@ -12,6 +12,7 @@ from torch import nn
 
 from mambascope.arch.base import Adapter, Context, Emit
 from mambascope.arch.llama import rotary_tables
+from mambascope.arch.lrp_mode import normalize
 from mambascope.arch.parts import gated_mlp, llama_attention, mamba2_mixer
 
 
@@ -34,7 +35,7 @@ class BambaAdapter(Adapter):
     def run_block(self, layer: int, h: torch.Tensor, ctx: Context, emit: Emit) -> torch.Tensor:
         block = self.blocks()[layer]
         h = emit("hook_resid_pre", h)
-        x = block.input_layernorm(h)
+        x = normalize(block.input_layernorm, h)
         if block.block_type == "linear_attention":
             post = mamba2_mixer(block.mamba, x, ctx.mask, emit)
             out = emit("hook_mixer_out", block.mamba.out_proj(post.to(block.mamba.out_proj.weight.dtype)))
@@ -45,7 +46,8 @@ class BambaAdapter(Adapter):
             out = emit("hook_attn_out", attn.o_proj(z))
         h = emit("hook_resid_mid", h + out)
         mlp = block.feed_forward
-        out = gated_mlp(block.pre_ff_layernorm(h), mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, emit)
+        out = gated_mlp(normalize(block.pre_ff_layernorm, h), mlp.gate_proj, mlp.up_proj, mlp.down_proj,
+                        mlp.act_fn, emit)
         return emit("hook_resid_post", h + emit("hook_mlp_out", out))
 
     def final_norm(self) -> nn.Module:

@@ -18,6 +18,7 @@ from typing import ClassVar, Protocol
 import torch
 from torch import nn
 
+from mambascope.arch.lrp_mode import normalize
 from mambascope.arch.units import STATE_SHAPES, STATE_UNIT, layer_units
 from mambascope.ssm.params import MixerParams
 
@@ -191,7 +192,7 @@ class Adapter:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and unembedding of the last residual stream -> [b, L, V] (each on its module's device)."""
         norm, head = self.final_norm(), self.model.get_output_embeddings()
-        x = norm(h.to(module_device(norm, h.device)))
+        x = normalize(norm, h.to(module_device(norm, h.device)))
         return head(x.to(module_device(head, x.device)))
 
     # ---- parameters ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mambascope.arch.base import Adapter, Context, Emit, UnsupportedFeature
+from mambascope.arch.lrp_mode import normalize
 from mambascope.arch.parts import attention, plain_mlp
 
 
@@ -37,7 +38,7 @@ class GPT2Adapter(Adapter):
         block = self.blocks()[layer]
         attn = block.attn
         h = emit("hook_resid_pre", h)
-        q, k, v = attn.c_attn(block.ln_1(h)).split(attn.split_size, dim=-1)
+        q, k, v = attn.c_attn(normalize(block.ln_1, h)).split(attn.split_size, dim=-1)
         q, k, v = (t.view(*t.shape[:2], attn.num_heads, attn.head_dim) for t in (q, k, v))
         scale = attn.head_dim**-0.5 if attn.scale_attn_weights else 1.0
         if attn.scale_attn_by_inverse_layer_idx:
@@ -45,7 +46,7 @@ class GPT2Adapter(Adapter):
         z = attention(q, k, v, ctx.mask, emit, scale, layer in ctx.need_pattern)
         h = emit("hook_resid_mid", h + emit("hook_attn_out", attn.c_proj(z)))
         mlp = block.mlp
-        out = plain_mlp(block.ln_2(h), mlp.c_fc, mlp.c_proj, mlp.act, emit)
+        out = plain_mlp(normalize(block.ln_2, h), mlp.c_fc, mlp.c_proj, mlp.act, emit)
         return emit("hook_resid_post", h + emit("hook_mlp_out", out))
 
     def out_projs(self, layer: int) -> dict[str, nn.Module]:

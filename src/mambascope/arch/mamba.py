@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from mambascope.arch.base import Adapter, Context, Emit
-from mambascope.arch.parts import mamba1_mixer
+from mambascope.arch.lrp_mode import normalize
+from mambascope.arch.parts import at_least_fp32, mamba1_mixer
 
 
 class MambaAdapter(Adapter):
@@ -28,8 +29,8 @@ class MambaAdapter(Adapter):
     def run_block(self, layer: int, h: torch.Tensor, ctx: Context, emit: Emit) -> torch.Tensor:
         block = self.blocks()[layer]
         h = emit("hook_resid_pre", h)
-        residual = h.float() if block.residual_in_fp32 else h
-        post = self.run_mixer(block.mixer, block.norm(h.to(block.norm.weight.dtype)), ctx, emit)
+        residual = at_least_fp32(h) if block.residual_in_fp32 else h
+        post = self.run_mixer(block.mixer, normalize(block.norm, h.to(block.norm.weight.dtype)), ctx, emit)
         out = emit("hook_mixer_out", block.mixer.out_proj(post.to(block.mixer.out_proj.weight.dtype)))
         return emit("hook_resid_post", residual + out)
 
@@ -38,7 +39,7 @@ class MambaAdapter(Adapter):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         norm = self.final_norm()
-        return self.model.lm_head(norm(h.to(norm.weight.dtype)))
+        return self.model.lm_head(normalize(norm, h.to(norm.weight.dtype)))
 
     def mixer(self, layer: int) -> nn.Module:
         return self.blocks()[layer].mixer

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambascope.arch.base import Emit
+from mambascope.arch.lrp_mode import activation, held, lrp_rules, product, silu
 from mambascope.arch.units import STATE_UNIT
 from mambascope.ssm.scan import selective_scan, ssd_scan
 
@@ -36,10 +37,15 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out[:, :, :L].transpose(1, 2).to(x.dtype)
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32 where HF computes in fp32 (``.float()``), but fp64 kept fp64, so an fp64 model stays fp64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def weightless_rms(t: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x²) + eps) over the last axis in fp32, back in t's dtype (FalconMamba's B, C, Δ norms)."""
-    x = t.float()
-    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).type_as(t)
+    x = at_least_fp32(t)
+    return (x * held(torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps), "norm")).type_as(t)
 
 
 def scan_through_states(scan: SegmentScan, length: int, emit: Emit) -> torch.Tensor:
@@ -70,7 +76,7 @@ def mamba1_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
     x = emit("mixer.hook_x", x)
     z = emit("mixer.hook_gate_pre", z)
     conv = emit("mixer.hook_conv", causal_conv(x, mixer.conv1d.weight, mixer.conv1d.bias))
-    u = emit("mixer.hook_ssm_input", masked(F.silu(conv), mask))
+    u = emit("mixer.hook_ssm_input", masked(silu(conv), mask))
     dt_low, B, C = torch.split(
         mixer.x_proj(u), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1
     )
@@ -82,6 +88,7 @@ def mamba1_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
     B = emit("mixer.hook_B", B)
     C = emit("mixer.hook_C", C)
     A = -torch.exp(mixer.A_log.float())
+    dt, B, C = (held(t, "ssm") for t in (dt, B, C))  # LRP: the scan linear in u
     if emit.state_positions is None:
         y = selective_scan(u, dt, A, B, C)
     else:
@@ -90,16 +97,16 @@ def mamba1_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
 
         y = scan_through_states(scan, u.shape[1], emit)
     y = emit("mixer.hook_y", y + u * mixer.D.float())
-    gate = emit("mixer.hook_gate", F.silu(z))
-    return emit("mixer.hook_post", y * gate)
+    gate = emit("mixer.hook_gate", silu(z))
+    return emit("mixer.hook_post", product(torch.mul, y, gate))
 
 
 def gated_rms_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, groups: int,
                    eps: float) -> torch.Tensor:
     """weight ⊙ RMSNorm over each of ``groups`` channel groups of y ⊙ SiLU(z), in fp32 (HF MambaRMSNormGated)."""
-    gated = y.float() * gate
+    gated = product(torch.mul, at_least_fp32(y), gate)
     grouped = gated.reshape(*gated.shape[:-1], groups, -1)
-    normed = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    normed = grouped * held(torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps), "norm")
     return weight * normed.reshape(gated.shape).to(weight.dtype)
 
 
@@ -123,13 +130,14 @@ def mamba2_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
     conv = causal_conv(torch.cat([x, B_raw, C_raw], dim=-1), mixer.conv1d.weight, mixer.conv1d.bias)
     conv_x, conv_BC = conv.split([E, 2 * G * N], dim=-1)
     conv_x = emit("mixer.hook_conv", conv_x)
-    u = emit("mixer.hook_ssm_input", masked(F.silu(conv_x), mask))
-    B, C = masked(F.silu(conv_BC), mask).split([G * N, G * N], dim=-1)
+    u = emit("mixer.hook_ssm_input", masked(silu(conv_x), mask))
+    B, C = masked(silu(conv_BC), mask).split([G * N, G * N], dim=-1)
     dt = F.softplus(dt_raw + mixer.dt_bias.to(dt_raw.dtype))
     dt = emit("mixer.hook_dt", torch.clamp(dt, *mixer.time_step_limit))
     B = emit("mixer.hook_B", B.reshape(*B.shape[:2], G, N))
     C = emit("mixer.hook_C", C.reshape(*C.shape[:2], G, N))
     A = -torch.exp(mixer.A_log.float())
+    dt, B, C = (held(t, "ssm") for t in (dt, B, C))  # LRP: the scan linear in x
     u_heads = u.reshape(*u.shape[:2], H, mixer.head_dim)
     if emit.state_positions is None:
         y = ssd_scan(u_heads, dt, A, B, C, chunk_size=mixer.chunk_size)
@@ -142,16 +150,16 @@ def mamba2_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
                             initial_state=h, return_state=True)
 
         y = scan_through_states(scan, u.shape[1], emit)
-    y = y + mixer.D.float()[:, None] * u_heads.float()
+    y = y + mixer.D.float()[:, None] * at_least_fp32(u_heads)
     y = emit("mixer.hook_y", y.reshape(*u.shape[:2], E))
-    gate = emit("mixer.hook_gate", F.silu(z.float()))
+    gate = emit("mixer.hook_gate", silu(at_least_fp32(z)))
     if not rms_norm:
-        return emit("mixer.hook_post", y * gate)
+        return emit("mixer.hook_post", product(torch.mul, y, gate))
     norm = mixer.norm
     # Every family's gated RMSNorm normalises groups of E / n_groups channels.
     if norm_before_gate:
         ones = torch.ones_like(gate)
-        post = gated_rms_norm(y, ones, norm.weight, G, norm.variance_epsilon) * gate
+        post = product(torch.mul, gated_rms_norm(y, ones, norm.weight, G, norm.variance_epsilon), gate)
         return emit("mixer.hook_post", post.to(norm.weight.dtype))
     return emit("mixer.hook_post", gated_rms_norm(y, gate, norm.weight, G, norm.variance_epsilon))
 
@@ -167,6 +175,11 @@ def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         return torch.cat((rot * cos + half * sin, rest), dim=-1)
 
     return one(q), one(k)
+
+
+def _score_dtype(q: torch.Tensor) -> torch.dtype:
+    """Attention scores in fp32, or fp64 for an fp64 model."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, emit: Emit,
@@ -188,16 +201,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         # padding positions would poison real rows through 0·NaN in the next layer.
         eye = torch.eye(L, dtype=torch.bool, device=q.device)
         allowed = allowed & mask[:, None, None, :].bool() | eye
-    if need_pattern:
+    rules = lrp_rules()
+    if need_pattern or rules is not None:
         # scale and mask fused into the score matmul (baddbmm): at these sizes every extra pass over the
         # [b, H, L, L] scores costs as much as the matmul itself
-        bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, -torch.inf)
+        bias = torch.zeros(allowed.shape, device=q.device, dtype=_score_dtype(q)).masked_fill_(~allowed, -torch.inf)
         if bias.dim() == 4:  # per-row padding mask [b, 1, L, L]
             bias = bias.expand(b, H, L, L).reshape(b * H, L, L)
-        qf, kf = (t.float().reshape(b * H, L, -1) for t in (q, k))
-        scores = torch.baddbmm(bias, qf, kf.transpose(1, 2), alpha=scale).view(b, H, L, L)
+        qf, kf = (t.to(_score_dtype(q)).reshape(b * H, L, -1) for t in (q, k))
+
+        def scores_of(qq: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
+            return torch.baddbmm(bias, qq, kk.transpose(1, 2), alpha=scale)
+
+        # LRP (AttnLRP): the uniform rule on the bilinear q·kᵀ and pattern·v, the softmax's own gradient
+        scores = product(scores_of, qf, kf, "attnlrp").view(b, H, L, L)
         pattern = emit("attn.hook_pattern", torch.softmax(scores, -1).to(v.dtype))
-        z = pattern @ v
+        if rules is not None and rules.attention == "cp":
+            pattern = pattern.detach()  # CP-LRP: relevance flows through the values only
+        z = product(torch.matmul, pattern, v, "attnlrp")
     else:
         z = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
     z = emit("attn.hook_z", z.transpose(1, 2))
@@ -209,12 +230,12 @@ def gated_mlp(x: torch.Tensor, gate_proj: Callable, up_proj: Callable, down_proj
     """SwiGLU-style MLP: down(act(gate(x)) · up(x)); the neuron ``mlp.hook_post`` is down's input."""
     pre = emit("mlp.hook_pre", gate_proj(x))
     pre_linear = emit("mlp.hook_pre_linear", up_proj(x))
-    return down_proj(emit("mlp.hook_post", act(pre) * pre_linear))
+    return down_proj(emit("mlp.hook_post", product(torch.mul, activation(act, pre), pre_linear)))
 
 
 def plain_mlp(x: torch.Tensor, up_proj: Callable, down_proj: Callable, act: Callable, emit: Emit) -> torch.Tensor:
     """down(act(up(x))); the neuron ``mlp.hook_post`` is down's input."""
-    return down_proj(emit("mlp.hook_post", act(emit("mlp.hook_pre", up_proj(x)))))
+    return down_proj(emit("mlp.hook_post", activation(act, emit("mlp.hook_pre", up_proj(x)))))
 
 
 def llama_attention(attn: nn.Module, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
