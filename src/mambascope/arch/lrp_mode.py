@@ -89,10 +89,7 @@ def activation(act: Callable, x: torch.Tensor) -> torch.Tensor:
     """act(x); in LRP mode (``act``) x·(act(x)/x) with the ratio held constant (the identity rule; at
     x = 0 the ratio is taken as 0, where x contributes nothing)."""
     out = act(x)
-    if not _rule("act"):
-        return out
-    ratio = torch.where(x != 0, out / torch.where(x != 0, x, torch.ones_like(x)), torch.zeros_like(x))
-    return x * ratio.detach()
+    return x * _ratio(out, x).detach() if _rule("act") else out
 
 
 def product(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor,
@@ -108,9 +105,11 @@ def product(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.T
 
 def normalize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` for a model's RMSNorm / LayerNorm module; in LRP mode (``norm``) with its normaliser
-    held constant: LayerNorm as (x − mean(x))·ŵ with ŵ = weight / std(x) constant (the mean stays a linear
-    map, as ``lxt`` does), every other norm as an elementwise scale x·(norm(x)/x) held constant, which is
-    exactly RMSNorm's weight·rsqrt(mean x² + ε) with the rsqrt constant."""
+    held constant.  LayerNorm: (x − mean(x))·ŵ + bias with ŵ = weight / std(x) constant (the mean stays a
+    linear map, as in ``lxt``).  An RMSNorm (a module with ``variance_epsilon``, as every Hugging Face
+    RMSNorm has): the elementwise scale norm(x)/x held constant, which is exactly weight·rsqrt(mean x² + ε)
+    with the rsqrt constant, whatever the weight's form.  Any other module is not a norm the rule knows and
+    runs as it is."""
     if not _rule("norm"):
         return norm(x)
     if isinstance(norm, nn.LayerNorm):
@@ -120,4 +119,12 @@ def normalize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = out if norm.weight is None else out * norm.weight
         return out if norm.bias is None else out + norm.bias
     out = norm(x)
-    return x * torch.where(x != 0, out / torch.where(x != 0, x, torch.ones_like(x)), torch.zeros_like(x)).detach()
+    if not hasattr(norm, "variance_epsilon"):
+        return out
+    return x * _ratio(out, x).detach()
+
+
+def _ratio(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """out / x elementwise, 0 where x = 0 (there x contributes nothing, whatever the ratio)."""
+    nonzero = x != 0
+    return torch.where(nonzero, out / torch.where(nonzero, x, torch.ones_like(x)), torch.zeros_like(out))

@@ -1,0 +1,262 @@
+"""MambaLRP (attribution/lrp.py, arch/lrp_mode.py): conservation, the bias remainder, LRP = gradient × input
+on a model with no nonlinearity left, and no rule is a no-op.  References: the model's own logit and plain
+autograd through the unmodified traced forward, never the LRP code."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from mambascope import load_model
+from mambascope.arch import adapter
+from mambascope.arch.lrp_mode import LRPRules, lrp_mode
+from mambascope.attribution.lrp import lrp, lrp_relevance
+from mambascope.trace import trace, trace_stream
+
+MODELS = ["tiny-mamba", "tiny-mamba2", "tiny-gpt", "tiny-hybrid"]
+# fp64 sums over a few thousand products: rounding stays many orders below this
+FP64_REL = 1e-10
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def fp64_model(request):
+    model, _ = load_model(request.param)
+    return request.param, copy.deepcopy(model).double().eval()
+
+
+def _ids(model, L=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (1, L), generator=g)
+
+
+def _without_biases(model):
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+    return m
+
+
+def _grad_x_input(model, ids, pos, tok, edits=None):
+    """Plain gradient × input at blocks.0.hook_resid_pre through the unmodified traced forward."""
+    box = {}
+
+    def leaf(h):
+        box["x"] = h.detach().requires_grad_(True)
+        return box["x"]
+
+    logits = trace_stream(model, ids, None, edits={"blocks.0.hook_resid_pre": leaf, **(edits or {})}, grad=True)
+    (g,) = torch.autograd.grad(logits[0, pos, tok], box["x"])
+    return (g * box["x"]).sum(-1)[0].detach(), logits[0, pos, tok].detach()
+
+
+def test_conservation_without_biases(fp64_model):
+    name, model = fp64_model
+    model = _without_biases(model)
+    ids = _ids(model)
+    pos, tok = 17, 5
+    res = lrp(model, ids, pos, tok)
+    with torch.no_grad():
+        own = float(model(ids).logits[0, pos, tok])  # the model's own forward, not the traced one
+    # HF computes Mamba-1's residual in fp32 even in an fp64 model: agreement to fp32 rounding there
+    assert abs(res.logit - own) <= 1e-6 * abs(own)
+    assert abs(float(res.relevance.sum()) - res.logit) <= FP64_REL * abs(res.logit), name
+    assert res.relevance.shape == (ids.shape[1],)
+    assert bool((res.relevance[pos + 1:] == 0).all())  # causal: later tokens get nothing
+
+
+def _bias_params(model):
+    # additive biases; Δ's bias sits under softplus and is held constant with Δ (ssm rule), so it takes none
+    return [(n, p) for n, p in model.named_parameters() if n.endswith("bias") and "dt" not in n]
+
+
+def test_bias_remainder_is_the_relevance_of_the_biases(fp64_model):
+    """With biases, the tokens' relevance falls short of the logit by the remainder, and that remainder is
+    exactly the relevance the LRP-mode backward gives the bias terms (bias × its gradient): the modified
+    forward is degree-1 homogeneous in the embeddings and the biases together."""
+    name, model = fp64_model
+    ids = _ids(model, seed=1)
+    pos, tok = 15, 9
+    res = lrp(model, ids, pos, tok)
+    biases = _bias_params(model)
+    assert biases, name
+    box = {}
+
+    def leaf(h):
+        box["x"] = h.detach().requires_grad_(True)
+        return box["x"]
+
+    with lrp_mode(LRPRules()):
+        logits = trace_stream(model, ids, None, edits={"blocks.0.hook_resid_pre": leaf}, grad=True)
+    grads = torch.autograd.grad(logits[0, pos, tok], [p for _, p in biases], allow_unused=True)
+    pairs = zip(grads, biases, strict=True)
+    bias_relevance = sum(float((g * p.detach()).sum()) for g, (_, p) in pairs if g is not None)
+    scale = abs(res.logit) + abs(res.remainder)
+    assert abs(res.remainder) > 1e-6 * scale, name  # the bundled models' biases do carry relevance
+    assert abs(res.remainder - bias_relevance) <= FP64_REL * scale, name
+    print(f"{name}: logit {res.logit:.6f}, tokens {float(res.relevance.sum()):.6f}, "
+          f"biases {bias_relevance:.6f}")
+
+
+class FrozenNorm(nn.Module):
+    """A normalisation with its normaliser frozen at a reference input: x ↦ (x − mean x)·scale (centred)
+    or x·scale, scale [1, L, D] fixed.  Linear in x.  ``weight`` is only read for its dtype by the adapters."""
+
+    def __init__(self, scale, centre):
+        super().__init__()
+        self.scale, self.centre = scale, centre
+        self.weight = nn.Parameter(torch.ones(scale.shape[-1], dtype=scale.dtype), requires_grad=False)
+
+    def forward(self, x):
+        return (x - x.mean(-1, keepdim=True) if self.centre else x) * self.scale
+
+
+def _freeze_norm(norm, x):
+    """FrozenNorm equal to ``norm`` at x [1, L, D] (bias-free norms)."""
+    if isinstance(norm, nn.LayerNorm):
+        std = ((x - x.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+        return FrozenNorm((norm.weight / std).detach(), centre=True)
+    with torch.no_grad():
+        return FrozenNorm(norm(x) / x, centre=False)
+
+
+def _linearised(model, ids):
+    """The model with no nonlinearity left: every data-dependent factor (norm scales, σ(conv), Δ, B, C,
+    the gate, Mamba-2's gated-norm scale, the softmax pattern, the MLP activation ratio or gate) frozen at
+    the reference input ``ids``, through module replacement and the tracer's edits, so the logit is a linear
+    function of the embeddings (checked in the test).  Where a frozen factor still enters a product inside
+    the block code (the gate, the pattern, a gated MLP's gate), the LRP-mode product sees one constant
+    factor, which is a weight: relevance must pass to the other factor whole.  Returns (model, edits)."""
+    ref = trace(model, ids)
+    ad = adapter(model)
+    m = copy.deepcopy(model)
+    am = adapter(m)
+    edits, stash = {}, {}
+    norms = {"mamba": ("norm",), "mamba2": ("norm",), "gpt2": ("ln_1", "ln_2"),
+             "bamba": ("input_layernorm", "pre_ff_layernorm")}[ad.model_type]
+    for layer in range(ad.n_layers):
+        p = f"blocks.{layer}."
+        units = ref.layer(layer)
+        inputs = [units["hook_resid_pre"], units.get("hook_resid_mid")]
+        for attr, x in zip(norms, inputs, strict=False):
+            setattr(am.blocks()[layer], attr, _freeze_norm(getattr(ad.blocks()[layer], attr), x))
+
+        def keep(key):
+            def f(t):
+                stash[key] = t
+                return t
+            return f
+
+        def const(value):
+            return lambda t: value
+
+        if "mixer.hook_conv" in units:
+            sig = torch.sigmoid(units["mixer.hook_conv"])
+            edits[p + "mixer.hook_conv"] = keep(p + "conv")
+            edits[p + "mixer.hook_ssm_input"] = lambda t, p=p, sig=sig: stash[p + "conv"] * sig
+            for u in ("mixer.hook_dt", "mixer.hook_B", "mixer.hook_C"):
+                edits[p + u] = const(units[u])
+            # the gate a constant: y·SiLU(z) runs through the product rule with one constant factor
+            edits[p + "mixer.hook_gate"] = const(units["mixer.hook_gate"])
+            if ad.layer_kind(layer) == "mamba2":  # and the gated RMSNorm's scale, frozen at its output
+                scale = units["mixer.hook_post"] / units["mixer.hook_y"]
+                edits[p + "mixer.hook_y"] = keep(p + "y")
+                edits[p + "mixer.hook_post"] = lambda t, p=p, scale=scale: stash[p + "y"] * scale
+        if "attn.hook_pattern" in units:
+            edits[p + "attn.hook_pattern"] = const(units["attn.hook_pattern"])
+        if "mlp.hook_pre_linear" in units:  # gated MLP: the gate's pre-activation constant, linear in up(x)
+            edits[p + "mlp.hook_pre"] = const(units["mlp.hook_pre"])
+        elif "mlp.hook_pre" in units:  # plain MLP: act(x) = x · (act(x)/x) with the ratio frozen
+            ratio = units["mlp.hook_post"] / units["mlp.hook_pre"]
+            edits[p + "mlp.hook_pre"] = keep(p + "pre")
+            edits[p + "mlp.hook_post"] = lambda t, p=p, ratio=ratio: stash[p + "pre"] * ratio
+    parent, final = {"mamba": ("backbone", "norm_f"), "mamba2": ("backbone", "norm_f"),
+                     "gpt2": ("transformer", "ln_f"), "bamba": ("model", "final_layernorm")}[ad.model_type]
+    parent = getattr(m, parent)
+    last = ref[f"blocks.{ad.n_layers - 1}.hook_resid_post"]
+    setattr(parent, final, _freeze_norm(ad.final_norm(), last))
+    return m, edits
+
+
+def test_lrp_is_gradient_x_input_without_nonlinearities(fp64_model):
+    name, model = fp64_model
+    model = _without_biases(model)
+    ids = _ids(model, seed=2)
+    pos, tok = 18, 3
+    lin, edits = _linearised(model, ids)
+    # the construction: equal to the model at ids, and linear in the embeddings (f(c·x) = c·f(x))
+    gxi, value = _grad_x_input(lin, ids, pos, tok, edits)
+    own = trace(model, ids).logits[0, pos, tok]
+    assert abs(float(value - own)) <= FP64_REL * abs(float(own))
+    for c in (2.0, -0.5):
+        scaled = trace_stream(lin, ids, None, edits={"blocks.0.hook_resid_pre": lambda h, c=c: c * h, **edits})
+        assert abs(float(scaled[0, pos, tok] - c * value)) <= FP64_REL * abs(float(value)), name
+    box = {}
+
+    def leaf(h):
+        box["x"] = h.detach().requires_grad_(True)
+        return box["x"]
+
+    scale = float(gxi.abs().max())
+    for rules in (LRPRules(), LRPRules(attention="attnlrp")):
+        with lrp_mode(rules):
+            logits = trace_stream(lin, ids, None, edits={"blocks.0.hook_resid_pre": leaf, **edits}, grad=True)
+        (g,) = torch.autograd.grad(logits[0, pos, tok], box["x"])
+        relevance = (g * box["x"]).sum(-1)[0].detach()
+        assert float((relevance - gxi).abs().max()) <= FP64_REL * scale, (name, rules)
+    # and on the real (nonlinear) model the two differ: the rules do something there
+    real_gxi, _ = _grad_x_input(model, ids, pos, tok)
+    assert float((lrp_relevance(model, ids, pos, tok) - real_gxi.double()).abs().max()) > 1e-3 * scale
+
+
+RULES = {"tiny-mamba": ("act", "ssm", "gate", "norm"), "tiny-mamba2": ("act", "ssm", "gate", "norm"),
+         "tiny-gpt": ("act", "norm", "attention"), "tiny-hybrid": ("act", "ssm", "gate", "norm", "attention")}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_each_rule_changes_the_result(name):
+    model, _ = load_model(name)
+    ids = _ids(model, L=24, seed=3)
+    pos, tok = 22, 11
+    full = lrp(model, ids, pos, tok).relevance
+    for rule in RULES[name]:
+        off = dataclasses.replace(LRPRules(), **{rule: "gradient" if rule == "attention" else False})
+        other = lrp(model, ids, pos, tok, rules=off).relevance
+        # fp32 model: rounding differences are ~1e-6 of the scale; a switched-off rule moves far more
+        assert float((other - full).abs().max()) > 1e-3 * float(full.abs().max()), (name, rule)
+
+
+def test_attnlrp_differs_from_cp_and_absorbs_relevance_in_the_softmax():
+    model, _ = load_model("tiny-gpt")
+    model = _without_biases(copy.deepcopy(model).double())
+    ids = _ids(model, seed=4)
+    cp = lrp(model, ids, 15, 2)
+    attn = lrp(model, ids, 15, 2, rules=LRPRules(attention="attnlrp"))
+    assert abs(cp.remainder) <= FP64_REL * abs(cp.logit)
+    assert float((cp.relevance - attn.relevance).abs().max()) > 1e-3 * float(cp.relevance.abs().max())
+    assert abs(attn.logit - cp.logit) <= FP64_REL * abs(cp.logit)  # same forward values
+
+
+def test_lrp_mode_leaves_the_forward_unchanged():
+    model, _ = load_model("tiny-mamba2")
+    ids = _ids(model, seed=5)
+    plain = trace(model, ids).logits
+    with lrp_mode(LRPRules()):
+        moded = trace(model, ids).logits
+    assert torch.equal(plain, moded) or float((plain - moded).abs().max()) <= 1e-5 * float(plain.abs().max())
+
+
+def test_bad_inputs():
+    model, _ = load_model("tiny-mamba")
+    ids = _ids(model)
+    with pytest.raises(ValueError, match="outside the sequence"):
+        lrp(model, ids, 20, 1)
+    with pytest.raises(ValueError, match="vocabulary"):
+        lrp(model, ids, 3, model.config.vocab_size)
+    with pytest.raises(ValueError, match="one sequence"):
+        lrp(model, ids.repeat(2, 1), 3, 1)
+    with pytest.raises(ValueError, match="attention rule"):
+        LRPRules(attention="softmax")
