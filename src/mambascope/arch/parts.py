@@ -96,7 +96,7 @@ def mamba1_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
             return selective_scan(u[:, s], dt[:, s], A, B[:, s], C[:, s], initial_state=h, return_state=True)
 
         y = scan_through_states(scan, u.shape[1], emit)
-    y = emit("mixer.hook_y", y + u * mixer.D.float())
+    y = emit("mixer.hook_y", y + u * at_least_fp32(mixer.D))
     gate = emit("mixer.hook_gate", silu(z))
     return emit("mixer.hook_post", product(torch.mul, y, gate))
 
@@ -150,7 +150,7 @@ def mamba2_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
                             initial_state=h, return_state=True)
 
         y = scan_through_states(scan, u.shape[1], emit)
-    y = y + mixer.D.float()[:, None] * at_least_fp32(u_heads)
+    y = y + at_least_fp32(mixer.D)[:, None] * at_least_fp32(u_heads)
     y = emit("mixer.hook_y", y.reshape(*u.shape[:2], E))
     gate = emit("mixer.hook_gate", silu(at_least_fp32(z)))
     if not rms_norm:

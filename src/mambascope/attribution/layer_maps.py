@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mambascope.arch import adapter
-from mambascope.ssm.implicit_attention import attention_token_map, layer_token_map, residual_rollout
+from mambascope.ssm.implicit_attention import VARIANTS, attention_token_map, layer_token_map, residual_rollout
 from mambascope.trace import head_write_weights, mixer_params, trace
 
 __all__ = ["layer_map", "layer_maps", "rollout_map", "token_mixing_layers"]
@@ -52,6 +52,8 @@ def layer_maps(model: nn.Module, input_ids: Tensor, layers: int | Sequence[int] 
     """{layer: c [b, L, L]} for the chosen token-mixing layers (default all) from one traced forward.
 
     ``variant``: the SSM operator's ablation (``full``, ``no_conv``, ``no_gate``, ``no_act``)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown implicit-attention variant {variant!r}; valid: {', '.join(VARIANTS)}")
     chosen = _check(model, layers)
     ad = adapter(model)
     names = []

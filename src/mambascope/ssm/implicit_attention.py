@@ -9,9 +9,10 @@ and the diagonals per channel), the mixer is a data-controlled linear map from t
 
 with T_e the causal depthwise conv as a banded Toeplitz matrix (T[s, j] = w_e[K−1−(s−j)] for 0 ≤ s−j < K),
 c = ``mixer.hook_conv``, SiLU(c)/c = σ(c) the activation read as a data-dependent diagonal, m the padding
-mask, α the S6 / SSD hidden attention (Ali et al. 2024; ``ssm/hidden_attention.py``) without D, and g the
-output gate: SiLU(z) on Mamba-1, norm_weight·SiLU(z)·rsqrt(mean_group((y·SiLU z)²) + ε) on Mamba-2 (the
-gated RMSNorm's per-token scale read as a diagonal, :func:`~mambascope.ssm.hidden_attention.output_gate`).
+mask (padded key columns of Ω are zero), α the S6 / SSD hidden attention (Ali et al. 2024;
+``ssm/hidden_attention.py``) without D, and g the output gate: SiLU(z) on Mamba-1,
+norm_weight·SiLU(z)·rsqrt(mean_group((y·SiLU z)²) + ε) on Mamba-2 (the gated RMSNorm's per-token scale read
+as a diagonal, :func:`~mambascope.ssm.hidden_attention.output_gate`).
 The stated extra term holds what is not a token-to-token interaction: the D skip and the conv bias β,
 
     extra_e = g_e ⊙ (D_e·u_e + α_e · (σ(c_e) ⊙ m · β_e)),   u = SiLU(c)·m = ``mixer.hook_ssm_input``.
@@ -109,10 +110,10 @@ def implicit_attention(layer: Mapping[str, Tensor], params: MixerParams, variant
     row_idx = torch.arange(gate.shape[1]) if rows is None else torch.as_tensor(rows).long() % gate.shape[1]
     if variant != "no_act":
         alpha = alpha * sig[:, :, idx].transpose(1, 2).unsqueeze(2)
-    elif attention_mask is not None:
-        alpha = alpha * attention_mask.to(alpha)[:, None, None, :]
     if variant != "no_conv":
         alpha = conv_toeplitz_right(alpha, params.conv_weight.to(alpha)[idx])
+    if attention_mask is not None:  # padded keys: zero columns (their x is zero too, so nothing is lost)
+        alpha = alpha * attention_mask.to(alpha)[:, None, None, :]
     if variant != "no_gate":
         alpha = alpha * gate[:, row_idx.to(gate.device)][:, :, idx].transpose(1, 2).unsqueeze(-1)
     return alpha
