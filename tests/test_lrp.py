@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from family_check import stress
 from mambascope import load_model
 from mambascope.arch import adapter
 from mambascope.arch.lrp_mode import LRPRules, lrp_mode
@@ -260,3 +261,64 @@ def test_bad_inputs():
         lrp(model, ids.repeat(2, 1), 3, 1)
     with pytest.raises(ValueError, match="attention rule"):
         LRPRules(attention="softmax")
+
+
+def _family(kind):
+    """Small random models of the other supported families (configs as in tests/test_arch_*.py, no MoE)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, pad_token_id=0)
+    if kind == "falcon_mamba":
+        return stress(tf.FalconMambaForCausalLM(tf.FalconMambaConfig(vocab_size=97, num_hidden_layers=2)))
+    if kind == "jamba":
+        cfg = tf.JambaConfig(**common, num_hidden_layers=4, num_key_value_heads=2, intermediate_size=20,
+                             num_experts=1, attn_layer_period=4, attn_layer_offset=3, mamba_d_state=8,
+                             mamba_d_conv=3, mamba_expand=2)
+        return stress(tf.JambaForCausalLM(cfg))
+    if kind in ("falcon_h1", "falcon_h1_norm_before_gate"):
+        cfg = tf.FalconH1Config(**common, num_hidden_layers=2, num_key_value_heads=2, intermediate_size=40,
+                                mamba_d_ssm=48, mamba_n_heads=6, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8,
+                                mamba_d_conv=3, mamba_chunk_size=16, mamba_rms_norm=True,
+                                mamba_norm_before_gate=kind.endswith("gate"))
+        return stress(tf.FalconH1ForCausalLM(cfg))
+    if kind == "nemotron_h":
+        cfg = tf.NemotronHConfig(**common, num_key_value_heads=2, head_dim=8, intermediate_size=40,
+                                 mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=8, conv_kernel=3,
+                                 chunk_size=16, layers_block_type=["linear_attention", "mlp", "full_attention"])
+        return stress(tf.NemotronHForCausalLM(cfg))
+    if kind == "llama":
+        return stress(tf.LlamaForCausalLM(tf.LlamaConfig(**common, num_hidden_layers=2, intermediate_size=40)))
+    return stress(tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**common, num_hidden_layers=2, intermediate_size=48,
+                                                         max_position_embeddings=64)))
+
+
+@pytest.mark.parametrize("kind", ["falcon_mamba", "jamba", "falcon_h1", "falcon_h1_norm_before_gate", "nemotron_h",
+                                  "llama", "gpt_neox"])
+def test_conservation_other_families(kind):
+    model = _without_biases(_family(kind).double())
+    ids = torch.randint(1, 97, (1, 20), generator=torch.Generator().manual_seed(0))
+    res = lrp(model, ids, 18, 5)
+    with torch.no_grad():
+        own = float(model(ids).logits[0, 18, 5])
+    assert abs(res.logit - own) <= 1e-5 * abs(own)  # HF's fp32 islands in an fp64 model
+    assert abs(res.remainder) <= FP64_REL * abs(res.logit), kind
+    off = lrp(model, ids, 18, 5, rules=LRPRules(norm=False))
+    assert float((off.relevance - res.relevance).abs().max()) > 1e-3 * float(res.relevance.abs().max())
+
+
+def test_unsupported_families_are_refused():
+    import transformers as tf
+
+    cfg = tf.Zamba2Config(vocab_size=97, hidden_size=32, num_attention_heads=4, intermediate_size=40,
+                          mamba_d_state=8, mamba_d_conv=3, n_mamba_heads=8, mamba_ngroups=2, chunk_size=16,
+                          adapter_rank=4, num_hidden_layers=2, layers_block_type=["mamba", "hybrid"])
+    model = tf.Zamba2ForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="zamba2"):
+        lrp(model, torch.randint(1, 97, (1, 8)), 5, 1)
+    moe = tf.JambaForCausalLM(tf.JambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=20, num_experts=4, expert_layer_period=2,
+                                             expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=0,
+                                             mamba_d_state=8, mamba_d_conv=3)).eval()
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        lrp(moe, torch.randint(1, 97, (1, 8)), 5, 1)

@@ -16,6 +16,7 @@ from torch import nn
 
 from mambascope.arch.base import Adapter, Context, Emit, UnsupportedFeature
 from mambascope.arch.llama import rotary_tables
+from mambascope.arch.lrp_mode import normalize
 from mambascope.arch.parts import attention, gated_mlp, mamba2_mixer, rotate
 from mambascope.arch.units import layer_units
 from mambascope.ssm.params import MixerParams
@@ -48,7 +49,7 @@ class FalconH1Adapter(Adapter):
     def run_block(self, layer: int, h: torch.Tensor, ctx: Context, emit: Emit) -> torch.Tensor:
         block, cfg = self.blocks()[layer], self.config
         h = emit("hook_resid_pre", h)
-        x = block.input_layernorm(h)
+        x = normalize(block.input_layernorm, h)
         mixer = block.mamba
         post = mamba2_mixer(mixer, x, ctx.mask, emit, in_scale=mixer.ssm_in_multiplier, proj_scale=mixer.mup_vector,
                             rms_norm=cfg.mamba_rms_norm, norm_before_gate=cfg.mamba_norm_before_gate)
@@ -63,8 +64,8 @@ class FalconH1Adapter(Adapter):
         attn_out = emit("hook_attn_out", attn.o_proj(z) * block.attn_out_multiplier)
         h = emit("hook_resid_mid", h + (ssm_out + attn_out))
         mlp = block.feed_forward
-        out = gated_mlp(block.pre_ff_layernorm(h), lambda t: mlp.gate_proj(t) * mlp.gate_multiplier, mlp.up_proj,
-                        mlp.down_proj, mlp.act_fn, emit) * mlp.down_multiplier
+        out = gated_mlp(normalize(block.pre_ff_layernorm, h), lambda t: mlp.gate_proj(t) * mlp.gate_multiplier,
+                        mlp.up_proj, mlp.down_proj, mlp.act_fn, emit) * mlp.down_multiplier
         return emit("hook_resid_post", h + emit("hook_mlp_out", out))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch import nn
 
 from mambascope.arch.base import Adapter, Context, Emit
 from mambascope.arch.llama import rotary_tables
+from mambascope.arch.lrp_mode import normalize
 from mambascope.arch.parts import attention, plain_mlp, rotate
 
 
@@ -40,17 +41,19 @@ class GPTNeoXAdapter(Adapter):
         h = emit("hook_resid_pre", h)
         b, L, _ = h.shape
         # query_key_value packs q, k, v per head: [b, L, H, 3·dh]
-        qkv = attn.query_key_value(block.input_layernorm(h)).view(b, L, -1, 3 * attn.head_size)
+        qkv = attn.query_key_value(normalize(block.input_layernorm, h)).view(b, L, -1, 3 * attn.head_size)
         q, k, v = qkv.chunk(3, dim=-1)
         q, k = rotate(q, k, ctx.extra["cos"], ctx.extra["sin"])
         z = attention(q, k, v, ctx.mask, emit, attn.scaling, layer in ctx.need_pattern)
         attn_out = emit("hook_attn_out", attn.dense(z))
         mlp = block.mlp
         if self.parallel:
-            out = plain_mlp(block.post_attention_layernorm(h), mlp.dense_h_to_4h, mlp.dense_4h_to_h, mlp.act, emit)
+            out = plain_mlp(normalize(block.post_attention_layernorm, h), mlp.dense_h_to_4h, mlp.dense_4h_to_h,
+                            mlp.act, emit)
             return emit("hook_resid_post", emit("hook_mlp_out", out) + attn_out + h)
         mid = emit("hook_resid_mid", attn_out + h)
-        out = plain_mlp(block.post_attention_layernorm(mid), mlp.dense_h_to_4h, mlp.dense_4h_to_h, mlp.act, emit)
+        out = plain_mlp(normalize(block.post_attention_layernorm, mid), mlp.dense_h_to_4h, mlp.dense_4h_to_h,
+                        mlp.act, emit)
         return emit("hook_resid_post", emit("hook_mlp_out", out) + mid)
 
     def final_norm(self) -> nn.Module:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mambascope.arch.base import Adapter, Context, Emit
+from mambascope.arch.lrp_mode import normalize
 from mambascope.arch.parts import gated_mlp, llama_attention, mamba1_mixer, moe_with_router
 
 
@@ -35,7 +36,7 @@ class JambaAdapter(Adapter):
     def run_block(self, layer: int, h: torch.Tensor, ctx: Context, emit: Emit) -> torch.Tensor:
         block = self.blocks()[layer]
         h = emit("hook_resid_pre", h)
-        x = block.input_layernorm(h)
+        x = normalize(block.input_layernorm, h)
         if self.parts(layer)[0] == "mamba":
             mixer = block.mamba
             post = mamba1_mixer(mixer, x, ctx.mask, emit,
@@ -45,7 +46,7 @@ class JambaAdapter(Adapter):
             z = llama_attention(block.self_attn, x, None, ctx.mask, emit, layer in ctx.need_pattern)
             out = emit("hook_attn_out", block.self_attn.o_proj(z))
         h = emit("hook_resid_mid", h + out)
-        x = block.pre_ff_layernorm(h)
+        x = normalize(block.pre_ff_layernorm, h)
         ff = block.feed_forward
         if self._moe(layer):
             experts = ff.experts

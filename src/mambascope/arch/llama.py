@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mambascope.arch.base import Adapter, Context, Emit
+from mambascope.arch.lrp_mode import normalize
 from mambascope.arch.parts import gated_mlp, llama_attention
 
 
@@ -36,12 +37,12 @@ class LlamaAdapter(Adapter):
         block = self.blocks()[layer]
         h = emit("hook_resid_pre", h)
         attn = block.self_attn
-        z = llama_attention(attn, block.input_layernorm(h), (ctx.extra["cos"], ctx.extra["sin"]), ctx.mask, emit,
-                            layer in ctx.need_pattern)
+        z = llama_attention(attn, normalize(block.input_layernorm, h), (ctx.extra["cos"], ctx.extra["sin"]), ctx.mask,
+                            emit, layer in ctx.need_pattern)
         h = emit("hook_resid_mid", h + emit("hook_attn_out", attn.o_proj(z)))
         mlp = block.mlp
-        out = gated_mlp(block.post_attention_layernorm(h), mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn,
-                        emit)
+        out = gated_mlp(normalize(block.post_attention_layernorm, h), mlp.gate_proj, mlp.up_proj, mlp.down_proj,
+                        mlp.act_fn, emit)
         return emit("hook_resid_post", h + emit("hook_mlp_out", out))
 
     def final_norm(self) -> nn.Module:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mambascope.arch.base import Adapter, Context, Emit, UnsupportedFeature
+from mambascope.arch.lrp_mode import normalize
 from mambascope.arch.parts import llama_attention, mamba2_mixer, moe_with_router, plain_mlp
 
 _PART = {"linear_attention": "mamba2", "full_attention": "attn", "mlp": "mlp", "moe": "moe"}
@@ -38,7 +39,7 @@ class NemotronHAdapter(Adapter):
         block = self.blocks()[layer]
         part, mixer = self.parts(layer)[0], block.mixer
         h = emit("hook_resid_pre", h)
-        x = block.norm(h.to(block.norm.weight.dtype))
+        x = normalize(block.norm, h.to(block.norm.weight.dtype))
         if part == "mamba2":
             post = mamba2_mixer(mixer, x, ctx.mask, emit)
             out = emit("hook_mixer_out", mixer.out_proj(post.to(mixer.out_proj.weight.dtype)))

@@ -1,5 +1,6 @@
-"""MambaLRP (Jafari et al., NeurIPS 2024) for Mamba-1, Mamba-2, the Bamba hybrid and GPT-2 (AttnLRP /
-CP-LRP rules, Achtibat et al. 2024), as gradient × input of the LRP-mode forward (docs/methods.md "MambaLRP").
+"""MambaLRP (Jafari et al., NeurIPS 2024) for Mamba-1, Mamba-2, the hybrids and the transformers (attention
+by the AttnLRP / CP-LRP rules, Achtibat et al. 2024), as gradient × input of the LRP-mode forward
+(docs/methods.md "MambaLRP"; the families: ``SUPPORTED``).
 
 The traced forward runs inside :func:`mambascope.arch.lrp_mode.lrp_mode`, where SiLU / GELU are x·(f(x)/x)
 with the ratio constant, the scans are linear in their input (Δ, B, C constant), products of two
@@ -22,7 +23,10 @@ from mambascope.arch.lrp_mode import LRPRules, lrp_mode
 from mambascope.trace import trace_stream
 
 # Families whose every normalisation, activation, product and scan goes through the LRP-mode primitives.
-SUPPORTED = ("mamba", "mamba2", "gpt2", "bamba")
+# Zamba2 is not among them: its shared blocks read the embeddings a second time (ctx.extra), a path the
+# relevance at blocks.0.hook_resid_pre would miss; Granite-MoE-hybrid's layers are mixtures of experts.
+SUPPORTED = ("mamba", "mamba2", "gpt2", "bamba", "falcon_mamba", "falcon_h1", "jamba", "nemotron_h", "llama",
+             "gpt_neox")
 
 __all__ = ["SUPPORTED", "LRPResult", "LRPRules", "lrp", "lrp_relevance"]
 
