@@ -62,11 +62,12 @@ def test_conservation_without_biases(fp64_model):
     res = lrp(model, ids, pos, tok)
     with torch.no_grad():
         own = float(model(ids).logits[0, pos, tok])  # the model's own forward, not the traced one
+    logit, relevance = float(res.logit[0]), res.relevance[0]
     # HF computes Mamba-1's residual in fp32 even in an fp64 model: agreement to fp32 rounding there
-    assert abs(res.logit - own) <= 1e-6 * abs(own)
-    assert abs(float(res.relevance.sum()) - res.logit) <= FP64_REL * abs(res.logit), name
-    assert res.relevance.shape == (ids.shape[1],)
-    assert bool((res.relevance[pos + 1:] == 0).all())  # causal: later tokens get nothing
+    assert abs(logit - own) <= 1e-6 * abs(own)
+    assert abs(float(relevance.sum()) - logit) <= FP64_REL * abs(logit), name
+    assert res.relevance.shape == (1, ids.shape[1])
+    assert bool((relevance[pos + 1:] == 0).all())  # causal: later tokens get nothing
 
 
 def _bias_params(model):
@@ -82,6 +83,7 @@ def test_bias_remainder_is_the_relevance_of_the_biases(fp64_model):
     ids = _ids(model, seed=1)
     pos, tok = 15, 9
     res = lrp(model, ids, pos, tok)
+    logit, remainder = float(res.logit[0]), float(res.remainder[0])
     biases = _bias_params(model)
     assert biases, name
     box = {}
@@ -95,11 +97,10 @@ def test_bias_remainder_is_the_relevance_of_the_biases(fp64_model):
     grads = torch.autograd.grad(logits[0, pos, tok], [p for _, p in biases], allow_unused=True)
     pairs = zip(grads, biases, strict=True)
     bias_relevance = sum(float((g * p.detach()).sum()) for g, (_, p) in pairs if g is not None)
-    scale = abs(res.logit) + abs(res.remainder)
-    assert abs(res.remainder) > 1e-6 * scale, name  # the bundled models' biases do carry relevance
-    assert abs(res.remainder - bias_relevance) <= FP64_REL * scale, name
-    print(f"{name}: logit {res.logit:.6f}, tokens {float(res.relevance.sum()):.6f}, "
-          f"biases {bias_relevance:.6f}")
+    scale = abs(logit) + abs(remainder)
+    assert abs(remainder) > 1e-6 * scale, name  # the bundled models' biases do carry relevance
+    assert abs(remainder - bias_relevance) <= FP64_REL * scale, name
+    print(f"{name}: logit {logit:.6f}, tokens {float(res.relevance.sum()):.6f}, biases {bias_relevance:.6f}")
 
 
 class FrozenNorm(nn.Module):
@@ -236,9 +237,20 @@ def test_attnlrp_differs_from_cp_and_absorbs_relevance_in_the_softmax():
     ids = _ids(model, seed=4)
     cp = lrp(model, ids, 15, 2)
     attn = lrp(model, ids, 15, 2, rules=LRPRules(attention="attnlrp"))
-    assert abs(cp.remainder) <= FP64_REL * abs(cp.logit)
+    assert abs(float(cp.remainder[0])) <= FP64_REL * abs(float(cp.logit[0]))
+    assert abs(float(attn.remainder[0])) > 1e-3 * abs(float(cp.logit[0]))  # the softmax rule absorbs
     assert float((cp.relevance - attn.relevance).abs().max()) > 1e-3 * float(cp.relevance.abs().max())
-    assert abs(attn.logit - cp.logit) <= FP64_REL * abs(cp.logit)  # same forward values
+    assert abs(float(attn.logit[0] - cp.logit[0])) <= FP64_REL * abs(float(cp.logit[0]))  # same forward values
+
+
+def test_a_batch_is_its_rows():
+    model, _ = load_model("tiny-mamba2")
+    ids = torch.cat([_ids(model, seed=6), _ids(model, seed=7)])
+    both = lrp(model, ids, [12, -1], [4, 9])
+    for r, (pos, tok) in enumerate([(12, 4), (19, 9)]):
+        one = lrp(model, ids[r], pos, tok)
+        assert torch.allclose(both.relevance[r], one.relevance[0], rtol=1e-5, atol=1e-7 * float(one.logit.abs()))
+        assert lrp_relevance(model, ids[r], pos, tok).shape == (ids.shape[1],)
 
 
 def test_lrp_mode_leaves_the_forward_unchanged():
@@ -257,8 +269,10 @@ def test_bad_inputs():
         lrp(model, ids, 20, 1)
     with pytest.raises(ValueError, match="vocabulary"):
         lrp(model, ids, 3, model.config.vocab_size)
-    with pytest.raises(ValueError, match="one sequence"):
-        lrp(model, ids.repeat(2, 1), 3, 1)
+    with pytest.raises(ValueError, match="one per sequence"):
+        lrp(model, ids.repeat(2, 1), [3, 4, 5], 1)
+    with pytest.raises(ValueError, match="integers"):
+        lrp(model, ids, 3.0, 1)
     with pytest.raises(ValueError, match="attention rule"):
         LRPRules(attention="softmax")
 
@@ -301,8 +315,8 @@ def test_conservation_other_families(kind):
     res = lrp(model, ids, 18, 5)
     with torch.no_grad():
         own = float(model(ids).logits[0, 18, 5])
-    assert abs(res.logit - own) <= 1e-5 * abs(own)  # HF's fp32 islands in an fp64 model
-    assert abs(res.remainder) <= FP64_REL * abs(res.logit), kind
+    assert abs(float(res.logit[0]) - own) <= 1e-5 * abs(own)  # HF's fp32 islands in an fp64 model
+    assert abs(float(res.remainder[0])) <= FP64_REL * abs(float(res.logit[0])), kind
     off = lrp(model, ids, 18, 5, rules=LRPRules(norm=False))
     assert float((off.relevance - res.relevance).abs().max()) > 1e-3 * float(res.relevance.abs().max())
 

@@ -12,6 +12,7 @@ logit f whenever the model has no biases (conservation); otherwise logit − Σ 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,44 +32,65 @@ SUPPORTED = ("mamba", "mamba2", "gpt2", "bamba", "falcon_mamba", "falcon_h1", "j
 __all__ = ["SUPPORTED", "LRPResult", "LRPRules", "lrp", "lrp_relevance"]
 
 
+Targets = int | Sequence[int] | Tensor
+
+
 @dataclass(frozen=True)
 class LRPResult:
-    """``relevance`` [L] per input token (float64); ``logit`` the target logit; ``remainder`` = logit − Σ
-    relevance, the relevance absorbed by biases (0 up to rounding for a bias-free model under the
-    conservative rules; AttnLRP's softmax rule also absorbs some)."""
+    """``relevance`` [b, L] per input token (float64); ``logit`` [b] the target logits; ``remainder`` [b] =
+    logit − Σ relevance, the relevance absorbed by biases (0 up to rounding for a bias-free model under
+    the conservative rules; AttnLRP's softmax rule also absorbs some)."""
 
     relevance: Tensor
-    logit: float
-    remainder: float
+    logit: Tensor
+    remainder: Tensor
 
 
-def _check(model: nn.Module, input_ids: Tensor, target_position: int, target_token: int) -> tuple[Tensor, int]:
+def _targets(value: Targets, b: int, what: str) -> Tensor:
+    t = torch.as_tensor(value)
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(f"{what} must be integers, got {t.dtype}")
+    t = t.long().reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(b)
+    if t.numel() != b:
+        raise ValueError(f"{what}: one per sequence wanted ({b}), got {t.numel()}")
+    return t
+
+
+def _check(model: nn.Module, input_ids: Tensor, target_position: Targets,
+           target_token: Targets) -> tuple[Tensor, Tensor, Tensor]:
     ad = adapter(model)
     if ad.model_type not in SUPPORTED:
         raise ValueError(f"LRP is implemented for {', '.join(SUPPORTED)} models; this is a {ad.model_type} model")
     if any(p in MOE_PARTS for layer in range(ad.n_layers) for p in ad.parts(layer)):
         raise ValueError("LRP through mixture-of-experts layers is not implemented (the router has no rule)")
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
-    if ids.dim() != 2 or ids.shape[0] != 1:
-        raise ValueError(f"LRP explains one sequence: input_ids must be [L] or [1, L], got {tuple(input_ids.shape)}")
-    L = ids.shape[1]
-    if not -L <= target_position < L:
-        raise ValueError(f"target position {target_position} is outside the sequence of {L} tokens")
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must be [L] or [b, L], got {tuple(input_ids.shape)}")
+    b, L = ids.shape
+    pos, tok = _targets(target_position, b, "target_position"), _targets(target_token, b, "target_token")
+    bad = (pos < -L) | (pos >= L)
+    if bool(bad.any()):
+        raise ValueError(f"target position {int(pos[bad][0])} is outside the sequence of {L} tokens")
     vocab = model.get_output_embeddings().weight.shape[0]
-    if not 0 <= target_token < vocab:
-        raise ValueError(f"target token {target_token} is outside the vocabulary (0..{vocab - 1})")
-    return ids, target_position % L
+    bad = (tok < 0) | (tok >= vocab)
+    if bool(bad.any()):
+        raise ValueError(f"target token {int(tok[bad][0])} is outside the vocabulary (0..{vocab - 1})")
+    return ids, pos % L, tok
 
 
-def lrp(model: nn.Module, input_ids: Tensor, target_position: int, target_token: int, *,
-        rules: LRPRules | None = None) -> LRPResult:
-    """MambaLRP relevance of each input token for ``logits[target_position, target_token]``.
+def lrp(model: nn.Module, input_ids: Tensor, target_position: Targets, target_token: Targets, *,
+        rules: LRPRules | None = None, attention_mask: Tensor | None = None) -> LRPResult:
+    """MambaLRP relevance of each input token for ``logits[r, target_position[r], target_token[r]]``.
 
-    input_ids [L] or [1, L]; ``rules`` switches rules off one by one (default: all on, CP-LRP on attention).
-    One forward and one backward in the model's dtype; the result does not depend on the model's
-    ``requires_grad`` flags (only the input is differentiated).
+    input_ids [L] or [b, L]; target_position, target_token: an int or one per sequence (negative positions
+    count from the end); ``rules`` switches rules off one by one (default: all on, CP-LRP on attention);
+    attention_mask [b, L] as for ``trace``.  One forward and one backward for the whole batch (its rows
+    do not interact, so the gradient of the summed target logits is each row's own), in the model's dtype;
+    only the input is differentiated.
     """
-    ids, pos = _check(model, input_ids, target_position, target_token)
+    ids, pos, tok = _check(model, input_ids, target_position, target_token)
     box: dict[str, Tensor] = {}
 
     def leaf(h: Tensor) -> Tensor:
@@ -76,14 +98,18 @@ def lrp(model: nn.Module, input_ids: Tensor, target_position: int, target_token:
         return box["x"]
 
     with lrp_mode(rules or LRPRules()):
-        logits = trace_stream(model, ids, None, edits={"blocks.0.hook_resid_pre": leaf}, grad=True)
-    logit = logits[0, pos, target_token]
-    (grad,) = torch.autograd.grad(logit, box["x"])
-    relevance = (grad.double() * box["x"].detach().double()).sum(-1)[0]
-    value = float(logit.detach())
-    return LRPResult(relevance, value, value - float(relevance.sum()))
+        logits = trace_stream(model, ids, None, attention_mask=attention_mask,
+                              edits={"blocks.0.hook_resid_pre": leaf}, grad=True)
+    rows = torch.arange(ids.shape[0], device=logits.device)
+    logit = logits[rows, pos.to(logits.device), tok.to(logits.device)]
+    (grad,) = torch.autograd.grad(logit.sum(), box["x"])
+    relevance = (grad.double() * box["x"].detach().double()).sum(-1)
+    value = logit.detach().double()
+    return LRPResult(relevance, value, value - relevance.sum(-1))
 
 
-def lrp_relevance(model: nn.Module, input_ids: Tensor, target_position: int, target_token: int) -> Tensor:
-    """[L] MambaLRP relevance of each input token for the target logit (all rules on); see :func:`lrp`."""
-    return lrp(model, input_ids, target_position, target_token).relevance
+def lrp_relevance(model: nn.Module, input_ids: Tensor, target_position: Targets, target_token: Targets) -> Tensor:
+    """MambaLRP relevance of each input token for the target logit (all rules on; see :func:`lrp`):
+    [L] for one sequence given as [L] or [1, L], else [b, L]."""
+    relevance = lrp(model, input_ids, target_position, target_token).relevance
+    return relevance[0] if relevance.shape[0] == 1 else relevance
