@@ -163,6 +163,7 @@ def test_layer_map_decomposes_the_mixer_output(name):
     assert torch.equal(chunked, cmap)
     assert bool((cmap[0].triu(1) == 0).all()) and bool((cmap >= 0).all())
     assert torch.allclose(layer_map(model, ids, layer), cmap, rtol=1e-12, atol=0)
+    assert torch.allclose(layer_map(model, ids, layer, rows=[20, -1, 3]), cmap[:, [20, 20, 3]], rtol=1e-12, atol=0)
 
 
 def test_attention_map_decomposes_the_attention_output():
@@ -178,6 +179,7 @@ def test_attention_map_decomposes_the_attention_output():
     assert _rel(terms.sum(2) + bias, tr["blocks.1.hook_attn_out"]) < 1e-12
     from mambascope.ssm.implicit_attention import attention_token_map
     assert _rel(attention_token_map(A, v, W), terms.norm(dim=-1)) < 1e-12
+    assert _rel(attention_token_map(A, v, W, rows=[5, 16]), terms.norm(dim=-1)[:, [5, 16]]) < 1e-12
 
 
 def test_rollout_against_a_loop():

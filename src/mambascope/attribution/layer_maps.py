@@ -48,10 +48,12 @@ def _check(model: nn.Module, layers: int | Sequence[int] | None) -> list[int]:
 
 
 def layer_maps(model: nn.Module, input_ids: Tensor, layers: int | Sequence[int] | None = None, *,
-               variant: str = "full", attention_mask: Tensor | None = None) -> dict[int, Tensor]:
+               variant: str = "full", rows: Sequence[int] | Tensor | None = None,
+               attention_mask: Tensor | None = None) -> dict[int, Tensor]:
     """{layer: c [b, L, L]} for the chosen token-mixing layers (default all) from one traced forward.
 
-    ``variant``: the SSM operator's ablation (``full``, ``no_conv``, ``no_gate``, ``no_act``)."""
+    ``variant``: the SSM operator's ablation (``full``, ``no_conv``, ``no_gate``, ``no_act``); ``rows``:
+    only these query rows ([b, R, L]; L times less work when a method needs one query row)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown implicit-attention variant {variant!r}; valid: {', '.join(VARIANTS)}")
     chosen = _check(model, layers)
@@ -68,17 +70,19 @@ def layer_maps(model: nn.Module, input_ids: Tensor, layers: int | Sequence[int] 
         units = tr.layer(layer)
         if ad.layer_kind(layer) == "attention":
             maps[layer] = attention_token_map(units["attn.hook_pattern"], units["attn.hook_v"],
-                                              head_write_weights(model, layer))
+                                              head_write_weights(model, layer), rows=rows)
         else:
-            maps[layer] = layer_token_map(units, mixer_params(model, layer), variant, attention_mask=attention_mask)
+            maps[layer] = layer_token_map(units, mixer_params(model, layer), variant, rows=rows,
+                                          attention_mask=attention_mask)
     return maps
 
 
 def layer_map(model: nn.Module, input_ids: Tensor, layer: int, *, variant: str = "full",
-              attention_mask: Tensor | None = None) -> Tensor:
-    """c [b, L, L] of one layer: row i is the relevance of each position j ≤ i for token i (a per-layer method)."""
-    return layer_maps(model, input_ids, [layer], variant=variant, attention_mask=attention_mask)[layer % adapter(
-        model).n_layers]
+              rows: Sequence[int] | Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+    """c [b, L, L] of one layer (or [b, R, L] for query ``rows``): row i is the relevance of each position
+    j ≤ i for token i (a per-layer method)."""
+    maps = layer_maps(model, input_ids, [layer], variant=variant, rows=rows, attention_mask=attention_mask)
+    return maps[layer % adapter(model).n_layers]
 
 
 def rollout_map(model: nn.Module, input_ids: Tensor, *, variant: str = "full",

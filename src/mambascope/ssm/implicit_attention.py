@@ -145,27 +145,34 @@ def token_contributions(layer: Mapping[str, Tensor], params: MixerParams, varian
     return torch.einsum("berl,de->brld", terms, params.out_proj_weight.to(terms))
 
 
-def _row_chunks(L: int, per_row: int, max_bytes: int | None) -> list[Tensor]:
+def _row_chunks(L: int, rows: Sequence[int] | Tensor | None, per_row: int, max_bytes: int | None) -> list[Tensor]:
+    """The query rows (default all L; negative from the end) in chunks of about ``max_bytes`` of work."""
+    idx = torch.arange(L) if rows is None else torch.as_tensor(rows).long().reshape(-1)
+    if idx.numel() == 0 or bool(((idx < -L) | (idx >= L)).any()):
+        raise IndexError(f"query rows must be a non-empty selection of 0..{L - 1}")
+    idx = idx % L
     budget = DEFAULT_MAP_BYTES if max_bytes is None else max_bytes
-    step = max(1, min(L, budget // max(1, per_row)))
-    return [torch.arange(s, min(L, s + step)) for s in range(0, L, step)]
+    step = max(1, min(idx.numel(), budget // max(1, per_row)))
+    return [idx[s:s + step] for s in range(0, idx.numel(), step)]
 
 
 def layer_token_map(layer: Mapping[str, Tensor], params: MixerParams, variant: str = "full", *,
-                    attention_mask: Tensor | None = None, max_bytes: int | None = None) -> Tensor:
-    """c [b, L, L]: c[i, j] = ‖T_i(x_j)‖₂ (module docstring), computed in chunks of query rows whose
-    working memory stays near ``max_bytes`` (default 256 MiB)."""
+                    rows: Sequence[int] | Tensor | None = None, attention_mask: Tensor | None = None,
+                    max_bytes: int | None = None) -> Tensor:
+    """c [b, L, L] (or [b, R, L] for query ``rows``): c[i, j] = ‖T_i(x_j)‖₂ (module docstring), computed in
+    chunks of query rows whose working memory stays near ``max_bytes`` (default 256 MiB)."""
     (x,) = _need(layer, "mixer.hook_x")
     b, L, E = x.shape
     es = 8 if x.dtype == torch.float64 else 4
-    rows = _row_chunks(L, es * b * L * (3 * E + 2 * params.out_proj_weight.shape[0]), max_bytes)
+    chunks = _row_chunks(L, rows, es * b * L * (3 * E + 2 * params.out_proj_weight.shape[0]), max_bytes)
     parts = [token_contributions(layer, params, variant, rows=r, attention_mask=attention_mask).norm(dim=-1)
-             for r in rows]
+             for r in chunks]
     return torch.cat(parts, dim=1)
 
 
-def attention_token_map(pattern: Tensor, v: Tensor, write: Tensor, *, max_bytes: int | None = None) -> Tensor:
-    """c [b, L, L] of an attention layer: c[i, j] = ‖Σ_h A_h[i, j]·v_{j,h}·W_O^h‖₂.
+def attention_token_map(pattern: Tensor, v: Tensor, write: Tensor, *, rows: Sequence[int] | Tensor | None = None,
+                        max_bytes: int | None = None) -> Tensor:
+    """c [b, L, L] (or [b, R, L] for query ``rows``) of an attention layer: c[i, j] = ‖Σ_h A_h[i, j]·v_{j,h}·W_O^h‖₂.
 
     pattern [b, H, L, L] (``attn.hook_pattern``); v [b, L, H_kv, dh] (``attn.hook_v``, grouped-query heads
     repeated to H); write [H, dh, d_model] (W_O per head, ``head_write_weights``)."""
@@ -174,8 +181,8 @@ def attention_token_map(pattern: Tensor, v: Tensor, write: Tensor, *, max_bytes:
         v = v.repeat_interleave(H // v.shape[2], dim=2)
     vo = torch.einsum("blhk,hkd->blhd", v.to(pattern), write.to(pattern))  # [b, L, H, d_model]
     es = 8 if pattern.dtype == torch.float64 else 4
-    rows = _row_chunks(L, es * b * L * 2 * write.shape[-1], max_bytes)
-    return torch.cat([torch.einsum("bhij,bjhd->bijd", pattern[:, :, r], vo).norm(dim=-1) for r in rows], dim=1)
+    chunks = _row_chunks(L, rows, es * b * L * 2 * write.shape[-1], max_bytes)
+    return torch.cat([torch.einsum("bhij,bjhd->bijd", pattern[:, :, r], vo).norm(dim=-1) for r in chunks], dim=1)
 
 
 def _rownorm(a: Tensor) -> Tensor:
