@@ -253,6 +253,21 @@ def test_a_batch_is_its_rows():
         assert lrp_relevance(model, ids[r], pos, tok).shape == (ids.shape[1],)
 
 
+@pytest.mark.parametrize("name", ["tiny-mamba", "tiny-mamba2"])
+def test_left_padding(name):
+    """A left-padded row explains its real tokens as the unpadded sequence does (Mamba has no positions;
+    padded positions are masked out of the mixer), and its padding gets nothing."""
+    model, _ = load_model(name)
+    model = copy.deepcopy(model).double()
+    ids = _ids(model, L=16, seed=8)
+    padded = torch.cat([torch.zeros(1, 5, dtype=ids.dtype), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    one = lrp(model, ids, 15, 7).relevance[0]
+    both = lrp(model, padded, 20, 7, attention_mask=mask).relevance[0]
+    assert bool((both[:5] == 0).all())
+    assert float((both[5:] - one).abs().max()) <= FP64_REL * float(one.abs().max())
+
+
 def test_lrp_mode_leaves_the_forward_unchanged():
     model, _ = load_model("tiny-mamba2")
     ids = _ids(model, seed=5)
