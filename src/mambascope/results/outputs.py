@@ -312,10 +312,11 @@ class OutputDir:
     def __enter__(self) -> OutputDir:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         try:
-            if not self.committed and not self.abandoned:  # a failure's abandon("failed") stands
-                self.abandon()
+            if not self.committed and not self.abandoned:  # an abandon() of the caller's stands
+                self.abandon("failed" if kind is not None and not issubclass(kind, KeyboardInterrupt)
+                             else "incomplete")
         finally:
             self.close()
 
