@@ -441,11 +441,9 @@ def _render(results: dict, directory: Path, debug: bool = False) -> None:
     try:
         figures = _draw_figures(results, directory / "figures", debug)
         render_report(results, directory, figures)
-    except OSError as exc:
-        if exc.errno in DISK_FULL:
+    except Exception as exc:  # the results stay valid without their report; not on a full disk
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
             raise
-        results["errors"]["report"] = f"{type(exc).__name__}: {exc}"
-    except Exception as exc:  # the results stay valid without their report
         results["errors"]["report"] = f"{type(exc).__name__}: {exc}"
 
 
