@@ -1,7 +1,7 @@
 """Output directories that never lose a result (docs/design.md §13).
 
 A run never writes into its destination ``DIR``.  It holds a lock beside it (``.DIR.lock``, ``lock_path``),
-builds the new output in a staging folder beside it (``.DIR.partial-PID-XXXXXXXX``, a name no other run had:
+builds the new output in a staging folder beside it (``.DIR.partial-PID-XXXXXXXX``, a name no folder had:
 the same file system, so renames are atomic) and swaps it in only when it is complete:
 
     DIR -> .DIR.old-PID,   .DIR.partial-PID-XXXXXXXX -> DIR,   remove .DIR.old-PID
@@ -20,10 +20,10 @@ import fcntl
 import glob
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -205,10 +205,7 @@ class OutputDir:
         try:
             self._recover()
             self._check_replaceable(overwrite)
-            # A new name, never an existing folder emptied: PIDs repeat (PID 1 in every container), and a kept
-            # staging folder of an earlier run is the user's until they delete it.
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{os.getpid()}-",
-                                                 dir=self.path.parent))
+            self.staging = self._new_staging()
             self._write_marker("running")  # also the probe that the run can write here at all
         except OSError as exc:
             self.lock.release()
@@ -238,6 +235,18 @@ class OutputDir:
             else:
                 shutil.rmtree(part, ignore_errors=True)
                 self.notice(f"removed {part}, the staging folder of a crashed run with no finished stage")
+
+    def _new_staging(self) -> Path:
+        """A folder of a name no folder had, made here: never an existing one emptied, since PIDs repeat (PID 1
+        in every container) and a kept staging folder of an earlier run is the user's until they delete it.
+        (``mkdir``, not ``mkdtemp``: the output keeps the umask's permissions, not 0700.)"""
+        while True:
+            staging = self.path.parent / f".{self.path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                staging.mkdir()
+                return staging
+            except FileExistsError:
+                continue
 
     def _check_replaceable(self, overwrite: bool) -> None:
         if not self.path.exists() or not any(self.path.iterdir()):
