@@ -706,3 +706,11 @@ def test_report_holds_the_outputs_lock_before_it_reads_and_under_a_link(tmp_path
     opened = results.open_results
     monkeypatch.setattr(results, "open_results", open_results)
     assert run(capsys, "report", link)[0] == 0 and held == [link]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_a_memory_budget_that_is_not_a_positive_finite_number_is_refused_first(tmp_path, capsys, value):
+    code, _, err = run(capsys, "census", "--memory-budget", value, "--out", tmp_path / "out")
+    assert code == 2
+    one_line(err, "--memory-budget must be a positive, finite number of GiB")
+    assert list(tmp_path.iterdir()) == []
