@@ -348,7 +348,8 @@ def test_a_summarized_census_resumes_with_its_checkpoints_plan_whatever_the_memo
     first, more = plan(RESIDENT), RESIDENT + 2**20
     assert first.summaries is not None and first.summaries.orders == (2, 3)
     assert plan(more) is None or plan(more).summaries != first.summaries  # a plan made anew would differ
-    resident, available = [RESIDENT], [float(gib) * 2**30 * 2]  # the default budget: half of what is available
+    # the default budget: the process's resident memory and half of what is available
+    resident, available = [RESIDENT], [(float(gib) * 2**30 - RESIDENT) * 2]
     monkeypatch.setattr(scale, "resident_bytes", lambda model: resident[0])
     monkeypatch.setattr(scale, "available_bytes", lambda: available[0], raising=False)
     flag = ("--memory-budget", gib) if budget == "given" else ()
@@ -399,16 +400,17 @@ def test_two_processes_that_would_plan_apart_share_rank_0s_plan(tmp_path, census
     assert_same(expected, results, rel=1e-9)
 
 
-def test_the_default_budget_is_half_the_available_memory_at_most_16_gib(monkeypatch):
+def test_the_default_budget_is_the_process_and_half_the_available_memory_at_most_16_gib(monkeypatch):
     import mambascope.scale as scale
 
-    for available, budget in ((8 * 2**30, 4 * 2**30), (64 * 2**30, 16 * 2**30)):
+    for available, budget in ((8 * 2**30, 5 * 2**30), (64 * 2**30, 16 * 2**30)):
         monkeypatch.setattr(scale, "available_bytes", lambda available=available: float(available))
-        assert scale.default_budget()[0] == budget
-    assert "0.5 of the 64.0 GiB available now, at most 16 GiB" in scale.default_budget()[1]
+        assert scale.default_budget(2**30)[0] == budget
+    assert ("this process's 1.00 GiB and 0.5 of the 64.0 GiB available now, at most 16 GiB"
+            in scale.default_budget(2**30)[1])
     monkeypatch.setattr(scale, "available_bytes", lambda: None)
-    assert scale.default_budget() == (16 * 2**30, "default: 16 GiB, since this machine's available memory "
-                                                   "could not be read")
+    assert scale.default_budget(2**30) == (16 * 2**30, "default: 16 GiB, since this machine's available memory "
+                                                       "could not be read")
 
 
 def test_available_memory_is_read_from_proc_meminfo():
@@ -432,7 +434,9 @@ def test_the_estimate_line_says_how_the_default_budget_was_chosen(tmp_path, cens
     import mambascope.scale as scale
 
     monkeypatch.setattr(scale, "available_bytes", lambda: 10.0 * 2**30)
+    monkeypatch.setattr(scale, "resident_bytes", lambda model: 2.0**30)
     argv = [a for a in census_args(tmp_path / "out", "--no-ablation") if a != "--quiet"]
     assert main(argv) == 0
     (line,) = [x for x in capsys.readouterr().err.splitlines() if "estimated peak memory" in x]
-    assert "within --memory-budget 5 GiB (default: 0.5 of the 10.0 GiB available now, at most 16 GiB)" in line
+    assert ("within --memory-budget 6 GiB (default: this process's 1.00 GiB and 0.5 of the 10.0 GiB available "
+            "now, at most 16 GiB)") in line

@@ -77,8 +77,8 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
                    "(default: %(default)s)")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
                    help="memory the census may use; where exact (neuron, n-gram) tables would not fit, n >= 2 is "
-                   "counted in bounded Misra-Gries summaries, marked approximate (default: half of the memory "
-                   "available when the census starts, at most 16 GiB)")
+                   "counted in bounded Misra-Gries summaries, marked approximate (default: what the process holds "
+                   "plus half of the memory available when the census starts, at most 16 GiB)")
     p.add_argument("--device-map", default=None, metavar="MAP",
                    help="spread a model that does not fit one device over all of them: auto, balanced or "
                    "sequential (accelerate's device_map; replaces --device; one process, not with torchrun)")
@@ -314,7 +314,7 @@ def _memory_plan(args: argparse.Namespace, model, info: dict):
 
     from mambascope.arch import adapter
     from mambascope.pipeline import census_layers
-    from mambascope.scale import default_budget, plan_memory
+    from mambascope.scale import default_budget, plan_memory, resident_bytes
 
     corpus = info["corpus"]
     if not corpus.get("streamed"):
@@ -328,7 +328,8 @@ def _memory_plan(args: argparse.Namespace, model, info: dict):
     layers, _ = census_layers(model, args.layers)
     ssm = [layer for layer in layers if ad.neuron_kind(layer) in ("mamba", "mamba2")]  # the layers with Δ
     units = 0 if not ssm else width // (ad.mixer_params(ssm[0]).head_dim if ad.neuron_kind(ssm[0]) == "mamba2" else 1)
-    budget, note = default_budget() if args.memory_budget is None else (args.memory_budget * 2**30, "")
+    budget, note = (default_budget(resident_bytes(model)) if args.memory_budget is None
+                    else (args.memory_budget * 2**30, ""))
     return plan_memory(model, len(layers), width, units, tokens=tokens, window=args.window,
                        batch_size=args.batch_size, budget=budget, budget_note=note)
 

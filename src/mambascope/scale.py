@@ -448,8 +448,8 @@ class MemoryPlan:
                    data["budget"], data["budget_note"])
 
 
-DEFAULT_BUDGET_CAP = 16 * 2**30  # the default --memory-budget: half the memory available now, at most this
-DEFAULT_BUDGET_SHARE = 0.5
+DEFAULT_BUDGET_CAP = 16 * 2**30  # the default --memory-budget: the process now plus half the memory available,
+DEFAULT_BUDGET_SHARE = 0.5        # at most this
 
 
 def available_bytes() -> float | None:
@@ -468,16 +468,17 @@ def available_bytes() -> float | None:
     return float(psutil.virtual_memory().available)
 
 
-def default_budget() -> tuple[float, str]:
-    """The default ``--memory-budget`` in bytes and the note that says how it was chosen: half of the memory
-    available now, at most 16 GiB; 16 GiB when the available memory cannot be read."""
+def default_budget(resident: float) -> tuple[float, str]:
+    """The default ``--memory-budget`` in bytes and the note that says how it was chosen: what the process holds
+    now (``resident`` bytes: the budget covers it, and the kernel no longer counts it as available) plus half of
+    the memory available now, at most 16 GiB; 16 GiB when the available memory cannot be read."""
     available = available_bytes()
     if available is None:
         return float(DEFAULT_BUDGET_CAP), (f"default: {DEFAULT_BUDGET_CAP / 2**30:g} GiB, since this machine's "
                                            "available memory could not be read")
-    budget = min(DEFAULT_BUDGET_CAP, DEFAULT_BUDGET_SHARE * available)
-    return budget, (f"default: {DEFAULT_BUDGET_SHARE:g} of the {available / 2**30:.1f} GiB available now, at most "
-                    f"{DEFAULT_BUDGET_CAP / 2**30:g} GiB")
+    budget = min(DEFAULT_BUDGET_CAP, resident + DEFAULT_BUDGET_SHARE * available)
+    return budget, (f"default: this process's {resident / 2**30:.2f} GiB and {DEFAULT_BUDGET_SHARE:g} of the "
+                    f"{available / 2**30:.1f} GiB available now, at most {DEFAULT_BUDGET_CAP / 2**30:g} GiB")
 
 
 def agreed_memory_plan(ranks: Ranks, saved: Mapping[str, Any] | None,
