@@ -555,3 +555,162 @@ def test_compare_refuses_bad_models_before_any_work(tmp_path, capsys, models, ne
     assert code == 2
     one_line(err, needle)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- issue 18: kept results, planted checkpoints, a full disk, report's lock --------------------------------------
+
+def test_a_rerun_never_deletes_a_kept_staging_folder_that_has_its_pid(tmp_path):
+    """PIDs repeat (PID 1 in every container): a kept .DIR.partial-<our pid> with results.json survives."""
+    from mambascope.results.outputs import OutputDir
+
+    kept = tmp_path / f".out.partial-{os.getpid()}"
+    kept.mkdir()
+    (kept / "results.json").write_text('{"finished": "census"}')
+    notices = []
+    with OutputDir(tmp_path / "out", notice=notices.append) as out:
+        assert out.staging != kept and out.staging.name.startswith(f".out.partial-{os.getpid()}-")
+        out.file("results.json").write_text("{}")
+        out.commit()
+    assert (kept / "results.json").read_text() == '{"finished": "census"}'
+    assert [n for n in notices if str(kept) in n and "kept" in n]
+
+
+class _Planted:
+    """What an attacker could pickle: unpickling it calls open(path, "w"), which creates the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_planted_checkpoint_is_refused_unexecuted(tmp_path, capsys, small_checkpoints):
+    import torch
+
+    ran = tmp_path / "the-planted-code-ran"
+    torch.save({"format": 3, "payload": _Planted(ran)}, tmp_path / ".out.checkpoint-0-of-1")
+    code, _, err = run(capsys, *census(small_checkpoints, tmp_path / "out", "--resume"))
+    assert code == 2 and not ran.exists()
+    one_line(err, "refused", ".out.checkpoint-0-of-1", "was not run")
+
+
+def test_a_full_disk_after_the_census_says_where_it_is_kept_in_one_line(tmp_path, capsys, small_checkpoints,
+                                                                       old_output, monkeypatch):
+    """The disk fills once the census stage is saved: the figures, report.html, the next results.json and the
+    marker's temp file all fail.  One line, no traceback, naming the kept folder, whose marker says failed."""
+    import pathlib
+
+    import matplotlib.figure
+
+    import mambascope.results as results
+    import mambascope.results.outputs as outputs
+
+    full = []
+
+    def no_space(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    def unless_full(function):
+        def call(self_or_path, *args, **kwargs):
+            if full:
+                no_space(self_or_path)
+            return function(self_or_path, *args, **kwargs)
+        return call
+
+    save_results = results.save_results
+    monkeypatch.setattr(results, "save_results", lambda *a, **k: (save_results(*a, **k), full.append(1))[0])
+    monkeypatch.setattr(results, "write_atomic", unless_full(results.write_atomic))
+    monkeypatch.setattr(outputs, "write_atomic", unless_full(outputs.write_atomic))
+    savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda figure, path, *a, **k: no_space(path) if full else savefig(figure, path, *a, **k))
+    monkeypatch.setattr(pathlib.Path, "write_text", unless_full(pathlib.Path.write_text))
+    before = snapshot(old_output)
+    argv = [a for a in census(small_checkpoints, old_output, "--overwrite") if a != "--no-report"]
+    code, _, err = run(capsys, *argv)
+    assert code == 1 and full
+    (kept,) = tmp_path.glob(".out.partial-*")
+    one_line(err, "No space left on device", f"{old_output} is unchanged", str(kept / "results.json"))
+    assert json.loads((kept / ".mambascope").read_text())["status"] == "failed"
+    assert json.loads((kept / "results.json").read_text())["layers"]
+    assert snapshot(old_output) == before
+
+
+@pytest.fixture
+def reported_output(capsys, old_output):
+    """An output with figures/ and report.html, as ``report`` writes them."""
+    assert run(capsys, "report", old_output)[0] == 0
+    assert list((old_output / "figures").glob("*.png"))
+    return old_output
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_report_refuses_a_users_figures(tmp_path, capsys, old_output, what):
+    """A file named figures, or a figures folder holding a file of the user's, is never hidden or replaced."""
+    figures = old_output / "figures"
+    if what == "file":
+        figures.write_text("my notes")
+    else:
+        figures.mkdir()
+        (figures / "notes.txt").write_text("my notes")
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "report", old_output)
+    assert code == 2
+    one_line(err, str(figures), "move it away")
+    assert snapshot(tmp_path) == before
+
+
+def test_report_restores_the_figures_of_a_report_killed_between_its_renames(capsys, reported_output):
+    """What a kill between ``figures -> .figures-old-PID`` and ``scratch/figures -> figures`` leaves is put
+    back (or cleared) by the next report: nothing hidden stays behind."""
+    figures = reported_output / "figures"
+    aside = reported_output / ".figures-old-999999"
+    figures.rename(aside)
+    (reported_output / ".report-killed").mkdir()
+    code, _, err = run(capsys, "report", reported_output)
+    assert code == 0 and f"restored {figures} from .figures-old-999999" in err
+    assert "the scratch folder of a killed report" in err
+    assert list(figures.glob("*.png"))
+    assert not [p for p in reported_output.iterdir() if p.name.startswith((".report-", ".figures-old"))]
+
+
+def test_report_holds_the_outputs_lock_before_it_reads_and_under_a_link(tmp_path, capsys, old_output, monkeypatch):
+    """One lock file per output, whichever path names it: a run holding --out LINK keeps report TARGET and
+    report LINK out; and report reads results.json only once it holds the lock."""
+    import fcntl
+
+    import mambascope.results as results
+    from mambascope.results.outputs import OutputDir
+
+    link, lock = tmp_path / "link", tmp_path / ".out.lock"  # the lock of the directory the link resolves to
+    link.symlink_to(old_output)
+    with OutputDir(link, overwrite=True):
+        assert lock.is_file()
+        for name in (link, old_output):
+            code, _, err = run(capsys, "report", name)
+            assert code == 2
+            one_line(err, "in use by another mambascope run")
+    assert not list(tmp_path.glob(".*.lock"))
+
+    held = []
+
+    def open_results(path, *args, **kwargs):
+        with open(lock) as f:  # the output's lock, tried from another open file description
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(path)
+        return opened(path, *args, **kwargs)
+
+    opened = results.open_results
+    monkeypatch.setattr(results, "open_results", open_results)
+    assert run(capsys, "report", link)[0] == 0 and held == [link]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_a_memory_budget_that_is_not_a_positive_finite_number_is_refused_first(tmp_path, capsys, value):
+    code, _, err = run(capsys, "census", "--memory-budget", value, "--out", tmp_path / "out")
+    assert code == 2
+    one_line(err, "--memory-budget must be a positive, finite number of GiB")
+    assert list(tmp_path.iterdir()) == []

@@ -72,8 +72,10 @@ def killed_run(signal_name: str, point: str, argv: list[str]) -> subprocess.Comp
 
 
 def checkpoint(out: Path) -> dict:
+    from mambascope.scale import load_checkpoint
+
     (path,) = out.parent.glob(f".{out.name}.checkpoint-0-of-1")
-    return torch.load(path, weights_only=False)
+    return load_checkpoint(path)
 
 
 # 15 selection windows in batches of 2 = 8 batches, a checkpoint every 2 batches and one when the scan ends.
@@ -291,3 +293,150 @@ def test_a_budget_below_the_exact_unigram_tables_marks_the_detectors_approximate
         assert found <= {d["neuron"] for d in exact_layer["token_detectors"]}
         assert results["layers"][layer]["detectors"]["approximate"]["counters_per_neuron"] >= 16
         assert all(d["top_tokens"] is None for d in results["layers"][layer]["delta_sensitive"])
+
+
+# -- the memory plan, made once (issue 18) ----------------------------------------------------------------------
+RESIDENT = float(2**28)  # the resident memory the plans of these tests see (the live one differs by process)
+
+
+@pytest.fixture(scope="module")
+def summarized(small_checkpoints):
+    """(--memory-budget in GiB as passed, a plan(resident) of the test census at that budget): a budget where
+    the n >= 2 tables are summarized at RESIDENT bytes of process; plan(...) is None where it is refused."""
+    from mambascope.models import load_model
+    from mambascope.scale import plan_memory
+
+    model, _ = load_model(small_checkpoints["mamba"], device="cpu")
+
+    def plan(resident: float, budget: float):
+        try:
+            return plan_memory(model, 2, 64, 64, tokens=640, window=32, batch_size=2, budget=budget,
+                               resident=resident)
+        except ValueError:
+            return None
+
+    exact = plan(RESIDENT, 2**40)
+    gib = f"{(exact.peak - exact.parts['ngram_tables'] / 2) / 2**30:.9f}"  # half of the exact tables' room
+    return gib, lambda resident: plan(resident, float(gib) * 2**30)
+
+
+def interrupted_at_batch(monkeypatch, n: int) -> None:
+    """Ctrl-C (KeyboardInterrupt, what SIGINT and SIGTERM raise) just before the census traces its n-th batch."""
+    import mambascope.scale as scale
+
+    trace, calls = scale.trace_stream, []
+
+    def trace_or_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            monkeypatch.setattr(scale, "trace_stream", trace)
+            raise KeyboardInterrupt
+        return trace(*args, **kwargs)
+
+    monkeypatch.setattr(scale, "trace_stream", trace_or_stop)
+
+
+@pytest.mark.parametrize("budget", ["given", "default"])
+def test_a_summarized_census_resumes_with_its_checkpoints_plan_whatever_the_memory_then(
+        tmp_path, census_args, summarized, monkeypatch, budget):
+    """The plan depends on the process's resident memory (and the default budget on the memory available):
+    a resumed process with more resident memory and less available keeps the checkpoint's tables, and its
+    results equal those of the uninterrupted run."""
+    import mambascope.scale as scale
+
+    gib, plan = summarized
+    first, more = plan(RESIDENT), RESIDENT + 2**20
+    assert first.summaries is not None and first.summaries.orders == (2, 3)
+    assert plan(more) is None or plan(more).summaries != first.summaries  # a plan made anew would differ
+    # the default budget: the process's resident memory and half of what is available
+    resident, available = [RESIDENT], [(float(gib) * 2**30 - RESIDENT) * 2]
+    monkeypatch.setattr(scale, "resident_bytes", lambda model: resident[0])
+    monkeypatch.setattr(scale, "available_bytes", lambda: available[0], raising=False)
+    flag = ("--memory-budget", gib) if budget == "given" else ()
+
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert main(census_args(whole, *flag)) == 0
+    interrupted_at_batch(monkeypatch, 3)
+    assert main(census_args(out, *flag)) == 130
+    saved = checkpoint(out)
+    assert saved["position"] == 2 and saved["memory"]["summaries"]["counters"] == first.counters
+    resident[0], available[0] = more, available[0] * 0.999
+    assert main(census_args(out, *flag, "--resume")) == 0
+    expected, resumed = (load_results(p, detail=True) for p in (whole, out))
+    assert expected["census"]["approximate"] == ["layers.*.detectors.ngram_coverage.2",
+                                                 "layers.*.detectors.ngram_coverage.3"]
+    assert_same(expected, resumed, rel=1e-12)
+
+
+RANKED_RESIDENT = f"""
+import os, sys
+import mambascope.scale as scale
+from mambascope.cli import main
+# each rank's own resident memory: rank r holds r MiB more than rank 0
+scale.resident_bytes = lambda model: {RESIDENT!r} + int(os.environ.get("RANK", "0")) * 2**20
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_processes_that_would_plan_apart_share_rank_0s_plan(tmp_path, census_args, summarized, monkeypatch):
+    """Rank 1 alone would choose other summaries (or none fit); it takes rank 0's, the ranks' accumulators
+    merge, and the result equals one process's with that plan."""
+    import mambascope.scale as scale
+
+    gib, plan = summarized
+    assert plan(RESIDENT + 2**20) is None or plan(RESIDENT + 2**20).summaries != plan(RESIDENT).summaries
+    script = tmp_path / "ranked.py"
+    script.write_text(RANKED_RESIDENT)
+    out, one = tmp_path / "out", tmp_path / "one"
+    run = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script),
+                          *census_args(out, "--memory-budget", gib)], capture_output=True, text=True, env=ENV,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    monkeypatch.setattr(scale, "resident_bytes", lambda model: RESIDENT)
+    assert main(census_args(one, "--memory-budget", gib)) == 0
+    expected, results = (load_results(p, detail=True) for p in (one, out))
+    assert (expected["processes"], results["processes"]) == (1, 2)
+    assert results["census"]["approximate"] == expected["census"]["approximate"] != []
+    assert_same(expected, results, rel=1e-9)
+
+
+def test_the_default_budget_is_the_process_and_half_the_available_memory_at_most_16_gib(monkeypatch):
+    import mambascope.scale as scale
+
+    for available, budget in ((8 * 2**30, 5 * 2**30), (64 * 2**30, 16 * 2**30)):
+        monkeypatch.setattr(scale, "available_bytes", lambda available=available: float(available))
+        assert scale.default_budget(2**30)[0] == budget
+    assert ("this process's 1.00 GiB and 0.5 of the 64.0 GiB available now, at most 16 GiB"
+            in scale.default_budget(2**30)[1])
+    monkeypatch.setattr(scale, "available_bytes", lambda: None)
+    assert scale.default_budget(2**30) == (16 * 2**30, "default: 16 GiB, since this machine's available memory "
+                                                       "could not be read")
+
+
+def test_available_memory_is_read_from_proc_meminfo():
+    """Against the kernel's own line, read here independently."""
+    from mambascope.scale import available_bytes
+
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        pytest.skip("no /proc/meminfo here")
+
+    def kernel() -> int:
+        (line,) = [x for x in meminfo.read_text().splitlines() if x.startswith("MemAvailable:")]
+        return int(line.split()[1]) * 1024
+
+    before, value, after = kernel(), available_bytes(), kernel()
+    slack = 256 * 2**20  # what other processes may take or free between the reads
+    assert min(before, after) - slack <= value <= max(before, after) + slack
+
+
+def test_the_estimate_line_says_how_the_default_budget_was_chosen(tmp_path, census_args, capsys, monkeypatch):
+    import mambascope.scale as scale
+
+    monkeypatch.setattr(scale, "available_bytes", lambda: 10.0 * 2**30)
+    monkeypatch.setattr(scale, "resident_bytes", lambda model: 2.0**30)
+    argv = [a for a in census_args(tmp_path / "out", "--no-ablation") if a != "--quiet"]
+    assert main(argv) == 0
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "estimated peak memory" in x]
+    assert ("within --memory-budget 6 GiB (default: this process's 1.00 GiB and 0.5 of the 10.0 GiB available "
+            "now, at most 16 GiB)") in line

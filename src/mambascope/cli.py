@@ -75,9 +75,10 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", default="10m", metavar="N|TIME",
                    help="checkpoint the census every N batches or every TIME (90s, 10m, 1h); 0 = never "
                    "(default: %(default)s)")
-    p.add_argument("--memory-budget", type=float, default=16.0, metavar="GIB",
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
                    help="memory the census may use; where exact (neuron, n-gram) tables would not fit, n >= 2 is "
-                   "counted in bounded Misra-Gries summaries, marked approximate (default: %(default)s GiB)")
+                   "counted in bounded Misra-Gries summaries, marked approximate (default: what the process holds "
+                   "plus half of the memory available when the census starts, at most 16 GiB)")
     p.add_argument("--device-map", default=None, metavar="MAP",
                    help="spread a model that does not fit one device over all of them: auto, balanced or "
                    "sequential (accelerate's device_map; replaces --device; one process, not with torchrun)")
@@ -126,8 +127,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             args.split = "all" if Path(args.corpus).suffix.lower() in (".txt", ".jsonl") else "validation"
         if args.split not in SPLITS:
             raise ValueError(f"--split {args.split!r}: choose train, validation or all")
-    if getattr(args, "memory_budget", 1) <= 0:
-        raise ValueError(f"--memory-budget must be a positive number of GiB, got {args.memory_budget:g}")
+    if getattr(args, "memory_budget", None) is not None and not 0 < args.memory_budget < float("inf"):
+        raise ValueError(f"--memory-budget must be a positive, finite number of GiB, got {args.memory_budget:g}")
     if hasattr(args, "checkpoint_every"):
         from mambascope.scale import parse_every
 
@@ -247,7 +248,8 @@ def _stream_counts(windows) -> dict:
 def _claim(args: argparse.Namespace, kind: str):
     from mambascope.results.outputs import OutputDir, marker
 
-    resuming = getattr(args, "resume", False) and (marker(Path(args.out)) or {}).get("status") == "incomplete"
+    resuming = getattr(args, "resume", False) and (marker(Path(args.out)) or {}).get("status") in ("incomplete",
+                                                                                                   "failed")
     return OutputDir(args.out, overwrite=args.overwrite or resuming, kind=kind)
 
 
@@ -276,33 +278,43 @@ def _check_checkpoints(args: argparse.Namespace, world: int) -> None:
 
 def _scan_plan(args: argparse.Namespace, ranks, model, windows, info: dict):
     """The census scan of this rank: checkpointed beside --out, resumed with --resume (checked here, before
-    any work)."""
+    any work), with the memory plan of rank 0 or of the checkpoint (``scale.agreed_memory_plan``)."""
     from mambascope.pipeline import split_windows
-    from mambascope.scale import Checkpointer, ScanPlan, checkpoint_path, parse_every, weights_digest
+    from mambascope.scale import (
+        Checkpointer,
+        ScanPlan,
+        agreed_memory_plan,
+        checkpoint_path,
+        parse_every,
+        weights_digest,
+    )
 
-    memory = _memory_plan(args, model, info)
-    if ranks.main and not args.quiet:
-        print(f"mambascope: {memory.describe()}", file=sys.stderr)
     batches, seconds = parse_every(args.checkpoint_every)
     fingerprint = {
         "model": {**{k: v for k, v in info["model"].items() if k != "device"}, "weights_sha256": weights_digest(model)},
         "corpus": {k: info["corpus"].get(k) for k in ("name", "split", "tokens", "windows", "window", "max_tokens")},
-        "settings": {"layers": args.layers, "heldout_fraction": args.heldout_fraction,
-                     "tables": memory.summaries}}
+        "settings": {"layers": args.layers, "heldout_fraction": args.heldout_fraction}}
     ckpt = Checkpointer(checkpoint_path(args.out, ranks), fingerprint, batches, seconds, resume=args.resume)
     select, _ = split_windows(windows, args.heldout_fraction)
     ckpt.prepare(select, args.batch_size, ranks, model.get_input_embeddings().weight.device)
+    memory, resumed = agreed_memory_plan(ranks, None if ckpt.saved is None else ckpt.saved["memory"],
+                                         lambda: _memory_plan(args, model, info))
+    ckpt.memory = memory.to_json()
+    if ranks.main and not args.quiet:
+        kept = "--resume: the census continues with its checkpoint's memory plan: " if resumed else ""
+        print(f"mambascope: {kept}{memory.describe()}", file=sys.stderr)
     return ScanPlan(ranks, ckpt if batches or seconds or args.resume else None, memory.summaries)
 
 
 def _memory_plan(args: argparse.Namespace, model, info: dict):
-    """Exact or bounded n-gram tables for this census, from --memory-budget and the corpus size (a stream of
-    unknown length: its file's size in bytes, at least its token count; a datasets stream: unbounded)."""
+    """Exact or bounded n-gram tables for this census, from --memory-budget (default: ``scale.default_budget``)
+    and the corpus size (a stream of unknown length: its file's size in bytes, at least its token count; a
+    datasets stream: unbounded)."""
     import math
 
     from mambascope.arch import adapter
     from mambascope.pipeline import census_layers
-    from mambascope.scale import plan_memory
+    from mambascope.scale import default_budget, plan_memory, resident_bytes
 
     corpus = info["corpus"]
     if not corpus.get("streamed"):
@@ -316,14 +328,22 @@ def _memory_plan(args: argparse.Namespace, model, info: dict):
     layers, _ = census_layers(model, args.layers)
     ssm = [layer for layer in layers if ad.neuron_kind(layer) in ("mamba", "mamba2")]  # the layers with Δ
     units = 0 if not ssm else width // (ad.mixer_params(ssm[0]).head_dim if ad.neuron_kind(ssm[0]) == "mamba2" else 1)
+    budget, note = (default_budget(resident_bytes(model)) if args.memory_budget is None
+                    else (args.memory_budget * 2**30, ""))
     return plan_memory(model, len(layers), width, units, tokens=tokens, window=args.window,
-                       batch_size=args.batch_size, budget=args.memory_budget * 2**30)
+                       batch_size=args.batch_size, budget=budget, budget_note=note)
 
 
-def _keep_finished(out) -> str | None:
-    """After an interrupt or failure: where the finished stages are (never over an earlier output), or None
-    when nothing had finished."""
-    where = out.abandon()
+def _keep_finished(out, status: str = "incomplete") -> str | None:
+    """After an interrupt (``status`` incomplete) or a failure (failed): where the finished stages are (never
+    over an earlier output), or None when nothing had finished."""
+    try:
+        where = out.abandon(status)
+    except OSError as exc:  # the disk that failed the run may refuse the marker too: the stages are still there
+        if not (out.staging / "results.json").is_file():
+            raise
+        return (f"{out.path} is unchanged; finished stages kept in {out.staging / 'results.json'} (its marker "
+                f"could not be updated: {exc.strerror or exc})")
     if where is None:
         return None
     if where == out.path:
@@ -388,15 +408,17 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
                 results["corpus"].update(_stream_counts(windows))
                 save_results(out.staging, results, store=False)
             if args.report:
-                _render(results, out.staging)
+                _render(results, out.staging, args.debug)
                 save_results(out.staging, results, store=False)
         except KeyboardInterrupt:
             kept = _keep_finished(out) or f"nothing had finished; {out.path} is unchanged"
             print(f"mambascope: interrupted; {kept}", file=sys.stderr)
             return INTERRUPTED
-        except BaseException:
-            kept = _keep_finished(out)
-            if kept is not None:
+        except BaseException as exc:
+            kept = _keep_finished(out, "failed")
+            if kept is not None and isinstance(exc, Exception):
+                exc.kept = kept  # told on the failure's one line (main)
+            elif kept is not None:
                 print(f"mambascope: {kept}", file=sys.stderr)
             raise
         try:
@@ -411,45 +433,80 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
     return FAILED if results["errors"] else OK
 
 
-def _render(results: dict, directory: Path) -> None:
-    """Figures and report.html into ``directory``; a failure is recorded under errors["report"]."""
-    from mambascope.report import create_comprehensive_report, render_report
+def _render(results: dict, directory: Path, debug: bool = False) -> None:
+    """Figures and report.html into ``directory``; a failure is recorded under errors["report"]; a full disk is
+    the run's failure (raised)."""
+    from mambascope.report import render_report
+    from mambascope.results.outputs import DISK_FULL
 
     try:
-        figures = create_comprehensive_report(results, directory / "figures")
+        figures = _draw_figures(results, directory / "figures", debug)
         render_report(results, directory, figures)
-    except Exception as exc:  # the results stay valid without their report
+    except Exception as exc:  # the results stay valid without their report; not on a full disk
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise
         results["errors"]["report"] = f"{type(exc).__name__}: {exc}"
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
-    """Re-render into a scratch folder inside DIR, then swap figures/ and report.html in (results.json untouched)."""
-    from mambascope.report import create_comprehensive_report, render_report
-    from mambascope.results import open_results
-    from mambascope.results.outputs import OutputLock, signals_deferred
+def _draw_figures(results: dict, directory: Path, debug: bool):
+    """``create_comprehensive_report``, its failed figures told in one line each (--debug: with the traceback;
+    the report says which were not drawn and why), and a full disk raised as the failure it is."""
+    import logging
 
-    directory = Path(args.directory)
-    directory = directory if directory.is_dir() else directory.parent
-    # The neuron pages' detail is read from the store as the report embeds it, never all at once.
-    results, store = open_results(args.directory)  # older results.json: everything inline, no store
-    lock = OutputLock(directory.resolve(), flag="report")
+    from mambascope.report import create_comprehensive_report
+    from mambascope.results.outputs import DISK_FULL
+
+    failed: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = failed.append  # type: ignore[method-assign]
+    log = logging.getLogger("mambascope.report")
+    log.addHandler(handler)
+    propagate, log.propagate = log.propagate, False
     try:
-        scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=directory))
-    except OSError as exc:
-        lock.release()
-        raise PermissionError(f"cannot write the report into {directory}: {exc.strerror or exc}") from None
-    try:
-        figures = create_comprehensive_report(results, scratch / "figures")
-        render_report(results, scratch, figures, store=store)
-        old = directory / f".figures-old-{os.getpid()}"
-        with signals_deferred():
-            if (directory / "figures").exists():
-                os.rename(directory / "figures", old)
-            os.rename(scratch / "figures", directory / "figures")
-            os.replace(scratch / "report.html", directory / "report.html")
-        shutil.rmtree(old, ignore_errors=True)
+        figures = create_comprehensive_report(results, directory)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        log.removeHandler(handler)
+        log.propagate = propagate
+    for record in failed:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise exc
+        print(f"mambascope: {record.getMessage()}" + (f" ({type(exc).__name__}: {exc})" if exc else ""),
+              file=sys.stderr)
+        if debug and record.exc_info:
+            traceback.print_exception(*record.exc_info)
+    return figures
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Re-render into a scratch folder inside DIR, then swap figures/ and report.html in (results.json untouched),
+    holding DIR's lock from before the results are read until the swap is done."""
+    from mambascope.report import render_report
+    from mambascope.results import open_results
+    from mambascope.results.layout import read_results_file
+    from mambascope.results.outputs import OutputLock, check_figures_folder, recover_report, swap_in_report
+
+    target = Path(args.directory)
+    if not target.exists():
+        read_results_file(target)  # its one-line error: nothing there to lock or read
+    directory = target if target.is_dir() else target.parent
+    lock = OutputLock(directory, flag="report")
+    try:
+        recover_report(directory)
+        check_figures_folder(directory)
+        # The neuron pages' detail is read from the store as the report embeds it, never all at once.
+        results, store = open_results(target)  # older results.json: everything inline, no store
+        try:
+            scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=directory))
+        except OSError as exc:
+            raise PermissionError(f"cannot write the report into {directory}: {exc.strerror or exc}") from None
+        try:
+            figures = _draw_figures(results, scratch / "figures", args.debug)
+            render_report(results, scratch, figures, store=store)
+            swap_in_report(directory, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    finally:
         lock.release()
     print(f"report: {directory / 'report.html'}")
     return OK
@@ -528,7 +585,7 @@ def _run_ground_truth(args: argparse.Namespace) -> int:
                    "ground_truth": truth, "errors": {f"ground_truth: {m}": r for m, r in truth["errors"].items()},
                    "timings": {"ground_truth": round(time.perf_counter() - start, 3)}, "incomplete": []}
         if args.report:
-            _render(results, out.staging)
+            _render(results, out.staging, args.debug)
         save_json(out.file("results.json"), results)
         path = out.commit()
     print_ground_truth(truth)
@@ -560,7 +617,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
                    "patching": {"model": args.model, **patching}, "errors": errors,
                    "timings": {k: round(v, 3) for k, v in timings.items()}, "incomplete": []}
         if args.report:
-            _render(results, out.staging)
+            _render(results, out.staging, args.debug)
         save_json(out.file("results.json"), results)
         path = out.commit()
     print_patching(results["patching"])
@@ -836,7 +893,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         user = isinstance(exc, USER_ERRORS) and not (isinstance(exc, OSError) and exc.errno is not None)
         kind = "error" if user else f"failed ({type(exc).__name__})"
         hint = "" if user or args.debug else " (rerun with --debug for the traceback)"
-        print(f"mambascope: {kind}: {_one_line(exc)}{hint}", file=sys.stderr)
+        kept = f"; {exc.kept}" if isinstance(getattr(exc, "kept", None), str) else ""  # _run_main's
+        print(f"mambascope: {kind}: {_one_line(exc)}{kept}{hint}", file=sys.stderr)
         return BAD_INPUT if user else FAILED
     finally:
         signal.signal(signal.SIGTERM, previous)

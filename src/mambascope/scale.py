@@ -3,10 +3,16 @@
 docs/design.md §9.  One scan visits the windows in global batches of ``batch_size``; batch ``b`` belongs to
 rank ``b mod K`` of K processes (1 without ``torchrun``).  Each rank feeds its batches to its own accumulators
 and checkpoints them, with the number of global batches passed and its loss sums, every ``every_batches``
-batches or ``every_seconds`` seconds and once more when its scan is done.  A checkpoint is the pickled state
-(``torch.save``) written atomically (temp file, fsync, rename: ``outputs.write_atomic``), so a run killed at
-any moment, even during a write, leaves the previous checkpoint whole; resuming restores the accumulators
-exactly and continues with the next batch, so no batch is counted twice or lost.
+batches or ``every_seconds`` seconds and once more when its scan is done.  A checkpoint is the state saved
+with ``torch.save`` and read back with ``torch.load(weights_only=True)``, which builds nothing but tensors,
+plain containers and the accumulator classes of ``CHECKPOINT_CLASSES``: a file planted at the checkpoint's
+path cannot run code.  It is written atomically (temp file, fsync, rename: ``outputs.write_atomic``), so a
+run killed at any moment, even during a write, leaves the previous checkpoint whole; resuming restores the
+accumulators exactly and continues with the next batch, so no batch is counted twice or lost.
+
+The memory plan (exact or summarized n-gram tables, ``plan_memory``) is made once, by rank 0, and shared
+with the other ranks (``agreed_memory_plan``); it is saved in every checkpoint and a resume continues with
+the checkpoint's plan, whatever the process's memory or the default budget is then.
 
 Checkpoints are per rank, ``.DIR.checkpoint-R-of-K`` beside the output ``DIR``: ranks never wait for each
 other to checkpoint, and each resumes its own share.  A resume must use the same K.  At the end the ranks'
@@ -18,8 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import os
+import pickle
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -35,7 +43,7 @@ from mambascope.results.outputs import write_atomic
 from mambascope.runner import LayerConsumer, LossResult, next_token_loss_sum
 from mambascope.trace import trace_stream
 
-CHECKPOINT_FORMAT = 2  # 2: accumulator state of the row tables (KeyedRows) and max |post|
+CHECKPOINT_FORMAT = 3  # 2: accumulator state of the row tables (KeyedRows) and max |post|; 3: the memory plan
 DEFAULT_EVERY = "10m"
 
 
@@ -140,6 +148,24 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def checkpoint_classes() -> list[type]:
+    """The classes a checkpoint may hold besides tensors and plain containers: the census's accumulators."""
+    from mambascope.neurons._common import KeyedRows
+    from mambascope.neurons.activity import ActivityAccumulator
+    from mambascope.neurons.attention_rows import TopAttentionRows
+    from mambascope.neurons.census import LayerCensus
+    from mambascope.neurons.delta import DeltaAccumulator
+    from mambascope.neurons.detectors import CountTable, TokenDetectorAccumulator
+    from mambascope.neurons.heavy_hitters import BoundedTokenDetectorAccumulator, HeavyHitterTable, Summaries
+    from mambascope.neurons.positional import PositionalAccumulator
+    from mambascope.neurons.top_contexts import TopContextAccumulator
+    from mambascope.ssm.params import MixerParams
+
+    return [KeyedRows, ActivityAccumulator, TopAttentionRows, LayerCensus, DeltaAccumulator, CountTable,
+            TokenDetectorAccumulator, BoundedTokenDetectorAccumulator, HeavyHitterTable, Summaries,
+            PositionalAccumulator, TopContextAccumulator, MixerParams]
+
+
 def _to_bytes(value: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(value, buffer)
@@ -147,8 +173,16 @@ def _to_bytes(value: Any) -> bytes:
 
 
 def _from_bytes(data: bytes, device: torch.device | str) -> Any:
-    # weights_only=False: the state holds our accumulator objects; the file is our own, beside our own output.
-    return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
+    """``torch.load(weights_only=True)``: only tensors, plain containers and ``checkpoint_classes()`` are built
+    (instances made with ``__new__`` and given their saved ``__dict__``: no constructor, no other code runs);
+    anything else raises ``pickle.UnpicklingError`` before it is made."""
+    with torch.serialization.safe_globals(checkpoint_classes()):
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A census checkpoint file, read as ``_from_bytes`` reads it (no code in it runs)."""
+    return _from_bytes(Path(path).read_bytes(), device)
 
 
 def _differs(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
@@ -173,6 +207,7 @@ class Checkpointer:
     every_batches: int | None = None
     every_seconds: float | None = None
     resume: bool = False
+    memory: dict[str, Any] | None = None  # MemoryPlan.to_json() of the census, saved for its resume
     saved: dict[str, Any] | None = field(default=None, init=False)
     prepared: bool = field(default=False, init=False)
     writes: int = field(default=0, init=False)
@@ -191,7 +226,10 @@ class Checkpointer:
 
     def _load(self, device: torch.device | str) -> dict[str, Any]:
         try:
-            saved = _from_bytes(self.path.read_bytes(), device)
+            saved = load_checkpoint(self.path, device)
+        except pickle.UnpicklingError:  # a type outside checkpoint_classes(): refused before it was built
+            raise ValueError(f"--resume: refused {self.path}: it holds objects other than a census checkpoint's "
+                             "(it was not run); delete it or pass --overwrite to start over") from None
         except Exception as exc:  # only a file not of ours can fail here: ours are replaced atomically
             raise ValueError(f"--resume: cannot read the checkpoint {self.path} ({type(exc).__name__}); delete "
                              "it or pass --overwrite to start over") from None
@@ -206,7 +244,8 @@ class Checkpointer:
 
     def save(self, scan_state: dict[str, Any]) -> None:
         start = time.perf_counter()
-        data = _to_bytes({"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, **scan_state})
+        data = _to_bytes({"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "memory": self.memory,
+                          **scan_state})
         write_atomic(self.path, data)
         self.writes += 1
         self.seconds_writing += time.perf_counter() - start
@@ -364,11 +403,13 @@ UNIT_BYTES = 96  # per token and neuron in one batch: the traced units, the mixe
 class MemoryPlan:
     """The census's estimated peak memory (bytes, by part) and its tables: all exact (``summaries`` None), or
     the ``summaries.orders`` in Misra–Gries summaries of ``summaries.counters`` counters per neuron and, where
-    even that does not fit, no per-token Δ table (``neurons.heavy_hitters.Summaries``)."""
+    even that does not fit, no per-token Δ table (``neurons.heavy_hitters.Summaries``).  ``budget_note``: how
+    a default budget was chosen ("" for a given one)."""
 
     parts: dict[str, float]
     summaries: Any  # heavy_hitters.Summaries | None
     budget: float
+    budget_note: str = ""
 
     @property
     def counters(self) -> int | None:
@@ -383,10 +424,85 @@ class MemoryPlan:
         s = self.summaries
         tables = ("exact" if s is None else f"Misra-Gries summaries of {s.counters} counters per neuron for n in "
                   f"{', '.join(map(str, s.orders))}" + ("" if s.delta_tokens else "; no per-token Δ table"))
+        note = f" ({self.budget_note})" if self.budget_note else ""
         return (f"estimated peak memory {self.peak / 2**30:.2f} GiB (process now, model included, "
                 f"{gib['process']}, one batch "
                 f"{gib['batch']}, fixed accumulators {gib['accumulators']}, per-token Δ {gib['delta_tokens']}, "
-                f"n-gram tables {gib['ngram_tables']}: {tables}) within --memory-budget {self.budget / 2**30:g} GiB")
+                f"n-gram tables {gib['ngram_tables']}: {tables}) within --memory-budget {self.budget / 2**30:g} GiB"
+                f"{note}")
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data (a checkpoint holds it; ranks exchange it): ``from_json`` gives this plan back."""
+        s = self.summaries
+        return {"parts": dict(self.parts), "budget": self.budget, "budget_note": self.budget_note,
+                "summaries": None if s is None else {"counters": s.counters, "orders": list(s.orders),
+                                                     "delta_tokens": s.delta_tokens}}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MemoryPlan:
+        from mambascope.neurons.heavy_hitters import Summaries
+
+        s = data["summaries"]
+        return cls(dict(data["parts"]), None if s is None else Summaries(s["counters"], tuple(s["orders"]),
+                                                                         s["delta_tokens"]),
+                   data["budget"], data["budget_note"])
+
+
+DEFAULT_BUDGET_CAP = 16 * 2**30  # the default --memory-budget: the process now plus half the memory available,
+DEFAULT_BUDGET_SHARE = 0.5        # at most this
+
+
+def available_bytes() -> float | None:
+    """The memory available to a new allocation without swapping: MemAvailable of /proc/meminfo (Linux), else
+    psutil's ``available`` when psutil is installed, else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return float(psutil.virtual_memory().available)
+
+
+def default_budget(resident: float) -> tuple[float, str]:
+    """The default ``--memory-budget`` in bytes and the note that says how it was chosen: what the process holds
+    now (``resident`` bytes: the budget covers it, and the kernel no longer counts it as available) plus half of
+    the memory available now, at most 16 GiB; 16 GiB when the available memory cannot be read."""
+    available = available_bytes()
+    if available is None:
+        return float(DEFAULT_BUDGET_CAP), (f"default: {DEFAULT_BUDGET_CAP / 2**30:g} GiB, since this machine's "
+                                           "available memory could not be read")
+    budget = min(DEFAULT_BUDGET_CAP, resident + DEFAULT_BUDGET_SHARE * available)
+    return budget, (f"default: this process's {resident / 2**30:.2f} GiB and {DEFAULT_BUDGET_SHARE:g} of the "
+                    f"{available / 2**30:.1f} GiB available now, at most {DEFAULT_BUDGET_CAP / 2**30:g} GiB")
+
+
+def agreed_memory_plan(ranks: Ranks, saved: Mapping[str, Any] | None,
+                       plan: Callable[[], MemoryPlan]) -> tuple[MemoryPlan, bool]:
+    """The one memory plan of a census on every rank, and whether it is a checkpoint's.
+
+    ``saved``: this rank's checkpoint's plan (``MemoryPlan.to_json``) when it resumes one, else None.  The plan
+    of the first rank with a checkpoint is kept (the tables the checkpoints hold); without any, rank 0 calls
+    ``plan`` and its plan is sent to every rank.  Summaries of one size on every rank are what lets the ranks'
+    accumulators merge, and the same tables before and after a resume what makes it exact: a plan measured
+    from each process's own resident memory would differ."""
+    mine = saved if saved is not None else plan().to_json() if ranks.main else None
+    everyone = [(mine, saved is not None)]
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        everyone = [None] * ranks.world
+        dist.all_gather_object(everyone, (json.dumps(mine), saved is not None))
+        everyone = [(json.loads(text), resumed) for text, resumed in everyone]
+    kept = [p for p, resumed in everyone if resumed]
+    if any(p["summaries"] != kept[0]["summaries"] for p in kept):
+        raise ValueError("--resume: the ranks' checkpoints were made with different n-gram tables; pass "
+                         "--overwrite to start over")
+    return MemoryPlan.from_json(kept[0] if kept else everyone[0][0]), bool(kept)
 
 
 def resident_bytes(model: nn.Module) -> float:
@@ -401,13 +517,13 @@ def resident_bytes(model: nn.Module) -> float:
 
 def plan_memory(model: nn.Module, layers: int, n_neurons: int, delta_units: int, *, tokens: float, window: int,
                 batch_size: int, budget: float, orders: tuple[int, ...] = (1, 2, 3), top_k: int = 5,
-                width: int = 16, resident: float | None = None) -> MemoryPlan:
+                width: int = 16, resident: float | None = None, budget_note: str = "") -> MemoryPlan:
     """Size the census of ``layers`` layers of ``n_neurons`` neurons over ``tokens`` tokens (``math.inf`` when
     unknown) against ``budget`` bytes, and choose its tables (docs/census.md, "Memory").
 
     The process's resident memory now (interpreter, libraries, the loaded model; or ``resident`` bytes) is the
-    base.  An exact n-gram
-    table holds a row of E float32 counts per distinct n-gram seen, at most min(Vⁿ, tokens) of them, in rows
+    base: the plan depends on it, so a census makes it once and keeps it (``agreed_memory_plan``).  An exact
+    n-gram table holds a row of E float32 counts per distinct n-gram seen, at most min(Vⁿ, tokens) of them, in rows
     allocated by doubling (the next power of two) and a key index; the per-token Δ table a row
     of Δ-units float64 sums per token type seen; finalize holds about three more copies of the largest table.
     What does not fit is dropped in this order: exact n >= 2 tables (to summaries), the per-token Δ table, the
@@ -435,7 +551,7 @@ def plan_memory(model: nn.Module, layers: int, n_neurons: int, delta_units: int,
     fixed = parts["process"] + parts["batch"] + parts["accumulators"]
     exact = sum(table(n) for n in orders) + 3 * max(table(n) for n in orders) / layers  # + finalize's copies
     if fixed + parts["delta_tokens"] + exact <= budget:
-        return MemoryPlan({**parts, "ngram_tables": exact}, None, budget)
+        return MemoryPlan({**parts, "ngram_tables": exact}, None, budget, budget_note)
     summarized = tuple(n for n in orders if n >= 2)
     unigrams = table(1) + 3 * table(1) / layers if 1 in orders else 0.0
     for delta, unigram_exact in ((True, True), (False, True), (False, False)):
@@ -447,7 +563,8 @@ def plan_memory(model: nn.Module, layers: int, n_neurons: int, delta_units: int,
             plan = Summaries(counters, kinds, delta_tokens=delta)
             return MemoryPlan({**parts, "delta_tokens": parts["delta_tokens"] if delta else 0.0,
                                "ngram_tables": keep - (parts["delta_tokens"] if delta else 0.0)
-                               + layers * len(kinds) * n_neurons * HH_BYTES * counters}, plan, budget)
+                               + layers * len(kinds) * n_neurons * HH_BYTES * counters}, plan, budget,
+                              budget_note)
     need = fixed + layers * len(orders) * n_neurons * HH_BYTES * MIN_COUNTERS
     raise ValueError(f"--memory-budget {budget / 2**30:g} GiB is too small for this census (the model, a batch, "
                      f"the accumulators and the smallest n-gram summaries alone need about {need / 2**30:.1f} GiB); "

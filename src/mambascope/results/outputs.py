@@ -1,10 +1,10 @@
 """Output directories that never lose a result (docs/design.md §13).
 
-A run never writes into its destination ``DIR``.  It holds a lock beside it (``.DIR.lock``), builds the new
-output in a staging folder beside it (``.DIR.partial-PID``: the same file system, so renames are atomic) and
-swaps it in only when it is complete:
+A run never writes into its destination ``DIR``.  It holds a lock beside it (``.DIR.lock``, ``lock_path``),
+builds the new output in a staging folder beside it (``.DIR.partial-PID-XXXXXXXX``, a name no folder had:
+the same file system, so renames are atomic) and swaps it in only when it is complete:
 
-    DIR -> .DIR.old-PID,   .DIR.partial-PID -> DIR,   remove .DIR.old-PID
+    DIR -> .DIR.old-PID,   .DIR.partial-PID-XXXXXXXX -> DIR,   remove .DIR.old-PID
 
 A run killed at any point leaves ``DIR`` as it was, or (killed between the two renames) ``.DIR.old-PID``,
 which the next run on ``DIR`` puts back.  Every output carries a marker file, ``.mambascope``, so that
@@ -20,6 +20,7 @@ import fcntl
 import glob
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -90,6 +91,22 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(received[0])
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def rewrite_in_place(path: Path, data: bytes) -> None:
+    """Overwrite the small file ``path`` with ``data`` where it is, for a full disk, on which the temp file
+    of ``write_atomic`` cannot be made but the blocks of an existing file can be written again (not atomic:
+    only for the marker, whose old text is then wrong anyway)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _refuse_unsafe(path: Path, flag: str) -> None:
     """``/``, ``$HOME``, the working directory and its parents are never an output to replace."""
     cwd = Path.cwd().resolve()
@@ -100,15 +117,22 @@ def _refuse_unsafe(path: Path, flag: str) -> None:
                          "name a new directory, e.g. mambascope-out")
 
 
+def lock_path(directory: str | Path) -> Path:
+    """The lock file of an output directory: ``.DIR.lock`` beside the directory ``DIR`` names, every symbolic
+    link resolved, so that every path to one directory (a link, the target) takes the same lock."""
+    real = Path(os.path.realpath(Path(directory).expanduser()))
+    return real.parent / f".{real.name}.lock"
+
+
 class OutputLock:
-    """An exclusive ``flock`` on ``.DIR.lock`` beside ``DIR``.
+    """An exclusive ``flock`` on ``lock_path(DIR)``, the one lock of the output ``DIR`` (runs and ``report``).
 
     The kernel drops the lock when its process dies (SIGKILL included), so a crashed run never blocks the
     next one; the file names the holder so that a refused run can say who holds it.
     """
 
     def __init__(self, path: Path, flag: str = "--out"):
-        self.path = path.parent / f".{path.name}.lock"
+        self.path = lock_path(path)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -181,9 +205,7 @@ class OutputDir:
         try:
             self._recover()
             self._check_replaceable(overwrite)
-            self.staging = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
-            if self.staging.exists():
-                shutil.rmtree(self.staging)
+            self.staging = self._new_staging()
             self._write_marker("running")  # also the probe that the run can write here at all
         except OSError as exc:
             self.lock.release()
@@ -191,7 +213,7 @@ class OutputDir:
         except BaseException:
             self.lock.release()
             raise
-        self.committed = False
+        self.committed = self.abandoned = False
 
     # -- claiming ---------------------------------------------------------------------------------------
     def _siblings(self, tag: str) -> list[Path]:
@@ -214,6 +236,18 @@ class OutputDir:
                 shutil.rmtree(part, ignore_errors=True)
                 self.notice(f"removed {part}, the staging folder of a crashed run with no finished stage")
 
+    def _new_staging(self) -> Path:
+        """A folder of a name no folder had, made here: never an existing one emptied, since PIDs repeat (PID 1
+        in every container) and a kept staging folder of an earlier run is the user's until they delete it.
+        (``mkdir``, not ``mkdtemp``: the output keeps the umask's permissions, not 0700.)"""
+        while True:
+            staging = self.path.parent / f".{self.path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                staging.mkdir()
+                return staging
+            except FileExistsError:
+                continue
+
     def _check_replaceable(self, overwrite: bool) -> None:
         if not self.path.exists() or not any(self.path.iterdir()):
             return
@@ -228,7 +262,12 @@ class OutputDir:
         self.staging.mkdir(parents=True, exist_ok=True)
         info = {"tool": "mambascope", "kind": self.kind, "status": status, "pid": os.getpid(),
                 "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_atomic(self.staging / MARKER, json.dumps(info))
+        try:
+            write_atomic(self.staging / MARKER, json.dumps(info))
+        except OSError as exc:
+            if exc.errno not in DISK_FULL or not (self.staging / MARKER).is_file():
+                raise
+            rewrite_in_place(self.staging / MARKER, json.dumps(info).encode())
 
     # -- writing ----------------------------------------------------------------------------------------
     @property
@@ -258,21 +297,23 @@ class OutputDir:
                                 f"be removed ({exc.strerror or exc}): delete it by hand")
         return self.path
 
-    def abandon(self) -> Path | None:
-        """After an interrupt or failure: where the finished stages are now, or None if nothing finished.
+    def abandon(self, status: str = "incomplete") -> Path | None:
+        """After an interrupt (``status`` incomplete) or a failure (failed): where the finished stages are now,
+        or None if nothing finished.
 
-        With no earlier output they become ``path`` (marked incomplete); an existing output is never
-        replaced by an incomplete one, so they stay in the staging folder.
+        With no earlier output they become ``path`` (marked ``status``); an existing output is never
+        replaced by an unfinished one, so they stay in the staging folder.
         """
         if self.committed:
             return self.path
+        self.abandoned = True
         if not (self.staging / "results.json").is_file():
             shutil.rmtree(self.staging, ignore_errors=True)
             return None
         if self.path.exists() and any(self.path.iterdir()):
-            self._write_marker("incomplete")
+            self._write_marker(status)
             return self.staging
-        return self.commit("incomplete")
+        return self.commit(status)
 
     def close(self) -> None:
         self.lock.release()
@@ -280,9 +321,59 @@ class OutputDir:
     def __enter__(self) -> OutputDir:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         try:
-            if not self.committed:
-                self.abandon()
+            if not self.committed and not self.abandoned:  # an abandon() of the caller's stands
+                self.abandon("failed" if kind is not None and not issubclass(kind, KeyboardInterrupt)
+                             else "incomplete")
         finally:
             self.close()
+
+
+# -- report DIR: figures/ and report.html re-rendered in place ----------------------------------------------
+def check_figures_folder(directory: Path) -> None:
+    """``report DIR`` replaces ``DIR/figures``: refuse when it is not a folder of mambascope's figures (a file,
+    a link, or a folder holding anything but PNG files), which the user must move away themselves."""
+    figures = directory / "figures"
+    if not figures.exists() and not figures.is_symlink():
+        return
+    if figures.is_symlink() or not figures.is_dir():
+        raise FileExistsError(f"report: {figures} is not mambascope's figures folder (a file or link named "
+                              "figures); move it away, since the report writes its figures there")
+    other = next((p for p in sorted(figures.iterdir()) if p.suffix != ".png" or not p.is_file()), None)
+    if other is not None:
+        raise FileExistsError(f"report: {figures} holds {other.name}, which is not a figure of mambascope; move "
+                              "it away, since the report replaces the figures folder")
+
+
+def recover_report(directory: Path, notice: Notice = _stderr) -> None:
+    """Before ``report DIR`` renders, holding DIR's lock: put back the figures of a report killed between its
+    two renames (``.figures-old-PID``: ``figures/`` is then missing), or remove them after its swap, and the
+    scratch folders (``.report-*``) of killed reports."""
+    figures = directory / "figures"
+    for old in sorted(directory.glob(".figures-old-*")):
+        if not figures.exists():
+            os.rename(old, figures)
+            notice(f"restored {figures} from {old.name}, left by a report killed while swapping it in")
+        else:
+            shutil.rmtree(old)
+            notice(f"removed {old}, the previous figures of a report killed after its swap")
+    for scratch in sorted(directory.glob(".report-*")):
+        if scratch.is_dir() and not scratch.is_symlink():
+            shutil.rmtree(scratch)
+            notice(f"removed {scratch}, the scratch folder of a killed report")
+
+
+def swap_in_report(directory: Path, scratch: Path) -> None:
+    """Move ``scratch``'s ``figures/`` and ``report.html`` into ``directory``: figures -> .figures-old-PID,
+    scratch/figures -> figures, report.html replaced, then the old figures removed (``recover_report`` finishes
+    a swap that a kill interrupted)."""
+    figures, old = directory / "figures", directory / f".figures-old-{os.getpid()}"
+    with signals_deferred():  # Ctrl-C waits for the swap to finish
+        if figures.exists():
+            os.rename(figures, old)
+        os.rename(scratch / "figures", figures)
+        os.replace(scratch / "report.html", directory / "report.html")
+        fsync_dir(directory)
+    if old.exists():
+        shutil.rmtree(old)
