@@ -412,6 +412,43 @@ def test_a_server_on_another_loopback_address_answers_its_own_url(output: Path) 
         proc.wait(30)
 
 
+def _damaged_copy(output: Path, tmp_path: Path, name: str, how: str) -> tuple[Path, Path]:
+    """(a copy of the output with one store file damaged, that file)."""
+    import shutil
+
+    from test_store import damage_parquet
+
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy, symlinks=True)
+    damage_parquet(copy / "store" / name, how)
+    return copy, copy / "store" / name
+
+
+def test_a_damaged_store_answers_503_json(output: Path, tmp_path: Path) -> None:
+    """Pages whose footer is intact but whose data is not: found only when a request reads them."""
+    copy, damaged = _damaged_copy(output, tmp_path, "neurons/layer=0/part-0.parquet", "pages")
+    with TestClient(create_app(copy, live=False), base_url=BASE, raise_server_exceptions=False) as c:
+        for path in ("/api/neuron/0/5", "/api/detail/0/5"):
+            r = c.get(path)
+            assert r.status_code == 503 and r.headers["content-type"] == "application/json", (path, r.text)
+            error = r.json()["error"]
+            assert str(damaged) in error and "damaged" in error and "\n" not in error
+            _no_traceback(r)
+        assert c.get("/api/neuron/1/5").status_code == 200
+
+
+@pytest.mark.parametrize("name", ["tokens.parquet", "neurons/layer=1/part-0.parquet", "summary.parquet"])
+def test_cli_serve_on_a_truncated_store_is_one_line(output: Path, tmp_path: Path, name: str) -> None:
+    """Exit 2 with one line naming the file, before the port is bound (a process: the old code served on)."""
+    copy, damaged = _damaged_copy(output, tmp_path, name, "truncate")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "mambascope", "serve", str(copy), "--port", "0", "--no-model"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert str(damaged) in err and "damaged" in err and "serving" not in err
+
+
 def test_not_an_output(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a mambascope output"):
         create_app(tmp_path)

@@ -432,6 +432,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     directory = directory if directory.is_dir() else directory.parent
     # The neuron pages' detail is read from the store as the report embeds it, never all at once.
     results, store = open_results(args.directory)  # older results.json: everything inline, no store
+    if store is not None:
+        store.verify()  # a truncated store file: one line naming it, before any figure is drawn
     lock = OutputLock(directory.resolve(), flag="report")
     try:
         scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=directory))
