@@ -75,6 +75,8 @@ _DAMAGE = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSEr
 
 
 def _damaged(path: Path, exc: BaseException) -> StoreError:
+    if isinstance(exc, PermissionError):
+        return StoreError(f"cannot read the neuron store's {path}: permission denied")
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return StoreError(f"the neuron store is damaged: {path} cannot be read ({first}); rerun the analysis that "
                       "wrote it (mambascope analyze / census)")
@@ -511,9 +513,10 @@ class NeuronStore:
 
         A ``ParquetFile`` is not safe to share between threads (a server's request threads: pyarrow's read
         cache then raises or crashes the process), so every read opens the file anew, parsing its footer only
-        the first time (a thread-local reader is as fast, benchmarks/bench_serve.py --parallel, but holds a
-        file per thread and layer open).  A file replaced since its footer was read (a rerun into DIR while
-        it is served) is refused rather than decoded with the old footer."""
+        the first time: no file stays open between reads (a reader per thread is about as fast but keeps a
+        file per thread and layer open; a lock serialises the reads: benchmarks/bench_serve.py --readers).
+        A file replaced since its footer was read (a rerun into DIR while it is served) is refused rather than
+        decoded with the old footer."""
         path = self.path / "neurons" / f"layer={layer}" / "part-0.parquet"
         if not path.is_file():
             raise StoreError(f"the neuron store {self.path} lacks the detail of layer {layer}; rerun the analysis")
