@@ -1,6 +1,6 @@
 """Time to open a neuron page through ``mambascope serve``, over real HTTP.
 
-    python benchmarks/bench_serve.py DIR [DIR ...] [--lookups 50] [--seed 0] [--parallel 64] [--readers]
+    python benchmarks/bench_serve.py DIR [DIR ...] [--lookups 50] [--seed 0] [--parallel 64] [--readers [--reps 7]]
 
 For each output directory it starts the explorer (``create_app(DIR, live=False)``: no model) under uvicorn on a
 free 127.0.0.1 port in a thread, then, with one HTTP client, requests ``/api/neuron/{layer}/{neuron}`` (what the
@@ -157,10 +157,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parallel", type=int, default=0, help="also the lookups K at a time")
     parser.add_argument("--readers", action="store_true", help="compare ways to read the store under threads")
+    parser.add_argument("--reps", type=int, default=7, help="--readers: interleaved repetitions")
     args = parser.parse_args()
     for directory in args.dirs:
         if args.readers:
-            bench_readers(directory, args.lookups, args.seed)
+            bench_readers(directory, args.lookups, args.seed, args.reps)
         else:
             bench(directory, args.lookups, args.seed, args.parallel)
 

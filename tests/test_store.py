@@ -373,19 +373,39 @@ def test_a_detail_file_replaced_after_its_footer_was_read_is_refused(tmp_path):
         store.detail(0, [3])
 
 
+PARALLEL_READS = """
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+from mambascope.results.store import NeuronStore
+rounds = []
+for _ in range(5):  # a fresh store each round: the first reads also open the files
+    store = NeuronStore(sys.argv[1])
+    picks = [(layer, e) for layer in store.layers for e in range(store.manifest["n_neurons"][str(layer)])] * 4
+    with ThreadPoolExecutor(16) as pool:
+        rows = list(pool.map(lambda p: store.detail(p[0], [p[1]]).to_pylist(), picks))
+    rounds.append([[row["neuron"], row["context_values"]] for [row] in rows])
+print(json.dumps({"picks": picks, "rounds": rounds}))
+"""
+
+
 def test_parallel_reads_equal_reads_one_at_a_time(tmp_path):
-    """The server's request threads read one store at once (one shared ParquetFile crashed or raised
-    ``ReadRangeCache did not find matching cache entry``): every neuron, 16 threads, 4 times over, against
-    the pipeline's own values."""
-    from concurrent.futures import ThreadPoolExecutor
+    """The server's request threads read one store at once.  One ParquetFile shared by them made 16 threads
+    reading every neuron's row group hang, crash the process (segfault), or raise ``ReadRangeCache did not
+    find matching cache entry``; hence a separate process, with a time limit.  Every answer is checked
+    against the pipeline's own values."""
+    import os
+    import subprocess
+    import sys
 
     results = mamba_results()
     save_results(tmp_path, results)
-    store = NeuronStore(tmp_path)
-    picks = [(layer, e) for layer, r in results["layers"].items() for e in range(r["n_neurons"])] * 4
-    with ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(lambda p: store.neuron(int(p[0]), p[1])["top_contexts"]["values"], picks))
-    assert got == [results["layers"][layer]["top_contexts"]["values"][e] for layer, e in picks]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", PARALLEL_READS, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    out = json.loads(proc.stdout)
+    want = [[e, results["layers"][str(layer)]["top_contexts"]["values"][e]] for layer, e in out["picks"]]
+    assert len(want) == 4 * 128 and all(got == want for got in out["rounds"])
 
 
 def test_report_command_on_a_truncated_store_is_one_line(tmp_path, capsys):
