@@ -228,14 +228,12 @@ def test_served_explorer_search_neuron_page_and_live_trace(served_url: str, play
     assert "Key counts per layer" in page.inner_text("#summary")
     assert page.locator("#census-dead figure img").count() >= 1
 
-    # sort all neurons by frequency, page forward
+    # sort all neurons by frequency (the default order: descending), page forward
     page.select_option("#search-sort", "frequency")
     page.click("#search-go")
-    page.wait_for_selector("#search-results table")
     freq = sorted(((v, -int(layer), -e) for layer, r in results["layers"].items()
                    for e, v in enumerate(r["activation_frequency"])), reverse=True)
-    first = page.locator("#search-results a").first
-    assert first.inner_text() == f"L{-freq[0][1]} N{-freq[0][2]}"
+    expect(page.locator("#search-results a").first).to_have_text(f"L{-freq[0][1]} N{-freq[0][2]}")
     assert page.inner_text("#search-message") == "neurons 1\u201350 of 128"
     page.click("#search-next")
     expect(page.locator("#search-message")).to_have_text(re.compile(r"^neurons 51\u2013100 of 128$"))
@@ -277,6 +275,27 @@ def test_served_explorer_search_neuron_page_and_live_trace(served_url: str, play
     assert problems == [], problems
 
 
+def test_served_explorer_lists_neurons_on_load(served_url: str, playwright_browser: object) -> None:
+    """The explorer shows the first page of neurons as soon as it opens, before any Search: layer 0's
+    neurons in order (the fixture's layers have 64 neurons each), and paging works from there."""
+    from playwright.sync_api import expect
+
+    sizes = {int(layer): r["n_neurons"] for layer, r in mamba_results()["layers"].items()}
+    problems: list[str] = []
+    page = _page(playwright_browser, problems)
+    page.goto(served_url)
+    total = sum(sizes.values())
+    expect(page.locator("#search-message")).to_have_text(f"neurons 1\u201350 of {total}")
+    links = page.locator("#search-results a").evaluate_all("links => links.map(a => a.textContent)")
+    assert links == [f"L0 N{e}" for e in range(50)] and sizes[0] >= 50
+    assert page.locator("#search-prev").is_disabled() and page.locator("#search-next").is_enabled()
+    page.click("#search-next")
+    expect(page.locator("#search-message")).to_have_text(f"neurons 51\u2013100 of {total}")
+    links = page.locator("#search-results a").evaluate_all("links => links.map(a => a.textContent)")
+    assert links == [f"L0 N{e}" for e in range(50, sizes[0])] + [f"L1 N{e}" for e in range(100 - sizes[0])]
+    assert problems == [], problems
+
+
 def test_served_pages_escape_corpus_markup(served_url: str, playwright_browser: object) -> None:
     from playwright.sync_api import expect
 
@@ -289,8 +308,7 @@ def test_served_pages_escape_corpus_markup(served_url: str, playwright_browser: 
     page.click("#neuron-view a[href='#neurons']")  # back to the report and its explorer
     page.fill("#search-q", "<script>")
     page.click("#search-go")
-    page.wait_for_selector("#search-results table")
-    assert EVIL in page.inner_text("#search-results")
+    expect(page.locator("#search-results")).to_contain_text(EVIL)
     assert problems == [], problems
     page.fill("#bytoken-token", "")  # a bad request: the page shows the server's 400 message
     page.click("#bytoken-go")

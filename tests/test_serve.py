@@ -9,6 +9,7 @@ hidden attention.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -293,10 +294,11 @@ def test_live_trace_bad_input(client: TestClient, body: dict, status: int) -> No
 
 
 def test_live_trace_bad_bodies(client: TestClient) -> None:
-    assert client.post("/api/trace", content=b"{not json").status_code == 400
-    assert client.post("/api/trace", content=b"[1, 2]").status_code == 400
-    assert client.post("/api/trace", content=b"\xff\xfe").status_code == 400
-    assert client.post("/api/trace", content=b" " * 300_000).status_code == 413
+    json_body = {"Content-Type": "application/json"}
+    assert client.post("/api/trace", content=b"{not json", headers=json_body).status_code == 400
+    assert client.post("/api/trace", content=b"[1, 2]", headers=json_body).status_code == 400
+    assert client.post("/api/trace", content=b"\xff\xfe", headers=json_body).status_code == 400
+    assert client.post("/api/trace", content=b" " * 300_000, headers=json_body).status_code == 413
     assert client.get("/api/trace").status_code == 405
 
 
@@ -318,6 +320,133 @@ def test_host_header_guard(output: Path) -> None:
         assert c.get("/").status_code == 400  # DNS rebinding: a foreign Host is refused on a local server
     with TestClient(app, base_url="http://localhost:8000") as c:
         assert c.get("/api/summary").status_code == 200
+
+
+EVIL_ORIGIN = "http://evil.example"
+TRACE = {"text": "the cat", "layer": 1, "neuron": 2}
+
+
+def _at(client: TestClient, base_url: str) -> TestClient:
+    """The same app, reached under another URL (its Host header)."""
+    return TestClient(client.app, base_url=base_url, raise_server_exceptions=False)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                          None])
+def test_a_foreign_page_cannot_run_the_model(client: TestClient, content_type: str | None) -> None:
+    """What a page on another site can send without a CORS preflight: a "simple" body, with its Origin."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    body = json.dumps(TRACE).encode()
+    r = client.post("/api/trace", content=body, headers={**headers, "Origin": EVIL_ORIGIN})
+    assert r.status_code == 403 and "evil.example" in r.json()["error"], r.text
+    r = client.post("/api/trace", content=body, headers=headers)  # no Origin: still not JSON
+    assert r.status_code == 415 and "application/json" in r.json()["error"], r.text
+    _no_traceback(r)
+
+
+@pytest.mark.parametrize("origin", [EVIL_ORIGIN, "null", "http://127.0.0.1:9999", "https://127.0.0.1",
+                                    "http://localhost.evil.example", "http://127.0.0.1.evil.example"])
+@pytest.mark.parametrize("path", ["/api/neuron/0/1", "/api/neurons", "/api/by_token?token=a", "/api/summary", "/"])
+def test_foreign_origins_are_refused(client: TestClient, origin: str, path: str) -> None:
+    r = client.get(path, headers={"Origin": origin})
+    assert r.status_code == 403, (origin, path, r.status_code)
+    r = client.post("/api/trace", json=TRACE, headers={"Origin": origin})
+    assert r.status_code == 403, (origin, r.status_code)
+
+
+@pytest.mark.parametrize("site", ["cross-site", "same-site"])
+def test_cross_site_fetches_are_refused(client: TestClient, site: str) -> None:
+    """Fetch metadata: another site (or another port of localhost: the same site) may link to the page but
+    not use the API, the figures or the scripts, even where the browser sends no Origin (an <img>, a GET)."""
+    for path in ("/api/neuron/0/1", "/api/neurons", "/static/serve.js", "/api/summary"):
+        assert client.get(path, headers={"Sec-Fetch-Site": site, "Sec-Fetch-Mode": "no-cors"}).status_code == 403
+    assert client.get("/api/summary", headers={"Sec-Fetch-Site": site, "Sec-Fetch-Mode": "navigate"}
+                      ).status_code == 403
+    assert client.post("/api/trace", json=TRACE, headers={"Sec-Fetch-Site": site}).status_code == 403
+    page = client.get("/", headers={"Sec-Fetch-Site": site, "Sec-Fetch-Mode": "navigate"})  # a link to the page
+    assert page.status_code == 200 and "Explore neurons" in page.text
+    for own in ("same-origin", "none"):
+        assert client.get("/api/neuron/0/1", headers={"Sec-Fetch-Site": own}).status_code == 200
+
+
+@pytest.mark.parametrize("base", ["http://127.0.0.1", "http://127.0.0.1:8000", "http://127.0.0.2:8123",
+                                  "http://localhost:8000", "http://[::1]:8000", "http://127.1.2.3"])
+def test_the_servers_own_origin_is_accepted_on_any_loopback_host(client: TestClient, base: str) -> None:
+    own = _at(client, base)
+    headers = {"Origin": base, "Sec-Fetch-Site": "same-origin"}
+    r = own.post("/api/trace", json=TRACE, headers={**headers, "Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 200 and r.json()["neuron"] == 2, r.text
+    assert own.get("/api/neuron/0/1", headers=headers).status_code == 200
+    other_port = base.rsplit(":", 1)[0] + ":9" if base.count(":") > 1 else base + ":9"
+    assert own.post("/api/trace", json=TRACE, headers={"Origin": other_port}).status_code == 403
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.nip.io:8000", "localhost.evil",
+                                  "10.0.0.1:8000", "", "a/b"])
+def test_dns_rebinding_hosts_are_refused(client: TestClient, host: str) -> None:
+    for path in ("/", "/api/summary"):
+        r = client.get(path, headers={"Host": host})
+        assert r.status_code == 400, (host, path, r.status_code)
+    r = client.post("/api/trace", json=TRACE, headers={"Host": host, "Origin": f"http://{host}"})
+    assert r.status_code == 400
+
+
+def test_a_server_on_another_loopback_address_answers_its_own_url(output: Path) -> None:
+    """``--host 127.0.0.2``: its URL works (the Host check knew only 127.0.0.1 / localhost / [::1]), its own
+    page may post, other sites may not."""
+    import httpx
+
+    proc, head, url = _start(str(output), "--host", "127.0.0.2", "--port", "0", "--no-model")
+    try:
+        assert url.startswith("http://127.0.0.2:") and "warning" not in head
+        assert httpx.get(url + "api/summary").json()["n_neurons"] == 128
+        origin = url.rstrip("/")
+        r = httpx.post(url + "api/trace", json=TRACE, headers={"Origin": origin})
+        assert r.status_code == 409 and "no live model" in r.json()["error"]  # allowed through; no model here
+        assert httpx.post(url + "api/trace", json=TRACE, headers={"Origin": EVIL_ORIGIN}).status_code == 403
+        assert httpx.post(url + "api/trace", content=json.dumps(TRACE), headers={"Origin": origin,
+                          "Content-Type": "text/plain"}).status_code == 415
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.stderr.read()
+        proc.wait(30)
+
+
+def _damaged_copy(output: Path, tmp_path: Path, name: str, how: str) -> tuple[Path, Path]:
+    """(a copy of the output with one store file damaged, that file)."""
+    import shutil
+
+    from test_store import damage_parquet
+
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy, symlinks=True)
+    damage_parquet(copy / "store" / name, how)
+    return copy, copy / "store" / name
+
+
+def test_a_damaged_store_answers_503_json(output: Path, tmp_path: Path) -> None:
+    """Pages whose footer is intact but whose data is not: found only when a request reads them."""
+    copy, damaged = _damaged_copy(output, tmp_path, "neurons/layer=0/part-0.parquet", "pages")
+    with TestClient(create_app(copy, live=False), base_url=BASE, raise_server_exceptions=False) as c:
+        for path in ("/api/neuron/0/5", "/api/detail/0/5"):
+            r = c.get(path)
+            assert r.status_code == 503 and r.headers["content-type"] == "application/json", (path, r.text)
+            error = r.json()["error"]
+            assert str(damaged) in error and "damaged" in error and "\n" not in error
+            _no_traceback(r)
+        assert c.get("/api/neuron/1/5").status_code == 200
+
+
+@pytest.mark.parametrize("name", ["tokens.parquet", "neurons/layer=1/part-0.parquet", "summary.parquet"])
+def test_cli_serve_on_a_truncated_store_is_one_line(output: Path, tmp_path: Path, name: str) -> None:
+    """Exit 2 with one line naming the file, before the port is bound (a process: the old code served on)."""
+    copy, damaged = _damaged_copy(output, tmp_path, name, "truncate")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "mambascope", "serve", str(copy), "--port", "0", "--no-model"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert str(damaged) in err and "damaged" in err and "serving" not in err
 
 
 def test_not_an_output(tmp_path: Path) -> None:
@@ -389,6 +518,50 @@ def test_cli_serves_and_stops_cleanly_on_ctrl_c(output: Path) -> None:
         rest = proc.stderr.read()
         proc.wait(30)
     assert proc.returncode == 0 and "server stopped" in rest, rest
+
+
+def test_hundreds_of_parallel_requests_against_a_real_server(output: Path) -> None:
+    """A browser opening pages, or a script, fires requests in parallel; the server answers them in a thread
+    pool.  The store's Parquet reader was one object shared by those threads: 50 parallel neuron pages crashed
+    the process (segfault in libarrow) or got 500s (``ReadRangeCache did not find matching cache entry``).
+    Here: 3 bursts of about 600 requests (every neuron page twice), 64 at a time, on a fresh server (the first
+    burst opens the store's files), each answer 200 and byte-equal to the same request made alone afterwards."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlencode
+
+    import httpx
+
+    proc, _, url = _start(str(output), "--port", "0", "--no-model")
+    log: list[str] = []
+    drain = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)  # a full pipe would stall it
+    drain.start()
+    paths = [f"api/{kind}/{layer}/{e}" for kind in ("neuron", "detail") for layer in (0, 1) for e in range(64)]
+    paths += [f"api/neurons?sort=frequency&offset={k}&limit=7" for k in range(0, 128, 7)]
+    tokens = sorted({t for r in mamba_results()["layers"].values() for d in r["token_detectors"]
+                     for t in d["token_strings"]})
+    paths = 2 * (paths + [f"api/by_token?{urlencode({'token': t, 'k': 5})}" for t in tokens] + ["api/summary"] * 8)
+    try:
+        with httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=64)) as http:
+            def get(path: str) -> tuple[int, bytes]:
+                r = http.get(path)
+                return r.status_code, r.content
+
+            bursts = []
+            for _ in range(3):
+                with ThreadPoolExecutor(64) as pool:
+                    bursts.append(list(pool.map(get, paths)))
+                assert proc.poll() is None, f"the server died (exit {proc.returncode}): {''.join(log)[-2000:]}"
+            alone = [get(path) for path in paths]
+        assert {status for status, _ in alone} == {200}
+        for burst in bursts:
+            wrong = [(path, got[0]) for path, got, want in zip(paths, burst, alone, strict=True) if got != want]
+            assert not wrong, (wrong[:5], "".join(log)[-2000:])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        drain.join(10)
+    assert proc.returncode == 0, "".join(log)[-2000:]
 
 
 def test_cli_non_local_host_warns(output: Path) -> None:

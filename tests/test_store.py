@@ -309,3 +309,114 @@ def test_the_seed_layout_keeps_one_copy_in_the_store(tmp_path):
     slim, _ = _saved(tmp_path, results)
     assert slim["analysis_results"]["attention_neurons"] == slim["attention_neurons"]
     assert load_results(tmp_path, detail=True) == json.loads(json.dumps(results))
+
+
+# -- a damaged store ------------------------------------------------------------------------------------
+
+def damage_parquet(path: Path, how: str) -> None:
+    """Truncate a Parquet file to half, or zero its pages (the footer left intact: only a read sees it)."""
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(data[:len(data) // 2])
+        return
+    footer = int.from_bytes(data[-8:-4], "little")  # Parquet: ... pages | footer | footer length | "PAR1"
+    data[4:len(data) - 8 - footer] = bytes(len(data) - 12 - footer)
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("name", ["summary.parquet", "tokens.parquet", "detectors.parquet",
+                                  "neurons/layer=1/part-0.parquet"])
+def test_a_truncated_store_file_is_named_in_one_line(tmp_path, name):
+    from mambascope.results.store import StoreError
+
+    save_results(tmp_path, mamba_results())
+    path = tmp_path / "store" / name
+    damage_parquet(path, "truncate")
+    with pytest.raises(StoreError) as info:
+        NeuronStore(tmp_path).verify()
+    message = str(info.value)
+    assert str(path) in message and "damaged" in message and "rerun the analysis" in message
+    assert "\n" not in message
+
+
+def test_reads_of_a_damaged_store_name_the_file(tmp_path):
+    from mambascope.results.store import StoreError
+
+    save_results(tmp_path, mamba_results())
+    summary = tmp_path / "store" / "summary.parquet"
+    good = summary.read_bytes()
+    damage_parquet(summary, "truncate")
+    with pytest.raises(StoreError, match=f"damaged: {re.escape(str(summary))} cannot be read"):
+        load_results(tmp_path)  # results.json with its store put back: the summary table is read first
+    summary.write_bytes(good)
+    detail = tmp_path / "store" / "neurons" / "layer=0" / "part-0.parquet"
+    damage_parquet(detail, "pages")
+    store = NeuronStore(tmp_path)
+    store.verify()  # the footer is intact: only reading the pages finds the damage
+    with pytest.raises(StoreError, match=f"damaged: {re.escape(str(detail))} cannot be read") as info:
+        store.detail(0, [5])
+    assert "\n" not in str(info.value)
+    assert store.detail(1, [5]).to_pylist()[0]["neuron"] == 5  # the other layer is still read
+
+
+def test_a_detail_file_replaced_after_its_footer_was_read_is_refused(tmp_path):
+    """A new analysis into DIR while a server reads it: the old footer must not decode the new file."""
+    from mambascope.results.store import StoreError
+
+    results = mamba_results()
+    save_results(tmp_path, results)
+    store = NeuronStore(tmp_path)
+    want = results["layers"]["0"]["top_contexts"]["values"][3]
+    assert store.detail(0, [3]).to_pylist()[0]["context_values"] == want
+    save_results(tmp_path, gpt2_results())
+    with pytest.raises(StoreError, match="changed after it was first read"):
+        store.detail(0, [3])
+
+
+PARALLEL_READS = """
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+from mambascope.results.store import NeuronStore
+rounds = []
+for _ in range(5):  # a fresh store each round: the first reads also open the files
+    store = NeuronStore(sys.argv[1])
+    picks = [(layer, e) for layer in store.layers for e in range(store.manifest["n_neurons"][str(layer)])] * 4
+    with ThreadPoolExecutor(16) as pool:
+        rows = list(pool.map(lambda p: store.detail(p[0], [p[1]]).to_pylist(), picks))
+    rounds.append([[row["neuron"], row["context_values"]] for [row] in rows])
+print(json.dumps({"picks": picks, "rounds": rounds}))
+"""
+
+
+def test_parallel_reads_equal_reads_one_at_a_time(tmp_path):
+    """The server's request threads read one store at once.  One ParquetFile shared by them made 16 threads
+    reading every neuron's row group hang, crash the process (segfault), or raise ``ReadRangeCache did not
+    find matching cache entry``; hence a separate process, with a time limit.  Every answer is checked
+    against the pipeline's own values."""
+    import os
+    import subprocess
+    import sys
+
+    results = mamba_results()
+    save_results(tmp_path, results)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", PARALLEL_READS, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    out = json.loads(proc.stdout)
+    want = [[e, results["layers"][str(layer)]["top_contexts"]["values"][e]] for layer, e in out["picks"]]
+    assert len(want) == 4 * 128 and all(got == want for got in out["rounds"])
+
+
+def test_report_command_on_a_truncated_store_is_one_line(tmp_path, capsys):
+    from mambascope.cli import main
+    from mambascope.results.outputs import MARKER
+
+    save_results(tmp_path, mamba_results())
+    (tmp_path / MARKER).write_text(json.dumps({"tool": "mambascope", "kind": "analyze", "status": "complete"}))
+    detail = tmp_path / "store" / "neurons" / "layer=1" / "part-0.parquet"
+    damage_parquet(detail, "truncate")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(detail) in err and "damaged" in err, err
+    assert not (tmp_path / "report.html").exists() and not (tmp_path / "figures").exists()

@@ -496,6 +496,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         check_figures_folder(directory)
         # The neuron pages' detail is read from the store as the report embeds it, never all at once.
         results, store = open_results(target)  # older results.json: everything inline, no store
+        if store is not None:
+            store.verify()  # a truncated store file: one line naming it, before any figure is drawn
         try:
             scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=directory))
         except OSError as exc:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,24 @@ TOKEN_SCHEMA = pa.schema([("layer", pa.int64()), ("neuron", pa.int64()), ("token
 
 
 class StoreError(ValueError):
-    """The neuron store is missing a table or a layer it lists."""
+    """The neuron store is missing a table or a layer it lists, or a file of it cannot be read."""
+
+
+# what pyarrow raises for a truncated or corrupted file: ArrowInvalid (no footer, bad metadata), OSError (a
+# decompression failure, a short read), ArrowNotImplementedError / ArrowTypeError (garbage decoded as a type)
+_DAMAGE = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError)
+
+
+def _damaged(path: Path, exc: BaseException) -> StoreError:
+    if isinstance(exc, PermissionError):
+        return StoreError(f"cannot read the neuron store's {path}: permission denied")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return StoreError(f"the neuron store is damaged: {path} cannot be read ({first}); rerun the analysis that "
+                      "wrote it (mambascope analyze / census)")
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 # -- dotted paths ----------------------------------------------------------------------------------------
@@ -415,7 +433,8 @@ class NeuronStore:
         self.layers: list[int] = [int(layer) for layer in self.manifest["layers"]]
         self._sizes = {int(k): int(v) for k, v in self.manifest["n_neurons"].items()}
         self.n_neurons: int = sum(self._sizes.values())
-        self._files: dict[int, pq.ParquetFile] = {}
+        # the footer of each layer's detail file, parsed once, and the identity of the file it was read from
+        self._footers: dict[int, tuple[pq.FileMetaData, tuple[int, int, int, int]]] = {}
         self._tables: dict[str, pa.Table] = {}
         self._layer_columns: dict[int, dict[str, list]] = {}
         self._payloads: dict[int, dict[str, Any]] = {}
@@ -428,7 +447,10 @@ class NeuronStore:
         path = self.path / f"{name}.parquet"
         if not path.is_file():
             raise StoreError(f"the neuron store {self.path} lacks {path.name}; rerun the analysis")
-        return pq.read_table(path, columns=list(columns) if columns is not None else None, filters=filters)
+        try:  # pq.read_table opens its own reader: safe from several threads at once
+            return pq.read_table(path, columns=list(columns) if columns is not None else None, filters=filters)
+        except _DAMAGE as exc:
+            raise _damaged(path, exc) from None
 
     @cached_property
     def _summary_arrow(self) -> pa.Table:
@@ -472,23 +494,54 @@ class NeuronStore:
         if neuron is not None and not 0 <= neuron < self._sizes[layer]:
             raise KeyError(f"neuron {neuron} is not in layer {layer} (neurons 0..{self._sizes[layer] - 1})")
 
-    def _detail_file(self, layer: int) -> pq.ParquetFile:
-        if layer not in self._files:
-            path = self.path / "neurons" / f"layer={layer}" / "part-0.parquet"
-            if not path.is_file():
-                raise StoreError(f"the neuron store {self.path} lacks the detail of layer {layer}; rerun the analysis")
-            self._files[layer] = pq.ParquetFile(path)
-        return self._files[layer]
+    def verify(self) -> None:
+        """Read the footer of every table and detail file: StoreError (one line naming the file) for a
+        truncated file or one that is not Parquet, before any request needs it.  (A table file that is
+        missing is named where it is needed.)"""
+        for path in sorted(self.path.glob("*.parquet")):
+            try:
+                pq.read_metadata(path)
+            except _DAMAGE as exc:
+                raise _damaged(path, exc) from None
+        for layer in self.layers:
+            with self._detail_file(layer):
+                pass
+
+    @contextmanager
+    def _detail_file(self, layer: int) -> Iterator[pq.ParquetFile]:
+        """A reader of the layer's detail file for one read.
+
+        A ``ParquetFile`` is not safe to share between threads (a server's request threads: pyarrow's read
+        cache then raises or crashes the process), so every read opens the file anew, parsing its footer only
+        the first time: no file stays open between reads (a reader per thread is about as fast but keeps a
+        file per thread and layer open; a lock serialises the reads: benchmarks/bench_serve.py --readers).
+        A file replaced since its footer was read (a rerun into DIR while it is served) is refused rather than
+        decoded with the old footer."""
+        path = self.path / "neurons" / f"layer={layer}" / "part-0.parquet"
+        if not path.is_file():
+            raise StoreError(f"the neuron store {self.path} lacks the detail of layer {layer}; rerun the analysis")
+        try:
+            with pa.OSFile(str(path)) as source:
+                identity = _identity(os.fstat(source.fileno()))
+                if layer not in self._footers:
+                    self._footers[layer] = pq.read_metadata(source), identity
+                footer, first = self._footers[layer]
+                if identity != first:
+                    raise StoreError(f"{path} changed after it was first read (a new analysis into "
+                                     f"{self.directory}?): open the directory again (restart mambascope serve)")
+                yield pq.ParquetFile(source, metadata=footer)
+        except _DAMAGE as exc:
+            raise _damaged(path, exc) from None
 
     def detail(self, layer: int, neurons: Sequence[int] | None = None) -> pa.Table:
         """The detail rows (top contexts, logit effects, attention row) of ``neurons`` of ``layer`` (all: None),
-        in neuron order."""
+        in neuron order.  Safe to call from several threads at once."""
         self._check(layer)
-        file = self._detail_file(layer)
-        if neurons is None:
-            return file.read()
-        groups = sorted({int(e) // ROW_GROUP for e in neurons})
-        table = file.read_row_groups(groups) if groups else file.schema_arrow.empty_table()
+        with self._detail_file(layer) as file:
+            if neurons is None:
+                return file.read()
+            groups = sorted({int(e) // ROW_GROUP for e in neurons})
+            table = file.read_row_groups(groups) if groups else file.schema_arrow.empty_table()
         wanted = pa.array(sorted({int(e) for e in neurons}), pa.int64())
         return table.filter(pc.is_in(table["neuron"], value_set=wanted))
 

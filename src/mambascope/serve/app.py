@@ -14,6 +14,8 @@ Routes (docs/serve.md)::
 
 Nothing is written: the app reads ``results.json``, ``figures/`` and the neuron store.  Every error is a
 4xx/5xx with a one-line JSON (``/api``) or escaped HTML message; no traceback ever reaches a response.
+Requests are served in a thread pool, several at once: the store's readers are safe for that.  Requests
+from other sites are refused (``guard.RequestGuard``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -37,6 +38,8 @@ from starlette.staticfiles import StaticFiles
 from mambascope.report import _access as acc
 from mambascope.report.html import environment, report_context
 from mambascope.results import to_jsonable
+from mambascope.results.store import StoreError
+from mambascope.serve.guard import RequestGuard
 from mambascope.serve.live import LiveInputError, LiveModel, LiveTooLongError, load_live
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -72,7 +75,9 @@ def open_output(directory: str | Path) -> tuple[Path, dict[str, Any], Any]:
     path = path.resolve()
     results, store = open_results(path)
     # an output written before the store existed: NeuronStore raises its one-line "no neuron store" error
-    return path, results, store if store is not None else NeuronStore(path)
+    store = store if store is not None else NeuronStore(path)
+    store.verify()  # a truncated store file: one line naming it now, not a failed request later
+    return path, results, store
 
 
 def _int(request: Request, name: str, default: int | None = None, low: int | None = None,
@@ -316,6 +321,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error_response(request, exc.status_code, str(exc.detail))
 
 
+async def _store_error(request: Request, exc: Exception) -> Response:
+    # a store file damaged or replaced since the server started: nothing this server can answer from it
+    return _error_response(request, 503, str(exc))
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     # one line naming the failure; the traceback stays on the server's console (uvicorn logs it)
     return _error_response(request, 500, f"internal error ({type(exc).__name__})")
@@ -326,7 +336,8 @@ def create_app(directory: str | Path, *, model: str | None = None, live: bool = 
     """The Starlette app serving ``directory`` (a mambascope output).
 
     model: the live model (default: the one named in results.json); ``live=False`` serves without one.
-    allowed_hosts: Host headers accepted (DNS-rebinding guard); ``("*",)`` accepts any.
+    allowed_hosts: Host names accepted besides the loopback addresses and localhost (DNS-rebinding guard,
+    ``guard.RequestGuard``); ``("*",)`` accepts any.
     Raises FileNotFoundError / NotADirectoryError / ValueError for a DIR that is not a mambascope output.
     """
     ex = Explorer(*open_output(directory))
@@ -338,7 +349,8 @@ def create_app(directory: str | Path, *, model: str | None = None, live: bool = 
     else:
         ex.set_live(*load_live(str(name), device))
     app = Starlette(debug=False, routes=_routes(ex),
-                    middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))],
-                    exception_handlers={HTTPException: _http_error, Exception: _server_error})
+                    middleware=[Middleware(RequestGuard, error=_error_response, allowed_hosts=allowed_hosts)],
+                    exception_handlers={HTTPException: _http_error, StoreError: _store_error,
+                                        Exception: _server_error})
     app.state.explorer = ex
     return app

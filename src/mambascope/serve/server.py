@@ -3,22 +3,16 @@ then serve it with uvicorn until Ctrl-C / SIGTERM, which uvicorn turns into a gr
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import sys
 from typing import Any
 
-from mambascope.serve.app import LOCAL_HOSTS
+from mambascope.serve.guard import is_loopback
 
 
 def is_local(host: str) -> bool:
     """Whether ``host`` only accepts connections from this machine (loopback)."""
-    if host in LOCAL_HOSTS:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(host)
 
 
 def bind(host: str, port: int) -> socket.socket:

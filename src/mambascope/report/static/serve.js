@@ -6,6 +6,7 @@
   var el = N.el, fmt = N.fmt;
   var current = null;  // the neuron whose page is open: {layer, neuron}
   var offset = 0;
+  var searches = 0;  // searches sent; only the latest one's answer is shown (an earlier one may arrive later)
 
   function $(id) { return document.getElementById(id); }
   function getJSON(url, options) {
@@ -60,11 +61,13 @@
     if ($("search-layer").value) { p.set("layer", $("search-layer").value); }
     if ($("search-q").value) { p.set("q", $("search-q").value); }
     p.set("sort", $("search-sort").value);
-    p.set("order", $("search-order").value);
+    if ($("search-order").value) { p.set("order", $("search-order").value); }  // else the column's own
     p.set("limit", $("search-limit").value);
     p.set("offset", String(offset));
     say("search-message", "searching\u2026");
+    var mine = ++searches;
     getJSON("api/neurons?" + p.toString()).then(function (body) {
+      if (mine !== searches) { return; }
       var last = Math.min(body.offset + body.rows.length, body.total);
       say("search-message", body.total ? ("neurons " + (body.offset + 1) + "\u2013" + last + " of " + body.total)
                                        : "no neuron matches");
@@ -73,7 +76,7 @@
       $("search-next").disabled = last >= body.total;
       $("search-next").onclick = function () { offset = body.offset + body.limit; search(); };
       $("search-prev").onclick = function () { offset = Math.max(0, body.offset - body.limit); search(); };
-    }).catch(function (err) { say("search-message", err.message, true); });
+    }).catch(function (err) { if (mine === searches) { say("search-message", err.message, true); } });
   }
 
   function byToken() {
@@ -140,4 +143,5 @@
     current = {layer: ev.detail.layer, neuron: ev.detail.neuron};
     if ($("live-result")) { $("live-result").textContent = ""; say("live-message", ""); }
   });
+  search();  // the first page of neurons (the form's defaults) is listed on load, before any search
 })();
