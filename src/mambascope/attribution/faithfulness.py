@@ -44,7 +44,7 @@ QUERY_MARGIN = 1.0  # nats: the context must raise log p(next token) at least th
 TOKEN_WINDOWS = 64
 
 __all__ = ["FRACTIONS_DEFAULT_STEPS", "QUERY_MARGIN", "TOKEN_WINDOWS", "context_queries", "evaluate_faithfulness",
-           "faithfulness_table", "masked_logprob", "perturbed_logprob", "removal_masks", "token_ranking"]
+           "context_ranking", "faithfulness_table", "masked_logprob", "perturbed_logprob", "removal_masks", "token_ranking"]
 
 
 def _check_windows(windows: Tensor, what: str, min_len: int) -> Tensor:
@@ -55,12 +55,29 @@ def _check_windows(windows: Tensor, what: str, min_len: int) -> Tensor:
     return windows.long()
 
 
-def token_ranking(relevance: Tensor, generator: torch.Generator) -> Tensor:
+def token_ranking(relevance: Tensor, generator: torch.Generator, method: str = "relevance") -> Tensor:
     """[b, n] positions ordered most relevant first; ties are broken by a seeded random permutation
-    (a fixed tie order, e.g. by position, would bias MoRF and LeRF in opposite directions)."""
+    (a fixed tie order, e.g. by position, would bias MoRF and LeRF in opposite directions).
+
+    −inf marks positions to rank last (outside the context); NaN or +inf is refused with a ValueError
+    naming ``method``: a descending sort puts NaN first, as if those positions mattered most."""
+    bad = torch.isnan(relevance) | torch.isposinf(relevance)
+    if bool(bad.any()):
+        raise ValueError(f"{method}: non-finite relevance (NaN or +inf) at {int(bad.sum())} of {relevance.numel()} "
+                         "positions; it cannot rank tokens")
     perm = _random_orders(*relevance.shape, generator).to(relevance.device)
     order = torch.sort(relevance.gather(1, perm), dim=1, descending=True, stable=True).indices
     return perm.gather(1, order)
+
+
+def context_ranking(relevance: Tensor, context: Tensor, generator: torch.Generator, method: str) -> Tensor:
+    """:func:`token_ranking` of ``relevance`` [b, n] over the ``context`` [b, n] (bool) positions, the others
+    last; a method's relevance must be finite on its context (NaN, ±inf: ValueError naming ``method``)."""
+    bad = context & ~torch.isfinite(relevance)
+    if bool(bad.any()):
+        raise ValueError(f"{method}: non-finite relevance (NaN or ±inf) at {int(bad.sum())} of {int(context.sum())} "
+                         "context positions; it cannot rank tokens")
+    return token_ranking(torch.where(context, relevance.double(), -torch.inf), generator, method)
 
 
 def _random_orders(b: int, n: int, generator: torch.Generator) -> Tensor:
@@ -309,9 +326,13 @@ def _token_level(model: nn.Module, windows: Tensor, layers: list[int], methods: 
             orders[("random", s)] = token_ranking(score, gen)
         for _, _, records in method_records(model, batch, layers, methods, query=qb, batch_size=b, errors=errors):
             for method, recs in records.items():
-                for layer in layers:
-                    rel = recs[layer]["relevance"][:, : context.shape[1]].double()
-                    orders[(method, layer)] = token_ranking(torch.where(context, rel, -torch.inf), gen)
+                try:
+                    ranked = {layer: context_ranking(recs[layer]["relevance"][:, : context.shape[1]], context, gen,
+                                                     f"{method} at layer {layer}") for layer in layers}
+                except ValueError as exc:  # later batches skip it (method_records) and the result leaves it out
+                    errors[method] = str(exc)
+                    continue
+                orders |= {(method, layer): order for layer, order in ranked.items()}
         masks, rows = [], []
         for order in orders.values():
             for direction in (order, _context_reversed(order, qb)):
