@@ -221,7 +221,8 @@ def _binomial_upper(n, p, tail=1e-6):
     """Smallest q with P(Binomial(n, p) > q) <= tail (exact sum of the pmf)."""
     total, q = 0.0, 0
     while True:
-        total += math.comb(n, q) * p**q * (1 - p) ** (n - q)
+        total += math.exp(math.lgamma(n + 1) - math.lgamma(q + 1) - math.lgamma(n - q + 1)
+                          + q * math.log(p) + (n - q) * math.log1p(-p))
         if 1.0 - total <= tail:
             return q
         q += 1
@@ -229,19 +230,21 @@ def _binomial_upper(n, p, tail=1e-6):
 
 def test_bursty_null_is_calibrated_and_a_planted_neuron_is_found():
     # 12 windows of 128 tokens, activity in runs of 20 (as text comes in topics and phrases) and no position:
-    # a within-window shuffle gives p < 0.001 to ~16 % of such neurons; the circular-shift null keeps the runs.
-    # A calibrated test puts p < alpha on each null neuron with probability alpha, independently here, so
-    # the false positives F ~ Binomial(E, alpha) and F <= q except with probability 1e-6.
+    # a within-window shuffle gives p < 0.001 to 443 of these 2,999 neurons; the circular-shift null keeps
+    # the runs. A calibrated test puts p < alpha on each null neuron with probability alpha, independently
+    # here, so the false positives F ~ Binomial(E, alpha) and F <= q except with probability 1e-6.
+    # (The shift joins a window's end to its start, one junction the data do not have: docs/census.md
+    # gives the rates measured on 20,000 such neurons, somewhat above alpha in the far tail.)
     g = torch.Generator().manual_seed(11)
-    b, L, E, alpha = 12, 128, 3000, 0.001
+    b, L, E = 12, 128, 3000
     active = _markov_runs(b, L, E, 20, torch.rand(E, generator=g) * 0.4 + 0.05, g)
     pos = torch.arange(L).expand(b, L)
     active[:, :, 0] |= pos < 16  # planted: the same bursty activity plus every one of the first 16 positions
-    acc = PositionalAccumulator(alpha=alpha)
+    acc = PositionalAccumulator()
     acc.update(_batch(active))
     out = acc.finalize()
     p = torch.tensor(out["positional_p_value"])
     assert out["positional_tested"] is True and 0 in out["positional_neurons"] and float(p[0]) < 1e-6
-    false_positives = int((p[1:] < alpha).sum())
-    assert false_positives <= _binomial_upper(E - 1, alpha)  # 15 for 2,999 neurons at 0.001
-    assert len(out["positional_neurons"]) - 1 <= false_positives
+    for alpha in (0.001, 0.01, 0.05):  # bounds 14, 59, 210 for 2,999 neurons
+        assert int((p[1:] < alpha).sum()) <= _binomial_upper(E - 1, alpha), alpha
+    assert len(out["positional_neurons"]) - 1 <= int((p[1:] < 0.001).sum())
