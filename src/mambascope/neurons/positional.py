@@ -138,8 +138,9 @@ class PositionalAccumulator(Accumulator):
     minus :func:`positional_bias`; ``positional_mi_plugin`` keeps the plug-in value);
     ``positional_p_value`` from the circular-shift null (:meth:`shift_null`); positional ⇔ corrected
     I > ``mi_threshold`` (default 0.05, Voita et al.) and p < ``alpha`` (default 0.001; a layer of E
-    neurons without positional information has at most alpha·E false positives in expectation); without a
-    null nothing is positional (``positional_tested`` false: the MI is reported, not tested). Pearson r = cov(x,p)/(σ_x σ_p) from the streamed sums (None where σ_x or
+    neurons without positional information has about alpha·E false positives in expectation, somewhat more
+    with long runs: docs/census.md); without a null nothing is positional (``positional_tested`` false: the
+    MI is reported, not tested). Pearson r = cov(x,p)/(σ_x σ_p) from the streamed sums (None where σ_x or
     σ_p is 0), the layer's mean |r| and mean r (the seed's measure); fr(pos) curves of the ``top_k``
     neurons with the largest corrected I; windows and tokens per position, ``plugin_bias`` =
     mean_pos 1/(2·n(pos)) − 1/(2N) (the bias of a neuron seen both active and inactive at every position),
@@ -314,7 +315,8 @@ class PositionalAccumulator(Accumulator):
         Var S = 4 Σ_{w<w'} tr(C_w C_w') = 2[tr((Σ_w C_w)²) − Σ_w tr(C_w²)], with tr(C_w²) = (n Σ_d R_w(d)²
         − k⁴)/n².  Σ_w C_w is circulant per window shape (the summed R of its windows), and
         tr(C_g C_h) between two shapes is a sum over the position pairs they share (:func:`pair_lags`).  The
-        p-value matches S to a scaled χ² with the exact mean and variance (Satterthwaite 1946, "An approximate distribution of estimates of variance components").
+        p-value matches S to a scaled χ² with the exact mean and variance (Satterthwaite 1946, "An
+        approximate distribution of estimates of variance components").
         Returns {statistic, mean, variance, p_value} [E] (float64), or None when the null is unavailable.
         """
         if self.shapes is None or not self.shapes:

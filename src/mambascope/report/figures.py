@@ -160,9 +160,10 @@ def plot_dead_neurons(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     ax = axes[0, 0]
     if all(not v for v in [*pct_dead, *pct_rare]):  # bars of height 0 would draw empty axes, y from −0.05
         ax.set_axis_off()
+        where = f"layer {xs[0]}" if len(xs) == 1 else f"layers {xs[0]}–{xs[-1]}"
         ax.text(0.5, 0.5, f"no dead neurons (active on 0 of {tokens} tokens)\nand no rarely active neurons "
-                f"(frequency < {_pct(rare)})\nin {'layer ' + str(xs[0]) if len(xs) == 1 else f'layers {xs[0]}–{xs[-1]}'}", ha="center", va="center",
-                fontsize=11, transform=ax.transAxes)
+                f"(frequency < {_pct(rare)})\nin {where}", ha="center", va="center", fontsize=11,
+                transform=ax.transAxes)
     else:
         width = 0.4
         ax.bar(np.array(xs) - width / 2, [np.nan if v is None else v for v in pct_dead], width, label="dead",
