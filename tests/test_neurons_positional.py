@@ -1,4 +1,4 @@
-"""PositionalAccumulator: MI, bias correction, permutation null and correlation against the loop reference;
+"""PositionalAccumulator: MI, bias correction, circular-shift null and correlation against the loop reference;
 exact cases; the null against exhaustive enumeration and its calibration; invariance."""
 
 import math

@@ -413,3 +413,20 @@ def test_dead_panel_without_dead_neurons_says_so(monkeypatch, tmp_path: Path) ->
     results["layers"]["1"]["rarely_active"] = [0, 1]  # something to draw: bars from 0 up
     ax = _captured_dead_figure(results, monkeypatch, tmp_path)
     assert ax.patches and ax.get_ylim()[0] == 0 and not ax.texts
+
+
+def test_a_layer_without_a_positional_null_is_shown_untested() -> None:
+    from mambascope.report.html import report_context
+
+    results = mamba_results()
+    pos = results["layers"]["1"]["positional"]
+    pos.update(positional_tested=False, positional_p_value=None)
+    results["layers"]["1"]["positional_neurons"] = []
+    sections = report_context(results, [], {}, str)["sections"]
+
+    def cells(table, layer_row):
+        return ["".join(f.text for f in c.parts) for c in table.rows[layer_row]]
+
+    for table, column in ((sections["summary"]["layers"], 7), (sections["census-positional"]["table"], 2)):
+        assert table.headers[column] == "positional"
+        assert cells(table, 1)[column] == "untested (no null)" and cells(table, 0)[column] != "untested (no null)"
