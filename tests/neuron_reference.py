@@ -123,7 +123,7 @@ def ref_positional(post, active, positions, valid, mi_threshold, alpha=0.001):
         vx = sum((x - mx) ** 2 for x in xs[e])
         vp = sum((p - mp) ** 2 for p in ps)
         corr.append(cov / math.sqrt(vx * vp) if vx > 0 and vp > 0 else None)
-    null = ref_permutation_null(active, positions, valid)
+    null = ref_shift_null(active, positions, valid)
     curves = {e: [act[p][e] / tokens[p] for p in seen] for e in range(E)}
     flagged = [e for e in range(E) if corrected[e] > mi_threshold and null["p_value"][e] < alpha]
     return {"positional_mi_plugin": mi, "positional_mi": corrected, "positional_neurons": flagged,
@@ -131,46 +131,48 @@ def ref_positional(post, active, positions, valid, mi_threshold, alpha=0.001):
             "tokens_by_position": [tokens.get(p, 0) for p in range(max(seen) + 1)], "curves": curves}
 
 
-def _window_covariance(valid_positions, k, length):
-    """Covariance matrix [length][length] of the active indicators of one window whose k active tokens are
-    placed uniformly at random among its valid positions (hypergeometric: Var = k/n(1−k/n), Cov = −k(n−k)/(n²(n−1)))."""
-    n = len(valid_positions)
+def _window_covariance(sequence, valid_positions, length):
+    """Covariance matrix [length][length] of the active indicators of one window whose activity ``sequence``
+    (over its sorted valid positions) is rotated by a uniformly random circular shift: the average over
+    the n shifts of the outer product, minus the outer product of the mean (k/n everywhere)."""
+    n, k = len(valid_positions), sum(sequence)
     cov = [[0.0] * length for _ in range(length)]
+    for shift in range(n):
+        rotated = sequence[shift:] + sequence[:shift]
+        for i, p in enumerate(valid_positions):
+            for j, q in enumerate(valid_positions):
+                cov[p][q] += rotated[i] * rotated[j] / n
     for p in valid_positions:
         for q in valid_positions:
-            if p == q:
-                cov[p][q] = (k / n) * (1 - k / n)
-            else:
-                cov[p][q] = -k * (n - k) / (n * n * (n - 1))
+            cov[p][q] -= k * k / (n * n)
     return cov
 
 
-def ref_permutation_null(active, positions, valid):
-    """Mean and variance of S = Σ_p (c_p − E c_p)² under within-window shuffling, by explicit covariance
-    matrices: Var S = Σ_{w≠w'} 2·tr(Σ_w Σ_w') (the within-window part of S is fixed); and the p-value of a
-    χ² scaled to that mean and variance, from the series of the regularized incomplete gamma function."""
+def ref_shift_null(active, positions, valid):
+    """Mean and variance of S = Σ_p (c_p − E c_p)² under independent circular shifts of each window's activity
+    over its valid positions, by explicit covariance matrices: Var S = Σ_{w≠w'} 2·tr(Σ_w Σ_w') (the
+    within-window part of S is fixed); and the p-value of a χ² scaled to that mean and variance, from the
+    series of the regularized incomplete gamma function."""
     E = len(active[0][0])
     length = max(positions[b][k] for b in range(len(valid)) for k in range(len(valid[b])) if valid[b][k]) + 1
     windows = []
     for b in range(len(valid)):
-        pos = [positions[b][k] for k in range(len(valid[b])) if valid[b][k]]
-        if pos:
-            windows.append((b, pos))
+        cols = sorted((positions[b][k], k) for k in range(len(valid[b])) if valid[b][k])
+        if cols:
+            windows.append((b, [p for p, _ in cols], [k for _, k in cols]))
     stats = {"statistic": [], "mean": [], "variance": [], "p_value": []}
     for e in range(E):
         count = [0] * length
         expected = [0.0] * length
         covs, mean = [], 0.0
-        for b, pos in windows:
-            k = sum(1 for j in range(len(valid[b])) if valid[b][j] and active[b][j][e])
-            n = len(pos)
-            for p in pos:
+        for b, pos, cols in windows:
+            sequence = [int(active[b][j][e]) for j in cols]
+            k, n = sum(sequence), len(pos)
+            for p, a in zip(pos, sequence, strict=True):
                 expected[p] += k / n
-            for j in range(len(valid[b])):
-                if valid[b][j] and active[b][j][e]:
-                    count[positions[b][j]] += 1
+                count[p] += a
             mean += k * (n - k) / n
-            covs.append(_window_covariance(pos, k, length))
+            covs.append(_window_covariance(sequence, pos, length))
         variance = 0.0
         for i in range(len(covs)):
             for j in range(len(covs)):
@@ -223,20 +225,21 @@ def _upper_gamma_regularized(a, x):
     return math.exp(log_front) * h
 
 
-def enumerate_permutation_moments(valid_sets, ks, length):
-    """Exact mean and variance of S over every placement of k_w active tokens among the valid positions
-    of each window (all combinations, enumerated): the ground truth for the analytic null."""
-    placements = [list(itertools.combinations(pos, k)) for pos, k in zip(valid_sets, ks, strict=True)]
+def enumerate_shift_moments(valid_sets, sequences, length):
+    """Exact mean and variance of S over every combination of circular shifts of each window's activity
+    ``sequences[w]`` over its valid positions ``valid_sets[w]`` (all combinations, enumerated): the ground
+    truth for the analytic null."""
+    rotations = [[seq[s:] + seq[:s] for s in range(len(seq))] for seq in sequences]
     expected = [0.0] * length
-    for pos, k in zip(valid_sets, ks, strict=True):
+    for pos, seq in zip(valid_sets, sequences, strict=True):
         for p in pos:
-            expected[p] += k / len(pos)
+            expected[p] += sum(seq) / len(pos)
     values = []
-    for choice in itertools.product(*placements):
+    for choice in itertools.product(*rotations):
         count = [0] * length
-        for chosen in choice:
-            for p in chosen:
-                count[p] += 1
+        for pos, rotated in zip(valid_sets, choice, strict=True):
+            for p, a in zip(pos, rotated, strict=True):
+                count[p] += a
         values.append(sum((count[p] - expected[p]) ** 2 for p in range(length)))
     mean = sum(values) / len(values)
     return mean, sum((v - mean) ** 2 for v in values) / len(values)

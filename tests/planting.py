@@ -12,14 +12,16 @@ mambascope's tracer:
   such a neuron opens: a **token detector** with an exactly known trigger set (its gate depends on the
   current token only: z comes from in_proj of the normed residual, before the conv). A column set to −c for
   every token, with the out_proj rows of every layer that write coordinate j zeroed, stays −c in the
-  residual of every layer: a neuron reading it has z < 0 at every token of every layer: **dead**.
+  residual of every layer: a neuron reading it has z < 0 at every token of every layer: **dead**. A column
+  held at +c the same way gives z > 0 at every token of every layer: **always active**, the control of
+  the dead check (a census calling every neuron dead must fail it).
 - **GPT-2 coordinate pairs.** LayerNorm subtracts the mean, so a neuron reads the difference of two
   coordinates a, a' whose LayerNorm weights (1) and biases (0) are equal: LN_a − LN_a' = (x_a − x_a')/σ.
   When the token embedding, every attention output column and the position embedding put the same value in
   a and a' except for a planted ±c, the difference is ±2c: the sign of the neuron's pre-activation (c_fc
   bias 0) is the planted sign. Planted in the **position** embedding: a positional neuron; in the token
   embedding: a token-only neuron (a detector when its set is small, a control otherwise). **Dead**: c_fc
-  column 0 and bias −1, so the pre-activation is −1 everywhere.
+  column 0 and bias −1, so the pre-activation is −1 everywhere; its control, **always active**: bias +1.
 - **Δ (Mamba).** A channel's (Mamba-2: head's) dt weights scaled by a large factor with a bias that keeps
   the pre-softplus input negative make ln Δ ≈ the scaled input: a very selective unit. Weights zeroed: Δ =
   softplus(bias) on every token, selectivity 0: a planted-against control.
@@ -53,6 +55,7 @@ class Planted:
     tokenizer: object
     arch: str
     dead: dict[int, list[int]] = field(default_factory=dict)
+    alive: dict[int, list[int]] = field(default_factory=dict)  # active on every token: the dead check's controls
     detectors: dict[int, dict[int, list[int]]] = field(default_factory=dict)  # layer -> neuron -> triggers
     non_detectors: dict[int, list[int]] = field(default_factory=dict)  # token-only, more than 5 types
     positional: dict[int, list[int]] = field(default_factory=dict)
@@ -90,7 +93,8 @@ def _mamba_z_rows(model: nn.Module, arch: str) -> int:
 
 def plant_mamba(name: str, types: torch.Tensor, *, c: float = 0.3, w: float = 4.0, seed: int = 0) -> Planted:
     """``tiny-mamba`` or ``tiny-mamba2`` with, in layer 0, detectors for 1, 3 and 5 of ``types``, controls
-    reading 6 and half of the types, a dead neuron in every layer, and Δ units planted in layer 1."""
+    reading 6 and half of the types, a dead and an always-active neuron in every layer, and Δ units planted
+    in layer 1."""
     model, tokenizer = mambascope.load_model(name)
     model = copy.deepcopy(model).float().eval()
     arch = "mamba" if name == "tiny-mamba" else "mamba2"
@@ -104,12 +108,14 @@ def plant_mamba(name: str, types: torch.Tensor, *, c: float = 0.3, w: float = 4.
     sets = {"det1": shuffled[:1], "det3": shuffled[1:4], "det5": shuffled[4:9], "ctrl6": shuffled[9:15],
             "ctrl_half": shuffled[: types.numel() // 2]}
     neurons = {"det1": 10, "det3": 20, "det5": 30, "ctrl6": 40, "ctrl_half": 50}
-    dead_neuron = 7
+    dead_neuron, alive_neuron, alive_coord = 7, 8, len(sets) + 1
     with torch.no_grad():
         emb[:, 0] = -c
+        emb[:, alive_coord] = c
         for layer in layers:
-            layer.norm.weight[0] = 1.0
-            layer.mixer.out_proj.weight[0, :] = 0.0  # nothing writes coordinate 0: it stays −c
+            for coord in (0, alive_coord):
+                layer.norm.weight[coord] = 1.0
+                layer.mixer.out_proj.weight[coord, :] = 0.0  # nothing writes it: it stays −c (+c)
         for coord, (key, tokens) in enumerate(sets.items(), start=1):
             emb[:, coord] = -c
             emb[tokens, coord] = c
@@ -118,10 +124,12 @@ def plant_mamba(name: str, types: torch.Tensor, *, c: float = 0.3, w: float = 4.
             row.zero_()
             row[coord] = w
         for index, layer in enumerate(layers):
-            row = layer.mixer.in_proj.weight[z0 + dead_neuron]
-            row.zero_()
-            row[0] = w
+            for neuron, coord in ((dead_neuron, 0), (alive_neuron, alive_coord)):
+                row = layer.mixer.in_proj.weight[z0 + neuron]
+                row.zero_()
+                row[coord] = w
             planted.dead[index] = [dead_neuron]
+            planted.alive[index] = [alive_neuron]
     planted.detectors[0] = {neurons[k]: sorted(sets[k]) for k in ("det1", "det3", "det5")}
     planted.non_detectors[0] = [neurons["ctrl6"], neurons["ctrl_half"]]
     _plant_delta(planted, layer=1)
@@ -182,13 +190,14 @@ def _hooked_forward(model, windows: torch.Tensor, handles: list) -> None:
             h.remove()
 
 
-def mamba_gate_max(planted: Planted, inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Per layer, the max over the corpus of each neuron's z = the z-rows of in_proj applied to the mixer's
-    normed input (``inputs`` from :func:`mamba_mixer_inputs`)."""
+def mamba_gate_range(planted: Planted, inputs: dict[int, torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the (min, max) over the corpus of each neuron's z = the z-rows of in_proj applied to the
+    mixer's normed input (``inputs`` from :func:`mamba_mixer_inputs`)."""
     z0, E = _mamba_z_rows(planted.model, planted.arch), _d_inner(planted.model)
     with torch.no_grad():
-        return {i: planted.model.backbone.layers[i].mixer.in_proj(h)[..., z0:z0 + E].reshape(-1, E).amax(0)
-                for i, h in inputs.items()}
+        z = {i: planted.model.backbone.layers[i].mixer.in_proj(h)[..., z0:z0 + E].reshape(-1, E)
+             for i, h in inputs.items()}
+        return {i: (v.amin(0), v.amax(0)) for i, v in z.items()}
 
 
 def mamba_delta_selectivity(planted: Planted, inputs: dict[int, torch.Tensor], layer: int) -> torch.Tensor:
@@ -214,7 +223,7 @@ def mamba_delta_selectivity(planted: Planted, inputs: dict[int, torch.Tensor], l
 
 def plant_gpt(types: torch.Tensor, *, c: float = 0.3, w: float = 4.0, seed: int = 0) -> Planted:
     """``tiny-gpt`` with, in layer 0's MLP, three positional neurons, two detectors (1 and 3 types), two
-    token-only controls (6 types and half the types), and a dead neuron in every layer."""
+    token-only controls (6 types and half the types), and a dead and an always-active neuron in every layer."""
     model, tokenizer = mambascope.load_model("tiny-gpt")
     model = copy.deepcopy(model).float().eval()
     planted = Planted(model, tokenizer, "gpt2")
@@ -231,7 +240,7 @@ def plant_gpt(types: torch.Tensor, *, c: float = 0.3, w: float = 4.0, seed: int 
         member[tokens] = True
         signals.append(("tok", key, member))
     neuron_of = {key: 11 * (i + 1) for i, (_, key, _) in enumerate(signals)}
-    dead_neuron = 5
+    dead_neuron, alive_neuron = 5, 6
     with torch.no_grad():
         for i, (kind, key, positive) in enumerate(signals):
             a, b = 2 * i, 2 * i + 1  # the coordinate pair of this signal
@@ -256,9 +265,11 @@ def plant_gpt(types: torch.Tensor, *, c: float = 0.3, w: float = 4.0, seed: int 
             fc.weight[b, e] = -w
             fc.bias[e] = 0.0
         for index, block in enumerate(tr.h):
-            block.mlp.c_fc.weight[:, dead_neuron] = 0.0
+            block.mlp.c_fc.weight[:, [dead_neuron, alive_neuron]] = 0.0
             block.mlp.c_fc.bias[dead_neuron] = -1.0
+            block.mlp.c_fc.bias[alive_neuron] = 1.0
             planted.dead[index] = [dead_neuron]
+            planted.alive[index] = [alive_neuron]
     planted.positional[0] = [neuron_of[k] for k in POSITION_PATTERNS]
     planted.non_positional[0] = [neuron_of[k] for k in token_sets]
     planted.detectors[0] = {neuron_of[k]: sorted(token_sets[k]) for k in ("det1", "det3")}

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from mambascope.attribution import evaluate_faithfulness, faithfulness_table
-from mambascope.attribution.faithfulness import perturbed_logprob, token_ranking
+from mambascope.attribution import evaluate_faithfulness, faithfulness, faithfulness_table
+from mambascope.attribution.faithfulness import context_ranking, perturbed_logprob, token_ranking
 from mambascope.interventions import ablation_edits, heldout_loss
 from mambascope.trace import trace
 from test_attention_neurons import V, make_model
@@ -67,9 +67,14 @@ def test_neuron_ablation_against_random(evaluated):
     for layer in ("0", "1"):
         rnd = neu["random"][layer]
         assert len(rnd["losses"]) == 3 and rnd["delta_std"] >= 0
+        assert rnd["smallest_p_value"] == pytest.approx(1 / 4)  # 3 draws cannot give p below 1/4
         for method in ("attention_weighted", "rollout", "gradient_x_post"):
             ent = neu["methods"][method][layer]
             assert len(ent["units"]) == ent["k"] == rnd["k"]
+            # the Monte Carlo p-value by hand: the method's Δ ranked among the random draws' Δ
+            at_least = len([d for d in rnd["deltas"] if d >= ent["delta"]])
+            assert ent["random_at_least"] == at_least and ent["p_vs_random"] == (1 + at_least) / 4
+            assert "z_vs_random" not in ent
     if kind != "gpt2":  # the reported loss is ablation_edits' zero-ablation of exactly those units
         ent = neu["methods"]["rollout"]["1"]
         loss = heldout_loss(model, ev, edits=ablation_edits(model, {1: ent["units"]})).loss
@@ -182,3 +187,36 @@ def test_per_row_queries_mask_exactly_the_ranked_positions():
         with torch.no_grad():
             logits = trace(model, ids[i:i + 1, : int(q[i]) + 1], [], attention_mask=mask).logits[0, int(q[i])]
         assert float(got[i, 1]) == pytest.approx(float(torch.log_softmax(logits, -1)[target[i]]), abs=1e-5)
+
+
+def test_non_finite_relevance_is_refused_naming_the_method(monkeypatch):
+    context = torch.ones(2, 5, dtype=torch.bool)
+    rel = torch.rand(2, 5)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        rel_bad = rel.clone()
+        rel_bad[1, 2] = bad
+        with pytest.raises(ValueError, match=r"^rollout at layer 1: non-finite relevance .* 1 of 10 context"):
+            context_ranking(rel_bad, context, torch.Generator(), "rollout at layer 1")
+    with pytest.raises(ValueError, match=r"^relevance: non-finite"):  # a NaN would sort first
+        token_ranking(torch.tensor([[0.1, float("nan"), 0.3]]), torch.Generator())
+    # outside the context a method's NaN is never ranked (−inf marks those positions)
+    rel_bad = rel.clone()
+    rel_bad[:, 4] = float("nan")
+    context[:, 4] = False
+    assert context_ranking(rel_bad, context, torch.Generator(), "m")[:, 4:].eq(4).all()
+    # end to end: a method that emits NaN fails by name, the others are scored
+    real = faithfulness.method_records
+
+    def nan_rollout(*args, **kwargs):
+        for batch, data, records in real(*args, **kwargs):
+            for layer in records.get("rollout", {}):
+                records["rollout"][layer]["relevance"] = torch.full_like(records["rollout"][layer]["relevance"],
+                                                                        float("nan"))
+            yield batch, data, records
+
+    monkeypatch.setattr(faithfulness, "method_records", nan_rollout)
+    res = evaluate_faithfulness(make_model("mamba2"), windows(3, 1), windows(3, 2), [0],
+                                ["rollout", "attention_weighted"], k=1, steps=2, neuron_level=False,
+                                query_margin=None)
+    assert res["errors"]["rollout"].startswith("rollout at layer 0: non-finite relevance")
+    assert set(res["token"]["methods"]) == {"attention_weighted"}

@@ -228,3 +228,15 @@ def test_extract_explains_a_given_target() -> None:
     assert data.target_kind == ["given"] * 3 and torch.equal(data.target_token, pick["answer"])
     with pytest.raises(ValueError, match="one token per row"):
         extract(model, batch.input_ids, [1], methods=["rollout"], query=pick["query"], target=pick["answer"][:2])
+
+
+def test_source_ranks_refuse_non_finite_relevance_naming_the_method() -> None:
+    # a NaN would sort first and count as a hit; a method that emits one is refused by name
+    rel = torch.tensor([[0.1, float("nan"), 0.3, 0.2, 0.0], [0.5, 0.4, 0.3, 0.2, 0.1]])
+    with pytest.raises(ValueError, match=r"^gradient_x_post at layer 2: non-finite relevance .* 1 of 7 context"):
+        source_ranks(rel, torch.tensor([4, 3]), torch.tensor([1, 2]), torch.Generator().manual_seed(0),
+                     "gradient_x_post at layer 2")
+    # after the query (outside the context) a non-finite value is never ranked
+    rel[1, 4] = float("inf")
+    ranks = source_ranks(rel[1:], torch.tensor([3]), torch.tensor([0]), torch.Generator().manual_seed(0))
+    assert ranks.tolist() == [1]

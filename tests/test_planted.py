@@ -13,7 +13,7 @@ from planting import (
     corpus_types,
     gpt_preactivations,
     mamba_delta_selectivity,
-    mamba_gate_max,
+    mamba_gate_range,
     mamba_layer0_truth,
     mamba_mixer_inputs,
     permutation_windows,
@@ -37,6 +37,14 @@ def _recall_precision(found, planted, controls):
     return recall, (len(known & set(planted)) / len(known)) if known else 1.0
 
 
+def _check_dead(census, planted):
+    """Every layer's planted dead neuron is found, and its always-active controls are not (non-empty)."""
+    for layer, neurons in planted.dead.items():
+        assert planted.alive[layer], layer
+        found = census["layers"][str(layer)]["dead_neurons"]
+        assert _recall_precision(found, neurons, planted.alive[layer]) == (1.0, 1.0), layer
+
+
 @pytest.fixture(scope="module", params=["tiny-mamba", "tiny-mamba2"])
 def mamba(request):
     _, tokenizer = mambascope.load_model(request.param)
@@ -52,9 +60,10 @@ def test_mamba_constructions_hold_in_the_models_own_forward(mamba):
     for neuron, triggers in planted.detectors[0].items():  # the trigger set over the whole vocabulary
         assert (truth["z"][:, neuron] > 0).nonzero().flatten().tolist() == triggers
     assert not set(planted.non_detectors[0]) & set(truth["detectors"])
-    highest = mamba_gate_max(planted, inputs)
+    gate = mamba_gate_range(planted, inputs)
     for layer, neurons in planted.dead.items():
-        assert bool((highest[layer][neurons] < 0).all()), layer  # the gate never opens, strictly
+        assert bool((gate[layer][1][neurons] < 0).all()), layer  # the gate never opens, strictly
+        assert bool((gate[layer][0][planted.alive[layer]] > 0).all()), layer  # the control's never closes
     selectivity = mamba_delta_selectivity(planted, inputs, 1)
     order = torch.argsort(selectivity, descending=True).tolist()
     assert sorted(order[:2]) == planted.delta_sensitive[1]
@@ -74,8 +83,7 @@ def test_mamba_census_recovers_planted_units(mamba):
     assert all(d["established"] for d in layer0["token_detectors"])  # 64 occurrences each
     # a gate that depends on the current token only, on windows of permuted types: nothing is positional
     assert layer0["positional_neurons"] == [] and layer0["positional"]["windows"] == WINDOWS
-    for layer, neurons in planted.dead.items():  # z < 0 on every token of every layer
-        assert _recall_precision(census["layers"][str(layer)]["dead_neurons"], neurons, []) == (1.0, 1.0)
+    _check_dead(census, planted)
     head_dim = layer1["n_neurons"] // layer1["delta"]["n_units"]
     group = neuron_groups(layer1, planted.arch, head_dim)["delta_sensitive"]
     units = sorted({e // head_dim for e in group})
@@ -104,6 +112,7 @@ def test_gpt_constructions_hold_in_the_models_own_forward(gpt):
         assert torch.equal(pre[0][..., neuron] > 0, torch.isin(windows, torch.tensor(triggers)))
     for layer, neurons in planted.dead.items():
         assert bool((pre[layer][..., neurons] == -1.0).all())
+        assert bool((pre[layer][..., planted.alive[layer]] == 1.0).all())
 
 
 def test_gpt_census_recovers_planted_units(gpt):
@@ -115,8 +124,7 @@ def test_gpt_census_recovers_planted_units(gpt):
     for neuron, triggers in planted.detectors[0].items():
         assert found.get(neuron) == triggers
     assert _recall_precision(found, planted.detectors[0], planted.non_detectors[0]) == (1.0, 1.0)
-    for layer, neurons in planted.dead.items():
-        assert _recall_precision(census["layers"][str(layer)]["dead_neurons"], neurons, []) == (1.0, 1.0)
+    _check_dead(census, planted)
     # the planted-against controls are alive: the rarest, a one-type detector, is active on 1/128 of tokens
     freq = layer0["activation_frequency"]
     assert min(freq[e] for e in planted.detectors[0]) == pytest.approx(1 / T)
@@ -159,3 +167,23 @@ def test_no_positional_information_stays_near_zero_at_12_windows():
             batch.positions[row, slots] = slots[torch.randperm(slots.numel(), generator=g)]
         flagged, plugin, E = _positional_counts([batch], 256)
         assert flagged <= 2 and plugin > E // 10, (layer, flagged, plugin)
+
+
+@pytest.mark.parametrize("name", ["tiny-mamba", "tiny-gpt"])
+def test_a_census_calling_every_neuron_dead_fails_the_dead_check(name, monkeypatch):
+    from mambascope.neurons import ActivityAccumulator
+
+    _, tokenizer = mambascope.load_model(name)
+    types = corpus_types(tokenizer, len(tokenizer), T)
+    planted = plant_mamba(name, types) if name == "tiny-mamba" else plant_gpt(types)
+    finalize = ActivityAccumulator.finalize
+
+    def all_dead(self):
+        out = finalize(self)
+        return out | {"dead_neurons": list(range(self.n_neurons)), "n_dead": self.n_neurons}
+
+    monkeypatch.setattr(ActivityAccumulator, "finalize", all_dead)
+    census = _census(planted, permutation_windows(types, 4), None)
+    assert all(len(layer["dead_neurons"]) == layer["n_neurons"] for layer in census["layers"].values())
+    with pytest.raises(AssertionError):
+        _check_dead(census, planted)

@@ -343,3 +343,90 @@ def test_report_default_threshold(tmp_path: Path) -> None:
         assert ("partial" in data) is partial
         d = data["layers"]["0"]
         assert sum(v is not None for v in d["ctx"]["v"]) == (100 if partial else E)
+
+
+# ----------------------------------------------------------------------- strongest candidates, dead panel
+
+def _layer(mi, p, positional, freq, dead, rare, needed, active, detectors, delta):
+    return {"tokens": 1000, "positional_mi": mi, "positional_neurons": positional, "activation_frequency": freq,
+            "dead_neurons": dead, "rarely_active": rare, "token_detectors": [{"neuron": e} for e in detectors],
+            "delta_sensitive": [{"index": i, "selectivity": s} for i, s in delta],
+            "positional": {"positional_threshold": 0.05, "positional_alpha": 0.001, "positional_p_value": p},
+            "activity": {"rare_threshold": 0.01, "active_count": active},
+            "detectors": {"criteria": {"max_types": 5, "coverage": 0.95, "min_occurrences": 5},
+                          "ngram_coverage": {"1": {"needed": needed}}}}
+
+
+def test_strongest_candidates_by_hand() -> None:
+    from mambascope.pipeline import strongest_candidates
+
+    layers = {
+        "0": _layer([0.01, 0.2, 0.06, -0.01], [0.5, 1e-5, 0.01, 0.9], [1], [0.3, 0.0, 0.005, 0.5], [1], [2],
+                    [40, None, 3, 7], [300, 0, 5, 500], [], [(0, 0.4), (2, 0.9)]),
+        "1": _layer([0.04, 0.07, 0.0, 0.02], None, [], [0.2, 0.02, 0.6, 0.4], [], [],
+                    [2, 1, 9, 5], [200, 8, 600, 4], [0], [(3, 0.5)]),
+    }
+    layers["1"]["positional"]["positional_p_value"] = None  # no null in layer 1: untested
+    got = strongest_candidates(layers, n=3)
+    pos = [(x["layer"], x["neuron"], x["status"]) for x in got["positional"]["neurons"]]
+    assert pos == [(0, 1, "positional"), (1, 1, "untested (no null)"), (0, 2, "not significant (p >= alpha)")]
+    assert got["positional"]["neurons"][2]["p_value"] == 0.01 and got["positional"]["threshold"] == 0.05
+    # fewest types first among neurons with >= 5 activations (L1 N1: 1 type but 8 activations counts;
+    # L1 N3 has 4 activations: too few); ties by layer then neuron
+    sel = [(x["layer"], x["neuron"], x["types_needed"], x["status"]) for x in got["token_selective"]["neurons"]]
+    assert sel == [(1, 1, 1, "below threshold (precision)"), (1, 0, 2, "token detector"),
+                   (0, 2, 3, "below threshold (precision)")]
+    least = [(x["layer"], x["neuron"], x["status"]) for x in got["least_active"]["neurons"]]
+    assert least == [(0, 1, "dead"), (0, 2, "rarely active"), (1, 1, "above the rare threshold")]
+    assert [(x["layer"], x["unit"]) for x in got["delta_sensitive"]["units"]] == [(0, 2), (1, 3), (0, 0)]
+    assert strongest_candidates({}) == {}
+
+
+def test_report_first_screen_shows_the_strongest_candidates(mamba_html: str) -> None:
+    results = mamba_results()
+    cand = results["census"]["candidates"]
+    assert set(cand) == {"per_kind", "positional", "token_selective", "least_active", "delta_sensitive"}
+    assert all(len(cand[k]["neurons"]) == 5 for k in ("positional", "token_selective", "least_active"))
+    summary = mamba_html.split('<section id="summary">')[1].split("</section>")[0]
+    assert "Strongest candidates" in summary and "Most positional" in summary and "Least active" in summary
+    for x in cand["positional"]["neurons"]:  # every verdict shown, below-threshold ones so labelled
+        assert f'href="#neuron-{x["layer"]}-{x["neuron"]}"' in summary and x["status"] in summary
+
+
+def _captured_dead_figure(results: dict, monkeypatch, tmp_path: Path):
+    from mambascope.report import figures
+
+    seen = []
+    monkeypatch.setattr(figures, "_save", lambda fig, out_dir, name: seen.append(fig) or tmp_path / "x.png")
+    figures.plot_dead_neurons(results, tmp_path)
+    return seen[0].axes[0]
+
+
+def test_dead_panel_without_dead_neurons_says_so(monkeypatch, tmp_path: Path) -> None:
+    results = mamba_results()
+    for r in results["layers"].values():
+        r.update(pct_dead=0.0, n_dead=0, dead_neurons=[], rarely_active=[])
+    ax = _captured_dead_figure(results, monkeypatch, tmp_path)
+    texts = " ".join(t.get_text() for t in ax.texts)
+    assert "no dead neurons (active on 0 of" in texts and "no rarely active neurons (frequency < " in texts
+    assert not ax.patches and not ax.axison  # no empty bars, no axes with a negative y range
+    results["layers"]["1"]["rarely_active"] = [0, 1]  # something to draw: bars from 0 up
+    ax = _captured_dead_figure(results, monkeypatch, tmp_path)
+    assert ax.patches and ax.get_ylim()[0] == 0 and not ax.texts
+
+
+def test_a_layer_without_a_positional_null_is_shown_untested() -> None:
+    from mambascope.report.html import report_context
+
+    results = mamba_results()
+    pos = results["layers"]["1"]["positional"]
+    pos.update(positional_tested=False, positional_p_value=None)
+    results["layers"]["1"]["positional_neurons"] = []
+    sections = report_context(results, [], {}, str)["sections"]
+
+    def cells(table, layer_row):
+        return ["".join(f.text for f in c.parts) for c in table.rows[layer_row]]
+
+    for table, column in ((sections["summary"]["layers"], 7), (sections["census-positional"]["table"], 2)):
+        assert table.headers[column] == "positional"
+        assert cells(table, 1)[column] == "untested (no null)" and cells(table, 0)[column] != "untested (no null)"

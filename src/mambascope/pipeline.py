@@ -300,6 +300,97 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
     out["detector_tokens_by_layer"] = detector_tokens_by_layer(
         [out["layers"][str(layer)]["tokens_covered"] for layer in layers])
     context_attention_rows(out["layers"], rows)
+    out["candidates"] = strongest_candidates(out["layers"])
+    return out
+
+
+CANDIDATES_PER_KIND = 5
+
+
+def _ranked(layers: dict[str, dict], score: Callable[[dict], list[float | None]], n: int,
+            descending: bool) -> list[tuple[int, int, float]]:
+    """The ``n`` (layer, neuron, value) of largest (``descending``) or smallest ``score`` over all layers;
+    None values are left out, ties go to the earlier layer and neuron."""
+    found = [(int(layer), e, float(v)) for layer, r in layers.items() for e, v in enumerate(score(r) or [])
+             if v is not None]
+    return sorted(found, key=lambda x: (-x[2] if descending else x[2], x[0], x[1]))[:n]
+
+
+def strongest_candidates(layers: dict[str, dict], n: int = CANDIDATES_PER_KIND) -> dict[str, Any]:
+    """The ``n`` strongest candidates of each kind over every census layer, with the statistic each kind is
+    judged by, its threshold and whether the neuron passes (docs/results.md, ``census.candidates``): the
+    most positional (bias-corrected MI), the most token-selective (fewest unigram types covering the
+    detector coverage of its activations), the least active (activation frequency) neurons and the most
+    Δ-selective units.  From the finalized layer results only: no model runs."""
+    if not layers:
+        return {}
+    first = next(iter(layers.values()))
+    pos_cfg, det_cfg = first.get("positional") or {}, (first.get("detectors") or {}).get("criteria") or {}
+    rare = (first.get("activity") or {}).get("rare_threshold")
+    out: dict[str, Any] = {"per_kind": n}
+
+    def positional_status(r: dict, e: int) -> str:
+        pos = r.get("positional") or {}
+        if e in set(r.get("positional_neurons") or []):
+            return "positional"
+        if pos.get("positional_p_value") is None:
+            return "untested (no null)"
+        if r["positional_mi"][e] <= pos["positional_threshold"]:
+            return "below threshold (MI)"
+        return "not significant (p >= alpha)"
+
+    out["positional"] = {
+        "statistic": "bias-corrected I(active; position), nats", "threshold": pos_cfg.get("positional_threshold"),
+        "alpha": pos_cfg.get("positional_alpha"),
+        "neurons": [{"layer": layer, "neuron": e, "mi": v,
+                     "p_value": ((layers[str(layer)]["positional"].get("positional_p_value") or [None] * (e + 1))[e]),
+                     "status": positional_status(layers[str(layer)], e)}
+                    for layer, e, v in _ranked(layers, lambda r: r.get("positional_mi"), n, True)]}
+
+    def coverage(r: dict) -> list[float | None]:  # types needed, for neurons with enough activations
+        needed = (((r.get("detectors") or {}).get("ngram_coverage") or {}).get("1") or {}).get("needed") or []
+        active = (r.get("activity") or {}).get("active_count") or []
+        floor = det_cfg.get("min_occurrences", 0)
+        return [v if v is not None and e < len(active) and active[e] >= floor else None for e, v in enumerate(needed)]
+
+    def detector_status(r: dict, e: int, needed: float) -> str:
+        if e in {d["neuron"] for d in r.get("token_detectors") or []}:
+            return "token detector"
+        if needed > det_cfg.get("max_types", 0):
+            return "below threshold (too many types)"
+        return "below threshold (precision)"
+
+    out["token_selective"] = {
+        "statistic": f"unigram types covering {det_cfg.get('coverage')} of the neuron's activations (fewest first)",
+        "threshold": det_cfg.get("max_types"), "min_activations": det_cfg.get("min_occurrences"),
+        "neurons": [{"layer": layer, "neuron": e, "types_needed": int(v),
+                     "activations": layers[str(layer)]["activity"]["active_count"][e],
+                     "status": detector_status(layers[str(layer)], e, v)}
+                    for layer, e, v in _ranked(layers, coverage, n, False)]}
+
+    def activity_status(r: dict, e: int) -> str:
+        if e in set(r.get("dead_neurons") or []):
+            return "dead"
+        return "rarely active" if e in set(r.get("rarely_active") or []) else "above the rare threshold"
+
+    out["least_active"] = {
+        "statistic": "activation frequency (dead: 0)", "threshold": rare,
+        "neurons": [{"layer": layer, "neuron": e, "frequency": v, "tokens": layers[str(layer)].get("tokens"),
+                     "status": activity_status(layers[str(layer)], e)}
+                    for layer, e, v in _ranked(layers, lambda r: r.get("activation_frequency"), n, False)]}
+
+    def selectivity(r: dict) -> list[float | None]:  # over the recorded top units of the layer
+        top = r.get("delta_sensitive") or []
+        units = [None] * (max((d["index"] for d in top), default=-1) + 1)
+        for d in top:
+            units[d["index"]] = d["selectivity"]
+        return units
+
+    out["delta_sensitive"] = {
+        "statistic": "selectivity std(ln Δ) of a Δ unit (channel; Mamba-2: head)", "threshold": None,
+        "units": [{"layer": layer, "unit": u, "selectivity": v,
+                   "status": "ranked (Δ-sensitivity has no threshold)"}
+                  for layer, u, v in _ranked(layers, selectivity, n, True)]}
     return out
 
 

@@ -19,7 +19,8 @@ distinct one runs once (:func:`masked_logprob`).
 windows (same query/target rule); the top k are zero-ablated (Mamba: channels of ``mixer.hook_post``
 via ``ablation_edits``; GPT-2: heads, by zeroing their attention pattern so the head writes nothing) and
 the change of mean next-token loss on the (disjoint) evaluation windows is measured against k random
-units (``draws`` ≥ 3 draws, mean and std).  ``random`` is always a row.
+units (``draws`` ≥ 3 draws, mean and std; the Monte Carlo p-value of the method against them,
+:func:`monte_carlo_p`, whose floor 1/(draws + 1) says what so few draws can show).  ``random`` is always a row.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ FRACTIONS_DEFAULT_STEPS = 4
 QUERY_MARGIN = 1.0  # nats: the context must raise log p(next token) at least this much over no context
 TOKEN_WINDOWS = 64
 
-__all__ = ["FRACTIONS_DEFAULT_STEPS", "QUERY_MARGIN", "TOKEN_WINDOWS", "context_queries", "evaluate_faithfulness",
-           "faithfulness_table", "masked_logprob", "perturbed_logprob", "removal_masks", "token_ranking"]
+__all__ = ["FRACTIONS_DEFAULT_STEPS", "QUERY_MARGIN", "TOKEN_WINDOWS", "context_queries", "context_ranking",
+           "evaluate_faithfulness", "faithfulness_table", "masked_logprob", "monte_carlo_p", "perturbed_logprob",
+           "removal_masks", "token_ranking"]
 
 
 def _check_windows(windows: Tensor, what: str, min_len: int) -> Tensor:
@@ -55,12 +57,29 @@ def _check_windows(windows: Tensor, what: str, min_len: int) -> Tensor:
     return windows.long()
 
 
-def token_ranking(relevance: Tensor, generator: torch.Generator) -> Tensor:
+def token_ranking(relevance: Tensor, generator: torch.Generator, method: str = "relevance") -> Tensor:
     """[b, n] positions ordered most relevant first; ties are broken by a seeded random permutation
-    (a fixed tie order, e.g. by position, would bias MoRF and LeRF in opposite directions)."""
+    (a fixed tie order, e.g. by position, would bias MoRF and LeRF in opposite directions).
+
+    −inf marks positions to rank last (outside the context); NaN or +inf is refused with a ValueError
+    naming ``method``: a descending sort puts NaN first, as if those positions mattered most."""
+    bad = torch.isnan(relevance) | torch.isposinf(relevance)
+    if bool(bad.any()):
+        raise ValueError(f"{method}: non-finite relevance (NaN or +inf) at {int(bad.sum())} of {relevance.numel()} "
+                         "positions; it cannot rank tokens")
     perm = _random_orders(*relevance.shape, generator).to(relevance.device)
     order = torch.sort(relevance.gather(1, perm), dim=1, descending=True, stable=True).indices
     return perm.gather(1, order)
+
+
+def context_ranking(relevance: Tensor, context: Tensor, generator: torch.Generator, method: str) -> Tensor:
+    """:func:`token_ranking` of ``relevance`` [b, n] over the ``context`` [b, n] (bool) positions, the others
+    last; a method's relevance must be finite on its context (NaN, ±inf: ValueError naming ``method``)."""
+    bad = context & ~torch.isfinite(relevance)
+    if bool(bad.any()):
+        raise ValueError(f"{method}: non-finite relevance (NaN or ±inf) at {int(bad.sum())} of {int(context.sum())} "
+                         "context positions; it cannot rank tokens")
+    return token_ranking(torch.where(context, relevance.double(), -torch.inf), generator, method)
 
 
 def _random_orders(b: int, n: int, generator: torch.Generator) -> Tensor:
@@ -309,9 +328,13 @@ def _token_level(model: nn.Module, windows: Tensor, layers: list[int], methods: 
             orders[("random", s)] = token_ranking(score, gen)
         for _, _, records in method_records(model, batch, layers, methods, query=qb, batch_size=b, errors=errors):
             for method, recs in records.items():
-                for layer in layers:
-                    rel = recs[layer]["relevance"][:, : context.shape[1]].double()
-                    orders[(method, layer)] = token_ranking(torch.where(context, rel, -torch.inf), gen)
+                try:
+                    ranked = {layer: context_ranking(recs[layer]["relevance"][:, : context.shape[1]], context, gen,
+                                                     f"{method} at layer {layer}") for layer in layers}
+                except ValueError as exc:  # later batches skip it (method_records) and the result leaves it out
+                    errors[method] = str(exc)
+                    continue
+                orders |= {(method, layer): order for layer, order in ranked.items()}
         masks, rows = [], []
         for order in orders.values():
             for direction in (order, _context_reversed(order, qb)):
@@ -400,7 +423,8 @@ def _neuron_level(model: nn.Module, select: Tensor, evalw: Tensor, layers: list[
                   for g in groups]
         deltas = torch.tensor(losses, dtype=torch.float64) - base.loss
         random[str(layer)] = {"k": ks[layer], "losses": losses, "deltas": deltas.tolist(),
-                              "delta_mean": float(deltas.mean()), "delta_std": float(deltas.std())}
+                              "delta_mean": float(deltas.mean()), "delta_std": float(deltas.std()),
+                              "smallest_p_value": 1.0 / (draws + 1)}
     out_methods: dict[str, dict] = {}
     for method, per in imp.items():
         if method in errors:
@@ -409,19 +433,27 @@ def _neuron_level(model: nn.Module, select: Tensor, evalw: Tensor, layers: list[
         for layer in layers:
             top = torch.topk(per[layer], ks[layer]).indices.sort().values
             loss = heldout_loss(model, evalw, edits=_unit_edits(model, layer, top), batch_size=batch_size).loss
-            r = random[str(layer)]
-            # z is undefined when the random draws do not spread (JSON null, not a made-up number)
-            z = (loss - base.loss - r["delta_mean"]) / r["delta_std"] if r["delta_std"] > 0 else None
             out_methods[method][str(layer)] = {"k": ks[layer], "units": top.tolist(), "loss": loss,
-                                               "delta": loss - base.loss, "z_vs_random": z}
+                                               "delta": loss - base.loss,
+                                               **monte_carlo_p(loss - base.loss, random[str(layer)]["deltas"])}
     return {"baseline_loss": base.loss, "tokens": base.tokens, "n_select_windows": int(select.shape[0]),
             "n_eval_windows": int(evalw.shape[0]), "unit": "head" if is_transformer(architecture(model)) else "channel",
             "query_position": q, "methods": out_methods, "random": random}
 
 
+def monte_carlo_p(delta: float, random_deltas: Sequence[float]) -> dict:
+    """One-sided Monte Carlo p-value of a method's loss change against R random unit sets of the same size:
+    p = (1 + #{r : Δ_r ≥ Δ}) / (R + 1) (Davison & Hinkley 1997, "Bootstrap Methods and their Application",
+    §4.2; North, Curtis & Sham 2002, "A note on the calculation of empirical P values from Monte Carlo
+    procedures").  Exact when the method's set is exchangeable with the random sets (no better than random);
+    its smallest value is 1/(R + 1), so R draws can reject only at α ≥ 1/(R + 1): 3 draws never below 0.25."""
+    at_least = sum(1 for r in random_deltas if r >= delta)
+    return {"random_at_least": at_least, "p_vs_random": (1 + at_least) / (len(random_deltas) + 1)}
+
+
 def faithfulness_table(result: dict) -> pd.DataFrame:
     """One row per (method, layer), ``random`` included: token-curve areas and their difference, and the
-    neuron ablation's loss change against the random units' mean and std."""
+    neuron ablation's loss change against the random units' mean and std, with its Monte Carlo p-value."""
     token, neuron = result.get("token") or {}, result.get("neuron") or {}
     rows = []
     for method in [*[m for m in result["methods"] if m in METHODS], "random"]:
@@ -444,10 +476,11 @@ def faithfulness_table(result: dict) -> pd.DataFrame:
             elif rnd is not None and key in neuron.get("methods", {}).get(method, {}):
                 ent = neuron["methods"][method][key]
                 row |= {"k": ent["k"], "delta_loss": ent["delta"], "random_delta_mean": rnd["delta_mean"],
-                        "random_delta_std": rnd["delta_std"], "z_vs_random": ent["z_vs_random"]}
+                        "random_delta_std": rnd["delta_std"], "random_draws": len(rnd["deltas"]),
+                        "p_vs_random": ent["p_vs_random"]}
             rows.append(row)
     columns = ["method", "layer", "morf_area", "lerf_area", "area_difference", "area_difference_low",
                "area_difference_high", "above_random", "k", "delta_loss", "delta_loss_std",
-               "random_delta_mean", "random_delta_std", "z_vs_random"]
+               "random_delta_mean", "random_delta_std", "random_draws", "p_vs_random"]
     table = pd.DataFrame(rows)
     return table[[c for c in columns if c in table.columns]]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from mambascope.attribution.bootstrap import bootstrap_mean
 from mambascope.attribution.extract import check_layers, check_methods
-from mambascope.attribution.faithfulness import token_ranking
+from mambascope.attribution.faithfulness import context_ranking
 from mambascope.attribution.methods import method_records
 from mambascope.data.tasks import TaskBatch, query_correct
 from mambascope.results import to_jsonable
@@ -46,18 +46,19 @@ def one_query_per_example(batch: TaskBatch, seed: int) -> dict[str, Tensor]:
     return {k: getattr(batch, k).gather(1, pick)[:, 0] for k in ("query", "key_pos", "value_pos", "answer")}
 
 
-def source_ranks(relevance: Tensor, query: Tensor, source: Tensor, generator: torch.Generator) -> Tensor:
+def source_ranks(relevance: Tensor, query: Tensor, source: Tensor, generator: torch.Generator,
+                 method: str = "relevance") -> Tensor:
     """[b] rank (1 = first) of ``source`` among the context positions 0..query−1 ordered by ``relevance`` [b, L].
 
     Positions at or after the query are placed last (−inf); ties among the context are broken by
-    ``token_ranking``'s seeded random permutation.
+    ``token_ranking``'s seeded random permutation.  Non-finite relevance on the context is refused
+    (ValueError naming ``method``).
     """
     L = relevance.shape[1]
     context = torch.arange(L, device=relevance.device)[None, :] < query[:, None]
     if not bool((source < query).all()) or not bool((source >= 0).all()):
         raise ValueError("every source position must lie in the context 0..query-1")
-    score = torch.where(context, relevance.double(), torch.tensor(-torch.inf, dtype=torch.float64))
-    order = token_ranking(score, generator)
+    order = context_ranking(relevance, context, generator, method)
     return (order == source[:, None].to(order.device)).long().argmax(1) + 1
 
 
@@ -112,8 +113,15 @@ def attribution_accuracy(model: nn.Module, batch: TaskBatch, layers: int | Seque
         rows_out.append(_row(source, "random", None, base["random"]) | {"expected": _random_expectation(query)})
         rows_out.append(_row(source, "recency", None, base["recency"]))
         for method in [m for m in wanted if m in rel and m not in errors]:
+            try:
+                ranks = {layer: source_ranks(torch.cat(rel[method][layer]), query, src, gen,
+                                             f"{method} at layer {layer}") for layer in layers}
+            except ValueError as exc:  # reported by name; its rows are left out (also of the other sources)
+                errors[method] = str(exc)
+                rows_out = [r for r in rows_out if r["method"] != method]
+                continue
             for layer in layers:
-                st = _stats(source_ranks(torch.cat(rel[method][layer]), query, src, gen), seed)
+                st = _stats(ranks[layer], seed)
                 row = _row(source, method, layer, st)
                 for bname, bst in base.items():
                     d = _diff(st, bst, seed + 2)

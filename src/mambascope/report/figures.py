@@ -155,17 +155,26 @@ def plot_dead_neurons(results: Mapping[str, Any], out_dir: str | Path) -> Path:
         pct_rare.append(100.0 * len(r.get("rarely_active") or []) / n if n else None)
     alive = [num(r.get("mean_frequency_alive")) for _, r in layers]
     tokens = layers[0][1].get("tokens")
+    rare = (layers[0][1].get("activity") or {}).get("rare_threshold")
     fig, axes = _figure(1, 2)
     ax = axes[0, 0]
-    width = 0.4
-    ax.bar(np.array(xs) - width / 2, [np.nan if v is None else v for v in pct_dead], width, label="dead",
-           color="tab:red")
-    ax.bar(np.array(xs) + width / 2, [np.nan if v is None else v for v in pct_rare], width,
-           label="rarely active", color="tab:orange")
-    ax.set_ylabel("% of neurons")
-    ax.set_title(f"dead (never active on {tokens} tokens) and rarely active")
-    ax.legend()
-    _layer_ticks(ax, xs, results)
+    if all(not v for v in [*pct_dead, *pct_rare]):  # bars of height 0 would draw empty axes, y from −0.05
+        ax.set_axis_off()
+        where = f"layer {xs[0]}" if len(xs) == 1 else f"layers {xs[0]}–{xs[-1]}"
+        ax.text(0.5, 0.5, f"no dead neurons (active on 0 of {tokens} tokens)\nand no rarely active neurons "
+                f"(frequency < {_pct(rare)})\nin {where}", ha="center", va="center", fontsize=11,
+                transform=ax.transAxes)
+    else:
+        width = 0.4
+        ax.bar(np.array(xs) - width / 2, [np.nan if v is None else v for v in pct_dead], width, label="dead",
+               color="tab:red")
+        ax.bar(np.array(xs) + width / 2, [np.nan if v is None else v for v in pct_rare], width,
+               label="rarely active", color="tab:orange")
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("% of neurons")
+        ax.set_title(f"dead (never active on {tokens} tokens) and rarely active")
+        ax.legend()
+        _layer_ticks(ax, xs, results)
     ax = axes[0, 1]
     ax.plot(xs, [np.nan if v is None else v for v in alive], marker="o", color="tab:blue")
     ax.set_ylim(bottom=0)

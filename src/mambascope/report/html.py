@@ -303,6 +303,7 @@ def _summary(results: Mapping[str, Any]) -> dict[str, Any]:
         "incomplete": [str(x) for x in results.get("incomplete") or []] if isinstance(results.get("incomplete"),
                                                                                         list) else [],
         "n_errors": len(acc.errors(results)), "missing": None, "layers": None,
+        "candidates": _candidates(results),
     }
     if not layers:
         out["missing"] = _no_census(results)["missing"]
@@ -317,12 +318,43 @@ def _summary(results: Mapping[str, Any]) -> dict[str, Any]:
             link(layer, 0, str(layer)), r.get("n_neurons"), r.get("tokens"),
             r.get("n_dead", len(r.get("dead_neurons") or [])),
             r.get("pct_dead"), len(r.get("rarely_active") or []), r.get("mean_frequency_alive"),
-            len(r.get("positional_neurons") or []), len(r.get("token_detectors") or []),
+            _positional_count(r), len(r.get("token_detectors") or []),
             f"{c.get('covered', 'n/a')} / {c.get('n_new', 'n/a')}",
             "n/a (no Δ)" if delta is None else sel])
     out["layers"] = table(["layer", "neurons", "tokens N", "dead", "% dead", "rarely active", "mean freq. (alive)",
                            "positional", "token detectors", "tokens covered / new", "top Δ selectivity"], table_rows)
     return out
+
+
+def _candidates(results: Mapping[str, Any]) -> list[Block]:
+    """The strongest candidates of each kind (``census.candidates``), each against its threshold."""
+    cand = acc.census_part(results).get("candidates")
+    if not isinstance(cand, dict) or not cand:
+        return []
+    thr = acc.fmt
+
+    def kind(key: str, heading: str, headers: list[str], row: Callable[[dict], list[Any]]) -> list[Block]:
+        entry = cand.get(key) or {}
+        items = entry.get("units" if key == "delta_sensitive" else "neurons") or []
+        if not items:
+            return []
+        return [Block("h3", heading), _tb(headers, [row(x) for x in items])]
+
+    pos, det, act = cand.get("positional") or {}, cand.get("token_selective") or {}, cand.get("least_active") or {}
+    return [
+        *kind("positional", f"Most positional (positional: MI > {thr(pos.get('threshold'))} nats and p < "
+              f"{thr(pos.get('alpha'))})", ["neuron", "MI (nats)", "p-value", "verdict"],
+              lambda x: [link(x["layer"], x["neuron"]), x["mi"], x["p_value"], x["status"]]),
+        *kind("token_selective", f"Most token-selective (detector: ≤ {thr(det.get('threshold'))} token types cover "
+              "its activations, each with high precision)", ["neuron", "types needed", "activations", "verdict"],
+              lambda x: [link(x["layer"], x["neuron"]), x["types_needed"], x["activations"], x["status"]]),
+        *kind("least_active", f"Least active (dead: frequency 0; rarely active: < {thr(act.get('threshold'))})",
+              ["neuron", "activation frequency", "tokens N", "verdict"],
+              lambda x: [link(x["layer"], x["neuron"]), x["frequency"], x["tokens"], x["status"]]),
+        *kind("delta_sensitive", "Most Δ-selective units (std of ln Δ; no threshold, a ranking)",
+              ["layer", "unit", "selectivity", "verdict"],
+              lambda x: [x["layer"], x["unit"], x["selectivity"], x["status"]]),
+    ]
 
 
 def _dead_section(results: Mapping[str, Any]) -> dict[str, Any]:
@@ -337,6 +369,13 @@ def _dead_section(results: Mapping[str, Any]) -> dict[str, Any]:
                             "rarely active neurons"], rows)}
 
 
+def _positional_count(r: Mapping[str, Any]) -> Any:
+    """The layer's positional count, or "untested" when it had no null (nothing is flagged then)."""
+    if (r.get("positional") or {}).get("positional_tested") is False:
+        return muted("untested (no null)")
+    return len(r.get("positional_neurons") or [])
+
+
 def _positional_section(results: Mapping[str, Any]) -> dict[str, Any]:
     layers = acc.layer_items(results)
     if not layers:
@@ -347,7 +386,7 @@ def _positional_section(results: Mapping[str, Any]) -> dict[str, Any]:
         top = pos.get("positional_top") or {}
         tops = _joined([link(layer, n, str(n)), text(f" ({acc.fmt(mi, 3)})")]
                        for n, mi in zip(top.get("neurons") or [], top.get("mi") or [], strict=False))
-        rows.append([_layer_label(layer, r), pos.get("positional_threshold"), len(r.get("positional_neurons") or []),
+        rows.append([_layer_label(layer, r), pos.get("positional_threshold"), _positional_count(r),
                      _links(layer, r.get("positional_neurons") or []), pos.get("mean_abs_position_correlation"),
                      tops or [muted("not recorded")]])
     return {"warnings": sorted({w for _, r in layers for w in (r.get("warnings") or []) if w.startswith("positional")}),
@@ -577,12 +616,16 @@ def _faithfulness_section(results: Mapping[str, Any]) -> dict[str, Any]:
         for method, per in neu["methods"].items():
             for layer, e in sorted((per or {}).items(), key=lambda kv: int(kv[0])):
                 r = rnd.get(str(layer)) or {}
+                draws = len(r.get("deltas") or [])
                 rows.append([method, int(layer), e.get("k"), e.get("delta"),
-                             f"{acc.fmt(r.get('delta_mean'))} ± {acc.fmt(r.get('delta_std'))}", e.get("z_vs_random")])
+                             f"{acc.fmt(r.get('delta_mean'))} ± {acc.fmt(r.get('delta_std'))}",
+                             f"{acc.fmt(e.get('p_vs_random'))} ({e.get('random_at_least', '?')} of {draws} random ≥; "
+                             f"p ≥ {acc.fmt(r.get('smallest_p_value'), 2)})"])
         out["neuron"] = {
             "unit": neu.get("unit", "unit"), "baseline": acc.fmt(neu.get("baseline_loss")), "tokens": neu.get("tokens"),
             "n_eval": neu.get("n_eval_windows"), "n_select": neu.get("n_select_windows"),
-            "table": table(["method", "layer", "k", "Δloss", "random Δloss (mean ± std)", "z vs random"], rows)}
+            "table": table(["method", "layer", "k", "Δloss", "random Δloss (mean ± std)",
+                                    "Monte Carlo p vs random (floor 1/(draws+1))"], rows)}
     return out
 
 
