@@ -542,7 +542,9 @@ def plan_memory(model: nn.Module, layers: int, n_neurons: int, delta_units: int,
     def table(n: int) -> float:  # the exact tables of order n of every layer
         return layers * (rows(n) * 4 * n_neurons + index(n))
 
-    per_layer = (n_neurons * (8 * window + 8 * 8 + top_k * width * 16 + 8 * 3)  # positions, activity, contexts
+    # per neuron: positional counts (8·window) and the shift null's lag tables of two window shapes (full
+    # windows and a shorter last one, 4·window each), activity, top contexts
+    per_layer = (n_neurons * (16 * window + 8 * 8 + top_k * width * 16 + 8 * 3)
                  + 8 * 2 * vocab + delta_units * 8 * 4)  # token occurrences (census and Δ), Δ moments
     parts = {"process": resident_bytes(model) if resident is None else float(resident),
              "batch": float(batch_size * window * (8 * vocab + UNIT_BYTES * n_neurons)),
