@@ -797,6 +797,18 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM ends a run exactly like Ctrl-C: finished stages kept, exit 130
 
 
+def _handle_interrupts() -> dict[int, object]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt for the run (exit 130, docs/design.md §13), except a signal
+    this process was started with ignored: a background job of a non-interactive shell (or a CI runner) has
+    SIGINT ignored so that the terminal's Ctrl-C does not reach it, and by POSIX convention it stays ignored
+    (as Python itself leaves it).  Returns the handlers replaced, for ``main`` to put back."""
+    previous = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            previous[s] = signal.signal(s, _interrupt)
+    return previous
+
+
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, KeyError) and exc.args:
         return str(exc.args[0])
@@ -822,7 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a one-line usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else BAD_INPUT
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = _handle_interrupts()
     try:
         _check_flags(args)
         _quiet_libraries(args.quiet)
@@ -839,7 +851,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mambascope: {kind}: {_one_line(exc)}{hint}", file=sys.stderr)
         return BAD_INPUT if user else FAILED
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(s, handler)
 
 
 if __name__ == "__main__":
