@@ -44,6 +44,14 @@ def test_ci_script_requires_the_browser_and_runs_ruff_before_the_tests() -> None
     assert lines.index("export MAMBASCOPE_REQUIRE_BROWSER=1") < order[-1]
 
 
+def test_ci_script_reruns_the_signal_tests_with_sigint_ignored() -> None:
+    """A background job of a non-interactive shell (and some CI runners) starts the tests with SIGINT ignored;
+    the CI runs the signal tests that way too, after the ordinary run."""
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    rerun = "(trap '' INT; HF_HUB_OFFLINE=1 .venv/bin/pytest -q tests/test_signals.py)"
+    assert rerun in lines and lines.index(rerun) > lines.index("HF_HUB_OFFLINE=1 .venv/bin/pytest -q")
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")
 def test_ci_script_is_valid_bash() -> None:
     subprocess.run(["bash", "-n", str(ROOT / ".ci" / "run")], check=True)
