@@ -93,6 +93,8 @@ FLAG_CASES = [
     (["census", "--memory-budget", "nan"], "--memory-budget"),
     (["census", "--memory-budget", "inf"], "--memory-budget"),
     (["census", "--heldout-fraction", "nan"], "--heldout-fraction"),
+    (["census", "--checkpoint-every", "nans"], "--checkpoint-every"),
+    (["census", "--checkpoint-every", "1e999s"], "--checkpoint-every"),
     (["train-tiny", "--arch", "mamba", "--out", "x", "--lr", "nan"], "--lr"),
     (["train-tiny", "--arch", "mamba", "--out", "x", "--task", "mqar", "--weight-decay", "nan"], "--weight-decay"),
     (["train-tiny", "--arch", "mamba", "--out", "x", "--task", "mqar", "--shape", "initializer_range=nan"],
