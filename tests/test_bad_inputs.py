@@ -672,3 +672,16 @@ def test_patch_estimates_a_long_run_before_it_starts_even_when_quiet(tmp_path, c
         assert "20 patches (4 units x 5 positions) in 4 forward passes of up to 5: about" in seen[0], seen[0]
     else:
         assert seen[0] == ""
+
+
+def test_report_does_not_call_a_census_it_cannot_read_absent(old_output, capsys):
+    """A results file whose layers lack every census field (hand-edited, or another version's): the report
+    says that, not that the file has no census."""
+    results = json.loads((old_output / "results.json").read_text())
+    results.pop("store")
+    results["layers"] = {"0": {"pct_dead": 50.0, "n_dead": 3}}
+    (old_output / "results.json").write_text(json.dumps(results))
+    code, _, _ = run(capsys, "report", old_output)
+    assert code == 0
+    page = (old_output / "report.html").read_text()
+    assert "has no &#39;census&#39;" not in page and "no layer with the census fields" in page
