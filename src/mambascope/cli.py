@@ -453,9 +453,9 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
             print(f"mambascope: interrupted; {kept}{_resume_hint(args, stages)}", file=sys.stderr)
             return INTERRUPTED
         except BaseException:
-            kept = _keep_finished(out, stages)
-            if kept is not None:
-                print(f"mambascope: {kept}{_resume_hint(args, stages)}", file=sys.stderr)
+            kept, hint = _keep_finished(out, stages), _resume_hint(args, stages)
+            if kept is not None or hint:
+                print(f"mambascope: {kept or 'no stage had finished'}{hint}", file=sys.stderr)
             raise
         try:
             path = out.commit()
@@ -640,14 +640,14 @@ def _patch_estimate(args: argparse.Namespace, model, pair, rows: dict) -> None:
 
     from mambascope.trace import trace
 
-    positions = len(pair.clean_ids)
-    patches = sum(len(r) for r in rows.values()) * positions
+    units, positions = sum(len(r) for r in rows.values()), len(pair.clean_ids)
+    patches = units * positions
     passes = -(-patches // args.batch_size)
     long = patches >= LONG_PATCH_RUN
     if args.quiet and not long:
         return
-    line = (f"mambascope: patch: {patches:,} patches ({sum(len(r) for r in rows.values())} units x {positions} "
-            f"positions) in {passes:,} forward passes of up to {args.batch_size}")
+    line = (f"mambascope: patch: {patches:,} patches ({units} units x {positions} positions) in {passes:,} "
+            f"forward passes of up to {args.batch_size}")
     if long:
         ids = torch.tensor([pair.clean_ids], device=model.get_input_embeddings().weight.device)
         start = time.perf_counter()
