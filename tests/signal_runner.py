@@ -1,7 +1,8 @@
 """Run the mambascope CLI and send this very process a real signal at a chosen point (test_signals.py).
 
-    python tests/signal_runner.py SIGNAL POINT -- ARGV...
+    python tests/signal_runner.py SIGNAL[+SIGNAL...] POINT -- ARGV...
 
+SIGNAL: a name from ``signal``; several joined by ``+`` are sent one after the other at the same point.
 POINT: ``load`` (while the model loads), ``save:N`` (right after the N-th results.json is written: a stage
 boundary), ``swap`` (inside the final swap, between moving the old output aside and moving the new one in),
 ``batch:N`` (right after the census's N-th traced batch, before any checkpoint of it), ``ckpt-write:N``
@@ -19,7 +20,8 @@ from mambascope.cli import main
 
 def fire() -> None:
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 is signalled; torchrun stops the others
-        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+        for name in sys.argv[1].split("+"):
+            os.kill(os.getpid(), getattr(signal, name))
 
 
 def after(function, when):

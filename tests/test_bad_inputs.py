@@ -89,6 +89,28 @@ FLAG_CASES = [
     (["train-tiny", "--arch", "mamba", "--out", "x", "--seq-len", "1"], "--seq-len"),
     (["train-tiny", "--arch", "mamba", "--out", "x", "--lr", "0"], "--lr"),
     (["compare", "--window", "1"], "--window"),
+    # every float flag is finite (float() reads nan and inf; nan passes every range check after it)
+    (["census", "--memory-budget", "nan"], "--memory-budget"),
+    (["census", "--memory-budget", "inf"], "--memory-budget"),
+    (["census", "--heldout-fraction", "nan"], "--heldout-fraction"),
+    (["census", "--checkpoint-every", "nans"], "--checkpoint-every"),
+    (["census", "--checkpoint-every", "1e999s"], "--checkpoint-every"),
+    (["train-tiny", "--arch", "mamba", "--out", "x", "--lr", "nan"], "--lr"),
+    (["train-tiny", "--arch", "mamba", "--out", "x", "--task", "mqar", "--weight-decay", "nan"], "--weight-decay"),
+    (["train-tiny", "--arch", "mamba", "--out", "x", "--task", "mqar", "--shape", "initializer_range=nan"],
+     "--shape"),
+    (["patch", "--clean", "The cat", "--target", " sat", "--noise-subject", "cat", "--noise-scale", "nan"],
+     "--noise-scale"),
+    (["patch", "--clean", "The cat", "--target", " sat", "--noise-subject", "cat", "--noise-scale", "inf"],
+     "--noise-scale"),
+    # flags that were ignored or changed without a word
+    (["train-tiny", "--arch", "mamba", "--out", "x", "--shape", "hidden_size=64"], "--shape"),
+    (["train-tiny", "--arch", "mamba", "--out", "x", "--min-pairs", "2"], "--min-pairs"),
+    (["train-tiny", "--arch", "mamba", "--out", "x", "--task", "mqar", "--warmup", "-3"], "--warmup"),
+    # found only after the work: --task's bootstrap needs two queries; a later model's length limit
+    (["attention", "--task", "mqar", "--model", "tiny-gpt-mqar", "--queries", "1"], "--queries"),
+    (["compare", "--models", "tiny-mamba", "tiny-gpt", "--window", "200"], "--window 200 exceeds the maximum length "
+     "of tiny-gpt, 128"),
 ]
 
 
@@ -99,6 +121,14 @@ def test_bad_flags_fail_before_any_work(tmp_path, monkeypatch, capsys, argv, fla
 
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
+    import mambascope.compare
+    import mambascope.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a flag error must be found before any model loads")
+
+    for module in (mambascope.models, mambascope.compare):
+        monkeypatch.setattr(module, "load_model", no_model)
     monkeypatch.chdir(tmp_path)
     code, _, err = run(capsys, *argv)
     assert code == 2
@@ -714,3 +744,103 @@ def test_a_memory_budget_that_is_not_a_positive_finite_number_is_refused_first(t
     assert code == 2
     one_line(err, "--memory-budget must be a positive, finite number of GiB")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- weak messages made exact (issue 18): each names what is wrong -------------------------------------------
+
+def test_a_directory_named_like_a_corpus_file_is_not_reported_missing(tmp_path, capsys, small_checkpoints):
+    (tmp_path / "x.txt").mkdir()
+    code, _, err = run(capsys, *census(small_checkpoints, tmp_path / "o"), "--corpus", tmp_path / "x.txt")
+    assert code == 2
+    assert "not found" not in one_line(err, f"{tmp_path / 'x.txt'} is a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.txt"]
+
+
+def test_out_under_a_file_names_the_file(tmp_path, capsys, small_checkpoints):
+    (tmp_path / "afile").write_text("mine")
+    code, _, err = run(capsys, *census(small_checkpoints, tmp_path / "afile" / "sub"))
+    assert code == 2
+    one_line(err, f"{tmp_path / 'afile'} is a file, not a directory")
+    assert (tmp_path / "afile").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_manifest_missing_a_key_names_the_file_and_the_key(old_output, capsys):
+    manifest = old_output / "store" / "manifest.json"
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "n_neurons"}))
+    code, _, err = run(capsys, "report", old_output)
+    assert code == 2
+    one_line(err, str(manifest), "n_neurons")
+
+
+def test_resume_on_a_complete_output_says_there_is_nothing_to_resume(old_output, capsys, small_checkpoints):
+    before = snapshot(old_output)
+    code, _, err = run(capsys, *census(small_checkpoints, old_output, "--resume"))
+    assert code == 2
+    line = one_line(err, "--resume", "complete output", "nothing to resume")
+    assert "--overwrite" not in line
+    assert snapshot(old_output) == before
+
+
+def test_ctrl_c_during_the_census_keeps_nothing_and_points_to_resume(tmp_path, capsys, monkeypatch,
+                                                                     small_checkpoints):
+    """No stage had finished: nothing is kept and nothing is said to be; the census checkpoint is, and the
+    message says how to continue from it."""
+    import mambascope.scale as scale
+
+    traced, trace_stream = [], scale.trace_stream
+
+    def interrupted_second_batch(*args, **kwargs):
+        traced.append(1)
+        if len(traced) == 2:
+            raise KeyboardInterrupt
+        return trace_stream(*args, **kwargs)
+
+    monkeypatch.setattr(scale, "trace_stream", interrupted_second_batch)
+    out = tmp_path / "out"
+    argv = ["census", "--model", small_checkpoints["gpt2"], "--window", "32", "--max-tokens", "512",
+            "--batch-size", "2", "--no-report", "--quiet", "--checkpoint-every", "1", "--out", out]
+    code, _, err = run(capsys, *argv)
+    assert code == 130 and "finished stages kept" not in err
+    assert "no stage had finished" in err and "rerun with --resume" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.checkpoint-0-of-1"]
+    monkeypatch.setattr(scale, "trace_stream", trace_stream)
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == 0, err
+    assert json.loads((out / "results.json").read_text())["incomplete"] == []
+
+
+@pytest.mark.parametrize("threshold,shown", [(1, True), (10**9, False)], ids=["long", "short"])
+def test_patch_estimates_a_long_run_before_it_starts_even_when_quiet(tmp_path, capsys, monkeypatch, threshold,
+                                                                     shown):
+    import mambascope.cli as cli
+    import mambascope.interventions.prompts as prompts
+
+    seen = []
+
+    def stop(*args, **kwargs):  # what the user had been told when the patching would have started
+        seen.append(capsys.readouterr().err)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "LONG_PATCH_RUN", threshold)
+    monkeypatch.setattr(prompts, "patch_prompts", stop)
+    code, _, _ = run(capsys, "patch", "--model", "tiny-mamba", "--quiet", "--clean", "The function returns the value",
+                     "--corrupt", "The class returns the value", "--target", " of", "--units", "resid_pre",
+                     "--batch-size", "5", "--out", tmp_path / "p")
+    assert code == 130 and seen
+    if shown:  # 4 layers x 5 positions, in batches of 5
+        assert "20 patches (4 units x 5 positions) in 4 forward passes of up to 5: about" in seen[0], seen[0]
+    else:
+        assert seen[0] == ""
+
+
+def test_report_does_not_call_a_census_it_cannot_read_absent(old_output, capsys):
+    """A results file whose layers lack every census field (hand-edited, or another version's): the report
+    says that, not that the file has no census."""
+    results = json.loads((old_output / "results.json").read_text())
+    results.pop("store")
+    results["layers"] = {"0": {"pct_dead": 50.0, "n_dead": 3}}
+    (old_output / "results.json").write_text(json.dumps(results))
+    code, _, _ = run(capsys, "report", old_output)
+    assert code == 0
+    page = (old_output / "report.html").read_text()
+    assert "has no &#39;census&#39;" not in page and "no layer with the census fields" in page

@@ -44,6 +44,19 @@ def test_ci_script_requires_the_browser_and_runs_ruff_before_the_tests() -> None
     assert lines.index("export MAMBASCOPE_REQUIRE_BROWSER=1") < order[-1]
 
 
+def test_ci_script_reruns_the_machine_dependent_tests_elsewhere() -> None:
+    """After the ordinary run, the CI runs the signal tests with SIGINT ignored (as a background job of a
+    non-interactive shell or some CI runners start them) and the tests with rounding-sensitive comparisons on
+    other ATen kernels (the other CPUs' rounding)."""
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    (rerun,) = [line for line in lines if line.startswith("(trap '' INT; ")]
+    assert "ATEN_CPU_CAPABILITY=$cap " in rerun and rerun.endswith(".venv/bin/pytest -q tests/test_signals.py "
+                                                                   "tests/test_patching.py tests/test_trace.py)")
+    (cap,) = [line for line in lines if line.startswith("cap=")]
+    assert lines.index(cap) < lines.index(rerun)
+    assert lines.index(rerun) > lines.index("HF_HUB_OFFLINE=1 .venv/bin/pytest -q")
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")
 def test_ci_script_is_valid_bash() -> None:
     subprocess.run(["bash", "-n", str(ROOT / ".ci" / "run")], check=True)

@@ -2,12 +2,19 @@
 
 Whatever the signal and the moment, the destination holds no less than it did before, and a finished stage
 is never lost: SIGINT and SIGTERM exit 130 keeping the finished stages; SIGKILL leaves them in the staging
-folder, which the next run reports (and puts back an output caught in the middle of its swap).
+folder, which the next run reports (and puts back an output caught in the middle of its swap).  A run started
+with SIGINT ignored (a background job, nohup) keeps ignoring it; SIGTERM still ends it.
+
+Every child is started with its SIGINT disposition set here, never inherited from whatever runs pytest: a
+parent that ignores SIGINT (a background job of a non-interactive shell, some CI runners) passes SIG_IGN on
+through exec, and ``subprocess``'s ``restore_signals`` does not reset it.  ``.ci/run`` runs this file a second
+time with SIGINT ignored to keep it so.
 """
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,10 +44,13 @@ def census_args(small_checkpoints, corpus):
     return args
 
 
-def killed_run(signal_name: str, point: str, argv: list[str]) -> subprocess.CompletedProcess:
+def killed_run(signal_name: str, point: str, argv: list[str],
+               sigint: signal.Handlers = signal.SIG_DFL) -> subprocess.CompletedProcess:
+    """The CLI in a child that sends itself ``signal_name`` (``A+B``: both, in that order) at ``point``;
+    ``sigint``: the SIGINT disposition the child starts with (SIG_DFL: Python installs its Ctrl-C handler)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     return subprocess.run([sys.executable, str(RUNNER), signal_name, point, "--", *argv], capture_output=True,
-                          text=True, env=env, timeout=300)
+                          text=True, env=env, timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -135,3 +145,41 @@ def test_an_interrupt_inside_the_swap_waits_for_it(tmp_path, census_args, previo
     assert results["incomplete"] == [] and results["ablation"] is not None  # the new, complete output
     assert json.loads((out / MARKER).read_text())["status"] == "complete"
     assert leftovers(tmp_path) == []
+
+
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, census_args):
+    """POSIX: a background job's ignored SIGINT stays ignored (docs/design.md §13); the run completes."""
+    out = tmp_path / "out"
+    run = killed_run("SIGINT", "save:1", census_args(out), sigint=signal.SIG_IGN)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((out / "results.json").read_text())["incomplete"] == []
+    assert json.loads((out / MARKER).read_text())["status"] == "complete"
+
+
+def test_sigterm_still_ends_a_run_started_with_sigint_ignored(tmp_path, census_args):
+    out = tmp_path / "out"
+    run = killed_run("SIGTERM", "save:1", census_args(out), sigint=signal.SIG_IGN)
+    assert run.returncode == 130, run.stderr
+    assert "finished stages kept" in run.stderr
+    assert json.loads((out / "results.json").read_text())["incomplete"] == ["interventions"]
+
+
+def test_an_ignored_sigint_inside_the_swap_does_not_hide_a_sigterm(tmp_path, census_args, previous):
+    """Both arrive while the swap holds them: the ignored SIGINT is dropped, the SIGTERM still ends the run."""
+    out = tmp_path / "out"
+    shutil.copytree(previous, out)
+    run = killed_run("SIGINT+SIGTERM", "swap", census_args(out, "--overwrite"), sigint=signal.SIG_IGN)
+    assert run.returncode == 130, run.stderr
+    assert json.loads((out / "results.json").read_text())["incomplete"] == []  # the swap itself completed
+    assert leftovers(tmp_path) == []
+
+
+def test_a_parent_that_ignores_sigint_does_not_change_the_children(tmp_path, census_args):
+    """What the CI's second run (SIGINT ignored by its shell) checks, here in every run of the suite."""
+    parent = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        run = killed_run("SIGINT", "load", census_args(tmp_path / "out"))
+    finally:
+        signal.signal(signal.SIGINT, parent)
+    assert run.returncode == 130, run.stderr
+    assert "interrupted" in run.stderr and list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ prints one line naming the file or flag; ``--debug`` prints the traceback too.  
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ OK, FAILED, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
 USER_ERRORS = (ValueError, KeyError, IndexError, FileNotFoundError, FileExistsError, PermissionError,
                NotADirectoryError, IsADirectoryError)
 SPLITS = ("train", "validation", "all")
+LONG_PATCH_RUN = 10_000  # patches from which `patch` prints its estimate even with --quiet
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,6 +34,18 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(BAD_INPUT, f"mambascope: error: {message} (see {self.prog} --help)\n")
+
+
+def _finite(text: str) -> float:
+    """The argparse type of every float flag: a finite number.  ``float`` also reads nan and inf, which pass
+    every range check after it (``nan <= 0`` is false) and come out as NaN results."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _common_args() -> argparse.ArgumentParser:
@@ -61,7 +75,7 @@ def _add_corpus_args(p: argparse.ArgumentParser, window: int = 128, max_tokens: 
 
 def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices (default: all)")
-    p.add_argument("--heldout-fraction", type=float, default=0.25,
+    p.add_argument("--heldout-fraction", type=_finite, default=0.25,
                    help="share of the windows held out for ablation/pruning/faithfulness (default: %(default)s)")
     p.add_argument("--draws", type=int, default=3, help="random-control draws, at least 3 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -75,7 +89,7 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", default="10m", metavar="N|TIME",
                    help="checkpoint the census every N batches or every TIME (90s, 10m, 1h); 0 = never "
                    "(default: %(default)s)")
-    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+    p.add_argument("--memory-budget", type=_finite, default=None, metavar="GIB",
                    help="memory the census may use; where exact (neuron, n-gram) tables would not fit, n >= 2 is "
                    "counted in bounded Misra-Gries summaries, marked approximate (default: what the process holds "
                    "plus half of the memory available when the census starts, at most 16 GiB)")
@@ -103,7 +117,8 @@ def _at_least(args: argparse.Namespace, flag: str, low: float) -> None:
 def _check_flags(args: argparse.Namespace) -> None:
     """Every check that needs no model: fails in milliseconds rather than after minutes of work."""
     for flag, low in (("--window", 2), ("--batch-size", 1), ("--max-tokens", 0), ("--draws", 3), ("--steps", 1),
-                      ("--seq-len", 2), ("--threads", 1), ("--num-pairs", 1), ("--queries", 1)):
+                      ("--seq-len", 2), ("--threads", 1), ("--num-pairs", 1), ("--warmup", 1),
+                      ("--queries", 2)):  # --task's accuracy has a bootstrap interval: two queries at least
         _at_least(args, flag, low)
     if getattr(args, "max_tokens", 0) and args.max_tokens < args.window:
         raise ValueError(f"--max-tokens {args.max_tokens} is smaller than one window (--window {args.window}); "
@@ -135,6 +150,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         parse_every(args.checkpoint_every)
     if hasattr(args, "noise_subject"):
         _check_patch_flags(args)
+    if hasattr(args, "shape"):
+        _check_train_flags(args)
+    if getattr(args, "out", None):
+        _check_out_parents(Path(args.out))
     if hasattr(args, "port") and not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
     if getattr(args, "device", None):
@@ -150,6 +169,23 @@ def _check_flags(args: argparse.Namespace) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("--device-map spreads one model over the devices of one process; under torchrun "
                              "each rank holds a whole model on its own GPU: drop --device-map")
+
+
+def _check_out_parents(out: Path) -> None:
+    """--out's existing ancestors must be directories (``--out file/sub`` would fail at mkdir, as File exists)."""
+    for parent in reversed(out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"--out {out}: {parent} is a file, not a directory")
+
+
+def _check_train_flags(args: argparse.Namespace) -> None:
+    """``train-tiny``: the flags that only --task reads are refused without it, rather than ignored."""
+    task_only = {"--shape": args.shape, "--min-pairs": args.min_pairs, "--train-queries": args.train_queries,
+                 "--warmup": args.warmup, "--reference-init": args.reference_init,
+                 "--sinusoidal-positions": args.sinusoidal_positions, "--unit-decay": args.unit_decay}
+    given = [flag for flag, value in task_only.items() if value not in (None, False)]
+    if args.task is None and given:
+        raise ValueError(f"{given[0]} applies only to a task model: add --task mqar or --task copy, or drop it")
 
 
 def _check_patch_flags(args: argparse.Namespace) -> None:
@@ -248,8 +284,11 @@ def _stream_counts(windows) -> dict:
 def _claim(args: argparse.Namespace, kind: str):
     from mambascope.results.outputs import OutputDir, marker
 
-    resuming = getattr(args, "resume", False) and (marker(Path(args.out)) or {}).get("status") in ("incomplete",
-                                                                                                   "failed")
+    status = (marker(Path(args.out)) or {}).get("status")
+    resuming = getattr(args, "resume", False) and status in ("incomplete", "failed")
+    if getattr(args, "resume", False) and status == "complete" and not args.overwrite:
+        raise FileExistsError(f"--resume: --out {args.out} is a complete output; there is nothing to resume "
+                              f"(its results: {Path(args.out) / 'results.json'})")
     return OutputDir(args.out, overwrite=args.overwrite or resuming, kind=kind)
 
 
@@ -334,9 +373,19 @@ def _memory_plan(args: argparse.Namespace, model, info: dict):
                        batch_size=args.batch_size, budget=budget, budget_note=note)
 
 
-def _keep_finished(out, status: str = "incomplete") -> str | None:
-    """After an interrupt (``status`` incomplete) or a failure (failed): where the finished stages are (never
-    over an earlier output), or None when nothing had finished."""
+def _keep_finished(out, stages: tuple[str, ...], status: str = "incomplete") -> str | None:
+    """After an interrupt (``status`` incomplete) or a failure (failed): which stages had finished and where they
+    are (never over an earlier output), or None when none had (then nothing is kept: results.json is written
+    before the first stage)."""
+    import json
+
+    try:
+        incomplete = json.loads((out.staging / "results.json").read_text(encoding="utf-8"))["incomplete"]
+    except (OSError, ValueError, KeyError, TypeError):
+        incomplete = list(stages)
+    finished = [stage for stage in stages if stage not in incomplete]
+    if not finished and not out.committed:
+        (out.staging / "results.json").unlink(missing_ok=True)  # abandon() then removes the staging folder
     try:
         where = out.abandon(status)
     except OSError as exc:  # the disk that failed the run may refuse the marker too: the stages are still there
@@ -347,8 +396,17 @@ def _keep_finished(out, status: str = "incomplete") -> str | None:
     if where is None:
         return None
     if where == out.path:
-        return f"finished stages kept in {where / 'results.json'}"
-    return f"{out.path} is unchanged; finished stages kept in {where / 'results.json'}"
+        return f"finished stages kept in {where / 'results.json'} ({', '.join(finished)})"
+    return f"{out.path} is unchanged; finished stages kept in {where / 'results.json'} ({', '.join(finished)})"
+
+
+def _resume_hint(args: argparse.Namespace, stages: tuple[str, ...]) -> str:
+    """How to continue an interrupted census, when its checkpoint is there."""
+    from mambascope.scale import checkpoint_paths
+
+    if "census" not in stages or not checkpoint_paths(args.out):
+        return ""
+    return "; the census checkpoint is kept: rerun with --resume to continue from it"
 
 
 def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
@@ -411,15 +469,15 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
                 _render(results, out.staging, args.debug)
                 save_results(out.staging, results, store=False)
         except KeyboardInterrupt:
-            kept = _keep_finished(out) or f"nothing had finished; {out.path} is unchanged"
-            print(f"mambascope: interrupted; {kept}", file=sys.stderr)
+            kept = _keep_finished(out, stages) or f"no stage had finished; {out.path} is unchanged"
+            print(f"mambascope: interrupted; {kept}{_resume_hint(args, stages)}", file=sys.stderr)
             return INTERRUPTED
         except BaseException as exc:
-            kept = _keep_finished(out, "failed")
+            kept, hint = _keep_finished(out, stages, "failed"), _resume_hint(args, stages)
             if kept is not None and isinstance(exc, Exception):
-                exc.kept = kept  # told on the failure's one line (main)
-            elif kept is not None:
-                print(f"mambascope: {kept}", file=sys.stderr)
+                exc.kept = kept + hint  # told on the failure's one line (main)
+            elif kept is not None or hint:
+                print(f"mambascope: {kept or 'no stage had finished'}{hint}", file=sys.stderr)
             raise
         try:
             path = out.commit()
@@ -607,7 +665,8 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     pair = prompt_pair(tokenizer, args.clean, args.corrupt, args.target, args.corrupt_target, args.noise_subject)
     units = args.units or _default_units(model)
-    grid_rows(model, units, channels=args.channels)  # a unit type the model lacks fails before --out is claimed
+    rows = grid_rows(model, units, channels=args.channels)  # a unit type the model lacks fails before --out
+    _patch_estimate(args, model, pair, rows)
     with _claim(args, "patching") as out:
         patching, timings, errors = patch_prompts(
             model, tokenizer, pair, unit_types=units, metric=args.metric, direction=args.direction,
@@ -629,6 +688,34 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     return FAILED if results["errors"] else OK
 
 
+def _patch_estimate(args: argparse.Namespace, model, pair, rows: dict) -> None:
+    """Say how many patches ``patch`` will run before it starts: the grid grows as units x positions, so a long
+    prompt takes hours.  From LONG_PATCH_RUN patches on, also with --quiet, with a time estimate from one
+    timed forward pass of a full batch (a warning only: the user asked for this grid, and Ctrl-C now costs
+    nothing)."""
+    import time
+
+    import torch
+
+    from mambascope.trace import trace
+
+    units, positions = sum(len(r) for r in rows.values()), len(pair.clean_ids)
+    patches = units * positions
+    passes = -(-patches // args.batch_size)
+    long = patches >= LONG_PATCH_RUN
+    if args.quiet and not long:
+        return
+    line = (f"mambascope: patch: {patches:,} patches ({units} units x {positions} positions) in {passes:,} "
+            f"forward passes of up to {args.batch_size}")
+    if long:
+        ids = torch.tensor([pair.clean_ids], device=model.get_input_embeddings().weight.device)
+        start = time.perf_counter()
+        trace(model, ids.expand(min(args.batch_size, patches), -1), names=[])
+        seconds = (time.perf_counter() - start) * passes
+        line += f": about {seconds / 3600:.1f} h" if seconds >= 3600 else f": about {seconds / 60:.1f} min"
+    print(line, file=sys.stderr)
+
+
 def _default_units(model) -> list[str]:
     """The default unit types of ``patch``: those of the residual stream, the parts' outputs, the neurons and
     the SSM state that the model has."""
@@ -647,7 +734,7 @@ def _default_units(model) -> list[str]:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from mambascope.compare import compare_models, comparison_table
     from mambascope.data import load_corpus
-    from mambascope.models.loading import check_checkpoint
+    from mambascope.models.loading import check_checkpoint, position_limit
     from mambascope.report.compare_plots import plot_comparison
     from mambascope.report.html import render_comparison_report
     from mambascope.results import save_json, save_table
@@ -656,6 +743,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise ValueError("--models: compare needs at least two models")
     for name in args.models:
         check_checkpoint(name)
+        limit = position_limit(name)
+        if limit is not None and args.window > limit:
+            raise ValueError(f"--window {args.window} exceeds the maximum length of {name}, {limit} tokens")
     corpus = load_corpus(args.corpus, split=args.split)
     with _claim(args, "comparison") as out:
         comparison = compare_models(args.models, corpus.texts, window=args.window, max_tokens=args.max_tokens or None,
@@ -683,11 +773,11 @@ def _shape_overrides(items: list[str] | None) -> dict[str, int | float]:
     for item in items or []:
         key, sep, value = item.partition("=")
         try:
-            overrides[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
+            overrides[key] = int(value) if value.lstrip("-").isdigit() else _finite(value)
+        except argparse.ArgumentTypeError:
             sep = ""
         if not sep:
-            raise ValueError(f"--shape {item!r}: expected KEY=NUMBER, e.g. hidden_size=128")
+            raise ValueError(f"--shape {item!r}: expected KEY=NUMBER (a finite number), e.g. hidden_size=128")
     return overrides
 
 
@@ -793,7 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--lr", type=_finite, default=4e-3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -814,7 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--task mqar: queries per training example (default: one per pair; held-out: one per pair)")
     p.add_argument("--unit-decay", action="store_true",
                    help="--task, Mamba-1: start every state dimension at A = -1 instead of S4D-real -(1..N)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--weight-decay", type=_finite, default=0.1, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
     p.add_argument("--shape", nargs="+", default=None, metavar="KEY=NUMBER",
                    help="--task: override config fields, e.g. hidden_size=128 initializer_range=0.05 "
@@ -844,7 +934,7 @@ def _add_patch_args(p: argparse.ArgumentParser) -> None:
                    help="denoise: clean activations into the corrupted run; noise: the reverse (default: %(default)s)")
     p.add_argument("--noise-subject", default=None, help="causal tracing: corrupt --clean by Gaussian noise on the "
                    "embeddings of this part of it, instead of --corrupt")
-    p.add_argument("--noise-scale", type=float, default=3.0,
+    p.add_argument("--noise-scale", type=_finite, default=3.0,
                    help="noise std in units of the embeddings' std (default: %(default)s, Meng et al. 2022)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="patches per forward pass (default: %(default)s)")
@@ -854,6 +944,18 @@ def _add_patch_args(p: argparse.ArgumentParser) -> None:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM ends a run exactly like Ctrl-C: finished stages kept, exit 130
+
+
+def _handle_interrupts() -> dict[int, object]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt for the run (exit 130, docs/design.md §13), except a signal
+    this process was started with ignored: a background job of a non-interactive shell (or a CI runner) has
+    SIGINT ignored so that the terminal's Ctrl-C does not reach it, and by POSIX convention it stays ignored
+    (as Python itself leaves it).  Returns the handlers replaced, for ``main`` to put back."""
+    previous = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            previous[s] = signal.signal(s, _interrupt)
+    return previous
 
 
 def _one_line(exc: BaseException) -> str:
@@ -881,7 +983,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a one-line usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else BAD_INPUT
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = _handle_interrupts()
     try:
         _check_flags(args)
         _quiet_libraries(args.quiet)
@@ -899,7 +1001,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mambascope: {kind}: {_one_line(exc)}{kept}{hint}", file=sys.stderr)
         return BAD_INPUT if user else FAILED
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def parse_every(text: str) -> tuple[int | None, float | None]:
     try:
         if text and text[-1] in units:
             seconds = float(text[:-1]) * units[text[-1]]
-            if seconds <= 0:
+            if not 0 < seconds < float("inf"):  # nan too
                 raise ValueError
             return None, seconds
         batches = int(text)

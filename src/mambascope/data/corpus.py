@@ -353,6 +353,8 @@ def load_corpus(spec: str = "builtin", split: str = "train") -> Corpus:
         path = Path(spec).expanduser()
         suffix = path.suffix.lower()
         if suffix in (".txt", ".jsonl"):
+            if path.is_dir():
+                raise IsADirectoryError(f"corpus {path} is a directory, not a .txt or .jsonl file")
             if not path.is_file():
                 raise FileNotFoundError(f"corpus file not found: {path}")
             texts = _file_texts(path, split)

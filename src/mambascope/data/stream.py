@@ -85,6 +85,8 @@ def stream_documents(spec: str = "builtin", split: str = "train") -> Callable[[]
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
     if suffix in (".txt", ".jsonl"):
+        if path.is_dir():
+            raise IsADirectoryError(f"corpus {path} is a directory, not a .txt or .jsonl file")
         if not path.is_file():
             raise FileNotFoundError(f"corpus file not found: {path}")
         if suffix == ".txt":

@@ -271,6 +271,16 @@ def check_checkpoint(name_or_path: str) -> None:
     _check_supported(json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type"), name_or_path)
 
 
+def position_limit(name_or_path: str) -> int | None:
+    """``n_positions`` of a bundled or local checkpoint (learned position embeddings end there), read from its
+    config.json without loading it; None for a hub id or a model without learned positions."""
+    source, local = _resolve_source(name_or_path)
+    if not local:
+        return None
+    limit = json.loads((Path(source) / "config.json").read_text(encoding="utf-8")).get("n_positions")
+    return limit if isinstance(limit, int) else None
+
+
 def load_model(
     name_or_path: str,
     device: str | torch.device = "auto",

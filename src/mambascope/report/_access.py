@@ -58,6 +58,9 @@ def missing_reason(results: Mapping[str, Any], analysis: str) -> str:
         for key in keys:
             if key in incomplete:
                 return f"did not run: the run stopped before the '{key}' stage"
+    if analysis == "census" and (results.get("layers") or census_part(results)):
+        return ("results.json has a census, but no layer with the census fields (n_neurons, activation_frequency, "
+                "dead_neurons) that this version of mambascope reads")
     return f"not computed in this run (results.json has no '{analysis}')"
 
 

@@ -74,14 +74,16 @@ def signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM until the block ends, then deliver them to their usual handlers.
 
     Python handlers, not a signal mask: in a process with other threads (torch's), a masked signal is simply
-    taken by another thread, and Python still runs its handler in the main thread at once.
+    taken by another thread, and Python still runs its handler in the main thread at once.  An ignored signal
+    (SIG_IGN, e.g. SIGINT inherited ignored by a background job) is left ignored: holding it would deliver it
+    to nothing and could hide a SIGTERM received after it (docs/design.md §13).
     """
     if threading.current_thread() is not threading.main_thread():  # only the main thread can set handlers
         yield
         return
     received: list[int] = []
     previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+                for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -430,6 +430,10 @@ class NeuronStore:
         if self.manifest.get("version") != VERSION:
             raise ValueError(f"{self.path} is neuron-store version {self.manifest.get('version')}; this mambascope "
                              f"reads version {VERSION}: rerun the analysis")
+        missing = [key for key in ("layers", "n_neurons") if key not in self.manifest]
+        if missing:
+            raise ValueError(f"{manifest} lacks {', '.join(missing)}: not a complete neuron-store manifest; "
+                             "rerun the analysis")
         self.layers: list[int] = [int(layer) for layer in self.manifest["layers"]]
         self._sizes = {int(k): int(v) for k, v in self.manifest["n_neurons"].items()}
         self.n_neurons: int = sum(self._sizes.values())
