@@ -23,7 +23,7 @@ from mambascope.trace.forward import KNOCKOUT_UNIT, AnyEdit, Edit
 
 PATTERN_UNIT = "attn.hook_pattern"
 
-__all__ = ["KnockoutGrid", "Knockout", "attention_knockout", "knockout_edits", "knockout_grid", "knockout_layers",
+__all__ = ["Knockout", "KnockoutGrid", "attention_knockout", "knockout_edits", "knockout_grid", "knockout_layers",
            "knockout_logprobs"]
 
 
