@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mambascope.arch import ADAPTERS
+from mambascope.arch import ADAPTERS, adapter
 from mambascope.attribution.extract import METHODS as NEURON_METHODS
 from mambascope.attribution.extract import check_layers, check_method, extract
 from mambascope.attribution.methods import compute_method
@@ -144,7 +144,7 @@ def gradient_x_input(model: nn.Module, ids: Tensor | Sequence[int], target_posit
     from captum.attr import InputXGradient
 
     L, _, emb, f = _setup(model, ids, target_position, target_token)
-    attr = InputXGradient(f).attribute(emb)
+    attr = InputXGradient(f).attribute(emb.requires_grad_())
     return TokenRelevance("gradient_x_input", _padded(attr[0].sum(-1), L), "target logit")
 
 
@@ -247,6 +247,10 @@ def unavailable(model: nn.Module, method: str) -> str | None:
             check_method(method, model.config.model_type)
     except ValueError as exc:
         return str(exc)
+    ad = adapter(model)
+    ssm = ad.ssm_layers()
+    if method == "rollout" and not ad.transformer and any(layer not in ssm for layer in range(max(ssm, default=0))):
+        return f"rollout through the attention and MLP layers of a hybrid ({ad.model_type}) is not implemented"
     return None
 
 
@@ -274,7 +278,34 @@ def token_relevance(model: nn.Module, ids: Tensor | Sequence[int], target_positi
     return rows
 
 
+def explain_prediction(model: nn.Module, ids: Tensor | Sequence[int], target_position: int = -1,
+                       target_token: int | None = None, methods: Sequence[str] | None = None,
+                       settings: Settings = Settings()) -> dict[str, Any]:
+    """Every method's token relevance for one prediction, JSON-ready (``results["attribution"]`` without the
+    strings, which need the tokenizer): ``ids``, ``target`` {id, position, chosen, logit, logprob} (default
+    token: the model's own top prediction at the position), ``settings``, ``rows``
+    (:meth:`TokenRelevance.to_json`), ``methods`` (run), ``errors`` and ``timings`` (seconds) by method."""
+    t, P = check_prediction(model, ids, target_position, 0 if target_token is None else target_token)
+    with torch.no_grad():
+        logits = trace(model, t[:, :P + 1], names=[]).logits[0, P].double()
+    chosen = "given" if target_token is not None else "top prediction"
+    token = int(logits.argmax()) if target_token is None else target_token
+    errors: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    rows = token_relevance(model, t, P, token, methods, errors, settings, timings)
+    return {"ids": t[0].tolist(),
+            "target": {"id": token, "position": P, "chosen": chosen, "logit": float(logits[token]),
+                       "logprob": float(torch.log_softmax(logits, -1)[token])},
+            "settings": {"ig_steps": settings.ig_steps, "ig_integration": IG_METHOD,
+                         "baseline": BASELINES[settings.baseline],
+                         "explained": "Captum methods: the target's logit at the position, attributed at the "
+                                      "embedding layer (summed over its dimensions); knockout: the drop in the "
+                                      "target's log-prob; attention-neuron methods: their relevance at the query"},
+            "methods": list(timings), "rows": [r.to_json() for r in rows], "errors": errors,
+            "timings": {k: round(v, 3) for k, v in timings.items()}}
+
+
 __all__ = ["BASELINE", "BASELINES", "CAPTUM_METHODS", "IG_STEPS", "TOKEN_METHODS", "Settings", "TokenMethod",
-           "TokenRelevance", "baseline_embedding", "check_prediction", "check_token_methods", "gradient_x_input",
-           "integrated_gradients", "knockout", "neuron_method", "occlusion", "target_logit", "token_relevance",
-           "unavailable"]
+           "TokenRelevance", "baseline_embedding", "check_prediction", "check_token_methods", "explain_prediction",
+           "gradient_x_input", "integrated_gradients", "knockout", "neuron_method", "occlusion", "target_logit",
+           "token_relevance", "unavailable"]

@@ -42,35 +42,37 @@ def knockout_layers(model: nn.Module, layers: Iterable[int] | None = None, atten
     return out
 
 
-def attention_knockout(source: int | Sequence[int]) -> Edit:
+def attention_knockout(source: int | Sequence[int | None]) -> Edit:
     """Edit of ``attn.hook_pattern`` [b, H, L, L]: hide key ``source`` (one for every row, or ``source[r]`` in
-    row r) from every later query and renormalise those rows over the remaining keys (= the softmax with
-    that score at −inf; a row whose whole mass was on the source, to the last bit, becomes zero)."""
+    row r, None for none) from every later query and renormalise those rows over the remaining keys (= the
+    softmax with that score at −inf; a row whose whole mass was on the source, to the last bit, becomes zero)."""
     def edit(pattern: torch.Tensor) -> torch.Tensor:
         b, _, L, _ = pattern.shape
         per_row = [source] * b if isinstance(source, int) else source
         keep = torch.ones(b, 1, L, L, dtype=torch.bool, device=pattern.device)
         for r, j in enumerate(per_row):
-            keep[r, 0, j % L + 1:, j % L] = False
+            if j is not None:
+                keep[r, 0, j % L + 1:, j % L] = False
         kept = pattern * keep
         return kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(pattern.dtype).tiny)
 
     return edit
 
 
-def knockout_edits(model: nn.Module, source: int | Sequence[int], *, layers: Iterable[int] | None = None,
+def knockout_edits(model: nn.Module, source: int | Sequence[int | None], *, layers: Iterable[int] | None = None,
                    attention: bool = True) -> dict[str, AnyEdit]:
     """Edits that knock token ``source`` out of every later token in each knockout layer of ``layers``
     (default all, see :func:`knockout_layers`): a :class:`Knockout` on each SSM layer's ``mixer.hook_y``,
     and with ``attention`` an :func:`attention_knockout` on each attention layer's pattern.
 
-    ``source``: one position for every row of the batch, or one per row (row r knocks out ``source[r]``).
-    Pass the result as ``edits=`` to ``mambascope.trace``.
+    ``source``: one position for every row of the batch, or one per row (row r knocks out ``source[r]``, none
+    where it is None).  Pass the result as ``edits=`` to ``mambascope.trace``.
     """
     ad = adapter(model)
     if not isinstance(source, int):
-        source = [int(s) for s in source]
-    ssm = Knockout(source) if isinstance(source, int) else [Knockout(s, rows=(r,)) for r, s in enumerate(source)]
+        source = [None if s is None else int(s) for s in source]
+    ssm = Knockout(source) if isinstance(source, int) else [Knockout(s, rows=(r,)) for r, s in enumerate(source)
+                                                            if s is not None]
     edits: dict[str, AnyEdit] = {}
     for layer in knockout_layers(model, layers, attention):
         units = ad.units(layer)
@@ -89,18 +91,23 @@ def knockout_logprobs(model: nn.Module, input_ids: torch.Tensor, *, target: int,
                       sources: Sequence[int] | None = None, layers: Iterable[int] | None = None,
                       attention: bool = True, batch_size: int = 32) -> tuple[torch.Tensor, float]:
     """(log p(target) at ``position`` with each source knocked out of every layer of ``layers`` [len(sources)],
-    the clean log-prob); ``sources`` default every position.  Batched: row r of a forward knocks out its own source."""
+    the clean log-prob); ``sources`` default every position.  Batched: row r + 1 of a forward knocks out its
+    own source, row 0 none; each knocked-out value is the clean one plus its difference to its own batch's row 0,
+    so that a knockout that changes nothing gives exactly the clean value (rows of one batch round alike)."""
     ids = torch.as_tensor(input_ids).reshape(1, -1)
     L = ids.shape[1]
     chosen = list(range(L)) if sources is None else [s % L for s in sources]
     layer_list = knockout_layers(model, layers, attention)
-    clean = float(_logprob(trace(model, ids, names=[]).logits, position, target)[0])
     out = torch.empty(len(chosen), dtype=torch.float64)
+    clean = None
     for start in range(0, len(chosen), batch_size):
-        part = chosen[start:start + batch_size]
+        part = [None, *chosen[start:start + batch_size]]
         edits = knockout_edits(model, part, layers=layer_list, attention=attention)
-        logits = trace(model, ids.expand(len(part), -1), names=[], edits=edits).logits
-        out[start:start + len(part)] = _logprob(logits, position, target).cpu()
+        values = _logprob(trace(model, ids.expand(len(part), -1), names=[], edits=edits).logits, position, target)
+        clean = float(values[0]) if clean is None else clean
+        out[start:start + len(part) - 1] = (clean + (values[1:] - values[0])).cpu()
+    if clean is None:
+        clean = float(_logprob(trace(model, ids, names=[]).logits, position, target)[0])
     return out, clean
 
 
