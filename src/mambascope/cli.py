@@ -170,6 +170,8 @@ def _check_patch_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"--units: {exc}") from None
         if args.units is None:
             raise ValueError("--units is empty: name at least one unit type")
+        if "knockout" in args.units and args.direction != "noise":
+            raise ValueError("--units knockout removes a token inside the clean run: add --direction noise")
     if args.channels is not None:
         try:
             args.channels = [int(c) for c in args.channels.split(",")]
