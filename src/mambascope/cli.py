@@ -498,6 +498,15 @@ def _cmd_census(args: argparse.Namespace) -> int:
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
+    if args.whole_model_methods:
+        from mambascope.attribution.ground_truth import check_whole_model
+
+        if args.task is None:
+            raise ValueError("--whole-model-methods scores against a task's ground truth: add --task")
+        try:
+            check_whole_model(args.whole_model_methods)
+        except ValueError as exc:
+            raise ValueError(f"--whole-model-methods: {exc}") from None
     if args.task is not None:
         return _run_ground_truth(args)
     return _run(args, ("attention_neurons",))
@@ -523,7 +532,7 @@ def _run_ground_truth(args: argparse.Namespace) -> int:
         _check_model_flags(args, model, window=False)  # a task model's length is the task's
         start = time.perf_counter()
         truth = run_ground_truth(model, settings, n_queries=args.queries, layers=args.layers, methods=args.methods,
-                                 seed=args.seed)
+                                 seed=args.seed, whole_model=args.whole_model_methods or ())
         results = {"model": model_info(model, args.model),
                    "corpus": {"name": f"task:{args.task}", "split": "held-out", "windows": truth["n_queries"],
                               "window": truth["seq_len"], "tokens": truth["n_queries"] * truth["seq_len"]},
@@ -771,6 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, choices=["mqar", "copy"],
                    help="score the methods against the ground truth of a task model (train-tiny --task)")
     p.add_argument("--queries", type=int, default=512, help="held-out queries for --task (default: %(default)s)")
+    p.add_argument("--whole-model-methods", nargs="+", default=None, metavar="METHOD",
+                   help="--task: also score these whole-model methods, one forward set per query: gradient_x_input, "
+                   "integrated_gradients, occlusion, knockout (mambascope attribute's; default: none)")
     p.set_defaults(func=_cmd_attention)
 
     p = sub.add_parser("report", parents=common, help="re-render figures and report.html from a results directory")

@@ -226,6 +226,8 @@ TOKEN_METHODS: dict[str, TokenMethod] = {
     **{m: neuron_method(m) for m in NEURON_METHODS},
 }
 CAPTUM_METHODS = ("gradient_x_input", "integrated_gradients", "occlusion")
+# one row per prediction (layer None): what the ground-truth scorer runs as whole-model rows
+WHOLE_MODEL_METHODS = (*CAPTUM_METHODS, "knockout")
 
 
 def check_token_methods(methods: Sequence[str] | None) -> list[str]:
@@ -305,7 +307,7 @@ def explain_prediction(model: nn.Module, ids: Tensor | Sequence[int], target_pos
             "timings": {k: round(v, 3) for k, v in timings.items()}}
 
 
-__all__ = ["BASELINE", "BASELINES", "CAPTUM_METHODS", "IG_STEPS", "TOKEN_METHODS", "Settings", "TokenMethod",
-           "TokenRelevance", "baseline_embedding", "check_prediction", "check_token_methods", "explain_prediction",
-           "gradient_x_input", "integrated_gradients", "knockout", "neuron_method", "occlusion", "target_logit",
-           "token_relevance", "unavailable"]
+__all__ = ["BASELINE", "BASELINES", "CAPTUM_METHODS", "IG_STEPS", "TOKEN_METHODS", "WHOLE_MODEL_METHODS", "Settings",
+           "TokenMethod", "TokenRelevance", "baseline_embedding", "check_prediction", "check_token_methods",
+           "explain_prediction", "gradient_x_input", "integrated_gradients", "knockout", "neuron_method", "occlusion",
+           "target_logit", "token_relevance", "unavailable"]
