@@ -2,6 +2,7 @@
 
 import json
 
+import jsonschema
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from mambascope.attribution.input_attribution import CAPTUM_METHODS, TOKEN_METHO
 from mambascope.cli import main
 from mambascope.interventions.knockout import knockout_edits
 from mambascope.models import load_model
+from mambascope.report import results_schema
 from mambascope.trace import trace
 
 TEXT = "def read(self, path):\n    return open(path)."
@@ -40,6 +42,7 @@ def test_every_method_row_figure_and_report(written, capsys):
     code, out = written
     assert code == 0
     results = json.loads((out / "results.json").read_text())
+    jsonschema.validate(results, results_schema())
     attribution = results["attribution"]
     model, tokenizer = load_model("tiny-mamba")
     ids = tokenizer(TEXT).input_ids

@@ -50,10 +50,11 @@ def _q16(b64: str, scale: float) -> list[float | None]:
 # ------------------------------------------------------------------------------------------- figures
 
 def test_every_figure_is_drawn_from_full_mamba_results(mamba_figures: FigureSet) -> None:
-    # ground truth: task models only (tests/test_ground_truth.py); patching: `mambascope patch` only
-    assert set(mamba_figures.skipped) == {"ground_truth", "patching"}
+    # ground truth: task models only (tests/test_ground_truth.py); patching: `mambascope patch` only;
+    # attribution: `mambascope attribute` only
+    assert set(mamba_figures.skipped) == {"ground_truth", "patching", "attribution"}
     stems = {p.stem for p in mamba_figures}
-    expected = set(FIGURES) - {"attention_neurons", "ground_truth", "patching"}
+    expected = set(FIGURES) - {"attention_neurons", "ground_truth", "patching", "attribution"}
     assert expected <= stems
     assert {"attention_neurons_L1"} <= stems  # the seed's 6-panel figure, one per analysed layer
     for path in mamba_figures:
