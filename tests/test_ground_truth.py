@@ -240,3 +240,28 @@ def test_source_ranks_refuse_non_finite_relevance_naming_the_method() -> None:
     rel[1, 4] = float("inf")
     ranks = source_ranks(rel[1:], torch.tensor([3]), torch.tensor([0]), torch.Generator().manual_seed(0))
     assert ranks.tolist() == [1]
+
+
+def test_whole_model_rows_are_scored_from_each_querys_relevance() -> None:
+    """``whole_model=``: one row per source and method with layer None, whose hit rate is that of the method's
+    own relevance for log p(answer) at each query, recomputed here query by query."""
+    from mambascope.attribution.input_attribution import gradient_x_input
+
+    model = _tiny_task_model("mamba")
+    batch = generate("mqar", 12, 64, seed=5)
+    res = attribution_accuracy(model, batch, [0], ["attention_weighted"], seed=0, batch_size=12,
+                               whole_model=["gradient_x_input", "knockout"])
+    assert not res["errors"] and res["whole_model_methods"] == ["gradient_x_input", "knockout"]
+    whole = {(r["source"], r["method"]): r for r in res["rows"] if r["method"] in ("gradient_x_input", "knockout")}
+    assert set(whole) == {(s, m) for s in ("value", "key") for m in ("gradient_x_input", "knockout")}
+    assert all(r["layer"] is None and "beats_random" in r for r in whole.values())
+    pick = one_query_per_example(batch, 0)
+    hits = []
+    for i in range(12):
+        q = int(pick["query"][i])
+        rel = gradient_x_input(model, batch.input_ids[i], q, int(pick["answer"][i])).relevance[:q]
+        assert int((rel == rel.max()).sum()) == 1  # continuous scores: the top-1 is the plain argmax
+        hits.append(int(rel.argmax()) == int(pick["value_pos"][i]))
+    assert whole[("value", "gradient_x_input")]["hit_rate"]["mean"] == pytest.approx(sum(hits) / 12)
+    with pytest.raises(ValueError, match="unknown whole-model method 'rollout'"):
+        attribution_accuracy(model, batch, [0], ["attention_weighted"], whole_model=["rollout"])

@@ -50,10 +50,11 @@ def _q16(b64: str, scale: float) -> list[float | None]:
 # ------------------------------------------------------------------------------------------- figures
 
 def test_every_figure_is_drawn_from_full_mamba_results(mamba_figures: FigureSet) -> None:
-    # ground truth: task models only (tests/test_ground_truth.py); patching: `mambascope patch` only
-    assert set(mamba_figures.skipped) == {"ground_truth", "patching"}
+    # ground truth: task models only (tests/test_ground_truth.py); patching: `mambascope patch` only;
+    # attribution: `mambascope attribute` only
+    assert set(mamba_figures.skipped) == {"ground_truth", "patching", "attribution"}
     stems = {p.stem for p in mamba_figures}
-    expected = set(FIGURES) - {"attention_neurons", "ground_truth", "patching"}
+    expected = set(FIGURES) - {"attention_neurons", "ground_truth", "patching", "attribution"}
     assert expected <= stems
     assert {"attention_neurons_L1"} <= stems  # the seed's 6-panel figure, one per analysed layer
     for path in mamba_figures:
@@ -90,10 +91,12 @@ def test_figures_from_the_run_census_layout(tmp_path: Path) -> None:
 
 def test_html_has_every_section_and_is_self_contained(mamba_html: str) -> None:
     for sid in SECTIONS:
-        if sid != "patching":
+        if sid not in ("patching", "attribution"):
             assert f'<section id="{sid}">' in mamba_html, sid
     assert '<section id="patching">' not in mamba_html  # shown only for `mambascope patch` results
-    assert mamba_html.count("data:image/png;base64,") >= len(FIGURES) - 2  # all but ground_truth and patching
+    assert '<section id="attribution">' not in mamba_html  # shown only for `mambascope attribute` results
+    # all but ground_truth, patching and attribution
+    assert mamba_html.count("data:image/png;base64,") >= len(FIGURES) - 3
     assert not re.search(r'(src|href)="(https?:)?//', mamba_html), "no network resources"
     assert "<link " not in mamba_html
     for text in ("Key counts per layer", "tiny-random-mamba", "held-out loss", "Token level (MoRF / LeRF)",

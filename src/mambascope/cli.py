@@ -1,5 +1,5 @@
-"""The ``mambascope`` command line: ``analyze``, ``census``, ``attention``, ``compare``, ``patch``, ``report``,
-``train-tiny``.
+"""The ``mambascope`` command line: ``analyze``, ``census``, ``attention``, ``compare``, ``patch``, ``attribute``,
+``report``, ``train-tiny``.
 
 Every flag has a default and is checked before any work starts.  Exit codes, the same for every subcommand
 (docs/design.md §13): 0 ok, 1 a stage failed, 2 bad input, 130 interrupted (Ctrl-C or SIGTERM).  A failure
@@ -207,6 +207,8 @@ def _check_patch_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"--units: {exc}") from None
         if args.units is None:
             raise ValueError("--units is empty: name at least one unit type")
+        if "knockout" in args.units and args.direction != "noise":
+            raise ValueError("--units knockout removes a token inside the clean run: add --direction noise")
     if args.channels is not None:
         try:
             args.channels = [int(c) for c in args.channels.split(",")]
@@ -613,6 +615,15 @@ def _cmd_census(args: argparse.Namespace) -> int:
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
+    if args.whole_model_methods:
+        from mambascope.attribution.ground_truth import check_whole_model
+
+        if args.task is None:
+            raise ValueError("--whole-model-methods scores against a task's ground truth: add --task")
+        try:
+            check_whole_model(args.whole_model_methods)
+        except ValueError as exc:
+            raise ValueError(f"--whole-model-methods: {exc}") from None
     if args.task is not None:
         return _run_ground_truth(args)
     return _run(args, ("attention_neurons",))
@@ -638,7 +649,7 @@ def _run_ground_truth(args: argparse.Namespace) -> int:
         _check_model_flags(args, model, window=False)  # a task model's length is the task's
         start = time.perf_counter()
         truth = run_ground_truth(model, settings, n_queries=args.queries, layers=args.layers, methods=args.methods,
-                                 seed=args.seed)
+                                 seed=args.seed, whole_model=args.whole_model_methods or ())
         results = {"model": model_info(model, args.model),
                    "corpus": {"name": f"task:{args.task}", "split": "held-out", "windows": truth["n_queries"],
                               "window": truth["seq_len"], "tokens": truth["n_queries"] * truth["seq_len"]},
@@ -714,6 +725,78 @@ def _patch_estimate(args: argparse.Namespace, model, pair, rows: dict) -> None:
         seconds = (time.perf_counter() - start) * passes
         line += f": about {seconds / 3600:.1f} h" if seconds >= 3600 else f": about {seconds / 60:.1f} min"
     print(line, file=sys.stderr)
+
+
+def _check_attribute_flags(args: argparse.Namespace) -> None:
+    """``attribute``: the flags that need no model (``args.attribute_methods`` becomes the validated list)."""
+    from mambascope.attribution.input_attribution import BASELINES, check_token_methods
+
+    if not args.text.strip():
+        raise ValueError("--text is empty: give the text whose next-token prediction should be explained")
+    for flag, value in (("--ig-steps", args.ig_steps), ("--top", args.top)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.baseline not in BASELINES:
+        raise ValueError(f"--baseline {args.baseline!r}: choose from {', '.join(BASELINES)}")
+    if args.attribute_methods is not None:
+        try:
+            args.attribute_methods = check_token_methods(args.attribute_methods)
+        except ValueError as exc:
+            raise ValueError(f"--methods: {exc}") from None
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    """Per-token relevance of one prediction by every method (docs/methods.md, "Token relevance of one prediction")."""
+    import torch
+
+    from mambascope.attribution.input_attribution import Settings, explain_prediction, unavailable
+    from mambascope.interventions.prompts import single_token, tokens
+    from mambascope.models import BUNDLED, load_model
+    from mambascope.models.loading import load_tokenizer
+    from mambascope.pipeline import model_info
+    from mambascope.report.attribute_plots import print_attribution
+    from mambascope.results import save_json
+    from mambascope.trace import check_inputs
+
+    _check_attribute_flags(args)
+    # the text and the target are checked against the tokenizer before a model loads, where it is local
+    local = args.model in BUNDLED or Path(args.model).expanduser().is_dir()
+    tokenizer = load_tokenizer(args.model) if local else None
+
+    def prediction(tok):
+        ids = tok(args.text).input_ids
+        if not ids:
+            raise ValueError(f"--text {args.text!r} gives no tokens")
+        if not -len(ids) <= args.position < len(ids):
+            raise IndexError(f"--position {args.position} is outside the {len(ids)}-token --text")
+        return ids, None if args.target is None else single_token(tok, args.target, "--target")
+
+    if tokenizer is not None:
+        prediction(tokenizer)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    ids, target = prediction(tokenizer)
+    check_inputs(model, torch.tensor([ids]))
+    for method in args.attribute_methods or ():
+        reason = unavailable(model, method)
+        if reason:
+            raise ValueError(f"--methods {method}: {reason}")
+    with _claim(args, "attribution") as out:
+        attribution = explain_prediction(model, ids, args.position, target, args.attribute_methods,
+                                         Settings(ig_steps=args.ig_steps, baseline=args.baseline))
+        attribution["target"]["token"] = tokenizer.decode([attribution["target"]["id"]])
+        attribution = {"text": args.text, "tokens": tokens(tokenizer, ids), **attribution}
+        errors = {f"attribution: {m}": r for m, r in attribution["errors"].items()}
+        results = {"model": model_info(model, args.model),
+                   "corpus": {"name": "text", "split": None, "texts": 1, "tokens": len(ids)},
+                   "attribution": attribution, "errors": errors,
+                   "timings": {"attribution": round(sum(attribution["timings"].values()), 3)}, "incomplete": []}
+        if args.report:
+            _render(results, out.staging)
+        save_json(out.file("results.json"), results)
+        path = out.commit()
+    print_attribution(results["attribution"], k=args.top)
+    print(f"results: {path / 'results.json'}")
+    return FAILED if results["errors"] else OK
 
 
 def _default_units(model) -> list[str]:
@@ -846,6 +929,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, choices=["mqar", "copy"],
                    help="score the methods against the ground truth of a task model (train-tiny --task)")
     p.add_argument("--queries", type=int, default=512, help="held-out queries for --task (default: %(default)s)")
+    p.add_argument("--whole-model-methods", nargs="+", default=None, metavar="METHOD",
+                   help="--task: also score these whole-model methods, one forward set per query: gradient_x_input, "
+                   "integrated_gradients, occlusion, knockout (mambascope attribute's; default: none)")
     p.set_defaults(func=_cmd_attention)
 
     p = sub.add_parser("report", parents=common, help="re-render figures and report.html from a results directory")
@@ -876,6 +962,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("patch", parents=common, help="activation patching / causal tracing of one prompt pair")
     _add_patch_args(p)
     p.set_defaults(func=_cmd_patch)
+
+    p = sub.add_parser("attribute", parents=common, help="per-token relevance of one prediction, by every method")
+    _add_attribute_args(p)
+    p.set_defaults(func=_cmd_attribute)
 
     p = sub.add_parser("train-tiny", parents=common, help="train a bundled-size model on the built-in corpus")
     p.add_argument("--arch", required=True, choices=TRAIN_ARCHS)
@@ -940,6 +1030,26 @@ def _add_patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="patches per forward pass (default: %(default)s)")
     _add_out_args(p, "mambascope-patch")
     p.add_argument("--no-report", dest="report", action="store_false", help="skip figures and report.html")
+
+
+def _add_attribute_args(p: argparse.ArgumentParser) -> None:
+    from mambascope.attribution.input_attribution import BASELINE, BASELINES, IG_STEPS, TOKEN_METHODS
+
+    _add_model_args(p)
+    p.add_argument("--text", required=True, help="the text whose next-token prediction is explained")
+    p.add_argument("--target", default=None, help='the token explained, one token (e.g. " return"; default: the '
+                   "model's top prediction at --position)")
+    p.add_argument("--position", type=int, default=-1, help="the position whose next-token prediction is explained; "
+                   "negative counts from the end (default: %(default)s, the last token)")
+    p.add_argument("--methods", dest="attribute_methods", nargs="+", default=None,
+                   help=f"methods, of {', '.join(TOKEN_METHODS)} (default: every one the model supports)")
+    p.add_argument("--baseline", default=BASELINE, help="reference input of integrated gradients and occlusion: "
+                   + "; ".join(f"{k} = {v}" for k, v in BASELINES.items()) + " (default: %(default)s)")
+    p.add_argument("--ig-steps", type=int, default=IG_STEPS,
+                   help="integrated gradients' Gauss-Legendre steps (default: %(default)s)")
+    p.add_argument("--top", type=int, default=5, help="tokens listed per method (default: %(default)s)")
+    _add_out_args(p, "mambascope-attribute")
+    p.add_argument("--no-report", dest="report", action="store_false", help="skip the figure and report.html")
 
 
 def _interrupt(signum: int, frame: object) -> None:

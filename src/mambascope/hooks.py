@@ -17,6 +17,7 @@ from torch import nn
 
 from mambascope.arch import adapter
 from mambascope.arch.units import STATE_UNIT
+from mambascope.ssm.knockout import Knockout
 from mambascope.trace.forward import Trace, resolve_units, state_positions_of, trace
 from mambascope.trace.names import all_names
 
@@ -79,7 +80,8 @@ def run_with_cache(
 
 
 def run_with_hooks(
-    model: nn.Module, input_ids: torch.Tensor, fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]], *,
+    model: nn.Module, input_ids: torch.Tensor,
+    fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn | Knockout]], *,
     attention_mask: torch.Tensor | None = None, state_positions: Iterable[int] | None = None,
     max_length: int | None = None,
 ) -> torch.Tensor:
@@ -89,7 +91,9 @@ def run_with_hooks(
     unit's shape, which replaces the unit for the rest of the forward, or None to leave it as it is;
     several hooks on one unit run in the order given, each on the previous one's result.  A hook on
     ``mixer.hook_ssm_state`` needs ``state_positions`` and is called once per position, as the scan
-    reaches it, on the [b, K, ...] states so far (``mambascope.trace.forward._Emitter.state``).
+    reaches it, on the [b, K, ...] states so far (``mambascope.trace.forward._Emitter.state``).  In place of
+    ``fn``, a :class:`~mambascope.ssm.knockout.Knockout` on ``mixer.hook_y`` knocks a token out of the scan
+    (several on one unit combine; they do not chain with hook functions there).
     """
     ad = adapter(model)
     positions = None if state_positions is None else state_positions_of(state_positions, input_ids.shape[1])
@@ -98,8 +102,12 @@ def run_with_hooks(
         chosen = _select(model, name_filter, state=positions is not None)
         for name in resolve_units(ad, chosen, {}, positions)[1]:
             chains.setdefault(name, []).append(fn)
-    edits = {name: _edit(HookPoint(name, positions if name.endswith(STATE_UNIT) else None), fns)
-             for name, fns in chains.items()}
+    edits: dict = {}
+    for name, fns in chains.items():
+        knockouts = tuple(fn for fn in fns if isinstance(fn, Knockout))
+        if knockouts and len(knockouts) < len(fns):
+            raise ValueError(f"{name}: a Knockout replaces the scan output; it cannot be chained with hook functions")
+        edits[name] = knockouts or _edit(HookPoint(name, positions if name.endswith(STATE_UNIT) else None), fns)
     return trace(model, input_ids, [], attention_mask=attention_mask, edits=edits, max_length=max_length,
                  state_positions=positions).logits
 

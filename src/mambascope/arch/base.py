@@ -20,6 +20,7 @@ from torch import nn
 
 from mambascope.arch.lrp_mode import normalize
 from mambascope.arch.units import STATE_SHAPES, STATE_UNIT, layer_units
+from mambascope.ssm.knockout import Knockout
 from mambascope.ssm.params import MixerParams
 
 
@@ -30,10 +31,12 @@ class Emit(Protocol):
     continues with what it returns.  ``state_positions``: the sorted positions after which this layer's
     SSM state is wanted or edited, None when it is neither (then the scan runs unsegmented);
     ``state(unit, k, h)`` hands over the state after the k-th of them and returns the state the scan
-    continues from.
+    continues from.  ``knockouts``: the layer's scan knockouts (``mambascope.ssm.knockout.Knockout``), whose
+    terms the mixer subtracts from the scan output before emitting ``mixer.hook_y``; empty for none.
     """
 
     state_positions: tuple[int, ...] | None
+    knockouts: tuple[Knockout, ...]
 
     def __call__(self, unit: str, tensor: torch.Tensor) -> torch.Tensor: ...
 

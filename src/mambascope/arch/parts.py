@@ -5,6 +5,7 @@ so that the traced logits equal the model's own.  ``emit(unit, tensor)`` records
 it, possibly edited by an intervention; downstream computation uses what it returns.  The SSM state
 ``mixer.hook_ssm_state`` is emitted only when the tracer asks for it (``emit.state_positions``): then
 the scan runs in segments ending at those positions, and each segment starts from the state emit returned.
+``emit.knockouts`` (``mambascope.ssm.knockout``) remove chosen source tokens' terms from the scan output.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from mambascope.arch.base import Emit
 from mambascope.arch.lrp_mode import activation, held, lrp_rules, product, silu
 from mambascope.arch.units import STATE_UNIT
+from mambascope.ssm.knockout import s6_knockout_terms, ssd_knockout_terms
 from mambascope.ssm.scan import selective_scan, ssd_scan
 
 # scan(segment, initial state or None) -> (y of the segment [b, len, ...], state after its last position)
@@ -96,6 +98,8 @@ def mamba1_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
             return selective_scan(u[:, s], dt[:, s], A, B[:, s], C[:, s], initial_state=h, return_state=True)
 
         y = scan_through_states(scan, u.shape[1], emit)
+    if emit.knockouts:  # the terms the knocked-out sources wrote into the state, removed from the outputs
+        y = y - s6_knockout_terms(u, dt, A, B, C, emit.knockouts)
     y = emit("mixer.hook_y", y + u * at_least_fp32(mixer.D))
     gate = emit("mixer.hook_gate", silu(z))
     return emit("mixer.hook_post", product(torch.mul, y, gate))
@@ -150,6 +154,8 @@ def mamba2_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
                             initial_state=h, return_state=True)
 
         y = scan_through_states(scan, u.shape[1], emit)
+    if emit.knockouts:
+        y = y - ssd_knockout_terms(u_heads, dt, A, B, C, emit.knockouts)
     y = y + at_least_fp32(mixer.D)[:, None] * at_least_fp32(u_heads)
     y = emit("mixer.hook_y", y.reshape(*u.shape[:2], E))
     gate = emit("mixer.hook_gate", silu(at_least_fp32(z)))

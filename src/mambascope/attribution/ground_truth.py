@@ -35,8 +35,8 @@ from mambascope.trace import architecture
 SOURCES = ("value", "key")
 BASELINES = ("random", "recency")
 
-__all__ = ["BASELINES", "SOURCES", "attribution_accuracy", "ground_truth_table", "one_query_per_example",
-           "run_ground_truth", "source_ranks", "task_settings"]
+__all__ = ["BASELINES", "SOURCES", "attribution_accuracy", "check_whole_model", "ground_truth_table",
+           "one_query_per_example", "run_ground_truth", "source_ranks", "task_settings"]
 
 
 def one_query_per_example(batch: TaskBatch, seed: int) -> dict[str, Tensor]:
@@ -74,17 +74,22 @@ def _diff(a: dict, b: dict, seed: int) -> dict:
 
 
 def attribution_accuracy(model: nn.Module, batch: TaskBatch, layers: int | Sequence[int] | None = None,
-                         methods: Sequence[str] | None = None, *, seed: int = 0, batch_size: int = 64) -> dict:
+                         methods: Sequence[str] | None = None, *, seed: int = 0, batch_size: int = 64,
+                         whole_model: Sequence[str] = ()) -> dict:
     """Hit rate and MRR of every method and baseline at every layer against ``batch``'s ground truth.
 
-    ``batch``: held-out task examples (one query each is scored, see the module docstring).  Returns a
-    JSON-ready dict: ``n_queries``, ``task_accuracy`` (argmax at the scored queries, from the extraction's
-    own forward), ``rows`` (one per source × method × layer; baselines have ``layer`` None since they do
-    not depend on it) and ``errors`` (method -> reason).
+    ``batch``: held-out task examples (one query each is scored, see the module docstring).
+    ``whole_model``: methods of :data:`~mambascope.attribution.input_attribution.TOKEN_METHODS` with one row
+    of relevance per prediction (``gradient_x_input``, ``integrated_gradients``, ``occlusion``, ``knockout``),
+    run query by query for log p(answer) at the query, scored as whole-model rows.  Returns a JSON-ready
+    dict: ``n_queries``, ``task_accuracy`` (argmax at the scored queries, from the extraction's own forward),
+    ``rows`` (one per source × method × layer; baselines and whole-model methods have ``layer`` None) and
+    ``errors`` (method -> reason).
     """
     arch = architecture(model)
     layers = check_layers(model, layers)
     wanted = check_methods(methods, arch)
+    whole = check_whole_model(whole_model)
     pick = one_query_per_example(batch, seed)
     # Examples sorted by query position: a batch then shares few query rows of the hidden attention.
     order = torch.argsort(pick["query"], stable=True)
@@ -104,6 +109,11 @@ def attribution_accuracy(model: nn.Module, batch: TaskBatch, layers: int | Seque
                     rel.setdefault(method, {}).setdefault(layer, []).append(recs[layer]["relevance"].cpu())
     query = pick["query"]
     n, L = batch.input_ids.shape
+    for method in whole:
+        try:
+            rel[method] = {None: [_whole_model_relevance(model, method, batch.input_ids, query, pick["answer"])]}
+        except Exception as exc:  # one failing method must not stop the others
+            errors[method] = f"{type(exc).__name__}: {exc}"
     gen = torch.Generator().manual_seed(seed + 17)
     rows_out: list[dict] = []
     for source in SOURCES:
@@ -112,15 +122,16 @@ def attribution_accuracy(model: nn.Module, batch: TaskBatch, layers: int | Seque
                 "recency": _stats(query - src, seed)}
         rows_out.append(_row(source, "random", None, base["random"]) | {"expected": _random_expectation(query)})
         rows_out.append(_row(source, "recency", None, base["recency"]))
-        for method in [m for m in wanted if m in rel and m not in errors]:
+        for method in [m for m in [*wanted, *whole] if m in rel and m not in errors]:
             try:
                 ranks = {layer: source_ranks(torch.cat(rel[method][layer]), query, src, gen,
-                                             f"{method} at layer {layer}") for layer in layers}
+                                             method if layer is None else f"{method} at layer {layer}")
+                         for layer in rel[method]}
             except ValueError as exc:  # reported by name; its rows are left out (also of the other sources)
                 errors[method] = str(exc)
                 rows_out = [r for r in rows_out if r["method"] != method]
                 continue
-            for layer in layers:
+            for layer in rel[method]:
                 st = _stats(ranks[layer], seed)
                 row = _row(source, method, layer, st)
                 for bname, bst in base.items():
@@ -128,13 +139,33 @@ def attribution_accuracy(model: nn.Module, batch: TaskBatch, layers: int | Seque
                     row[f"vs_{bname}"] = {k: {kk: v[kk] for kk in ("mean", "low", "high")} for k, v in d.items()}
                     row[f"beats_{bname}"] = {k: v["low"] is not None and v["low"] > 0 for k, v in d.items()}
                 rows_out.append(row)
-    return {"arch": arch, "task": batch.task, "layers": layers, "methods": wanted, "n_queries": n,
+    return {"arch": arch, "task": batch.task, "layers": layers, "methods": wanted, "whole_model_methods": whole,
+            "n_queries": n,
             "seq_len": L, "queries_per_example_scored": 1, "seed": seed,
             "task_accuracy": float(torch.cat(correct).double().mean()),
             "task_accuracy_queries": int(torch.cat(correct).numel()),
             "rank_among": "context positions 0..q-1 (q = the query key, where the answer is predicted)",
             "interval": "95% percentile bootstrap over queries (2000 resamples)",
             "rows": rows_out, "errors": errors}
+
+
+def check_whole_model(methods: Sequence[str]) -> list[str]:
+    """The whole-model methods asked for, validated: one row per prediction, no per-layer methods."""
+    from mambascope.attribution.input_attribution import WHOLE_MODEL_METHODS
+
+    bad = [m for m in methods if m not in WHOLE_MODEL_METHODS]
+    if bad:
+        raise ValueError(f"unknown whole-model method {bad[0]!r}; choose from {', '.join(WHOLE_MODEL_METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def _whole_model_relevance(model: nn.Module, method: str, ids: Tensor, query: Tensor, answer: Tensor) -> Tensor:
+    """[n, L] relevance of a whole-model method for log p(answer_i) at query_i of each example i."""
+    from mambascope.attribution.input_attribution import TOKEN_METHODS, Settings
+
+    rows = [TOKEN_METHODS[method](model, ids[i], int(query[i]), int(answer[i]), Settings())[0].relevance
+            for i in range(ids.shape[0])]
+    return torch.stack(rows)
 
 
 def _correct(model: nn.Module, part: TaskBatch) -> Tensor:
@@ -190,7 +221,7 @@ def task_settings(model_dir: str | Path) -> dict:
 
 def run_ground_truth(model: nn.Module, settings: dict, *, n_queries: int = 512,
                      layers: int | Sequence[int] | None = None, methods: Sequence[str] | None = None,
-                     seed: int = 0, batch_size: int = 64) -> dict:
+                     seed: int = 0, batch_size: int = 64, whole_model: Sequence[str] = ()) -> dict:
     """:func:`attribution_accuracy` on ``n_queries`` held-out examples of the task in ``settings``
     (:func:`task_settings`): the examples the training run held out (seed·10⁶ − 1), never trained on."""
     from mambascope.models.train_task import heldout_task_batch
@@ -199,7 +230,8 @@ def run_ground_truth(model: nn.Module, settings: dict, *, n_queries: int = 512,
         raise ValueError(f"n_queries must be at least 2 for a bootstrap interval, got {n_queries}")
     batch = heldout_task_batch(settings["task"], n_queries, settings["seq_len"], settings["num_pairs"],
                                settings["seed"])
-    out = attribution_accuracy(model, batch, layers, methods, seed=seed, batch_size=batch_size)
+    out = attribution_accuracy(model, batch, layers, methods, seed=seed, batch_size=batch_size,
+                               whole_model=whole_model)
     return out | {"num_pairs": settings["num_pairs"] if settings["task"] == "mqar" else None,
                   "heldout_seed": settings["seed"] * 1_000_000 - 1,
                   "table": to_jsonable(ground_truth_table(out).to_dict(orient="records"))}

@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 
 from mambascope.arch import adapter
 from mambascope.arch.units import STATE_UNIT
+from mambascope.ssm.knockout import Knockout
 from mambascope.trace import trace
-from mambascope.trace.forward import Edit
+from mambascope.trace.forward import KNOCKOUT_UNIT, Edit
 
 # unit type -> what one row of its grid patches (docs/patching.md)
 UNIT_TYPES: dict[str, str] = {
@@ -47,6 +48,8 @@ UNIT_TYPES: dict[str, str] = {
     "channels": "a chosen set of the neuron unit's channels, post[..., channels]",
     "state": "mixer.hook_ssm_state: the SSM state after the position; the scan continues from the patched state "
              "(the conv window is not part of it)",
+    "knockout": "mixer.hook_y without the position's token: its term removed from every later token's scan output "
+                "(Endy et al. 2025); an edit of the clean run, so direction 'noise' only",
 }
 ALIASES = {"resid": "resid_pre"}
 # unit type -> the hook it patches, where that is one hook per layer
@@ -113,6 +116,8 @@ def _layer_rows(ad: Any, layer: int, unit_type: str, channels: Sequence[int] | N
     prefix = f"blocks.{layer}."
     if unit_type == "state":
         return [UnitRow(layer, prefix + STATE_UNIT)] if STATE_UNIT in ad.state_units(layer) else []
+    if unit_type == "knockout":
+        return [UnitRow(layer, prefix + KNOCKOUT_UNIT)] if KNOCKOUT_UNIT in units else []
     if unit_type in _RESIDUAL_UNITS:
         unit = _RESIDUAL_UNITS[unit_type]
         return [UnitRow(layer, prefix + unit)] if unit in units else []
@@ -215,11 +220,13 @@ def gaussian_noise(model: nn.Module, positions: Sequence[int], *, scale: float =
 
 @dataclass(frozen=True)
 class Patch:
-    """Write the source activation of hook ``name`` at ``position`` (``index``: along its third axis)."""
+    """Write the source activation of hook ``name`` at ``position`` (``index``: along its third axis); with
+    ``knockout``, instead knock the token at ``position`` out of the scan whose output ``name`` is."""
 
     name: str
     position: int
     index: tuple[int, ...] | None = None
+    knockout: bool = False
 
 
 def compose(first: Edit | None, then: Edit) -> Edit:
@@ -247,8 +254,12 @@ def patch_edits(rows: Sequence[Sequence[Patch]], source: Mapping[str, torch.Tens
     :func:`state_positions` (the tracer's [b, K, ...] layout).
     """
     groups: dict[str, dict[tuple[int, ...] | None, tuple[list[int], list[int]]]] = {}
+    knockouts: dict[str, list[Knockout]] = {}
     for i, patches in enumerate(rows):
         for p in patches:
+            if p.knockout:
+                knockouts.setdefault(p.name, []).append(Knockout(p.position, rows=(i,)))
+                continue
             rs, ps = groups.setdefault(p.name, {}).setdefault(p.index, ([], []))
             rs.append(i)
             ps.append(p.position)
@@ -256,6 +267,10 @@ def patch_edits(rows: Sequence[Sequence[Patch]], source: Mapping[str, torch.Tens
     edits = dict(base_edits or {})
     for name, by_index in groups.items():
         edits[name] = compose(edits.get(name), _writer(source[name][0], by_index, slots if is_state(name) else None))
+    for name, kos in knockouts.items():
+        if name in edits:
+            raise ValueError(f"{name}: a knockout cannot be combined with another edit of the scan output in one batch")
+        edits[name] = kos
     return edits
 
 
@@ -487,24 +502,30 @@ def activation_patching(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     rows = grid_rows(model, unit_types, layers, channels)
+    if "knockout" in rows and direction != "noise":
+        raise ValueError("unit type 'knockout' removes a token inside the clean run: use direction 'noise'")
     names = sorted({r.name for rs in rows.values() for r in rs})
-    pos = check_positions(positions, as_ids(clean_ids, "clean").shape[1])
+    L = as_ids(clean_ids, "clean").shape[1]
+    pos = check_positions(positions, L)
     runs = prepare_runs(model, clean_ids, corrupt_ids, names, target=target, metric=metric, other=other,
                         direction=direction, corrupt_edits=corrupt_edits)
-    # position-major, so that a batch patches the state at few positions (the tracer's cost grows with them)
-    cells = [(u, i, j) for u, rs in rows.items() for j in range(len(pos)) for i in range(len(rs))]
+    # position-major, so that a batch patches the state at few positions (the tracer's cost grows with them);
+    # one unit type per batch, so that a knockout never meets a patch of the same scan output
+    cells = {u: [(u, i, j) for j in range(len(pos)) for i in range(len(rs))] for u, rs in rows.items()}
+    batches = [c[start:start + batch_size] for c in cells.values() for start in range(0, len(c), batch_size)]
     values = {u: torch.empty(len(rs), len(pos), dtype=torch.float64) for u, rs in rows.items()}
-    bar = tqdm(total=len(cells), desc="patching", unit="patch", disable=not progress)
-    for start in range(0, len(cells), batch_size):
-        batch = cells[start:start + batch_size]
-        patches = [[Patch(rows[u][i].name, pos[j], rows[u][i].index)] for u, i, j in batch]
+    bar = tqdm(total=sum(map(len, cells.values())), desc="patching", unit="patch", disable=not progress)
+    for batch in batches:
+        patches = [[Patch(rows[u][i].name, pos[j], rows[u][i].index, u == "knockout")] for u, i, j in batch]
         m = runs.metric(run_patched(model, runs.base_ids, patches, runs.source, runs.base_edits)).cpu()
         for (u, i, j), value in zip(batch, m.tolist(), strict=True):
             values[u][i, j] = value
         bar.update(len(batch))
     bar.close()
-    grids = {u: PatchGrid(u, rows[u], pos, values[u], runs.effect(values[u]), runs.changed(rows[u], pos))
-             for u in rows}
+    # a knockout changes the layer wherever a token follows the source; a patch, where source and base differ
+    changed = {u: torch.tensor([[p < L - 1 for p in pos]] * len(rs)) if u == "knockout" else runs.changed(rs, pos)
+               for u, rs in rows.items()}
+    grids = {u: PatchGrid(u, rows[u], pos, values[u], runs.effect(values[u]), changed[u]) for u in rows}
     return PatchingResult(runs.metric, direction, runs.clean_metric, runs.corrupt_metric, grids)
 
 

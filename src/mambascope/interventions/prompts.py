@@ -112,13 +112,17 @@ def patch_prompts(model: nn.Module, tokenizer: Any, pair: PromptPair, *, unit_ty
                         "nu": noise_scale * sigma, "seed": seed}
     errors = {}
     start = time.perf_counter()
+    # a knockout is not a patch of activations from the other run: it has no attribution-patching estimate
+    estimated = [u for u in unit_types if u != "knockout"]
     try:
-        estimate = attribution_patching(model, pair.clean_ids, pair.corrupt_ids, **{**common, "other": other})
+        estimate = attribution_patching(model, pair.clean_ids, pair.corrupt_ids,
+                                        **{**common, "other": other, "unit_types": estimated}) if estimated else None
     except Exception as exc:  # the true grids stand without their estimate; the failure is reported by name
         errors["attribution"] = f"{type(exc).__name__}: {exc}"
     else:
+        grids = estimate.grids if estimate else {}
         out["attribution"] = {u: {"effect": g.effect.tolist(), "metric": g.metric.tolist(),
-                                  **agreement(true.grids[u], g)} for u, g in estimate.grids.items()}
+                                  **agreement(true.grids[u], g)} for u, g in grids.items()}
     timings["attribution"] = time.perf_counter() - start
     return out, timings, errors
 

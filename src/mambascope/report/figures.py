@@ -724,6 +724,16 @@ def _plot_patching(results: Mapping[str, Any], out_dir: str | Path) -> list[Path
     return paths
 
 
+def _plot_attribution(results: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
+    """The token heat strip of ``mambascope attribute`` (report/attribute_plots.py)."""
+    from mambascope.report.attribute_plots import plot_attribution
+
+    paths = plot_attribution(results, out_dir)
+    if not paths:
+        raise FigureSkipped("no attribution results (mambascope attribute)")
+    return paths
+
+
 # ----------------------------------------------------------------------------------------------- driver
 
 def _pct(fraction: Any) -> str:
@@ -761,6 +771,7 @@ FIGURES: dict[str, PlotFunction] = {
     "faithfulness_neurons": plot_faithfulness_neurons,
     "ground_truth": plot_ground_truth,
     "patching": _plot_patching,
+    "attribution": _plot_attribution,
 }
 """Every figure of the report by name (the PNG stem; ``attention_neurons`` writes one per layer)."""
 

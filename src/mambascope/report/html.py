@@ -35,6 +35,7 @@ import jinja2
 from markupsafe import Markup
 
 from mambascope.report import _access as acc
+from mambascope.report.attribute_plots import ranked, row_label
 from mambascope.report.figures import GROUP_LABELS, create_comprehensive_report
 from mambascope.report.neuron_payload import TOP_NEURONS, neuron_data, r4, top_neurons
 from mambascope.report.patching_plots import PATCHING_FIGURES, UNIT_STYLE, top_cells
@@ -54,6 +55,7 @@ SECTIONS: dict[str, str] = {
     "faithfulness": "Faithfulness",
     "ground-truth": "Ground truth",
     "patching": "Patching",
+    "attribution": "Token attribution",
     "neurons": "Neuron pages",
     "errors": "Errors",
 }
@@ -70,6 +72,7 @@ _FIGURE_SECTION = {
     "faithfulness_curves": "faithfulness", "faithfulness_neurons": "faithfulness",
     "ground_truth": "ground-truth",
     "patching": "patching", **dict.fromkeys(PATCHING_FIGURES, "patching"),
+    "attribution": "attribution",
 }
 
 MAX_LIST = 200  # neuron links listed inline per layer and group before "… and N more"
@@ -679,6 +682,30 @@ def _patching_section(results: Mapping[str, Any]) -> dict[str, Any]:
                             "attribution Spearman", "cells compared"], rows)]}
 
 
+def _attribution_section(results: Mapping[str, Any]) -> dict[str, Any]:
+    """``mambascope attribute``: the prediction explained, each method's top tokens, its settings and timing."""
+    attribution = results["attribution"]
+    target = attribution.get("target") or {}
+    settings = attribution.get("settings") or {}
+    setup = _tb(["", "value"], [
+        ("text", attribution.get("text")), ("target", tok(target.get("token", ""))),
+        ("position", target.get("position")), ("chosen", target.get("chosen")),
+        ("log-probability", target.get("logprob")), ("baseline (IG, occlusion)", settings.get("baseline")),
+        ("IG steps", settings.get("ig_steps")), ("explained", settings.get("explained"))], "kv")
+    timings = attribution.get("timings") or {}
+    rows = []
+    for r in attribution.get("rows") or []:
+        if not isinstance(r, dict):
+            continue
+        top = _joined([[tok(t), text(f" @{p} {v:+.3g}")] for p, t, v in ranked(attribution, r, 5)])
+        delta = r.get("convergence_delta")
+        rows.append([row_label(r), top, r.get("explains"), "" if delta is None else f"{delta:+.3g}",
+                     timings.get(r.get("method"))])
+    failed = [_error(f"{name} failed: {reason}") for name, reason in (attribution.get("errors") or {}).items()]
+    return {"blocks": [setup, _tb(["method", "most relevant tokens (@position relevance)", "explains",
+                                   "IG convergence delta", "seconds (all layers)"], rows), *failed]}
+
+
 def _neurons_section(results: Mapping[str, Any], partial: Mapping[str, Any] | None) -> dict[str, Any]:
     layers = acc.layer_items(results)
     if not layers:
@@ -741,7 +768,12 @@ def report_context(results: Mapping[str, Any], figures: Sequence[Path], skipped:
     has_patching = isinstance(results.get("patching"), dict) and isinstance(results["patching"].get("grids"), dict)
     if has_patching:
         sections["patching"] = _patching_section(results)
-    headings = {sid: label for sid, label in SECTIONS.items() if sid != "patching" or has_patching}
+    has_attribution = isinstance(results.get("attribution"), dict) and isinstance(results["attribution"].get("rows"),
+                                                                                   list)
+    if has_attribution:
+        sections["attribution"] = _attribution_section(results)
+    optional = {"patching": has_patching, "attribution": has_attribution}
+    headings = {sid: label for sid, label in SECTIONS.items() if optional.get(sid, True)}
     figs = {sid: _figures(sid, paths, skipped, figure_src) for sid in [*headings, "other"]}
     corpus = results.get("corpus") if isinstance(results.get("corpus"), dict) else {}
     arch = acc.arch(results)

@@ -34,6 +34,7 @@ UNIT_STYLE: dict[str, tuple[str, str]] = {
     "heads": ("one head (attention hook_z, Mamba-2 hook_y)", "Reds"),
     "channels": ("a chosen set of neurons (hook_post)", "Greens"),
     "state": ("SSM state (mixer.hook_ssm_state)", "Blues"),
+    "knockout": ("token knocked out of the scan (mixer.hook_y)", "Oranges"),
 }
 PATCHING_FIGURES = tuple(f"patching_{unit}" for unit in UNIT_STYLE)
 """The PNG stems :func:`plot_patching` may write."""

@@ -4,17 +4,21 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from mambascope.arch import Adapter, Context, adapter
 from mambascope.arch.units import STATE_UNIT
+from mambascope.ssm.knockout import Knockout, as_knockouts
 from mambascope.trace.names import UNITS, all_names, layers_of, resolve_names
 
 LayerCallback = Callable[[int, dict[str, torch.Tensor]], None]
 Edit = Callable[[torch.Tensor], torch.Tensor]
+# the unit a Knockout edits: the scan output, recomputed without the knocked-out terms
+KNOCKOUT_UNIT = "mixer.hook_y"
+AnyEdit = Edit | Knockout | Sequence[Knockout]
 
 
 class Trace(dict):
@@ -63,8 +67,10 @@ class _Emitter:
     keep it if wanted, pass it on."""
 
     def __init__(self, prefix: str, wanted: set[str], edits: Mapping[str, Edit], collected: dict[str, torch.Tensor],
-                 state_positions: tuple[int, ...] | None) -> None:
+                 state_positions: tuple[int, ...] | None,
+                 knockouts: Mapping[str, tuple[Knockout, ...]] | None = None) -> None:
         self.prefix, self.wanted, self.edits, self.collected = prefix, wanted, edits, collected
+        self.knockouts = (knockouts or {}).get(prefix + KNOCKOUT_UNIT, ())
         state = prefix + STATE_UNIT
         asked = state in wanted or state in edits
         self.state_positions = state_positions if asked else None
@@ -150,6 +156,25 @@ def resolve_units(ad: Adapter, names: str | Iterable[str] | None, edits: Mapping
     return plain, wanted
 
 
+def split_knockouts(edits: Mapping[str, AnyEdit]) -> tuple[dict[str, Edit], dict[str, tuple[Knockout, ...]]]:
+    """(plain edits, knockouts by hook name): a :class:`Knockout` (or a sequence of them) is an edit of
+    ``blocks.{l}.mixer.hook_y`` only, and not together with an edit of the same layer's SSM state (the
+    knocked-out term is that of the unedited recurrence)."""
+    plain: dict[str, Edit] = {}
+    knockouts: dict[str, tuple[Knockout, ...]] = {}
+    for name, edit in edits.items():
+        found = as_knockouts(edit)
+        if found is None:
+            plain[name] = edit
+            continue
+        if not name.endswith("." + KNOCKOUT_UNIT):
+            raise ValueError(f"a Knockout edits the scan output blocks.{{l}}.{KNOCKOUT_UNIT}, not {name}")
+        if name[:-len(KNOCKOUT_UNIT)] + STATE_UNIT in edits:
+            raise ValueError(f"{name}: a knockout and an edit of the same layer's {STATE_UNIT} cannot be combined")
+        knockouts[name] = found
+    return plain, knockouts
+
+
 def trace_stream(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -157,7 +182,7 @@ def trace_stream(
     *,
     attention_mask: torch.Tensor | None = None,
     names: str | Iterable[str] | None = None,
-    edits: Mapping[str, Edit] | None = None,
+    edits: Mapping[str, AnyEdit] | None = None,
     max_length: int | None = None,
     grad: bool = False,
     state_positions: Iterable[int] | None = None,
@@ -168,7 +193,9 @@ def trace_stream(
         input_ids: [b, L] token ids.  attention_mask: [b, L] of 0/1 (left or right padding), optional.
         names: hook names or shell patterns (``"*hook_post"``, ``"blocks.3.*"``); None = every unit.
         edits: full hook name -> function applied to that unit's tensor; the forward continues with the
-            result (zero- or mean-ablation at ``mixer.hook_post``, patching, ...).
+            result (zero- or mean-ablation at ``mixer.hook_post``, patching, ...).  On
+            ``blocks.{l}.mixer.hook_y`` the value may instead be a :class:`~mambascope.ssm.knockout.Knockout`
+            (or a list of them): the scan output without the knocked-out source tokens' terms.
         max_length: longest sequence accepted (models with learned positions default to their maximum).
         grad: build the autograd graph (for gradient-based attributions); off by default to save memory.
         state_positions: positions p after which ``mixer.hook_ssm_state`` holds the SSM state h_p
@@ -181,10 +208,10 @@ def trace_stream(
     ad = adapter(model)
     check_inputs(model, input_ids, attention_mask, max_length)
     positions = state_positions_of(state_positions, input_ids.shape[1])
-    edits = dict(edits or {})
+    edits, knockouts = split_knockouts(edits or {})
     units, wanted_names = resolve_units(ad, names, edits, positions)
     wanted = set(wanted_names) if callback is not None else set()
-    unknown = set(edits) - set(all_names(units))
+    unknown = (set(edits) | set(knockouts)) - set(all_names(units))
     if unknown:
         resolve_names(units, sorted(unknown), ad.model_type)  # raises with the nearest valid name
     device = model.get_input_embeddings().weight.device
@@ -199,7 +226,7 @@ def trace_stream(
         h = ad.embed(input_ids, ctx)
         for index in range(ad.n_layers):
             collected: dict[str, torch.Tensor] = {}
-            emit = _Emitter(f"blocks.{index}.", wanted, edits, collected, positions)
+            emit = _Emitter(f"blocks.{index}.", wanted, edits, collected, positions, knockouts)
             h = ad.run_block(index, ad.on_block_device(index, h, ctx), ctx, emit)
             if collected:
                 callback(index, collected)
@@ -213,7 +240,7 @@ def trace(
     names: str | Iterable[str] | None = None,
     *,
     attention_mask: torch.Tensor | None = None,
-    edits: Mapping[str, Edit] | None = None,
+    edits: Mapping[str, AnyEdit] | None = None,
     max_length: int | None = None,
     grad: bool = False,
     state_positions: Iterable[int] | None = None,
@@ -234,4 +261,5 @@ def trace(
     return Trace(tensors, logits, adapter(model).model_type)
 
 
-__all__ = ["UNITS", "Trace", "check_inputs", "resolve_units", "state_positions_of", "trace", "trace_stream"]
+__all__ = ["KNOCKOUT_UNIT", "UNITS", "Knockout", "Trace", "check_inputs", "resolve_units", "split_knockouts",
+           "state_positions_of", "trace", "trace_stream"]
