@@ -15,5 +15,5 @@ from mambascope.trace.generate import Steer, generate
 
 __version__ = "0.1.0"
 
-__all__ = ["HookPoint", "Steer", "Trace", "block_bias", "generate", "hidden_attention", "load_corpus", "load_model", "mixer_params",
-           "run_with_cache", "run_with_hooks", "tokenize_windows", "trace", "trace_stream"]
+__all__ = ["HookPoint", "Steer", "Trace", "block_bias", "generate", "hidden_attention", "load_corpus", "load_model",
+           "mixer_params", "run_with_cache", "run_with_hooks", "tokenize_windows", "trace", "trace_stream"]

@@ -98,12 +98,13 @@ def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 def check_generate(model: nn.Module, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                    prompt_length: int = 0) -> None:
-    """Raise for a family the decoding cache does not cover (``UnsupportedFeature``) or bad settings (``ValueError``)."""
+    """Raise ``UnsupportedFeature`` for a family the decoding cache does not cover, ``ValueError`` for bad settings."""
     ad = adapter(model)
     if ad.model_type not in FAMILIES:
         raise UnsupportedFeature(f"generate does not support the {ad.model_type} family yet (supported: "
                                  f"{', '.join(FAMILIES)})")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+    integer = isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool)
+    if not integer or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise ValueError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, got {max_new_tokens!r}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
