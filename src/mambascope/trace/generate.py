@@ -13,9 +13,11 @@ position of the tensor's first slot; any other edit is called ``edit(tensor)`` a
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -164,6 +166,41 @@ def generate(
     return (tokens, torch.stack(chosen, dim=1)) if return_logits else tokens
 
 
+def dictionary_direction(directory: str | Path, index: int) -> tuple[str, torch.Tensor]:
+    """(hook name, decoder row W_dec[index] [d_in]) of a sparse dictionary saved in the SAELens format:
+    ``cfg.json`` (its ``hook_name``) and ``sae_weights.safetensors`` (``W_dec`` [d_sae, d_in]); only that
+    row is read.  ``ValueError`` / ``FileNotFoundError`` naming the file for anything else."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    cfg_path, weights = directory / "cfg.json", directory / "sae_weights.safetensors"
+    for path in (cfg_path, weights):
+        if not path.is_file():
+            raise FileNotFoundError(f"--feature: no {path.name} in {directory} (a SAELens-format dictionary)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--feature: {cfg_path} is not JSON ({exc})") from None
+    hook = cfg.get("hook_name") if isinstance(cfg, dict) else None
+    if not isinstance(hook, str) or not hook:
+        raise ValueError(f"--feature: {cfg_path} has no hook_name")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = f.keys()
+            if "W_dec" not in names:
+                raise ValueError(f"--feature: {weights} has no W_dec")
+            rows = f.get_slice("W_dec")
+            shape = rows.get_shape()
+            if len(shape) != 2:
+                raise ValueError(f"--feature: W_dec in {weights} is {shape}, not [d_sae, d_in]")
+            if not 0 <= index < shape[0]:
+                raise IndexError(f"--feature: feature {index} out of range: the dictionary has features "
+                                 f"0..{shape[0] - 1}")
+            return hook, rows[index].float()
+    except SafetensorError as exc:
+        raise ValueError(f"--feature: {weights} is not a safetensors file ({exc})") from None
+
+
 def parse_positions(text: str) -> tuple[tuple[int, int | None], ...]:
     """``"3,5:8,10:"`` -> ((3, 4), (5, 8), (10, None)): absolute positions, ranges [start, stop)."""
     ranges = []
@@ -181,4 +218,5 @@ def parse_positions(text: str) -> tuple[tuple[int, int | None], ...]:
     return tuple(ranges)
 
 
-__all__ = ["FAMILIES", "MODES", "Steer", "check_generate", "generate", "neuron_direction", "parse_positions"]
+__all__ = ["FAMILIES", "MODES", "Steer", "check_generate", "dictionary_direction", "generate", "neuron_direction",
+           "parse_positions"]
