@@ -1,4 +1,4 @@
-"""Decoding through the traced forward, with edits at every new token (docs/hooks.md, "Generation").
+"""Decoding through the traced forward, with edits at every new token (docs/hooks.md, "Generation and steering").
 
 The prefill is one traced forward over the prompt that fills a :class:`~mambascope.arch.base.DecodeCache`
 (each SSM mixer's conv window and state, each attention layer's keys and values); every later step runs
@@ -32,7 +32,7 @@ MODES = ("add", "set")
 MAX_NEW_TOKENS = 4096
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Steer:
     """Activation steering of one unit along ``direction`` [d] (the unit's last axis), at chosen positions.
 
@@ -70,7 +70,7 @@ class Steer:
         pos = torch.arange(start, start + tensor.shape[1], device=tensor.device)
         keep = torch.zeros_like(pos, dtype=torch.bool)
         for lo, hi in self.positions:
-            keep |= (pos >= lo) & (pos < (hi if hi is not None else pos.max() + 1))
+            keep |= (pos >= lo) & (pos < hi) if hi is not None else pos >= lo
         return torch.where(keep.view(1, -1, *[1] * (tensor.dim() - 2)), steered, tensor)
 
 
