@@ -221,3 +221,21 @@ def test_parse_positions():
     for bad in ("", "a", "5:3", "-1", "2:2"):
         with pytest.raises(ValueError, match="--positions"):
             parse_positions(bad)
+
+
+def test_pattern_at_a_step_is_the_new_querys_row(models):
+    """Editing attn.hook_pattern takes the explicit-softmax path; at a step it is [b, H, 1, t + 1] and an
+    identity edit leaves every step's logits as the fused attention gives them."""
+    model, tokenizer = _load(models, "tiny-gpt")
+    ids = _prompt(tokenizer)
+    shapes = []
+
+    def record(pattern):
+        shapes.append(tuple(pattern.shape))
+        return pattern
+
+    _, logits = generate(model, ids, 4, edits={"blocks.1.attn.hook_pattern": record}, return_logits=True)
+    _, plain = generate(model, ids, 4, return_logits=True)
+    L, H = ids.shape[1], model.config.n_head
+    assert shapes == [(1, H, L, L)] + [(1, H, 1, L + i + 1) for i in range(3)]
+    assert (plain - logits).abs().max() < _tol(model, plain)
