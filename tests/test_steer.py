@@ -71,10 +71,10 @@ def test_unit_steering_matches_hf_hooks(tmp_path, capsys, mamba):
     assert "unsteered" in stdout and "steered (neuron 12)" in stdout
 
 
-def _dictionary(directory, hook_name, W_dec):
+def _dictionary(directory, hook_name, W_dec, **extra):
     directory.mkdir()
     d_sae, d_in = W_dec.shape
-    cfg = {"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "hook_name": hook_name, "k": 4}
+    cfg = {"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "hook_name": hook_name, "k": 4, **extra}
     (directory / "cfg.json").write_text(json.dumps(cfg))
     save_file({"W_enc": W_dec.T.contiguous(), "b_enc": torch.zeros(d_sae), "W_dec": W_dec,
                "b_dec": torch.zeros(d_in)}, str(directory / "sae_weights.safetensors"))
@@ -103,6 +103,32 @@ def test_feature_steering_adds_the_decoder_row(tmp_path, capsys, mamba):
     steered = _slow_greedy(model, ids, new, block, add, pre=False)[0, ids.shape[1]:].tolist()
     assert record["tokens"]["steered"] == steered
     assert record["tokens"]["steered"] != record["tokens"]["unsteered"]
+
+
+def test_transcoder_feature_writes_at_its_output_hook(tmp_path, capsys, mamba):
+    """A transcoder (hook_name its input, hook_name_out its output): W_dec[i] is added at hook_name_out,
+    here the mixer's output (the output of out_proj)."""
+    model, tokenizer = mamba
+    d = model.config.hidden_size
+    W_dec = torch.randn(5, d, generator=torch.Generator().manual_seed(1))
+    sae = _dictionary(tmp_path / "tc", "blocks.1.hook_resid_pre", W_dec, architecture="transcoder",
+                      hook_name_out="blocks.1.hook_mixer_out", d_out=d)
+    feature, scale, new = 2, 4.0, 6
+    out = tmp_path / "steer"
+    code, _, _ = _run(capsys, "steer", "--model", "tiny-mamba", "--device", "cpu", "--prompt", PROMPT, "--feature",
+                      f"{sae}:{feature}", "--scale", str(scale), "--max-new-tokens", str(new), "--out", str(out),
+                      "--quiet")
+    assert code == 0
+    record = json.loads((out / "steer.json").read_text())
+    assert record["hook_name"] == "blocks.1.hook_mixer_out"
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+
+    def add(module, args, output):
+        return output + scale * W_dec[feature]
+
+    out_proj = adapter(model).out_projs(1)["mixer.hook_post"]
+    steered = _slow_greedy(model, ids, new, out_proj, add, pre=False)[0, ids.shape[1]:].tolist()
+    assert record["tokens"]["steered"] == steered
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -167,9 +167,10 @@ def generate(
 
 
 def dictionary_direction(directory: str | Path, index: int) -> tuple[str, torch.Tensor]:
-    """(hook name, decoder row W_dec[index] [d_in]) of a sparse dictionary saved in the SAELens format:
-    ``cfg.json`` (its ``hook_name``) and ``sae_weights.safetensors`` (``W_dec`` [d_sae, d_in]); only that
-    row is read.  ``ValueError`` / ``FileNotFoundError`` naming the file for anything else."""
+    """(hook name, decoder row W_dec[index]) of a sparse dictionary saved in the SAELens format: ``cfg.json``
+    and ``sae_weights.safetensors`` (``W_dec`` [d_sae, d_out]); only that row is read.  The decoder writes at
+    ``hook_name`` for an SAE, at ``hook_name_out`` for a transcoder (which reads ``hook_name``).
+    ``ValueError`` / ``FileNotFoundError`` naming the file for anything else."""
     from safetensors import SafetensorError, safe_open
 
     directory = Path(directory)
@@ -181,9 +182,9 @@ def dictionary_direction(directory: str | Path, index: int) -> tuple[str, torch.
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"--feature: {cfg_path} is not JSON ({exc})") from None
-    hook = cfg.get("hook_name") if isinstance(cfg, dict) else None
+    hook = cfg.get("hook_name_out", cfg.get("hook_name")) if isinstance(cfg, dict) else None
     if not isinstance(hook, str) or not hook:
-        raise ValueError(f"--feature: {cfg_path} has no hook_name")
+        raise ValueError(f"--feature: {cfg_path} has no hook_name (nor hook_name_out)")
     try:
         with safe_open(str(weights), framework="pt") as f:
             names = f.keys()
@@ -192,7 +193,7 @@ def dictionary_direction(directory: str | Path, index: int) -> tuple[str, torch.
             rows = f.get_slice("W_dec")
             shape = rows.get_shape()
             if len(shape) != 2:
-                raise ValueError(f"--feature: W_dec in {weights} is {shape}, not [d_sae, d_in]")
+                raise ValueError(f"--feature: W_dec in {weights} is {shape}, not [d_sae, d_out]")
             if not 0 <= index < shape[0]:
                 raise IndexError(f"--feature: feature {index} out of range: the dictionary has features "
                                  f"0..{shape[0] - 1}")
