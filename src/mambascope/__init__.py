@@ -11,8 +11,9 @@ from mambascope.hooks import HookPoint, run_with_cache, run_with_hooks
 from mambascope.models import load_model
 from mambascope.ssm import block_bias, hidden_attention
 from mambascope.trace import Trace, mixer_params, trace, trace_stream
+from mambascope.trace.generate import Steer, generate
 
 __version__ = "0.1.0"
 
-__all__ = ["HookPoint", "Trace", "block_bias", "hidden_attention", "load_corpus", "load_model", "mixer_params",
-           "run_with_cache", "run_with_hooks", "tokenize_windows", "trace", "trace_stream"]
+__all__ = ["HookPoint", "Steer", "Trace", "block_bias", "generate", "hidden_attention", "load_corpus", "load_model",
+           "mixer_params", "run_with_cache", "run_with_hooks", "tokenize_windows", "trace", "trace_stream"]

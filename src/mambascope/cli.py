@@ -1,5 +1,5 @@
 """The ``mambascope`` command line: ``analyze``, ``census``, ``attention``, ``compare``, ``patch``, ``attribute``,
-``report``, ``train-tiny``.
+``report``, ``train-tiny``, ``steer``.
 
 Every flag has a default and is checked before any work starts.  Exit codes, the same for every subcommand
 (docs/design.md §13): 0 ok, 1 a stage failed, 2 bad input, 130 interrupted (Ctrl-C or SIGTERM).  A failure
@@ -896,6 +896,131 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
     return OK
 
 
+def _check_steer_flags(args: argparse.Namespace) -> None:
+    """``steer``: everything that needs no model (``args.unit``, ``args.feature``, ``args.positions`` parsed)."""
+    import math
+
+    from mambascope.trace.generate import MAX_NEW_TOKENS, dictionary_direction, parse_positions
+
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty: give the text to continue")
+    if not math.isfinite(args.scale):
+        raise ValueError(f"--scale must be a finite number, got {args.scale}")
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise ValueError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ValueError(f"--temperature must be a positive finite number, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.positions is not None:
+        args.positions = parse_positions(args.positions)
+    spec = args.unit if args.unit is not None else args.feature
+    flag = "--unit" if args.unit is not None else "--feature"
+    where, sep, index = spec.rpartition(":")
+    try:
+        index = int(index)
+    except ValueError:
+        index = -1
+    if not sep or not where or index < 0:
+        raise ValueError(f"{flag} {spec!r}: give {'LAYER:NEURON' if flag == '--unit' else 'DIR:FEATURE'}, e.g. "
+                         f"{'2:17' if flag == '--unit' else 'sae-out:5'}, with non-negative indices")
+    if args.unit is not None:
+        if not where.isdigit():
+            raise ValueError(f"--unit {spec!r}: the layer must be a non-negative integer")
+        args.unit = (int(where), index)
+    else:
+        if args.mode == "set":
+            raise ValueError("--mode set clamps a neuron (--unit); a feature is steered by adding its decoder "
+                             "direction (--mode add)")
+        args.feature = (*dictionary_direction(where, index), index)
+
+
+def _steer_edit(args: argparse.Namespace, model) -> tuple[str, str, object]:
+    """(hook name, a label, the edit) of ``steer``'s --unit or --feature, checked against the model."""
+    from mambascope.arch import adapter
+    from mambascope.trace import all_names
+    from mambascope.trace.generate import Steer, neuron_direction
+
+    ad = adapter(model)
+    if args.unit is not None:
+        layer, neuron = args.unit
+        ad.check_layer(layer)
+        unit = ad.neuron_unit(layer)
+        if unit is None:
+            raise ValueError(f"--unit {layer}:{neuron}: layer {layer} is attention-only; it has no neurons")
+        width = ad.neuron_write_weights(layer).shape[1]
+        if neuron >= width:
+            raise IndexError(f"--unit {layer}:{neuron}: layer {layer} has neurons 0..{width - 1}")
+        hook, direction, label = f"blocks.{layer}.{unit}", neuron_direction(width, neuron), f"neuron {neuron}"
+    else:
+        hook, direction, feature = args.feature
+        names = all_names([ad.units(layer) for layer in range(ad.n_layers)])
+        if hook not in names:
+            raise ValueError(f"--feature: the dictionary's hook_name {hook!r} is not a unit of this "
+                             f"{ad.model_type} model")
+        label = f"feature {feature}"
+    return hook, label, Steer(direction, args.scale, args.positions, args.mode)
+
+
+def _columns(left: str, right: str, titles: tuple[str, str]) -> list[str]:
+    """Two texts wrapped side by side to the terminal's width; control characters escaped."""
+    import textwrap
+
+    width = max(20, (shutil.get_terminal_size().columns - 3) // 2)
+
+    def lines(text: str) -> list[str]:
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        return textwrap.wrap(shown, width, replace_whitespace=False, drop_whitespace=False) or [""]
+
+    a, b = lines(left), lines(right)
+    rows = [(titles[0], titles[1]), ("-" * width, "-" * width)]
+    rows += [(a[i] if i < len(a) else "", b[i] if i < len(b) else "") for i in range(max(len(a), len(b)))]
+    return [f"{x:<{width}} | {y}" for x, y in rows]
+
+
+def _cmd_steer(args: argparse.Namespace) -> int:
+    """Generate from --prompt with and without one neuron or feature steered; print both side by side."""
+    import torch
+
+    from mambascope.models import load_model
+    from mambascope.results import save_json
+    from mambascope.trace import trace
+    from mambascope.trace.generate import check_generate, generate
+
+    _check_steer_flags(args)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    ids = torch.tensor([tokenizer.encode(args.prompt)])
+    check_generate(model, args.max_new_tokens, args.temperature, args.top_k, ids.shape[1])
+    hook, label, edit = _steer_edit(args, model)
+    width = trace(model, ids, names=[hook])[hook].shape[-1]
+    if edit.direction.shape[0] != width:
+        raise ValueError(f"--feature: the dictionary's d_in is {edit.direction.shape[0]}, but {hook} has {width} "
+                         "channels")
+    settings = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed}
+    runs = {"unsteered": generate(model, ids, args.max_new_tokens, **settings),
+            "steered": generate(model, ids, args.max_new_tokens, edits={hook: edit}, **settings)}
+    new = {name: tokens[0, ids.shape[1]:].tolist() for name, tokens in runs.items()}
+    texts = {name: tokenizer.decode(tokens) for name, tokens in new.items()}
+    verb = "+" if args.mode == "add" else "set to "
+    where = "every position" if args.positions is None else "positions " + ",".join(
+        f"{lo}:{'' if hi is None else hi}" if hi != lo + 1 else str(lo) for lo, hi in args.positions)
+    print(f"{args.model}: {hook} {label}, {verb}{args.scale:g} at {where}; "
+          f"{'sampled' if args.sample else 'greedy'}, {args.max_new_tokens} new tokens")
+    print(f"prompt: {args.prompt!r}")
+    print("\n".join(_columns(texts["unsteered"], texts["steered"], ("unsteered", f"steered ({label})"))))
+    if args.out is not None:
+        record = {"model": args.model, "prompt": args.prompt, "prompt_ids": ids[0].tolist(), "hook_name": hook,
+                  "unit": label, "mode": args.mode, "scale": args.scale,
+                  "positions": None if args.positions is None else [list(r) for r in args.positions],
+                  "max_new_tokens": args.max_new_tokens, **settings,
+                  "tokens": new, "texts": texts}
+        with _claim(args, "steer") as out:
+            save_json(out.file("steer.json"), record)
+            path = out.commit()
+        print(f"results: {path / 'steer.json'}")
+    return OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mambascope.models.train import ARCHS as TRAIN_ARCHS
     parser = _Parser(prog="mambascope", description="Neuron-level interpretability of Mamba models.",
@@ -1000,6 +1125,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--task: override config fields, e.g. hidden_size=128 initializer_range=0.05 "
                         "(train_task.TASK_SHAPES)")
     p.set_defaults(func=_cmd_train_tiny)
+
+    p = sub.add_parser("steer", parents=common, help="generate with one neuron or dictionary feature steered, "
+                       "beside the unsteered text")
+    _add_steer_args(p)
+    p.set_defaults(func=_cmd_steer)
     return parser
 
 
@@ -1050,6 +1180,29 @@ def _add_attribute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=5, help="tokens listed per method (default: %(default)s)")
     _add_out_args(p, "mambascope-attribute")
     p.add_argument("--no-report", dest="report", action="store_false", help="skip the figure and report.html")
+
+
+def _add_steer_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--unit", default=None, metavar="L:N", help="neuron N of layer L (blocks.L.mixer.hook_post; "
+                      "blocks.L.mlp.hook_post on a transformer layer)")
+    what.add_argument("--feature", default=None, metavar="DIR:I", help="feature I of a SAELens-format dictionary "
+                      "in DIR (cfg.json + sae_weights.safetensors): adds scale·W_dec[I] at its hook_name")
+    p.add_argument("--scale", type=_finite, required=True, help="how much is added (or, --mode set, the value)")
+    p.add_argument("--mode", default="add", choices=("add", "set"),
+                   help="add: activation + scale·direction (activation steering); set: the neuron clamped to "
+                   "scale (--unit only) (default: %(default)s)")
+    p.add_argument("--positions", default=None, metavar="P", help="absolute token positions steered, "
+                   "comma-separated N, A:B (B excluded) or A: (to the end), prompt from 0 (default: every position)")
+    p.add_argument("--max-new-tokens", type=int, default=20, help="tokens generated (default: %(default)s)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (both runs share --seed)")
+    p.add_argument("--temperature", type=_finite, default=1.0, help="sampling temperature (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k best tokens (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler (default: %(default)s)")
+    p.add_argument("--out", default=None, help="also write steer.json with both continuations to this directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -37,12 +37,12 @@ class BambaAdapter(Adapter):
         h = emit("hook_resid_pre", h)
         x = normalize(block.input_layernorm, h)
         if block.block_type == "linear_attention":
-            post = mamba2_mixer(block.mamba, x, ctx.mask, emit)
+            post = mamba2_mixer(block.mamba, x, ctx.mask, emit, cache=ctx.part_cache(block.mamba))
             out = emit("hook_mixer_out", block.mamba.out_proj(post.to(block.mamba.out_proj.weight.dtype)))
         else:
             attn = block.self_attn
             z = llama_attention(attn, x, (ctx.extra["cos"], ctx.extra["sin"]), ctx.mask, emit,
-                                layer in ctx.need_pattern)
+                                layer in ctx.need_pattern, ctx.part_cache(attn))
             out = emit("hook_attn_out", attn.o_proj(z))
         h = emit("hook_resid_mid", h + out)
         mlp = block.feed_forward

@@ -51,17 +51,43 @@ class UnsupportedFeature(ValueError):
 
 
 @dataclass
+class DecodeCache:
+    """The recurrent state that lets a decoding step run on one new token (``mambascope.generate``).
+
+    ``offset``: the absolute position of the first token of the current call (0 at the prefill, the number
+    of tokens seen before at a step); ``parts[module]``: the state of one mixer or attention module, filled
+    at the prefill and updated at every step by the part's code in ``arch/parts.py``: ``"conv"`` the last
+    d_conv-1 inputs of the conv [b, d_conv-1, C], ``"ssm"`` the SSM state after the last token, ``"k"``,
+    ``"v"`` the attention keys and values so far [b, t, H_kv, dh].
+    """
+
+    offset: int = 0
+    parts: dict[nn.Module, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
 class Context:
     """What every layer of one forward pass shares.
 
     ``mask`` [b, L] of 0/1, None when nothing is padded; ``need_pattern``: layers whose softmax
     pattern is requested (computed explicitly there, fused elsewhere); ``extra``: per-family state
-    computed once per pass (rotary tables, the original embeddings of Zamba2's shared blocks).
+    computed once per pass (rotary tables, the original embeddings of Zamba2's shared blocks);
+    ``cache``: the decoding state while generating (None for an ordinary forward).
     """
 
     mask: torch.Tensor | None
     need_pattern: frozenset[int]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    cache: DecodeCache | None = None
+
+    def part_cache(self, part: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The decoding state of a mixer or attention module (see :class:`DecodeCache`), None outside generation."""
+        return None if self.cache is None else self.cache.parts.setdefault(part, {})
+
+    @property
+    def offset(self) -> int:
+        """Absolute position of this call's first token (0 outside generation)."""
+        return 0 if self.cache is None else self.cache.offset
 
 
 def module_device(module: nn.Module, default: torch.device) -> torch.device:

@@ -31,7 +31,7 @@ class GPT2Adapter(Adapter):
 
     def embed(self, input_ids: torch.Tensor, ctx: Context) -> torch.Tensor:
         body = self.model.transformer
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        positions = torch.arange(ctx.offset, ctx.offset + input_ids.shape[1], device=input_ids.device)
         return body.wte(input_ids) + body.wpe(positions)[None]
 
     def run_block(self, layer: int, h: torch.Tensor, ctx: Context, emit: Emit) -> torch.Tensor:
@@ -43,7 +43,7 @@ class GPT2Adapter(Adapter):
         scale = attn.head_dim**-0.5 if attn.scale_attn_weights else 1.0
         if attn.scale_attn_by_inverse_layer_idx:
             scale /= float(layer + 1)
-        z = attention(q, k, v, ctx.mask, emit, scale, layer in ctx.need_pattern)
+        z = attention(q, k, v, ctx.mask, emit, scale, layer in ctx.need_pattern, ctx.part_cache(attn))
         h = emit("hook_resid_mid", h + emit("hook_attn_out", attn.c_proj(z)))
         mlp = block.mlp
         out = plain_mlp(normalize(block.ln_2, h), mlp.c_fc, mlp.c_proj, mlp.act, emit)

@@ -14,9 +14,10 @@ from mambascope.arch.parts import gated_mlp, llama_attention
 
 
 def rotary_tables(rotary_emb: nn.Module, h: torch.Tensor, ctx: Context) -> None:
-    """cos, sin [1, L, rotary dim] of positions 0..L-1, what HF uses when no position_ids are passed
-    (left padding included), from the model's own rotary module (so every rope scaling is its own)."""
-    positions = torch.arange(h.shape[1], device=h.device)[None]
+    """cos, sin [1, L, rotary dim] of positions 0..L-1 (from ``ctx.offset`` while decoding), what HF uses
+    when no position_ids are passed (left padding included), from the model's own rotary module (so every
+    rope scaling is its own)."""
+    positions = torch.arange(ctx.offset, ctx.offset + h.shape[1], device=h.device)[None]
     ctx.extra["cos"], ctx.extra["sin"] = rotary_emb(h, positions)
 
 

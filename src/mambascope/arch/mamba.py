@@ -24,7 +24,7 @@ class MambaAdapter(Adapter):
         return self.model.backbone.embeddings(input_ids)
 
     def run_mixer(self, mixer: nn.Module, hidden: torch.Tensor, ctx: Context, emit: Emit) -> torch.Tensor:
-        return mamba1_mixer(mixer, hidden, ctx.mask, emit)
+        return mamba1_mixer(mixer, hidden, ctx.mask, emit, cache=ctx.part_cache(mixer))
 
     def run_block(self, layer: int, h: torch.Tensor, ctx: Context, emit: Emit) -> torch.Tensor:
         block = self.blocks()[layer]

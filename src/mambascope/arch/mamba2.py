@@ -18,4 +18,4 @@ class Mamba2Adapter(MambaAdapter):
         return ("mamba2",)
 
     def run_mixer(self, mixer: nn.Module, hidden: torch.Tensor, ctx: Context, emit: Emit) -> torch.Tensor:
-        return mamba2_mixer(mixer, hidden, ctx.mask, emit)
+        return mamba2_mixer(mixer, hidden, ctx.mask, emit, cache=ctx.part_cache(mixer))

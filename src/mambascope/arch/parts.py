@@ -31,12 +31,32 @@ def masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return t if mask is None else (t * mask[:, :, None]).to(t.dtype)
 
 
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Depthwise causal conv over positions. x [b, L, C], weight [C, 1, K] -> [b, L, C]."""
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Depthwise causal conv over positions. x [b, L, C], weight [C, 1, K] -> [b, L, C].
+
+    With a decoding ``cache`` (``mambascope.arch.base.DecodeCache``) the conv continues from
+    ``cache["conv"]``, the K-1 inputs before x (zeros before the first token, as the padding), and leaves
+    there the K-1 inputs up to x's end; the valid part of the conv over window ‖ x is x's output.
+    """
+    if cache is not None:
+        return _windowed_conv(x, weight, bias, cache)
     L = x.shape[1]
     out = F.conv1d(x.transpose(1, 2).to(weight.dtype), weight, bias, padding=weight.shape[-1] - 1,
                    groups=weight.shape[0])
     return out[:, :, :L].transpose(1, 2).to(x.dtype)
+
+
+def _windowed_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   cache: dict[str, torch.Tensor]) -> torch.Tensor:
+    K = weight.shape[-1]
+    window = cache.get("conv")
+    if window is None:
+        window = x.new_zeros(x.shape[0], K - 1, x.shape[2])
+    full = torch.cat([window.to(x.dtype), x], dim=1)
+    cache["conv"] = full[:, full.shape[1] - (K - 1):]
+    out = F.conv1d(full.transpose(1, 2).to(weight.dtype), weight, bias, groups=weight.shape[0])
+    return out.transpose(1, 2).to(x.dtype)
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -69,15 +89,17 @@ def scan_through_states(scan: SegmentScan, length: int, emit: Emit) -> torch.Ten
 
 
 def mamba1_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, emit: Emit,
-                 bcdt_norms: tuple[Callable, Callable, Callable] | None = None) -> torch.Tensor:
+                 bcdt_norms: tuple[Callable, Callable, Callable] | None = None,
+                 cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Mamba-1 mixer (in_proj, conv, S6 scan, gate) from its normed input [b, L, D]; returns ``post`` [b, L, E].
 
     ``bcdt_norms``: (Δ_low, B, C) normalisers applied after x_proj, as FalconMamba and Jamba do.
+    ``cache``: the mixer's decoding state (conv window, SSM state), read as the start and updated.
     """
     x, z = mixer.in_proj(masked(hidden, mask)).chunk(2, dim=-1)
     x = emit("mixer.hook_x", x)
     z = emit("mixer.hook_gate_pre", z)
-    conv = emit("mixer.hook_conv", causal_conv(x, mixer.conv1d.weight, mixer.conv1d.bias))
+    conv = emit("mixer.hook_conv", causal_conv(x, mixer.conv1d.weight, mixer.conv1d.bias, cache))
     u = emit("mixer.hook_ssm_input", masked(silu(conv), mask))
     dt_low, B, C = torch.split(
         mixer.x_proj(u), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1
@@ -91,7 +113,9 @@ def mamba1_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
     C = emit("mixer.hook_C", C)
     A = -torch.exp(mixer.A_log.float())
     dt, B, C = (held(t, "ssm") for t in (dt, B, C))  # LRP: the scan linear in u
-    if emit.state_positions is None:
+    if cache is not None:
+        y, cache["ssm"] = selective_scan(u, dt, A, B, C, initial_state=cache.get("ssm"), return_state=True)
+    elif emit.state_positions is None:
         y = selective_scan(u, dt, A, B, C)
     else:
         def scan(s: slice, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,12 +140,13 @@ def gated_rms_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, gr
 
 def mamba2_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, emit: Emit, *,
                  in_scale: float = 1.0, proj_scale: torch.Tensor | None = None, rms_norm: bool = True,
-                 norm_before_gate: bool = False) -> torch.Tensor:
+                 norm_before_gate: bool = False, cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Mamba-2 mixer (in_proj, conv over x‖B‖C, SSD scan, gate) from its normed input; returns ``post``.
 
     Falcon-H1's μP options: ``in_scale`` multiplies the input, ``proj_scale`` [E + conv_dim + H] the
     in_proj output; ``rms_norm=False`` gates with y ⊙ SiLU(z) and no norm; ``norm_before_gate`` applies
-    the grouped RMSNorm to y before the gate instead of to y ⊙ SiLU(z).
+    the grouped RMSNorm to y before the gate instead of to y ⊙ SiLU(z).  ``cache``: the mixer's decoding
+    state (conv window over x‖B‖C, SSM state), read as the start and updated.
     """
     E, G, N, H = mixer.intermediate_size, mixer.n_groups, mixer.ssm_state_size, mixer.num_heads
     proj = mixer.in_proj(masked(hidden, mask) * in_scale)
@@ -131,7 +156,7 @@ def mamba2_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
     x, B_raw, C_raw = xBC.split([E, G * N, G * N], dim=-1)
     x = emit("mixer.hook_x", x)
     z = emit("mixer.hook_gate_pre", z)
-    conv = causal_conv(torch.cat([x, B_raw, C_raw], dim=-1), mixer.conv1d.weight, mixer.conv1d.bias)
+    conv = causal_conv(torch.cat([x, B_raw, C_raw], dim=-1), mixer.conv1d.weight, mixer.conv1d.bias, cache)
     conv_x, conv_BC = conv.split([E, 2 * G * N], dim=-1)
     conv_x = emit("mixer.hook_conv", conv_x)
     u = emit("mixer.hook_ssm_input", masked(silu(conv_x), mask))
@@ -143,7 +168,10 @@ def mamba2_mixer(mixer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | No
     A = -torch.exp(mixer.A_log.float())
     dt, B, C = (held(t, "ssm") for t in (dt, B, C))  # LRP: the scan linear in x
     u_heads = u.reshape(*u.shape[:2], H, mixer.head_dim)
-    if emit.state_positions is None:
+    if cache is not None:
+        y, cache["ssm"] = ssd_scan(u_heads, dt, A, B, C, chunk_size=min(mixer.chunk_size, u.shape[1]),
+                                   initial_state=cache.get("ssm"), return_state=True)
+    elif emit.state_positions is None:
         y = ssd_scan(u_heads, dt, A, B, C, chunk_size=mixer.chunk_size)
     else:
         def scan(s: slice, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,19 +217,25 @@ def _score_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, emit: Emit,
-              scale: float, need_pattern: bool) -> torch.Tensor:
+              scale: float, need_pattern: bool, cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal softmax attention. q [b, L, H, dh], k and v [b, L, H_kv, dh] (grouped-query when H_kv < H).
 
+    ``cache``: the decoding state; the (emitted) keys and values of earlier tokens, ``cache["k"]``,
+    ``cache["v"]`` [b, t, H_kv, dh], precede this call's and the new ones are appended (no padding mask then).
     Returns ``attn.hook_z`` [b, L, H·dh], the input of the output projection.
     """
     b, L, H, _ = q.shape
     q = emit("attn.hook_q", q)
     k = emit("attn.hook_k", k)
     v = emit("attn.hook_v", v)
+    if cache is not None:
+        k, v = (torch.cat([cache[name], t], dim=1) if name in cache else t for name, t in (("k", k), ("v", v)))
+        cache["k"], cache["v"] = k, v
+    Lk = k.shape[1]
     rep = H // k.shape[2]
     k, v = (t.repeat_interleave(rep, dim=2) if rep > 1 else t for t in (k, v))
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    allowed = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    allowed = torch.ones(L, Lk, dtype=torch.bool, device=q.device).tril(Lk - L)
     if mask is not None:
         # A padding query attends to itself alone: a fully masked row would be NaN, and NaN values at
         # padding positions would poison real rows through 0·NaN in the next layer.
@@ -214,13 +248,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         bias = torch.zeros(allowed.shape, device=q.device, dtype=_score_dtype(q)).masked_fill_(~allowed, -torch.inf)
         if bias.dim() == 4:  # per-row padding mask [b, 1, L, L]
             bias = bias.expand(b, H, L, L).reshape(b * H, L, L)
-        qf, kf = (t.to(_score_dtype(q)).reshape(b * H, L, -1) for t in (q, k))
+        qf, kf = (t.to(_score_dtype(q)).reshape(b * H, t.shape[2], -1) for t in (q, k))
 
         def scores_of(qq: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
             return torch.baddbmm(bias, qq, kk.transpose(1, 2), alpha=scale)
 
         # LRP (AttnLRP): the uniform rule on the bilinear q·kᵀ and pattern·v, the softmax's own gradient
-        scores = product(scores_of, qf, kf, "attnlrp").view(b, H, L, L)
+        scores = product(scores_of, qf, kf, "attnlrp").view(b, H, L, Lk)
         pattern = emit("attn.hook_pattern", torch.softmax(scores, -1).to(v.dtype))
         if rules is not None and rules.attention == "cp":
             pattern = pattern.detach()  # CP-LRP: relevance flows through the values only
@@ -245,7 +279,8 @@ def plain_mlp(x: torch.Tensor, up_proj: Callable, down_proj: Callable, act: Call
 
 
 def llama_attention(attn: nn.Module, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                    mask: torch.Tensor | None, emit: Emit, need_pattern: bool) -> torch.Tensor:
+                    mask: torch.Tensor | None, emit: Emit, need_pattern: bool,
+                    cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Llama-style attention (q_proj, k_proj, v_proj, optional rotary, o_proj) on its normed input x [b, L, D].
 
     Returns the output projection's input ``attn.hook_z`` flattened to [b, L, H·dh].
@@ -254,7 +289,7 @@ def llama_attention(attn: nn.Module, x: torch.Tensor, rotary: tuple[torch.Tensor
     q, k, v = (proj(x).view(b, L, -1, attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     if rotary is not None:
         q, k = rotate(q, k, *rotary)
-    return attention(q, k, v, mask, emit, attn.scaling, need_pattern)
+    return attention(q, k, v, mask, emit, attn.scaling, need_pattern, cache)
 
 
 def routed_experts(x: torch.Tensor, top_weights: torch.Tensor, top_index: torch.Tensor, up: torch.Tensor,

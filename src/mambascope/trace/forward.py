@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mambascope.arch import Adapter, Context, adapter
+from mambascope.arch.base import DecodeCache
 from mambascope.arch.units import STATE_UNIT
 from mambascope.ssm.knockout import Knockout, as_knockouts
 from mambascope.trace.names import UNITS, all_names, layers_of, resolve_names
@@ -186,6 +187,7 @@ def trace_stream(
     max_length: int | None = None,
     grad: bool = False,
     state_positions: Iterable[int] | None = None,
+    cache: DecodeCache | None = None,
 ) -> torch.Tensor:
     """Run the model once, handing ``callback(layer, {unit: tensor})`` each layer's requested units.
 
@@ -203,6 +205,8 @@ def trace_stream(
             ascending order; negative p count from the end).  Without them the state is neither traced
             nor editable.  An edit of the state replaces h_p and the scan continues from it (see
             ``_Emitter.state``); only the SSM state, not the conv window, is replaced.
+        cache: decoding state (``mambascope.trace.generate``): the SSM and attention parts continue from it
+            and update it, and input_ids are the tokens from position ``cache.offset`` on.
     Returns the logits [b, L, V].
     """
     ad = adapter(model)
@@ -220,7 +224,7 @@ def trace_stream(
     if attention_mask is not None and not bool(attention_mask.all()):
         mask = attention_mask.to(device)
     pattern_names = [n for n in (*wanted, *edits) if n.endswith(".attn.hook_pattern")]
-    ctx = Context(mask, frozenset(layers_of(pattern_names)))
+    ctx = Context(mask, frozenset(layers_of(pattern_names)), cache=cache)
 
     with torch.set_grad_enabled(grad):
         h = ad.embed(input_ids, ctx)
