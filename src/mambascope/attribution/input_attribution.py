@@ -1,4 +1,5 @@
-"""Per-token relevance of one prediction: Captum's input attributions, knockout, the attention-neuron methods.
+"""Per-token relevance of one prediction: Captum's input attributions, MambaLRP, knockout, the attention-neuron
+methods.
 
 One prediction is (ids [L], target position P, target token t).  Every method gives each position j a
 relevance for it (docs/methods.md, "Token relevance of one prediction"):
@@ -13,6 +14,8 @@ relevance for it (docs/methods.md, "Token relevance of one prediction"):
   embedding on request; docs/methods.md says why not by default); IG with ``IG_STEPS`` Gauss–Legendre
   steps and Captum's convergence delta Σ_j R_j − (f(e) − f(b)) reported; occlusion with a window of one
   token (f(e) − f(e with row j replaced by b's)).
+* ``lrp``: MambaLRP (Jafari et al. 2024; AttnLRP rules on attention layers), :mod:`mambascope.attribution.lrp`:
+  relevance at ``blocks.0.hook_resid_pre`` for the target logit, with what the biases absorb reported.
 * ``knockout`` (Endy et al. 2025): log p(t) − log p(t | j knocked out of every later token in every SSM
   layer and, where the model has them, every attention layer), :mod:`mambascope.interventions.knockout`.
 * The attention-neuron methods of :mod:`mambascope.attribution.methods`, one row per layer: their
@@ -35,6 +38,8 @@ from torch import Tensor, nn
 from mambascope.arch import ADAPTERS, adapter
 from mambascope.attribution.extract import METHODS as NEURON_METHODS
 from mambascope.attribution.extract import check_layers, check_method, extract
+from mambascope.attribution.lrp import SUPPORTED as LRP_FAMILIES
+from mambascope.attribution.lrp import lrp
 from mambascope.attribution.methods import compute_method
 from mambascope.interventions.knockout import knockout_layers, knockout_logprobs
 from mambascope.trace import trace
@@ -194,6 +199,17 @@ def knockout(model: nn.Module, ids: Tensor | Sequence[int], target_position: int
                                    "scope": "SSM scan terms and attention weights; not the Mamba conv window"})
 
 
+def mamba_lrp(model: nn.Module, ids: Tensor | Sequence[int], target_position: int,
+              target_token: int) -> TokenRelevance:
+    """R_j = MambaLRP relevance of token j for the target logit (:func:`mambascope.attribution.lrp.lrp`, every
+    rule on); ``remainder`` = logit − Σ_j R_j, what the model's biases absorb."""
+    t, P = check_prediction(model, ids, target_position, target_token)
+    result = lrp(model, t[:, :P + 1], P, target_token)
+    return TokenRelevance("lrp", _padded(result.relevance[0], t.shape[1]), "target logit",
+                          details={"logit": float(result.logit[0]), "remainder": float(result.remainder[0]),
+                                   "rules": "MambaLRP (SiLU, SSM, gate, norm); CP-LRP on attention"})
+
+
 def neuron_method(method: str) -> TokenMethod:
     """The registry entry of attention-neuron method ``method``: one row per layer (``check_layers``' default
     layers), its ``relevance`` at query P for target t."""
@@ -222,12 +238,13 @@ TOKEN_METHODS: dict[str, TokenMethod] = {
         integrated_gradients(model, ids, position, token, n_steps=settings.ig_steps, baseline=settings.baseline)],
     "occlusion": lambda model, ids, position, token, settings: [
         occlusion(model, ids, position, token, baseline=settings.baseline)],
+    "lrp": _whole(mamba_lrp),
     "knockout": _whole(knockout),
     **{m: neuron_method(m) for m in NEURON_METHODS},
 }
 CAPTUM_METHODS = ("gradient_x_input", "integrated_gradients", "occlusion")
 # one row per prediction (layer None): what the ground-truth scorer runs as whole-model rows
-WHOLE_MODEL_METHODS = (*CAPTUM_METHODS, "knockout")
+WHOLE_MODEL_METHODS = (*CAPTUM_METHODS, "lrp", "knockout")
 
 
 def check_token_methods(methods: Sequence[str] | None) -> list[str]:
@@ -242,6 +259,8 @@ def check_token_methods(methods: Sequence[str] | None) -> list[str]:
 
 def unavailable(model: nn.Module, method: str) -> str | None:
     """Why ``method`` cannot run on ``model`` (None when it can)."""
+    if method == "lrp" and model.config.model_type not in LRP_FAMILIES:
+        return f"LRP is implemented for {', '.join(LRP_FAMILIES)} models, not {model.config.model_type}"
     try:
         if method == "knockout":
             knockout_layers(model)
@@ -301,7 +320,8 @@ def explain_prediction(model: nn.Module, ids: Tensor | Sequence[int], target_pos
             "settings": {"ig_steps": settings.ig_steps, "ig_integration": IG_METHOD,
                          "baseline": BASELINES[settings.baseline],
                          "explained": "Captum methods: the target's logit at the position, attributed at the "
-                                      "embedding layer (summed over its dimensions); knockout: the drop in the "
+                                      "embedding layer (summed over its dimensions); lrp: the target's logit at "
+                                      "blocks.0.hook_resid_pre; knockout: the drop in the "
                                       "target's log-prob; attention-neuron methods: their relevance at the query"},
             "methods": list(timings), "rows": [r.to_json() for r in rows], "errors": errors,
             "timings": {k: round(v, 3) for k, v in timings.items()}}
