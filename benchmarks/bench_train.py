@@ -12,10 +12,11 @@ task models' shape (2 layers, expand 2, d_state 16, the 35-token task vocabulary
 - ``fused``: ``mambascope.models.train.hf_selective_scan`` (``ssm/s6_scan.py``: one sequential loop
   forward, one reverse loop backward, gradients in closed form).
 
-Each (scan, d_model, L, threads) runs in its own subprocess: the median of ``--steps`` timed steps after
-one warm-up step, and the peak memory as the **RSS delta**: the process's peak resident set size
-(``ru_maxrss``) minus its RSS just before the first step (model, optimiser and inputs already built), so it
-counts the training step's temporaries, autograd's saved tensors and AdamW's state.
+Time: for each (d_model, L, threads) one subprocess builds two identical models and steps them in
+turn, one with each scan, so that both see the same load on a shared machine; the median of ``--steps``
+steps after one warm-up step.  Memory: one subprocess per scan, the **peak RSS delta**: the process's peak
+resident set size (``ru_maxrss``) over two steps minus its RSS just before the first (model, optimiser
+and inputs already built), so it counts the step's temporaries, autograd's saved tensors and AdamW's state.
 """
 
 from __future__ import annotations
@@ -71,16 +72,11 @@ def _rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def child(scan: str, d_model: int, seq_len: int, threads: int, steps: int, batch: int) -> dict[str, float]:
-    import resource
-    import time
-
+def _setup(d_model: int, seq_len: int, batch: int) -> tuple[Any, Any, Any, torch.Tensor]:
     from transformers import MambaConfig, MambaForCausalLM
-    from transformers.models.mamba import modeling_mamba
 
-    from mambascope.models.train import _param_groups, hf_selective_scan, optimizer_step
+    from mambascope.models.train import _param_groups
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     config = MambaConfig(vocab_size=35, hidden_size=d_model, num_hidden_layers=2, expand=2, state_size=16,
                          conv_kernel=4, tie_word_embeddings=True)
@@ -88,16 +84,52 @@ def child(scan: str, d_model: int, seq_len: int, threads: int, steps: int, batch
     opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     ids = torch.randint(0, 35, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    return model, opt, sched, ids
+
+
+def _use(scan: str) -> None:
+    from transformers.models.mamba import modeling_mamba
+
+    from mambascope.models.train import hf_selective_scan
+
     modeling_mamba.mamba_selective_scan = selective_scan_unbind if scan == "unbind" else hf_selective_scan
-    rss0 = _rss_kib()
-    times = []
+
+
+def child_time(d_model: int, seq_len: int, threads: int, steps: int, batch: int) -> dict[str, float]:
+    """Both scans in one process, their steps alternating, so that both see the same machine load."""
+    import time
+
+    from mambascope.models.train import optimizer_step
+
+    torch.set_num_threads(threads)
+    runs = {scan: _setup(d_model, seq_len, batch) for scan in SCANS}
+    times: dict[str, list[float]] = {scan: [] for scan in SCANS}
     for step in range(steps + 1):
-        t0 = time.perf_counter()
+        for scan in SCANS:
+            _use(scan)
+            t0 = time.perf_counter()
+            optimizer_step(*runs[scan][:3], runs[scan][3], runs[scan][3])
+            if step:  # the first step is a warm-up (allocator, AdamW state)
+                times[scan].append(time.perf_counter() - t0)
+    return {scan: sorted(ts)[len(ts) // 2] for scan, ts in times.items()}
+
+
+def child_memory(scan: str, d_model: int, seq_len: int, threads: int, batch: int) -> float:
+    """Peak RSS (MiB) of two training steps above the RSS with model, optimiser and inputs built."""
+    import resource
+
+    from mambascope.models.train import optimizer_step
+
+    torch.set_num_threads(threads)
+    model, opt, sched, ids = _setup(d_model, seq_len, batch)
+    _use(scan)
+    rss0 = _rss_kib()
+    for _ in range(2):
         optimizer_step(model, opt, sched, ids, ids)
-        if step:  # the first step is a warm-up (allocator, AdamW state)
-            times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"step_s": sorted(times)[len(times) // 2], "peak_mib": (peak - rss0) / 1024}
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # ru_maxrss: KiB on Linux
+
+
+SCANS = ("unbind", "fused")
 
 
 def main() -> None:
@@ -107,29 +139,35 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--d-model", type=int, nargs="+", default=[64, 128])
     p.add_argument("--seq-len", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        scan, d, L, t = args.child
-        print(json.dumps(child(scan, int(d), int(L), int(t), args.steps, args.batch)))
+        what, d, L, t, scan = args.child
+        if what == "time":
+            print(json.dumps(child_time(int(d), int(L), int(t), args.steps, args.batch)))
+        else:
+            print(json.dumps(child_memory(scan, int(d), int(L), int(t), args.batch)))
         return
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; MambaForCausalLM 2 layers, expand 2, d_state 16, "
-          f"batch {args.batch}; median of {args.steps} steps after 1 warm-up; memory = peak RSS delta (MiB)")
+          f"batch {args.batch}; s/step: median of {args.steps} alternating steps after 1 warm-up; "
+          f"memory: peak RSS delta (MiB)")
     print(f"{'threads':>7} {'d_model':>7} {'L':>5} | {'unbind s/step':>13} {'fused s/step':>12} {'speed-up':>8} | "
           f"{'unbind MiB':>10} {'fused MiB':>9}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torch.set_num_threads in the child decides
+
+    def run(*child: object) -> Any:
+        cmd = [sys.executable, __file__, "--steps", str(args.steps), "--batch", str(args.batch),
+               "--child", *map(str, child)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
     for threads in args.threads:
         for d in args.d_model:
             for L in args.seq_len:
-                res = {}
-                for scan in ("unbind", "fused"):
-                    cmd = [sys.executable, __file__, "--steps", str(args.steps), "--batch", str(args.batch),
-                           "--child", scan, str(d), str(L), str(threads)]
-                    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-                    res[scan] = json.loads(out.strip().splitlines()[-1])
-                u, f = res["unbind"], res["fused"]
-                print(f"{threads:>7} {d:>7} {L:>5} | {u['step_s']:>13.3f} {f['step_s']:>12.3f} "
-                      f"{u['step_s'] / f['step_s']:>7.1f}x | {u['peak_mib']:>10.0f} {f['peak_mib']:>9.0f}", flush=True)
+                t = run("time", d, L, threads, "-")
+                mem = {scan: run("memory", d, L, threads, scan) for scan in SCANS}
+                print(f"{threads:>7} {d:>7} {L:>5} | {t['unbind']:>13.3f} {t['fused']:>12.3f} "
+                      f"{t['unbind'] / t['fused']:>7.1f}x | {mem['unbind']:>10.0f} {mem['fused']:>9.0f}", flush=True)
 
 
 if __name__ == "__main__":
