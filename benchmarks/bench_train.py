@@ -15,7 +15,7 @@ task models' shape (2 layers, expand 2, d_state 16, the 35-token task vocabulary
 Time: for each (d_model, L, threads) one subprocess builds two identical models and steps them in
 turn, one with each scan, so that both see the same load on a shared machine; the median of ``--steps``
 steps after one warm-up step.  Memory: one subprocess per scan, the **peak RSS delta**: the process's peak
-resident set size (``ru_maxrss``) over two steps minus its RSS just before the first (model, optimiser
+resident set size (``ru_maxrss``) over the first step minus its RSS just before the first (model, optimiser
 and inputs already built), so it counts the step's temporaries, autograd's saved tensors and AdamW's state.
 """
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from typing import Any
@@ -111,11 +112,11 @@ def child_time(d_model: int, seq_len: int, threads: int, steps: int, batch: int)
             optimizer_step(*runs[scan][:3], runs[scan][3], runs[scan][3])
             if step:  # the first step is a warm-up (allocator, AdamW state)
                 times[scan].append(time.perf_counter() - t0)
-    return {scan: sorted(ts)[len(ts) // 2] for scan, ts in times.items()}
+    return {scan: statistics.median(ts) for scan, ts in times.items()}
 
 
 def child_memory(scan: str, d_model: int, seq_len: int, threads: int, batch: int) -> float:
-    """Peak RSS (MiB) of two training steps above the RSS with model, optimiser and inputs built."""
+    """Peak RSS (MiB) of one training step above the RSS with model, optimiser and inputs built."""
     import resource
 
     from mambascope.models.train import optimizer_step
@@ -124,8 +125,7 @@ def child_memory(scan: str, d_model: int, seq_len: int, threads: int, batch: int
     model, opt, sched, ids = _setup(d_model, seq_len, batch)
     _use(scan)
     rss0 = _rss_kib()
-    for _ in range(2):
-        optimizer_step(model, opt, sched, ids, ids)
+    optimizer_step(model, opt, sched, ids, ids)
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # ru_maxrss: KiB on Linux
 
 
@@ -134,7 +134,7 @@ SCANS = ("unbind", "fused")
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per scan (after one warm-up)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--d-model", type=int, nargs="+", default=[64, 128])
@@ -150,9 +150,9 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; MambaForCausalLM 2 layers, expand 2, d_state 16, "
           f"batch {args.batch}; s/step: median of {args.steps} alternating steps after 1 warm-up; "
-          f"memory: peak RSS delta (MiB)")
+          f"memory: peak RSS delta (MiB)", flush=True)
     print(f"{'threads':>7} {'d_model':>7} {'L':>5} | {'unbind s/step':>13} {'fused s/step':>12} {'speed-up':>8} | "
-          f"{'unbind MiB':>10} {'fused MiB':>9}")
+          f"{'unbind MiB':>10} {'fused MiB':>9}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torch.set_num_threads in the child decides
 
     def run(*child: object) -> Any:

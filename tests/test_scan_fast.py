@@ -136,12 +136,14 @@ def test_training_scan_matches_transformers_reference():
         grads = torch.autograd.grad(out.sin().sum() + last.sum(), args)
         results.append((out, last, grads))
     (o1, l1, g1), (o2, l2, g2) = results
-    # Both are fp32 sums of ≤ L·N terms of magnitude ≲ 10 here: a few hundred ulps of slack is rounding.
-    tol = dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(o2, o1, **tol)
-    torch.testing.assert_close(l2, l1, **tol)
-    for name, a, c in zip(("u", "dt", "A", "B", "C", "D", "z", "delta_bias"), g2, g1, strict=True):
-        torch.testing.assert_close(a, c, **tol, msg=f"gradient w.r.t. {name}")
+    # Each value is a float32 sum over at most b·L positions (Σ over the batch for A, D, Δ bias) of products
+    # accumulated along ≤ L + N + 8 rounded operations, so both differ from the exact value by at most
+    # (b·L + L + N + 8)·ε₃₂ times the magnitude, taken as the tensor's max |·| (seen: ≤ 25 ε here).
+    eps = torch.finfo(torch.float32).eps
+    for name, a, c in zip(("y", "last state", "u", "dt", "A", "B", "C", "D", "z", "delta_bias"),
+                          (o2, l2, *g2), (o1, l1, *g1), strict=True):
+        bound = (b * L + L + N + 8) * eps * float(c.abs().max())
+        assert float((a - c).abs().max()) <= bound, f"{name}: {float((a - c).abs().max())} > {bound}"
 
 
 def test_training_scan_is_swapped_in_only_inside_the_context():

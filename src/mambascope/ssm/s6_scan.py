@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 # Elements of one chunk's [T, b, N, E] work buffers (16 MiB in fp32).  Positions are processed in chunks
 # of T so that the temporaries stay small enough for the allocator to reuse them (glibc serves blocks above
 # 32 MiB with a fresh mmap each time, and the page faults of first touch then cost more than the arithmetic).
