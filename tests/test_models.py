@@ -13,7 +13,7 @@ from torch import nn
 
 from mambascope.data import load_corpus, tokenize_windows
 from mambascope.models import BUNDLED, bundled_path, load_model, resolve_device, resolve_dtype, train_tokenizer
-from mambascope.models.train import build_config, selective_scan_unbind, train_tiny, unigram_loss
+from mambascope.models.train import build_config, train_tiny, unigram_loss
 
 ARCH_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "gpt2": "GPT2LMHeadModel",
               "bamba": "BambaForCausalLM"}
@@ -189,30 +189,6 @@ def test_bundled_task_model_reaches_the_accuracy_bar(name: str) -> None:
 # --- training --------------------------------------------------------------------------------------
 
 
-def test_unbind_scan_matches_transformers_reference_bit_for_bit() -> None:
-    from transformers.models.mamba.modeling_mamba import mamba_selective_scan
-
-    g = torch.Generator().manual_seed(0)
-    b, E, L, N = 2, 6, 9, 4
-
-    def inputs() -> list[torch.Tensor]:
-        g.manual_seed(0)
-        shapes = [(b, E, L), (b, E, L), (E, N), (b, N, L), (b, N, L), (E,), (b, E, L), (E,)]
-        ts = [torch.randn(s, generator=g) for s in shapes]
-        ts[2] = -ts[2].abs()
-        return [t.requires_grad_() for t in ts]
-
-    results = []
-    for fn in (mamba_selective_scan, selective_scan_unbind):
-        u, dt, A, B, C, D, z, bias = inputs()
-        out, last = fn(u, dt, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, return_last_state=True)
-        grads = torch.autograd.grad((out.sin().sum() + last.sum()), [u, dt, A, B, C, D, z, bias])
-        results.append((out, last, grads))
-    (o1, l1, g1), (o2, l2, g2) = results
-    assert torch.equal(o1, o2) and torch.equal(l1, l2)
-    assert all(torch.equal(a, c) for a, c in zip(g1, g2, strict=True))
-
-
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A .txt corpus of 80 built-in documents: big enough for both splits, quick to tokenize."""
@@ -258,7 +234,12 @@ def test_train_tiny_runs_saves_and_is_deterministic(
 
 
 def test_mamba1_training_forward_matches_transformers_fallback(small_tokenizer: Any) -> None:
-    """The swapped scan changes speed only: the HF training-mode loss and gradients are identical."""
+    """The swapped scan changes speed only: the HF training-mode loss and gradients agree to fp32 rounding.
+
+    The swapped scan sums in a different order than transformers' loop, so the last bits may differ: each
+    gradient is a float32 sum over b·L = 32 positions of products along ≤ L + N + 8 rounded operations per
+    layer, so its rounding is below (b·L + 2·(L + N + 8))·ε₃₂ of its magnitude (max |·|; seen: ≤ 5 ε).
+    """
     from transformers import AutoModelForCausalLM
 
     from mambascope.models.train import _training_scan
@@ -277,8 +258,11 @@ def test_mamba1_training_forward_matches_transformers_fallback(small_tokenizer: 
         loss.backward()
         losses.append(loss.detach())
         grads.append([p.grad.clone() for p in model.parameters()])
-    assert torch.equal(losses[0], losses[1])
-    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))
+    eps = torch.finfo(torch.float32).eps
+    b, L, N = 2, 16, TINY["mamba"]["state_size"]
+    assert float((losses[0] - losses[1]).abs()) <= (L + N + 8) * eps * float(losses[0])
+    for a, c in zip(grads[1], grads[0], strict=True):
+        assert float((a - c).abs().max()) <= (b * L + 2 * (L + N + 8)) * eps * float(c.abs().max())
 
 
 def test_train_tiny_rejects_bad_arguments(tmp_path: Path) -> None:

@@ -10,11 +10,13 @@ same seed on the same machine and thread count gives the same weights.
 Mamba-1 on CPU: without ``mamba_ssm`` the Hugging Face training path calls ``mamba_inner_fn``, which
 returns None, and falls back to the reference scan ``mamba_selective_scan``. That fallback is correct,
 but its loop reads ``discrete_A[:, :, i]``: the gradient of each such slice is a full-size tensor, so the
-backward pass moves O(L^2) memory (about 50 s per step at batch 8 x 256 tokens on a laptop-class CPU).
-For the training loop only, ``train_tiny`` swaps in ``selective_scan_unbind``: the same operations in
-the same order, reading the positions with ``unbind`` (whose gradient is one stack), so forward values
-and gradients are bit-identical to the reference (``tests/test_models.py`` checks) at O(L) cost.
-Evaluation and everything after training use the unmodified Hugging Face code.
+backward pass moves O(L^2) memory (about 50 s per step at batch 8 x 256 tokens on a laptop-class CPU),
+and even read with ``unbind`` it is one autograd node per position.  For the training loop only,
+``train_tiny`` and ``train_task`` swap in ``hf_selective_scan``: the same signature, computed by the
+project's scan (``ssm/s6_scan.py``: one sequential loop forward, one backward, gradients in closed form),
+equal to the reference to fp32 rounding (``tests/test_scan_fast.py``) and several times faster
+(``benchmarks/bench_train.py``).  Evaluation and everything after training use the unmodified Hugging
+Face code.
 
 Evaluation: the validation stream is cut into windows of ``seq_len`` from offset 0 (the last partial
 window is dropped). The held-out loss is the mean next-token cross-entropy in nats over every
@@ -40,6 +42,7 @@ from torch import nn
 from mambascope.data.corpus import load_corpus
 from mambascope.models.loading import load_tokenizer, resolve_device
 from mambascope.models.tokenizer import train_tokenizer
+from mambascope.ssm.scan import selective_scan
 
 ARCHS = ("mamba", "mamba2", "gpt2", "bamba")
 
@@ -80,7 +83,7 @@ def build_config(arch: str, vocab_size: int, special_id: int, seq_len: int, **ov
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids, **shape)
 
 
-def selective_scan_unbind(
+def hf_selective_scan(
     hidden_states: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -93,49 +96,40 @@ def selective_scan_unbind(
     return_last_state: bool = False,
     **kwargs: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``transformers``' Mamba-1 reference ``mamba_selective_scan`` (recurrent branch), with an O(L) backward.
+    """``transformers``' Mamba-1 ``mamba_selective_scan``, computed by :func:`mambascope.ssm.selective_scan`.
 
-    Same signature, same operations in the same order, so the results are bit-identical; only the
-    per-position reads use ``unbind`` instead of indexing (see the module docstring for why).
+    Same signature and result as the reference (equal to fp32 rounding, ``tests/test_scan_fast.py``); the
+    scan itself is the sequential recurrence with a hand-written O(L) backward (``ssm/s6_scan.py``).
     Shapes as in ``transformers``: hidden_states, dt, z ``[b, E, L]``; A ``[E, N]``; B, C ``[b, N, L]``.
     """
-    batch_size, intermediate_size, _ = hidden_states.shape
     input_dtype = hidden_states.dtype
     if delta_bias is not None:
         dt = dt + delta_bias.to(dt.dtype)[..., None]
     if delta_softplus:
         dt = nn.functional.softplus(dt)
-    B = B.transpose(1, 2)
-    C = C.transpose(1, 2)
-    discrete_A = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
-    discrete_B = dt[:, :, :, None] * B[:, None, :, :].float()
-    deltaB_u = discrete_B * hidden_states[:, :, :, None].float()
-    ssm_state = torch.zeros(batch_size, intermediate_size, A.shape[-1], dtype=input_dtype,
-                            device=hidden_states.device)
-    scan_outputs = []
-    for dA, dBu, c in zip(discrete_A.unbind(2), deltaB_u.unbind(2), C.unbind(1), strict=True):
-        ssm_state = dA * ssm_state + dBu
-        scan_outputs.append(torch.matmul(ssm_state.to(input_dtype), c.unsqueeze(-1))[:, :, 0])
-    scan_output = torch.stack(scan_outputs, dim=-1)
+    u = hidden_states.float()
+    y, last = selective_scan(u.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                             return_state=True)
+    scan_output = y.transpose(1, 2).to(input_dtype)
     if D is not None:
         scan_output = scan_output + hidden_states * D[None, :, None]
     if z is not None:
         scan_output = scan_output * nn.functional.silu(z)
     if return_last_state:
-        return scan_output, ssm_state
+        return scan_output, last
     return scan_output
 
 
 @contextlib.contextmanager
 def _training_scan(arch: str) -> Iterator[None]:
-    """Use ``selective_scan_unbind`` inside Mamba-1 mixers while training (see the module docstring)."""
+    """Use ``hf_selective_scan`` inside Mamba-1 mixers while training (see the module docstring)."""
     if arch != "mamba":
         yield
         return
     from transformers.models.mamba import modeling_mamba
 
     original = modeling_mamba.mamba_selective_scan
-    modeling_mamba.mamba_selective_scan = selective_scan_unbind
+    modeling_mamba.mamba_selective_scan = hf_selective_scan
     try:
         yield
     finally:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mambascope.ssm.s6_scan import s6_scan
+
 
 def selective_scan(
     u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *,
@@ -23,33 +25,31 @@ def selective_scan(
     Args: u, dt [b, L, E]; A [E, N]; B, C [b, L, N]; initial_state [b, E, N] or None.
     Returns y [b, L, E] in fp32 (fp64 if u is fp64), and with ``return_state`` also h_{L-1} [b, E, N],
     so that a sequence scanned in segments, each starting from the last one's state, is the whole scan.
-    ``parallel``: a log-depth (Hillis–Steele) scan, the better choice on GPUs; the default picks it on
-    CUDA and whenever autograd must see the scan, and the sequential recurrence elsewhere, where one
-    fused in-place multiply-add per step is memory-bound and beats the O(L log L) work of the parallel form.
+    The default is the sequential recurrence of :func:`mambascope.ssm.s6_scan.s6_scan`, one fused in-place
+    multiply-add per step with a hand-written O(L) backward: every gradient (training, the gradient-based
+    analyses) goes through it.  ``parallel``: a log-depth (Hillis–Steele) scan instead, the default only on
+    CUDA when autograd need not see the scan (its autograd graph keeps O(L log L) intermediates).
     """
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     u, dt, A, B, C = (t.to(dtype) for t in (u, dt, A, B, C))
+    h0 = None if initial_state is None else initial_state.to(dtype)
+    if parallel is None:
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (u, dt, A, B, C, h0))
+        parallel = u.is_cuda and not needs_grad
+    if not parallel:
+        y, last = s6_scan(u, dt, A, B, C, h0)
+        return (y, last) if return_state else y
     # Position-major [L, b, E, N] keeps each step's slice contiguous.
     log_decay = (dt.unsqueeze(-1) * A).transpose(0, 1)
     inputs = ((dt * u).unsqueeze(-1) * B.unsqueeze(2)).transpose(0, 1)
-    if initial_state is not None:
+    if h0 is not None:
         # h_0 = exp(Δ_0·A) ⊙ h_{-1} + x_0: fold the initial state into the first input
-        first = inputs[0] + log_decay[0].exp() * initial_state.to(dtype)
+        first = inputs[0] + log_decay[0].exp() * h0
         inputs = torch.cat([first[None], inputs[1:]])
-    if parallel is None:
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (u, dt, A, B, C, initial_state))
-        parallel = u.is_cuda or needs_grad
-    states = _doubling_scan(log_decay, inputs) if parallel else _sequential_scan(log_decay.exp_(), inputs)
+    states = _doubling_scan(log_decay, inputs)
     y = torch.einsum("lben,bln->ble", states, C)
     return (y, states[-1]) if return_state else y
-
-
-def _sequential_scan(decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    states = inputs  # written in place: states[t] = decay[t] * states[t-1] + inputs[t]
-    for t in range(1, states.shape[0]):
-        torch.addcmul(inputs[t], decay[t], states[t - 1], out=states[t])
-    return states
 
 
 def _doubling_scan(log_decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
