@@ -53,10 +53,13 @@ def test_every_method_row_figure_and_report(written, capsys):
     assert attribution["target"]["position"] == len(ids) - 1
     assert attribution["methods"] == list(TOKEN_METHODS) and not results["errors"]
     methods = [r["method"] for r in attribution["rows"]]
-    assert methods[:4] == [*CAPTUM_METHODS, "knockout"]
+    assert methods[:5] == [*CAPTUM_METHODS, "lrp", "knockout"]
     n_layers = model.config.num_hidden_layers
     assert methods.count("rollout") == n_layers
     assert all(len(r["relevance"]) == len(ids) for r in attribution["rows"])
+    lrp = attribution["rows"][3]  # conservation: what the relevance misses is what the biases absorb
+    assert sum(lrp["relevance"]) + lrp["remainder"] == pytest.approx(lrp["logit"], rel=1e-9, abs=1e-9)
+    assert lrp["logit"] == pytest.approx(float(logits[attribution["target"]["id"]]), rel=1e-4)
     ig = attribution["rows"][1]
     assert ig["n_steps"] == 64 and "convergence_delta" in ig and "mean input embedding" in ig["baseline"]
     assert (out / "figures" / "attribution.png").stat().st_size > 0

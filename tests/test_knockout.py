@@ -68,8 +68,7 @@ def loop_y(model, layer, units, dropped):
                     h = torch.exp(dt[r, s] * A)[:, None, None] * h
                     if (i, s) not in drop:
                         h = h + dt[r, s][:, None, None] * uh[s][:, :, None] * B[r, s][g][:, None, :]
-                # the skip term as the Mamba-2 mixer computes it: D·u in fp32 (Hugging Face's torch path)
-                skip = (D.float()[:, None] * uh[i].float()).double()
+                skip = D[:, None] * uh[i]  # the mixer keeps an fp64 model's skip term in fp64
                 y[r, i] = ((h @ C[r, i][g][:, :, None])[..., 0] + skip).reshape(-1)
     return y
 

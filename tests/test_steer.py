@@ -136,7 +136,7 @@ def test_transcoder_feature_writes_at_its_output_hook(tmp_path, capsys, mamba):
     (["--unit", "3"], "--unit '3'"),
     (["--unit", "a:3"], "the layer must be"),
     (["--unit", "0:-1"], "non-negative"),
-    (["--unit", "0:1", "--scale", "nan"], "--scale must be a finite"),
+    (["--unit", "0:1", "--scale", "nan"], "--scale: 'nan' is not a finite number"),
     (["--unit", "0:1", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["--unit", "0:1", "--max-new-tokens", "1000000"], "--max-new-tokens"),
     (["--unit", "0:1", "--positions", "5:2"], "--positions"),

@@ -898,18 +898,15 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
 
 def _check_steer_flags(args: argparse.Namespace) -> None:
     """``steer``: everything that needs no model (``args.unit``, ``args.feature``, ``args.positions`` parsed)."""
-    import math
 
     from mambascope.trace.generate import MAX_NEW_TOKENS, dictionary_direction, parse_positions
 
     if not args.prompt.strip():
         raise ValueError("--prompt is empty: give the text to continue")
-    if not math.isfinite(args.scale):
-        raise ValueError(f"--scale must be a finite number, got {args.scale}")
     if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
         raise ValueError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.max_new_tokens}")
-    if not (math.isfinite(args.temperature) and args.temperature > 0):
-        raise ValueError(f"--temperature must be a positive finite number, got {args.temperature}")
+    if args.temperature <= 0:  # finite already (_finite)
+        raise ValueError(f"--temperature must be a positive number, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     if args.positions is not None:
