@@ -125,6 +125,7 @@ def _sparsify():
     return SparseCoder, SparseCoderConfig
 
 
+@torch.no_grad()
 def codes(coder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Dense latent activations [n, d_sae] of inputs x [n, d_in] (zero outside each row's top k)."""
     top_acts, top_indices, _ = coder.encode(x.to(coder.dtype))
@@ -132,6 +133,7 @@ def codes(coder: nn.Module, x: torch.Tensor) -> torch.Tensor:
                        device=top_acts.device).scatter_(1, top_indices, top_acts)
 
 
+@torch.no_grad()
 def reconstruct(coder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The dictionary's output [n, d_out] for inputs x [n, d_in]."""
     top_acts, top_indices, _ = coder.encode(x.to(coder.dtype))

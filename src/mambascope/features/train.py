@@ -189,7 +189,7 @@ def train_step(state: TrainState, spec: DictionarySpec, cfg: TrainConfig, rows: 
     state.since_fired += rows.shape[0]
     state.since_fired[fired] = 0
     state.step += 1
-    return float(out.fvu)
+    return float(out.fvu.detach())
 
 
 def _fill(state: TrainState, model: nn.Module, spec: DictionarySpec, cfg: TrainConfig,
