@@ -250,5 +250,5 @@ def train_dictionary(model: nn.Module, spec: DictionarySpec, cfg: TrainConfig,
     return state
 
 
-__all__ = ["TrainConfig", "TrainState", "check_config", "checkpoint_dir", "load_checkpoint", "lr_at",
+__all__ = ["TrainConfig", "TrainState", "check_config", "checkpoint_dir", "load_checkpoint", "lr_at", "new_state",
            "save_checkpoint", "train_dictionary", "train_step"]
