@@ -277,3 +277,17 @@ def test_command_writes_a_loadable_dictionary(tmp_path, capsys, kind):
     coder, spec = load_dictionary(out)
     assert spec.kind == kind and spec.layer == 2 and coder.num_latents == spec.d_sae == 64
     assert not checkpoint_dir(out).exists()
+
+
+@pytest.mark.parametrize("family, kind, hook_in, hook_out", [
+    ("mamba2", "topk", "blocks.1.mixer.hook_post", "blocks.1.mixer.hook_post"),
+    ("gpt2", "topk", "blocks.1.mlp.hook_post", "blocks.1.mlp.hook_post"),
+    ("gpt2", "transcoder", "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"),
+])
+def test_other_families(small_checkpoints, tmp_path, capsys, family, kind, hook_in, hook_out):
+    out = tmp_path / "dict"
+    assert main(["sae", "--model", small_checkpoints[family], "--out", str(out), "--kind", kind, *SMALL]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["errors"] == {}
+    assert (results["dictionary"]["hook_in"], results["dictionary"]["hook_out"]) == (hook_in, hook_out)
+    assert results["evaluation"]["spliced_loss"] != results["evaluation"]["clean_loss"]

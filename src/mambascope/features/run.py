@@ -34,9 +34,13 @@ def make_spec(model: nn.Module, model_name: str, kind: str, hook: str | None, in
     hook_out = resolve_hook(model, hook or default_hook(model, kind))
     layer = int(hook_out.split(".")[1])
     if kind == "transcoder":
-        hook_in = resolve_hook(model, input_hook or f"blocks.{layer}.hook_resid_pre", "--input-hook")
         order = list(adapter(model).units(layer))
-        unit_in, unit_out = hook_in.split(".", 2)[2], hook_out.split(".", 2)[2]
+        unit_out = hook_out.split(".", 2)[2]
+        # the residual stream the output's part reads: hook_resid_mid for a second part (an MLP after attention)
+        before = [u for u in ("hook_resid_mid", "hook_resid_pre") if u in order[:order.index(unit_out)]]
+        hook_in = resolve_hook(model, input_hook or f"blocks.{layer}.{before[0] if before else 'hook_resid_pre'}",
+                               "--input-hook")
+        unit_in = hook_in.split(".", 2)[2]
         if int(hook_in.split(".")[1]) != layer or order.index(unit_in) >= order.index(unit_out):
             raise ValueError(f"--input-hook {hook_in} must come before --hook {hook_out} in the same layer")
     else:
