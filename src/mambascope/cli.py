@@ -723,9 +723,15 @@ def _cmd_sae(args: argparse.Namespace) -> int:
         info = {"model": model_info(model, args.model),
                 "corpus": {"name": args.corpus, "split": args.split, "window": args.window, "streamed": True,
                            "heldout_fraction": args.heldout_fraction}}
-        results = train_and_evaluate(model, spec, cfg, stream, heldout_fraction=args.heldout_fraction,
-                                     eval_windows=args.eval_windows, out_dir=out.staging, checkpoint=checkpoint,
-                                     state=state, progress=not args.quiet, info=info)
+        try:
+            results = train_and_evaluate(model, spec, cfg, stream, heldout_fraction=args.heldout_fraction,
+                                         eval_windows=args.eval_windows, out_dir=out.staging, checkpoint=checkpoint,
+                                         state=state, progress=not args.quiet, info=info)
+        except KeyboardInterrupt:
+            if (checkpoint / "state.json").is_file():
+                print(f"mambascope: the training state is kept in {checkpoint}; rerun with --resume to continue",
+                      file=sys.stderr)
+            raise
         save_json(out.file("results.json"), results)
         path = out.commit()
     _shutil.rmtree(checkpoint, ignore_errors=True)

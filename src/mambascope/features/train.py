@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -193,19 +193,24 @@ def train_step(state: TrainState, spec: DictionarySpec, cfg: TrainConfig, rows: 
 
 
 def _fill(state: TrainState, model: nn.Module, spec: DictionarySpec, cfg: TrainConfig,
-          windows: Callable[[], Iterable[list[int]]]) -> None:
-    """Top the buffer up to at least its capacity from the training windows (a new pass when they run out)."""
+          windows: Callable[[], Iterable[list[int]]], batches: Iterator[torch.Tensor] | None) -> Iterator[torch.Tensor]:
+    """Top the buffer up to at least its capacity from the training windows (a new pass when they run out).
+
+    ``batches``: the open pass (None: open one at ``state.window``, as after a resume); returned to continue
+    from, so that the corpus is read once per pass."""
     while True:
-        for ids in window_batches(_skip(windows(), state.window), cfg.window_batch):
+        if batches is None:
+            batches = window_batches(_skip(windows(), state.window), cfg.window_batch)
+        for ids in batches:
             x, y = unit_rows(model, ids, spec)
             with signals_deferred():  # the rows and the corpus position move together, for the checkpoint
                 state.buffer.add(torch.cat([x, y], dim=1))
                 state.window += ids.shape[0]
             if len(state.buffer) >= cfg.buffer_tokens:
-                return
+                return batches
         if state.window == 0:
             raise ValueError("the corpus has no training windows")
-        state.epoch, state.window = state.epoch + 1, 0
+        state.epoch, state.window, batches = state.epoch + 1, 0, None
 
 
 def _skip(windows: Iterable[list[int]], n: int) -> Iterable[list[int]]:
@@ -226,11 +231,12 @@ def train_dictionary(model: nn.Module, spec: DictionarySpec, cfg: TrainConfig,
     after each step (tests interrupt there).
     """
     state = state or new_state(spec, cfg)
+    batches = None
     bar = tqdm(total=cfg.steps, initial=state.step, unit="step", desc=f"sae {spec.hook_out}", disable=not progress)
     try:
         while state.step < cfg.steps:
             if len(state.buffer) < cfg.buffer_tokens:
-                _fill(state, model, spec, cfg, windows)
+                batches = _fill(state, model, spec, cfg, windows, batches)
             with signals_deferred():  # a step is whole or not taken, for the checkpoint written on interrupt
                 state.fvu = train_step(state, spec, cfg, state.buffer.take(cfg.batch_tokens))
             bar.update(1)
