@@ -291,3 +291,29 @@ def test_other_families(small_checkpoints, tmp_path, capsys, family, kind, hook_
     assert results["errors"] == {}
     assert (results["dictionary"]["hook_in"], results["dictionary"]["hook_out"]) == (hook_in, hook_out)
     assert results["evaluation"]["spliced_loss"] != results["evaluation"]["clean_loss"]
+
+
+def test_command_interrupted_then_resumed(tmp_path, capsys, monkeypatch):
+    import mambascope.features.train as train_module
+
+    out = tmp_path / "dict"
+    real_step = train_module.train_step
+
+    def interrupted(state, *args):
+        if state.step == 3:
+            raise KeyboardInterrupt
+        return real_step(state, *args)
+
+    monkeypatch.setattr(train_module, "train_step", interrupted)
+    assert main(["sae", "--out", str(out), *SMALL]) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert not out.exists() and json.loads((checkpoint_dir(out) / "state.json").read_text())["step"] == 3
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert main(["sae", "--out", str(out), *SMALL]) == 2  # neither --resume nor --overwrite
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(["sae", "--out", str(out), "--k", "5", *SMALL[:-3], "--resume"]) == 2  # other flags
+    assert "other flags" in capsys.readouterr().err
+    assert main(["sae", "--out", str(out), *SMALL, "--resume"]) == 0
+    assert "resuming from step 3" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["training"]["steps"] == 4
+    assert not checkpoint_dir(out).exists()
