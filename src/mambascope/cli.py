@@ -1,5 +1,5 @@
 """The ``mambascope`` command line: ``analyze``, ``census``, ``attention``, ``compare``, ``patch``, ``attribute``,
-``report``, ``train-tiny``, ``steer``.
+``report``, ``train-tiny``, ``sae``, ``steer``.
 
 Every flag has a default and is checked before any work starts.  Exit codes, the same for every subcommand
 (docs/design.md §13): 0 ok, 1 a stage failed, 2 bad input, 130 interrupted (Ctrl-C or SIGTERM).  A failure
@@ -1018,6 +1018,83 @@ def _cmd_steer(args: argparse.Namespace) -> int:
     return OK
 
 
+def _sae_config(args: argparse.Namespace):
+    """``sae``: the training flags as a TrainConfig, and every check that needs no model."""
+    from mambascope.features.dictionary import split_hook
+    from mambascope.features.train import TrainConfig, check_config
+
+    split_hook(args.hook) if args.hook is not None else None
+    if args.input_hook is not None:
+        if args.kind != "transcoder":
+            raise ValueError("--input-hook is the input of a transcoder: add --kind transcoder or drop it")
+        split_hook(args.input_hook, "--input-hook")
+    if (args.latents is not None and args.latents < 1) or (args.expansion is not None and args.expansion <= 0):
+        raise ValueError("--latents and --expansion must be positive")
+    if args.k < 1 or (args.latents is not None and args.k > args.latents):
+        raise ValueError(f"--k {args.k} must be between 1 and --latents ({args.latents})")
+    if args.eval_windows < 1:
+        raise ValueError(f"--eval-windows must be positive, got {args.eval_windows}")
+    cfg = TrainConfig(tokens=args.tokens, batch_tokens=args.batch_tokens, buffer_tokens=args.buffer_tokens,
+                      lr=args.lr, auxk_alpha=args.auxk_alpha, dead_after=args.dead_after,
+                      window_batch=args.batch_size, seed=args.seed)
+    check_config(cfg)
+    return cfg
+
+
+def _cmd_sae(args: argparse.Namespace) -> int:
+    """``sae``: train a sparse dictionary on one traced unit, evaluate it held out, save it for SAELens."""
+    import shutil as _shutil
+
+    from mambascope.data.stream import WindowStream, stream_documents
+    from mambascope.features.run import make_spec, summary_lines, train_and_evaluate
+    from mambascope.features.train import checkpoint_dir, load_checkpoint
+    from mambascope.models import load_model
+    from mambascope.pipeline import model_info
+    from mambascope.results import save_json
+
+    cfg = _sae_config(args)
+    checkpoint = checkpoint_dir(args.out)
+    with _claim(args, "dictionary") as out:
+        if checkpoint.exists() and not args.resume:
+            if not args.overwrite:
+                raise FileExistsError(f"--out {args.out} has the checkpoint of an unfinished training ({checkpoint}); "
+                                      "pass --resume to continue it or --overwrite to start over")
+            _shutil.rmtree(checkpoint)
+        documents = stream_documents(args.corpus, split=args.split)  # a bad corpus fails before the model loads
+        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+        _check_model_flags(args, model)
+        spec = make_spec(model, args.model, args.kind, args.hook, args.input_hook, args.latents,
+                         args.expansion if args.latents is None else None, args.k)
+        state = None
+        if args.resume:
+            if (checkpoint / "state.json").is_file():
+                state = load_checkpoint(checkpoint, spec, cfg)
+                print(f"mambascope: resuming from step {state.step} of {cfg.steps}", file=sys.stderr)
+            else:
+                print(f"mambascope: --resume: no checkpoint of --out {args.out}; starting a new training",
+                      file=sys.stderr)
+        stream = WindowStream(documents, tokenizer, args.window)
+        info = {"model": model_info(model, args.model),
+                "corpus": {"name": args.corpus, "split": args.split, "window": args.window, "streamed": True,
+                           "heldout_fraction": args.heldout_fraction}}
+        try:
+            results = train_and_evaluate(model, spec, cfg, stream, heldout_fraction=args.heldout_fraction,
+                                         eval_windows=args.eval_windows, out_dir=out.staging, checkpoint=checkpoint,
+                                         state=state, progress=not args.quiet, info=info)
+        except KeyboardInterrupt:
+            if (checkpoint / "state.json").is_file():
+                print(f"mambascope: the training state is kept in {checkpoint}; rerun with --resume to continue",
+                      file=sys.stderr)
+            raise
+        save_json(out.file("results.json"), results)
+        path = out.commit()
+    _shutil.rmtree(checkpoint, ignore_errors=True)
+    for line in summary_lines(results):
+        print(line)
+    print(f"dictionary: {path} (cfg.json, sae_weights.safetensors, results.json)")
+    return FAILED if results["errors"] else OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mambascope.models.train import ARCHS as TRAIN_ARCHS
     parser = _Parser(prog="mambascope", description="Neuron-level interpretability of Mamba models.",
@@ -1127,7 +1204,48 @@ def build_parser() -> argparse.ArgumentParser:
                        "beside the unsteered text")
     _add_steer_args(p)
     p.set_defaults(func=_cmd_steer)
+
+
+    p = sub.add_parser("sae", parents=common, help="train a sparse dictionary (TopK SAE or transcoder) on one unit")
+    _add_sae_args(p)
+    p.set_defaults(func=_cmd_sae)
     return parser
+
+
+def _add_sae_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--hook", default=None, help="the unit: blocks.L.UNIT or UNIT for the middle layer (default: "
+                   "mixer.hook_post, the neuron; with --kind transcoder: hook_mixer_out, the transcoder's output)")
+    p.add_argument("--input-hook", default=None, help="--kind transcoder: its input, earlier in the same layer "
+                   "(default: blocks.L.hook_resid_pre)")
+    p.add_argument("--kind", default="topk", choices=["topk", "transcoder"])
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--latents", type=int, default=None, help="number of latents d_sae")
+    size.add_argument("--expansion", type=_finite, default=8.0, help="d_sae = expansion x input width (default: "
+                      "%(default)s)")
+    p.add_argument("--k", type=int, default=32, help="active latents per token, TopK (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=131_072, help="training tokens (default: %(default)s)")
+    p.add_argument("--batch-tokens", type=int, default=512, help="tokens per optimizer step (default: %(default)s)")
+    p.add_argument("--buffer-tokens", type=int, default=16_384,
+                   help="shuffle buffer, in tokens (default: %(default)s)")
+    p.add_argument("--lr", type=_finite, default=2e-3, help="Adam learning rate, warmup then linear decay "
+                   "(default: %(default)s)")
+    p.add_argument("--auxk-alpha", type=_finite, default=1 / 32, help="weight of the dead-latent AuxK loss "
+                   "(default: 1/32)")
+    p.add_argument("--dead-after", type=int, default=16_384,
+                   help="a latent silent for this many training tokens is dead for AuxK (default: %(default)s)")
+    p.add_argument("--corpus", default="builtin", help="builtin, a .txt or .jsonl file, or a datasets name, read "
+                   "lazily (default: %(default)s)")
+    p.add_argument("--split", default="train", choices=SPLITS, help="(default: %(default)s)")
+    p.add_argument("--window", type=int, default=128, help="tokens per window (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--heldout-fraction", type=_finite, default=0.1,
+                   help="every 1/f-th window is held out for the evaluation (default: %(default)s)")
+    p.add_argument("--eval-windows", type=int, default=64, help="held-out windows evaluated (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted training of the same --out from "
+                   "its checkpoint (.OUT.sae-checkpoint beside it; the same flags)")
+    _add_out_args(p, "mambascope-sae")
 
 
 def _add_patch_args(p: argparse.ArgumentParser) -> None:
