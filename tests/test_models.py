@@ -20,7 +20,8 @@ ARCH_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "gpt2"
 BUNDLED_ARCH = {"tiny-mamba": "mamba", "tiny-mamba2": "mamba2", "tiny-gpt": "gpt2", "tiny-hybrid": "bamba"}
 # The bundled task models (docs/models.md, "Task models"); each must reach 95 % held-out query accuracy.
 # (tiny-mamba-mqar and tiny-gpt-mqar did not reach the bar on the CPU budget and are not bundled.)
-TASK_ARCH = {"tiny-mamba2-mqar": "mamba2", "tiny-gpt-mqar": "gpt2", "tiny-gpt-copy": "gpt2"}
+TASK_ARCH = {"tiny-mamba2-mqar": "mamba2", "tiny-gpt-mqar": "gpt2", "tiny-gpt-copy": "gpt2",
+             "tiny-mamba2-copy": "mamba2"}
 # Smallest shapes that still exercise every code path (Mamba-2: 2 heads, 1 group, chunking).
 TINY = {
     "mamba": {"hidden_size": 16, "num_hidden_layers": 2, "state_size": 4},
@@ -426,3 +427,17 @@ def test_train_tiny_shape_flag_and_unknown_config_fields(tmp_path: Path) -> None
         train_task("gpt2", "mqar", tmp_path, steps=1, config_overrides={"n_embed": 32}, log=lambda _: None)
     with pytest.raises(ValueError, match="train_queries applies to task mqar only"):
         train_task("gpt2", "copy", tmp_path, steps=1, train_queries=16, log=lambda _: None)
+
+
+@pytest.mark.parametrize("name", list(TASK_ARCH))
+def test_attention_task_runs_on_every_bundled_task_model(name: str, tmp_path: Path) -> None:
+    """``mambascope attention --model NAME --task TASK`` scores the bundled model against its task's ground truth."""
+    from mambascope.cli import main
+
+    task = name.rsplit("-", 1)[1]
+    code = main(["attention", "--model", name, "--task", task, "--queries", "8", "--methods", "attention_weighted",
+                 "--no-report", "--device", "cpu", "--out", str(tmp_path / "gt")])
+    assert code == 0
+    truth = json.loads((tmp_path / "gt" / "results.json").read_text())["ground_truth"]
+    assert truth["task"] == task and truth["n_queries"] == 8 and not truth["errors"]
+    assert {r["method"] for r in truth["rows"]} == {"random", "recency", "attention_weighted"}
