@@ -738,11 +738,14 @@ def test_report_holds_the_outputs_lock_before_it_reads_and_under_a_link(tmp_path
     assert run(capsys, "report", link)[0] == 0 and held == [link]
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
-def test_a_memory_budget_that_is_not_a_positive_finite_number_is_refused_first(tmp_path, capsys, value):
+@pytest.mark.parametrize(("value", "message"), [("0", "--memory-budget must be a positive, finite number of GiB"),
+                                              ("-1", "--memory-budget must be a positive, finite number of GiB"),
+                                              ("nan", "--memory-budget: 'nan' is not a finite number"),
+                                              ("inf", "--memory-budget: 'inf' is not a finite number")])
+def test_a_memory_budget_that_is_not_a_positive_finite_number_is_refused_first(tmp_path, capsys, value, message):
     code, _, err = run(capsys, "census", "--memory-budget", value, "--out", tmp_path / "out")
     assert code == 2
-    one_line(err, "--memory-budget must be a positive, finite number of GiB")
+    one_line(err, message)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -142,7 +142,7 @@ def _check_flags(args: argparse.Namespace) -> None:
             args.split = "all" if Path(args.corpus).suffix.lower() in (".txt", ".jsonl") else "validation"
         if args.split not in SPLITS:
             raise ValueError(f"--split {args.split!r}: choose train, validation or all")
-    if getattr(args, "memory_budget", None) is not None and not 0 < args.memory_budget < float("inf"):
+    if getattr(args, "memory_budget", None) is not None and args.memory_budget <= 0:  # finite already (_finite)
         raise ValueError(f"--memory-budget must be a positive, finite number of GiB, got {args.memory_budget:g}")
     if hasattr(args, "checkpoint_every"):
         from mambascope.scale import parse_every

@@ -390,6 +390,16 @@ def output_gate(y: Tensor, gate: Tensor, params: MixerParams) -> Tensor:
     return norm_w * (gate.reshape(v.shape) * r).reshape(b, L, E)
 
 
+def conv_toeplitz_right(W: Tensor, weight: Tensor) -> Tensor:
+    """W · T for W [b, c, R, L] and T the causal depthwise conv of taps ``weight`` [c, K] as a Toeplitz
+    matrix: (W·T)[t, j] = Σ_k W[t, j+k]·weight[K−1−k] (conv output j+k reads input j through tap K−1−k)."""
+    K, L = weight.shape[1], W.shape[-1]
+    out = W * weight[:, K - 1].view(1, -1, 1, 1)
+    for k in range(1, min(K, L)):  # K ≤ 4 taps, not a loop over positions
+        out[..., : L - k].addcmul_(W[..., k:], weight[:, K - 1 - k].view(1, -1, 1, 1))
+    return out
+
+
 def _block_rows(lay: _Layer, params: MixerParams, channels: Tensor, rows: Tensor | None,
                 gate: Tensor, sig: Tensor) -> Tensor:
     """M [b, c, R, L] of the ``block`` map for ``channels``: diag(g)·(α + D)·diag(σ(conv)·m)·Conv."""
@@ -403,12 +413,7 @@ def _block_rows(lay: _Layer, params: MixerParams, channels: Tensor, rows: Tensor
         D = lay.D[heads]
     _add_diag(alpha, D, rows)
     alpha.mul_(sig[:, channels].unsqueeze(2))  # W[t, s] = (α + D)[t, s]·σ(c_s)·m_s
-    w = params.conv_weight.to(device=alpha.device, dtype=lay.wd)[channels]  # [c, K]
-    K, L = w.shape[1], lay.L
-    # M[t, j] = Σ_k W[t, j+k]·w[K-1-k]: conv output s = j+k reads input j through tap K-1-k.
-    M = alpha * w[:, K - 1].view(1, -1, 1, 1)
-    for k in range(1, min(K, L)):  # K ≤ 4 taps, not a loop over positions
-        M[..., : L - k].addcmul_(alpha[..., k:], w[:, K - 1 - k].view(1, -1, 1, 1))
+    M = conv_toeplitz_right(alpha, params.conv_weight.to(device=alpha.device, dtype=lay.wd)[channels])
     g = gate[:, channels] if rows is None else gate[:, channels][..., rows]
     return M.mul_(g.unsqueeze(-1))
 

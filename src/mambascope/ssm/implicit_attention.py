@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from mambascope.ssm.hidden_attention import block_bias, hidden_attention, output_gate
+from mambascope.ssm.hidden_attention import block_bias, conv_toeplitz_right, hidden_attention, output_gate
 from mambascope.ssm.params import MixerParams
 
 VARIANTS = ("full", "no_conv", "no_gate", "no_act")
@@ -70,16 +70,6 @@ def _diagonals(layer: Mapping[str, Tensor], params: MixerParams, attention_mask:
     else:
         gate = _need(layer, "mixer.hook_gate")[0].to(wd)
     return output_gate(y.to(wd), gate, params), sig
-
-
-def conv_toeplitz_right(W: Tensor, weight: Tensor) -> Tensor:
-    """W · T for W [b, c, R, L] and T the causal depthwise conv of taps ``weight`` [c, K] as a Toeplitz
-    matrix: (W·T)[t, j] = Σ_k W[t, j+k]·weight[K−1−k] (conv output j+k reads input j through tap K−1−k)."""
-    K, L = weight.shape[1], W.shape[-1]
-    out = W * weight[:, K - 1].view(1, -1, 1, 1)
-    for k in range(1, min(K, L)):  # K ≤ 4 taps, not a loop over positions
-        out[..., : L - k].addcmul_(W[..., k:], weight[:, K - 1 - k].view(1, -1, 1, 1))
-    return out
 
 
 def _channels(params: MixerParams, channels: Sequence[int] | Tensor | None, device: torch.device) -> Tensor:
