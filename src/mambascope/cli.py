@@ -351,8 +351,6 @@ def _memory_plan(args: argparse.Namespace, model, info: dict):
     """Exact or bounded n-gram tables for this census, from --memory-budget (default: ``scale.default_budget``)
     and the corpus size (a stream of unknown length: its file's size in bytes, at least its token count; a
     datasets stream: unbounded)."""
-    import math
-
     from mambascope.arch import adapter
     from mambascope.pipeline import census_layers
     from mambascope.scale import default_budget, plan_memory, resident_bytes
@@ -791,7 +789,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
                    "attribution": attribution, "errors": errors,
                    "timings": {"attribution": round(sum(attribution["timings"].values()), 3)}, "incomplete": []}
         if args.report:
-            _render(results, out.staging)
+            _render(results, out.staging, args.debug)
         save_json(out.file("results.json"), results)
         path = out.commit()
     print_attribution(results["attribution"], k=args.top)
@@ -1023,7 +1021,8 @@ def _sae_config(args: argparse.Namespace):
     from mambascope.features.dictionary import split_hook
     from mambascope.features.train import TrainConfig, check_config
 
-    split_hook(args.hook) if args.hook is not None else None
+    if args.hook is not None:
+        split_hook(args.hook)
     if args.input_hook is not None:
         if args.kind != "transcoder":
             raise ValueError("--input-hook is the input of a transcoder: add --kind transcoder or drop it")
@@ -1043,8 +1042,6 @@ def _sae_config(args: argparse.Namespace):
 
 def _cmd_sae(args: argparse.Namespace) -> int:
     """``sae``: train a sparse dictionary on one traced unit, evaluate it held out, save it for SAELens."""
-    import shutil as _shutil
-
     from mambascope.data.stream import WindowStream, stream_documents
     from mambascope.features.run import make_spec, summary_lines, train_and_evaluate
     from mambascope.features.train import checkpoint_dir, load_checkpoint
@@ -1059,7 +1056,7 @@ def _cmd_sae(args: argparse.Namespace) -> int:
             if not args.overwrite:
                 raise FileExistsError(f"--out {args.out} has the checkpoint of an unfinished training ({checkpoint}); "
                                       "pass --resume to continue it or --overwrite to start over")
-            _shutil.rmtree(checkpoint)
+            shutil.rmtree(checkpoint)
         documents = stream_documents(args.corpus, split=args.split)  # a bad corpus fails before the model loads
         model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
         _check_model_flags(args, model)
@@ -1088,7 +1085,7 @@ def _cmd_sae(args: argparse.Namespace) -> int:
             raise
         save_json(out.file("results.json"), results)
         path = out.commit()
-    _shutil.rmtree(checkpoint, ignore_errors=True)
+    shutil.rmtree(checkpoint, ignore_errors=True)
     for line in summary_lines(results):
         print(line)
     print(f"dictionary: {path} (cfg.json, sae_weights.safetensors, results.json)")
@@ -1096,7 +1093,9 @@ def _cmd_sae(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mambascope.attribution.input_attribution import WHOLE_MODEL_METHODS
     from mambascope.models.train import ARCHS as TRAIN_ARCHS
+
     parser = _Parser(prog="mambascope", description="Neuron-level interpretability of Mamba models.",
                                      epilog="exit codes: 0 ok, 1 a stage failed, 2 bad input, 130 interrupted")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -1129,8 +1128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the methods against the ground truth of a task model (train-tiny --task)")
     p.add_argument("--queries", type=int, default=512, help="held-out queries for --task (default: %(default)s)")
     p.add_argument("--whole-model-methods", nargs="+", default=None, metavar="METHOD",
-                   help="--task: also score these whole-model methods, one forward set per query: gradient_x_input, "
-                   "integrated_gradients, occlusion, knockout (mambascope attribute's; default: none)")
+                   help="--task: also score these whole-model methods, one forward set per query: "
+                   f"{', '.join(WHOLE_MODEL_METHODS)} (mambascope attribute's; default: none)")
     p.set_defaults(func=_cmd_attention)
 
     p = sub.add_parser("report", parents=common, help="re-render figures and report.html from a results directory")

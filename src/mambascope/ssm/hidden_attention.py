@@ -255,10 +255,11 @@ def _check_kind(kind: str, params: MixerParams) -> None:
                          f"{params.arch!r}; transformer layers have real attention (attn.hook_pattern)")
 
 
-def _need(layer: Mapping[str, Tensor], *names: str) -> list[Tensor]:
+def need_units(layer: Mapping[str, Tensor], *names: str, what: str = "hidden attention") -> list[Tensor]:
+    """The layer's tensors ``names`` (unit names without ``blocks.{l}.``); KeyError naming the missing ones."""
     missing = [n for n in names if n not in layer]
     if missing:
-        raise KeyError(f"hidden attention needs the layer tensors {', '.join(missing)} (unit names without "
+        raise KeyError(f"{what} needs the layer tensors {', '.join(missing)} (unit names without "
                        f"'blocks.{{l}}.'); got {', '.join(sorted(layer)) or 'none'}")
     return [layer[n] for n in names]
 
@@ -304,7 +305,7 @@ class _Layer:
 
 
 def _prepare(layer: Mapping[str, Tensor], params: MixerParams, attention_mask: Tensor | None) -> _Layer:
-    dt, B, C = _need(layer, "mixer.hook_dt", "mixer.hook_B", "mixer.hook_C")
+    dt, B, C = need_units(layer, "mixer.hook_dt", "mixer.hook_B", "mixer.hook_C")
     wd = _work_dtype(dt, B, C)
     dev = dt.device
     if dt.dim() != 3:
@@ -357,7 +358,7 @@ def _add_diag(alpha: Tensor, values: Tensor, rows: Tensor | None) -> None:
 
 def _block_gates(layer: Mapping[str, Tensor], params: MixerParams, lay: _Layer) -> tuple[Tensor, Tensor]:
     """(g [b, E, L] row gate, σ(conv)·mask [b, E, L] key diagonal) of the ``block`` map."""
-    (conv,) = _need(layer, "mixer.hook_conv")
+    (conv,) = need_units(layer, "mixer.hook_conv")
     sig = torch.sigmoid(conv.to(lay.wd))
     if lay.mask is not None:
         sig = sig * lay.mask.unsqueeze(-1)
@@ -366,10 +367,10 @@ def _block_gates(layer: Mapping[str, Tensor], params: MixerParams, lay: _Layer) 
         z = layer["mixer.hook_gate_pre"].to(lay.wd)
         gate = z * torch.sigmoid(z)
     else:
-        (gate,) = _need(layer, "mixer.hook_gate")
+        (gate,) = need_units(layer, "mixer.hook_gate")
         gate = gate.to(lay.wd)
     if lay.arch == "mamba2":
-        (y,) = _need(layer, "mixer.hook_y")
+        (y,) = need_units(layer, "mixer.hook_y")
         gate = output_gate(y.to(lay.wd), gate, params)
     return gate.transpose(1, 2).contiguous(), sig.transpose(1, 2).contiguous()
 

@@ -37,7 +37,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from mambascope.ssm.hidden_attention import block_bias, conv_toeplitz_right, hidden_attention, output_gate
+from mambascope.ssm.hidden_attention import (
+    block_bias,
+    conv_toeplitz_right,
+    hidden_attention,
+    need_units,
+    output_gate,
+)
 from mambascope.ssm.params import MixerParams
 
 VARIANTS = ("full", "no_conv", "no_gate", "no_act")
@@ -48,18 +54,10 @@ __all__ = ["VARIANTS", "attention_token_map", "conv_toeplitz_right", "implicit_a
            "layer_token_map", "residual_rollout", "token_contributions"]
 
 
-def _need(layer: Mapping[str, Tensor], *names: str) -> list[Tensor]:
-    missing = [n for n in names if n not in layer]
-    if missing:
-        raise KeyError(f"implicit attention needs the layer tensors {', '.join(missing)} (unit names without "
-                       f"'blocks.{{l}}.'); got {', '.join(sorted(layer)) or 'none'}")
-    return [layer[n] for n in names]
-
-
 def _diagonals(layer: Mapping[str, Tensor], params: MixerParams, attention_mask: Tensor | None
                ) -> tuple[Tensor, Tensor]:
     """(g, σ(c)·m), both [b, L, E] in the work dtype (fp64 for fp64 tensors, else fp32)."""
-    conv, y = _need(layer, "mixer.hook_conv", "mixer.hook_y")
+    conv, y = need_units(layer, "mixer.hook_conv", "mixer.hook_y", what="implicit attention")
     wd = torch.float64 if conv.dtype == torch.float64 else torch.float32
     sig = torch.sigmoid(conv.to(wd))
     if attention_mask is not None:
@@ -68,7 +66,7 @@ def _diagonals(layer: Mapping[str, Tensor], params: MixerParams, attention_mask:
         z = layer["mixer.hook_gate_pre"].to(wd)
         gate = z * torch.sigmoid(z)
     else:
-        gate = _need(layer, "mixer.hook_gate")[0].to(wd)
+        gate = need_units(layer, "mixer.hook_gate", what="implicit attention")[0].to(wd)
     return output_gate(y.to(wd), gate, params), sig
 
 
@@ -113,7 +111,7 @@ def implicit_extra(layer: Mapping[str, Tensor], params: MixerParams, *,
                    attention_mask: Tensor | None = None) -> Tensor:
     """extra [b, L, E] = g ⊙ (D·u + α·(σ(c)·m·β)): the D skip and the conv-bias term, so that
     post = Ω·x + extra exactly for the ``full`` operator (module docstring)."""
-    (u,) = _need(layer, "mixer.hook_ssm_input")
+    (u,) = need_units(layer, "mixer.hook_ssm_input", what="implicit attention")
     gate, sig = _diagonals(layer, params, attention_mask)
     D = params.D.to(gate)
     if params.arch == "mamba2":
@@ -129,7 +127,7 @@ def token_contributions(layer: Mapping[str, Tensor], params: MixerParams, varian
                         attention_mask: Tensor | None = None) -> Tensor:
     """T [b, R, L, d_model]: T[:, i, j] = W_out·(Ω[:, i, j] ⊙ x_j), token j's term in out_proj's output at
     query i (``variant`` as :func:`implicit_attention`; ``mixer.hook_x`` needed too)."""
-    (x,) = _need(layer, "mixer.hook_x")
+    (x,) = need_units(layer, "mixer.hook_x", what="implicit attention")
     omega = implicit_attention(layer, params, variant, rows=rows, attention_mask=attention_mask)
     terms = omega * x.to(omega).transpose(1, 2).unsqueeze(2)  # [b, E, R, L]
     return torch.einsum("berl,de->brld", terms, params.out_proj_weight.to(terms))
@@ -151,7 +149,7 @@ def layer_token_map(layer: Mapping[str, Tensor], params: MixerParams, variant: s
                     max_bytes: int | None = None) -> Tensor:
     """c [b, L, L] (or [b, R, L] for query ``rows``): c[i, j] = ‖T_i(x_j)‖₂ (module docstring), computed in
     chunks of query rows whose working memory stays near ``max_bytes`` (default 256 MiB)."""
-    (x,) = _need(layer, "mixer.hook_x")
+    (x,) = need_units(layer, "mixer.hook_x", what="implicit attention")
     b, L, E = x.shape
     es = 8 if x.dtype == torch.float64 else 4
     chunks = _row_chunks(L, rows, es * b * L * (3 * E + 2 * params.out_proj_weight.shape[0]), max_bytes)
