@@ -186,3 +186,22 @@ def test_model_dependent_errors_are_one_line(tmp_path, capsys, spec, message):
     assert code == 2
     assert message in _one_error_line(err)
     assert not (tmp_path / "o").exists()
+
+
+def test_an_existing_out_is_refused_before_any_generation(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    generation = importlib.import_module("mambascope.trace.generate")  # the module, not the function it exports
+    out = tmp_path / "steered"
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("generated before --out was claimed")
+
+    monkeypatch.setattr(generation, "generate", refuse)
+    code, stdout, err = _run(capsys, "steer", "--model", "tiny-mamba", "--prompt", PROMPT, "--unit", "0:1",
+                             "--scale", "2", "--max-new-tokens", "2", "--out", str(out))
+    assert code == 2 and stdout == ""
+    assert "exists; pass --overwrite" in _one_error_line(err)
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]

@@ -975,6 +975,8 @@ def _columns(left: str, right: str, titles: tuple[str, str]) -> list[str]:
 
 def _cmd_steer(args: argparse.Namespace) -> int:
     """Generate from --prompt with and without one neuron or feature steered; print both side by side."""
+    import contextlib
+
     import torch
 
     from mambascope.models import load_model
@@ -991,28 +993,30 @@ def _cmd_steer(args: argparse.Namespace) -> int:
     if edit.direction.shape[0] != width:
         raise ValueError(f"--feature: the dictionary's d_in is {edit.direction.shape[0]}, but {hook} has {width} "
                          "channels")
-    settings = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed}
-    runs = {"unsteered": generate(model, ids, args.max_new_tokens, **settings),
-            "steered": generate(model, ids, args.max_new_tokens, edits={hook: edit}, **settings)}
-    new = {name: tokens[0, ids.shape[1]:].tolist() for name, tokens in runs.items()}
-    texts = {name: tokenizer.decode(tokens) for name, tokens in new.items()}
-    verb = "+" if args.mode == "add" else "set to "
-    where = "every position" if args.positions is None else "positions " + ",".join(
-        f"{lo}:{'' if hi is None else hi}" if hi != lo + 1 else str(lo) for lo, hi in args.positions)
-    print(f"{args.model}: {hook} {label}, {verb}{args.scale:g} at {where}; "
-          f"{'sampled' if args.sample else 'greedy'}, {args.max_new_tokens} new tokens")
-    print(f"prompt: {args.prompt!r}")
-    print("\n".join(_columns(texts["unsteered"], texts["steered"], ("unsteered", f"steered ({label})"))))
-    if args.out is not None:
+    # --out is claimed before the generation, so that an existing output is refused before any work
+    with _claim(args, "steer") if args.out is not None else contextlib.nullcontext() as out:
+        settings = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed}
+        runs = {"unsteered": generate(model, ids, args.max_new_tokens, **settings),
+                "steered": generate(model, ids, args.max_new_tokens, edits={hook: edit}, **settings)}
+        new = {name: tokens[0, ids.shape[1]:].tolist() for name, tokens in runs.items()}
+        texts = {name: tokenizer.decode(tokens) for name, tokens in new.items()}
+        verb = "+" if args.mode == "add" else "set to "
+        where = "every position" if args.positions is None else "positions " + ",".join(
+            f"{lo}:{'' if hi is None else hi}" if hi != lo + 1 else str(lo) for lo, hi in args.positions)
+        print(f"{args.model}: {hook} {label}, {verb}{args.scale:g} at {where}; "
+              f"{'sampled' if args.sample else 'greedy'}, {args.max_new_tokens} new tokens")
+        print(f"prompt: {args.prompt!r}")
+        print("\n".join(_columns(texts["unsteered"], texts["steered"], ("unsteered", f"steered ({label})"))))
+        if out is None:
+            return OK
         record = {"model": args.model, "prompt": args.prompt, "prompt_ids": ids[0].tolist(), "hook_name": hook,
                   "unit": label, "mode": args.mode, "scale": args.scale,
                   "positions": None if args.positions is None else [list(r) for r in args.positions],
                   "max_new_tokens": args.max_new_tokens, **settings,
                   "tokens": new, "texts": texts}
-        with _claim(args, "steer") as out:
-            save_json(out.file("steer.json"), record)
-            path = out.commit()
-        print(f"results: {path / 'steer.json'}")
+        save_json(out.file("steer.json"), record)
+        path = out.commit()
+    print(f"results: {path / 'steer.json'}")
     return OK
 
 
@@ -1029,8 +1033,10 @@ def _sae_config(args: argparse.Namespace):
         split_hook(args.input_hook, "--input-hook")
     if (args.latents is not None and args.latents < 1) or (args.expansion is not None and args.expansion <= 0):
         raise ValueError("--latents and --expansion must be positive")
-    if args.k < 1 or (args.latents is not None and args.k > args.latents):
-        raise ValueError(f"--k {args.k} must be between 1 and --latents ({args.latents})")
+    if args.k < 1:
+        raise ValueError(f"--k must be at least 1, got {args.k}")
+    if args.latents is not None and args.k > args.latents:
+        raise ValueError(f"--k {args.k} must be at most --latents ({args.latents})")
     if args.eval_windows < 1:
         raise ValueError(f"--eval-windows must be positive, got {args.eval_windows}")
     cfg = TrainConfig(tokens=args.tokens, batch_tokens=args.batch_tokens, buffer_tokens=args.buffer_tokens,
