@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mambascope.ssm.s6_scan as s6
 from mambascope.models.train import _training_scan, hf_selective_scan
 from mambascope.ssm import selective_scan
 from mambascope.ssm.reference import mamba1_scan, random_mixer
@@ -53,10 +52,8 @@ def _fast(u, dt, A, B, C, h0=None):
     return selective_scan(u, dt, A, B, C, initial_state=h0, return_state=True)
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 22, 45, 1])  # one chunk; 2–3 positions a chunk; one position
 @pytest.mark.parametrize("use_h0,pad", [(False, 0), (True, 0), (False, 4), (True, 4)])
-def test_outputs_and_gradients_equal_the_loop_reference_fp64(monkeypatch, chunk_elements, use_h0, pad):
-    monkeypatch.setattr(s6, "CHUNK_ELEMENTS", chunk_elements)
+def test_outputs_and_gradients_equal_the_loop_reference_fp64(use_h0, pad):
     inputs = _inputs(pad=pad)
     if pad:
         assert bool((inputs["u"][0, :pad] == 0).all()) and bool((inputs["dt"][0, :pad] > 0).all())
@@ -69,8 +66,7 @@ def test_outputs_and_gradients_equal_the_loop_reference_fp64(monkeypatch, chunk_
         torch.testing.assert_close(g[name], g_ref[name], rtol=1e-10, atol=1e-10, msg=f"gradient w.r.t. {name}")
 
 
-def test_gradcheck_with_initial_state_across_chunks(monkeypatch):
-    monkeypatch.setattr(s6, "CHUNK_ELEMENTS", 50)  # chunks of 2 positions: the backward's carry is exercised
+def test_gradcheck_with_initial_state():
     x = _inputs(b=2, L=7, E=3, N=4, pad=2)
     args = tuple(x[k].clone().requires_grad_() for k in ("u", "dt", "A", "B", "C", "h0"))
     assert torch.autograd.gradcheck(lambda *a: _fast(*a), args)
@@ -100,9 +96,7 @@ def _fp32_bound(x: dict[str, torch.Tensor], L: int, N: int) -> torch.Tensor:
     return (L + N + 8) * torch.finfo(torch.float32).eps * y_abs
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 22, 30])
-def test_fp32_outputs_equal_the_reference_to_rounding(monkeypatch, chunk_elements):
-    monkeypatch.setattr(s6, "CHUNK_ELEMENTS", chunk_elements)
+def test_fp32_outputs_equal_the_reference_to_rounding():
     L, N = 40, 6
     x = _inputs(b=3, L=L, E=7, N=N, pad=5)
     y64 = _reference(x["u"], x["dt"], x["A"], x["B"], x["C"])[0]
