@@ -48,9 +48,10 @@
       var max = 0;
       values.forEach(function (v) { if (typeof v === "number" && Math.abs(v) > max) { max = Math.abs(v); } });
       values.forEach(function (v, j) {
-        var td = el("td", "cell", fmt(v));
-        var a = (typeof v === "number" && max > 0) ? Math.abs(v) / max : 0;
-        td.style.backgroundColor = (v >= 0 ? "rgba(214,39,40," : "rgba(31,119,180,") + a.toFixed(3) + ")";
+        var shown = (typeof v === "number" && max > 0) ? v / max : 0;  // the row's scale: -1..1
+        var td = el("td", "cell", shown.toFixed(2));
+        td.style.backgroundColor = (v >= 0 ? "rgba(214,39,40," : "rgba(31,119,180,") +
+                                   Math.abs(shown).toFixed(3) + ")";
         td.title = JSON.stringify(r.tokens[j]) + " @" + j + ": " + v;
         td.setAttribute("data-relevance", String(v));
         tr.appendChild(td);
@@ -70,7 +71,11 @@
     p.appendChild(document.createTextNode(" (" + tg.chosen + ", log p = " + fmt(tg.logprob) + ") after position " +
                                           tg.position + " of " + r.tokens.length + " tokens, by " + r.model + "."));
     box.appendChild(p);
-    if (r.rows.length) { box.appendChild(strip(r)); }
+    if (r.rows.length) {
+      box.appendChild(el("p", "muted", "Each cell: the relevance divided by its row's largest |relevance|; " +
+                                       "hover a cell for the relevance itself."));
+      box.appendChild(strip(r));
+    }
     Object.keys(r.errors).forEach(function (m) { box.appendChild(el("p", "error", m + " failed: " + r.errors[m])); });
     box.appendChild(el("p", "muted", "seconds: " + Object.keys(r.timings).map(function (m) {
       return m + " " + r.timings[m];

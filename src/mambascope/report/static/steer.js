@@ -15,6 +15,8 @@
     m.className = bad ? "bad" : "muted";
   }
   function sameUnit(a, b) { return JSON.stringify(a) === JSON.stringify(b); }
+  // [start, stop) as `mambascope steer --positions` writes it: N, A:B or A:
+  function range(r) { return r[1] === null ? r[0] + ":" : (r[1] === r[0] + 1 ? String(r[0]) : r[0] + ":" + r[1]); }
 
   // One continuation: the prompt (muted), then the new tokens; a token that differs from the other run's
   // token at the same step is marked.
@@ -36,7 +38,7 @@
     t.id = "steer-table";
     var head = el("tr");
     var how = (r.mode === "add" ? "+" : "set to ") + r.scale + " at " +
-              (r.positions ? "positions " + JSON.stringify(r.positions) : "every position");
+              (r.positions ? "positions " + r.positions.map(range).join(",") : "every position");
     head.appendChild(el("th", null, "unsteered"));
     head.appendChild(el("th", null, "steered (" + r.hook + ", " + how + ")"));
     t.appendChild(head);
