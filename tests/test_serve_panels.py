@@ -291,3 +291,46 @@ def test_cli_steer_and_the_panel_give_the_same_continuations(client: TestClient,
     assert cli["prompt_ids"] == _ids(PROMPT)[0].tolist()  # the CLI's encode gives the panel's ids here
     assert cli["tokens"] == {"unsteered": body["unsteered"]["ids"], "steered": body["steered"]["ids"]}
     assert cli["texts"] == {"unsteered": body["unsteered"]["text"], "steered": body["steered"]["text"]}
+
+
+# ------------------------------------------------------------------------------------------ other models
+
+def test_a_family_generate_does_not_cover_says_why() -> None:
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    from mambascope.serve.live import LiveInputError, LiveModel
+
+    torch.manual_seed(0)
+    model = FalconMambaForCausalLM(FalconMambaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2,
+                                                     state_size=8)).eval()
+    live = LiveModel(model, mamba_model()[1], "random-falcon-mamba")
+    reason = live.describe()["steer"]["reason"]
+    assert "generate does not support the falcon_mamba family" in reason
+    hook, direction = live.neuron_steering(1, 3)
+    with pytest.raises(LiveInputError, match="generate does not support the falcon_mamba family"):
+        live.steer("the cat", hook, direction, 1.0)
+
+
+def test_the_models_maximum_length_bounds_both_panels() -> None:
+    """A GPT-2 with 16 positions: prompt + new tokens must fit, and the attribution text is cut to 16 tokens."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mambascope.serve.live import LiveInputError, LiveModel, LiveTooLongError
+    from mambascope.trace.generate import Steer, generate
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=2, n_positions=16)).eval()
+    tokenizer = mamba_model()[1]
+    live = LiveModel(model, tokenizer, "random-gpt2")
+    hook, direction = live.neuron_steering(1, 3)
+    assert hook == "blocks.1.mlp.hook_post" and direction.shape == (4 * 32,)
+    ids = _ids("the cat sat")
+    with pytest.raises(LiveInputError, match="exceed the model's maximum length 16"):
+        live.steer("the cat sat", hook, direction, 1.0, max_new_tokens=16 - ids.shape[1] + 1)
+    new = 16 - ids.shape[1]  # the longest continuation that fits
+    body = live.steer("the cat sat", hook, direction, 4.0, "set", "0:", new)
+    edit = Steer(torch.eye(128)[3], 4.0, ((0, None),), "set")
+    assert body["steered"]["ids"] == generate(model, ids, new, edits={hook: edit})[0, ids.shape[1]:].tolist()
+    assert live.describe()["attribute"]["max_tokens"] == 16
+    with pytest.raises(LiveTooLongError, match="at most 16 for a live attribution"):
+        live.attribute("the cat sat on the mat " * 4, methods=["gradient_x_input"])
