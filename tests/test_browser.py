@@ -315,3 +315,36 @@ def test_served_pages_escape_corpus_markup(served_url: str, playwright_browser: 
     expect(page.locator("#bytoken-message")).to_have_text(re.compile(r"^token: give the token"))
     assert problems == ["console error: Failed to load resource: the server responded with a status of 400 "
                         "(Bad Request)"], problems
+
+
+def test_served_steer_panel_and_attribution_page(served_url: str, playwright_browser: object) -> None:
+    """The steer panel of a neuron page and the attribution page, driven with markup as the user's text: both
+    show it as text (no element made from it), and show the server's numbers."""
+    from mambascope.trace.generate import Steer, generate, neuron_direction
+
+    problems: list[str] = []
+    page = _page(playwright_browser, problems)
+    page.goto(served_url + "#neuron-1-7")
+    page.wait_for_selector("#neuron-title")
+    page.fill("#steer-prompt", EVIL)
+    page.fill("#steer-scale", "5")
+    page.fill("#steer-new", "4")
+    page.click("#steer-go")
+    page.wait_for_selector("#steer-table")
+    cells = page.locator("#steer-table td").evaluate_all("tds => tds.map(td => td.textContent)")
+    model, tokenizer = mamba_model()
+    ids = tokenizer(EVIL, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    edit = Steer(neuron_direction(model.config.intermediate_size, 7), 5.0)
+    runs = [generate(model, ids, 4), generate(model, ids, 4, edits={"blocks.1.mixer.hook_post": edit})]
+    assert cells == [EVIL + "".join(tokenizer.decode([i]) for i in run[0, ids.shape[1]:].tolist()) for run in runs]
+    assert page.locator("#steer-result script").count() == 0
+
+    page.goto(served_url + "attribute")
+    page.fill("#attribute-text", EVIL)
+    page.click("#attribute-go")
+    page.wait_for_selector("#attribute-strip")
+    titles = page.locator("#attribute-strip th.tokcol code").evaluate_all("cs => cs.map(c => JSON.parse(c.title))")
+    assert "".join(titles) == EVIL and page.locator("#attribute-result script").count() == 0
+    labels = page.locator("#attribute-strip tr th:first-child").evaluate_all("ths => ths.map(t => t.textContent)")
+    assert labels == ["method", "gradient_x_input", "integrated_gradients", "occlusion", "lrp", "knockout"]
+    assert problems == [], problems

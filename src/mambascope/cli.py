@@ -934,19 +934,16 @@ def _steer_edit(args: argparse.Namespace, model) -> tuple[str, str, object]:
     """(hook name, a label, the edit) of ``steer``'s --unit or --feature, checked against the model."""
     from mambascope.arch import adapter
     from mambascope.trace import all_names
-    from mambascope.trace.generate import Steer, neuron_direction
+    from mambascope.trace.generate import Steer, neuron_steering
 
     ad = adapter(model)
     if args.unit is not None:
         layer, neuron = args.unit
-        ad.check_layer(layer)
-        unit = ad.neuron_unit(layer)
-        if unit is None:
-            raise ValueError(f"--unit {layer}:{neuron}: layer {layer} is attention-only; it has no neurons")
-        width = ad.neuron_write_weights(layer).shape[1]
-        if neuron >= width:
-            raise IndexError(f"--unit {layer}:{neuron}: layer {layer} has neurons 0..{width - 1}")
-        hook, direction, label = f"blocks.{layer}.{unit}", neuron_direction(width, neuron), f"neuron {neuron}"
+        try:
+            hook, direction = neuron_steering(model, layer, neuron)
+        except (ValueError, IndexError) as exc:
+            raise type(exc)(f"--unit {layer}:{neuron}: {exc}") from None
+        label = f"neuron {neuron}"
     else:
         hook, direction, feature = args.feature
         names = all_names([ad.units(layer) for layer in range(ad.n_layers)])
@@ -982,7 +979,7 @@ def _cmd_steer(args: argparse.Namespace) -> int:
     from mambascope.models import load_model
     from mambascope.results import save_json
     from mambascope.trace import trace
-    from mambascope.trace.generate import check_generate, generate
+    from mambascope.trace.generate import check_generate, steered_pair
 
     _check_steer_flags(args)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -996,9 +993,8 @@ def _cmd_steer(args: argparse.Namespace) -> int:
     # --out is claimed before the generation, so that an existing output is refused before any work
     with _claim(args, "steer") if args.out is not None else contextlib.nullcontext() as out:
         settings = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed}
-        runs = {"unsteered": generate(model, ids, args.max_new_tokens, **settings),
-                "steered": generate(model, ids, args.max_new_tokens, edits={hook: edit}, **settings)}
-        new = {name: tokens[0, ids.shape[1]:].tolist() for name, tokens in runs.items()}
+        runs = steered_pair(model, ids, hook, edit, args.max_new_tokens, **settings)
+        new = {name: tokens[0].tolist() for name, tokens in runs.items()}
         texts = {name: tokenizer.decode(tokens) for name, tokens in new.items()}
         verb = "+" if args.mode == "add" else "set to "
         where = "every position" if args.positions is None else "positions " + ",".join(

@@ -11,6 +11,10 @@ Routes (docs/serve.md)::
     GET  /api/detail/{layer}/{n}    every stored per-neuron detail (``NeuronStore.neuron``)
     GET  /api/by_token?token=&k=    the neurons that fire most on this token (``NeuronStore.by_token``)
     POST /api/trace                 {"text", "layer", "neuron", "position"}: a live trace (with a model)
+    POST /api/steer                 {"prompt", "unit", "scale", "mode", "positions", "max_new_tokens"}: the prompt
+                                    continued without and with the unit steered (with a model)
+    GET  /attribute                 the attribution page: per-token relevance of one prediction
+    POST /api/attribute             {"text", "target", "methods", "position", "ig_steps", "baseline"} (with a model)
 
 Nothing is written: the app reads ``results.json``, ``figures/`` and the neuron store.  Every error is a
 4xx/5xx with a one-line JSON (``/api``) or escaped HTML message; no traceback ever reaches a response.
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,12 +44,12 @@ from mambascope.report.html import environment, report_context
 from mambascope.results import to_jsonable
 from mambascope.results.store import StoreError
 from mambascope.serve.guard import RequestGuard
-from mambascope.serve.live import LiveInputError, LiveModel, LiveTooLongError, load_live
+from mambascope.serve.live import LiveBusyError, LiveInputError, LiveModel, LiveTooLongError, load_live
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 MAX_PAGE = 500  # rows per /api/neurons page
 MAX_BY_TOKEN = 200
-MAX_BODY = 256 * 1024  # bytes of a /api/trace request
+MAX_BODY = 256 * 1024  # bytes of a POST request's body
 _FIGURE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.png")
 _SECURITY_HEADERS = {
     # the page loads only its own files; inline JSON data blocks are not scripts, figures may be data: URIs
@@ -98,6 +102,29 @@ def _json(data: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(to_jsonable(data), status_code=status, headers=_SECURITY_HEADERS)
 
 
+def _integer(body: dict[str, Any], name: str, required: bool = True) -> int | None:
+    """``body[name]`` as a JSON integer (not a bool, not a string); 400 naming the field otherwise."""
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise HTTPException(400, f"{name}: give an integer")
+    return value
+
+
+def _live_answer(compute: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``compute(...)`` of the live model with its refusals as HTTP errors: 413 too long, 400 any other bad
+    input, 503 the model busy too long with other requests."""
+    try:
+        return compute(*args, **kwargs)
+    except LiveTooLongError as exc:
+        raise HTTPException(413, str(exc)) from None
+    except LiveInputError as exc:
+        raise HTTPException(400, str(exc)) from None
+    except LiveBusyError as exc:
+        raise HTTPException(503, str(exc)) from None
+
+
 class Explorer:
     """The state behind the routes: DIR, its results and store, the rendered summary page, the live model."""
 
@@ -109,6 +136,10 @@ class Explorer:
         self.live: LiveModel | None = None
         self.live_reason: str | None = None
         self.page = ""  # rendered by set_live, which create_app always calls
+        self.attribute_page = ""
+        # the units a steer request may name (body["unit"]["kind"]) -> (hook name, direction) of that unit:
+        # another kind of unit (a dictionary feature) registers its own resolver here
+        self.steer_units: dict[str, Callable[[dict[str, Any]], tuple[str, Any]]] = {"neuron": self.neuron_steering}
 
     def set_live(self, live: LiveModel | None, reason: str | None) -> None:
         """Use ``live`` for traces if it is the output's model (else say why not), and re-render the page."""
@@ -117,6 +148,8 @@ class Explorer:
             live = None if reason else live
         self.live, self.live_reason = live, reason
         self.page = self._render_page()
+        self.attribute_page = environment().get_template("attribute.html").render(
+            name=acc.model_name(self.results), live=self.live_state())
 
     # ---------------------------------------------------------------------------------------- pages
     def figures(self) -> list[Path]:
@@ -217,9 +250,13 @@ class Explorer:
         df = self.store.by_token(token, k=k)
         return {"token": token, "k": k, "columns": list(df.columns), "rows": df.to_dict(orient="records")}
 
-    def trace(self, body: dict[str, Any]) -> dict[str, Any]:
+    def live_model(self) -> LiveModel:
         if self.live is None:
             raise HTTPException(409, f"no live model: {self.live_reason}")
+        return self.live
+
+    def trace(self, body: dict[str, Any]) -> dict[str, Any]:
+        live = self.live_model()
         try:
             text, layer, neuron = body["text"], body["layer"], body["neuron"]
         except KeyError as exc:
@@ -230,15 +267,45 @@ class Explorer:
                 raise HTTPException(400, f"{name}: give an integer")
         if not isinstance(text, str):
             raise HTTPException(400, "text: give a string")
+        self._check_layer(layer)
+        return _live_answer(live.trace, text, layer, neuron, position)
+
+    def _check_layer(self, layer: int) -> None:
         if layer not in self.layers:
             raise HTTPException(400, f"layer: {layer} is not a layer of this output (layers: "
                                      f"{', '.join(map(str, self.layers))})")
-        try:
-            return self.live.trace(text, layer, neuron, position)
-        except LiveTooLongError as exc:
-            raise HTTPException(413, str(exc)) from None
-        except LiveInputError as exc:
-            raise HTTPException(400, str(exc)) from None
+
+    def neuron_steering(self, unit: dict[str, Any]) -> tuple[str, Any]:
+        """(hook name, e_neuron) of ``{"kind": "neuron", "layer", "neuron"}``."""
+        layer, neuron = _integer(unit, "layer"), _integer(unit, "neuron")
+        self._check_layer(layer)
+        return _live_answer(self.live_model().neuron_steering, layer, neuron)
+
+    def steer(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The steer panel: ``{"prompt", "unit": {"kind", ...}, "scale", "mode", "positions",
+        "max_new_tokens"}`` -> both continuations (``LiveModel.steer``), the unit echoed."""
+        live = self.live_model()
+        unit = body.get("unit")
+        if not isinstance(unit, dict) or unit.get("kind") not in self.steer_units:
+            raise HTTPException(400, f"unit: give an object whose kind is one of {', '.join(self.steer_units)}, "
+                                     'e.g. {"kind": "neuron", "layer": 0, "neuron": 3}')
+        hook, direction = self.steer_units[unit["kind"]](unit)
+        answer = _live_answer(live.steer, body.get("prompt"), hook, direction, body.get("scale"),
+                              body.get("mode", "add"), body.get("positions"), body.get("max_new_tokens", 20))
+        return {"unit": unit, **answer}
+
+    def attribute(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The attribution page: ``{"text", "target", "methods", "position", "ig_steps", "baseline"}`` (all
+        but text optional) -> ``LiveModel.attribute``."""
+        live = self.live_model()
+        if not isinstance(body.get("text"), str):
+            raise HTTPException(400, "text: give a string")
+        options = {name: body[name] for name in ("target", "methods", "baseline") if body.get(name) is not None}
+        for name in ("position", "ig_steps"):
+            value = _integer(body, name, required=False)
+            if value is not None:
+                options[name] = value
+        return _live_answer(live.attribute, body["text"], **options)
 
 
 # --------------------------------------------------------------------------------------------- routes
@@ -278,22 +345,29 @@ def _routes(ex: Explorer) -> list[Any]:
     def api_by_token(request: Request) -> Response:
         return _json(ex.by_token(request))
 
-    async def api_trace(request: Request) -> Response:
-        raw = bytearray()
-        async for chunk in request.stream():  # read no more than MAX_BODY, whatever Content-Length says
-            raw += chunk
-            if len(raw) > MAX_BODY:
-                raise HTTPException(413, f"request body over {MAX_BODY} bytes")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise HTTPException(400, "the body is not JSON: give {\"text\", \"layer\", \"neuron\", \"position\"}") \
-                from None
-        if not isinstance(body, dict):
-            raise HTTPException(400, "the body must be a JSON object")
-        from starlette.concurrency import run_in_threadpool
+    def attribute_page(request: Request) -> Response:
+        return HTMLResponse(ex.attribute_page, headers=_SECURITY_HEADERS)
 
-        return _json(await run_in_threadpool(ex.trace, body))
+    def live_post(compute: Callable[[dict[str, Any]], dict[str, Any]], fields: str) -> Callable[..., Any]:
+        """A POST route whose JSON object body (``fields`` named in the error) goes to ``compute`` in a worker
+        thread, so that the model's work does not block other requests."""
+        async def route(request: Request) -> Response:
+            raw = bytearray()
+            async for chunk in request.stream():  # read no more than MAX_BODY, whatever Content-Length says
+                raw += chunk
+                if len(raw) > MAX_BODY:
+                    raise HTTPException(413, f"request body over {MAX_BODY} bytes")
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                raise HTTPException(400, f"the body is not JSON: give {{{fields}}}") from None
+            if not isinstance(body, dict):
+                raise HTTPException(400, "the body must be a JSON object")
+            from starlette.concurrency import run_in_threadpool
+
+            return _json(await run_in_threadpool(compute, body))
+
+        return route
 
     static = str(resources.files("mambascope.report").joinpath("static"))
     return [
@@ -305,7 +379,12 @@ def _routes(ex: Explorer) -> list[Any]:
         Route("/api/neuron/{layer}/{neuron}", api_neuron),
         Route("/api/detail/{layer}/{neuron}", api_detail),
         Route("/api/by_token", api_by_token),
-        Route("/api/trace", api_trace, methods=["POST"]),
+        Route("/api/trace", live_post(ex.trace, '"text", "layer", "neuron", "position"'), methods=["POST"]),
+        Route("/api/steer", live_post(ex.steer, '"prompt", "unit", "scale", "mode", "positions", "max_new_tokens"'),
+              methods=["POST"]),
+        Route("/attribute", attribute_page),
+        Route("/api/attribute", live_post(ex.attribute, '"text", "target", "methods", "ig_steps", "baseline"'),
+              methods=["POST"]),
     ]
 
 

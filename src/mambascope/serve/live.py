@@ -1,5 +1,6 @@
-"""Live traces for ``mambascope serve``: a user's text through the model, one neuron's activation per token
-and its exact hidden-attention row at a chosen position.
+"""Live computations for ``mambascope serve``: a user's text through the model, one neuron's activation per
+token and its exact hidden-attention row at a chosen position (the live trace); a prompt continued with and
+without a unit steered (the steer panel); per-token relevance of one prediction (the attribution page).
 
 The activation is the layer's neuron unit (``adapter.neuron_unit``: ``blocks.{l}.mixer.hook_post`` on SSM
 layers, ``blocks.{l}.mlp.hook_post`` on MLP layers) from :func:`mambascope.trace.trace`.  The attention row
@@ -7,24 +8,46 @@ is α[t, ·] of :func:`mambascope.ssm.hidden_attention.hidden_attention` (kind `
 channel (Mamba-1) or head (Mamba-2: channel // head_dim), computed for that one row only, exactly as the
 pipeline's ``context_attention_rows`` computes the rows the report shows.  Attention and MLP layers have
 no hidden attention, and the answer says so.
+
+Steering runs :func:`mambascope.trace.generate.steered_pair` (what ``mambascope steer`` runs) with a
+:class:`~mambascope.trace.generate.Steer` edit; attribution runs
+:func:`mambascope.attribution.input_attribution.explain_prediction` (what ``mambascope attribute`` runs).
+One computation runs at a time (a lock); a request that waits longer than ``LOCK_WAIT_S`` for it is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from mambascope.arch import adapter
+from mambascope.arch.base import UnsupportedFeature
+from mambascope.attribution import input_attribution as ia
+from mambascope.interventions.prompts import single_token
 from mambascope.ssm.hidden_attention import hidden_attention
 from mambascope.trace import trace
+from mambascope.trace.generate import MODES, Steer, check_generate, neuron_steering, parse_positions, steered_pair
 
 MAX_TOKENS = 1024
 """Longest text (in tokens) a live trace accepts, below the model's own maximum where it has one: the
 server answers in well under a second on CPU for a small model at this length."""
 MAX_CHARS = 20_000
 """Longest text (in characters) read before tokenizing."""
+MAX_NEW_TOKENS = 128
+"""Most tokens the steer panel generates (twice: unsteered and steered; one token per step, about 10 ms a
+step on CPU for the bundled tiny-mamba)."""
+MAX_ATTRIBUTE_TOKENS = 128
+"""Longest text (in tokens) the attribution page explains: occlusion and knockout run one forward of the text
+per token (L forwards of L tokens), about 5 s each at 128 tokens on one CPU core for tiny-mamba, 20 s at 256."""
+MAX_IG_STEPS = 64
+"""Most integrated-gradients steps (a forward and a backward of that many copies of the text)."""
+LOCK_WAIT_S = 60.0
+"""Longest a request waits for the model while another computation runs before it is refused (503)."""
 
 
 class LiveInputError(ValueError):
@@ -33,6 +56,10 @@ class LiveInputError(ValueError):
 
 class LiveTooLongError(LiveInputError):
     """A text over the live-trace limits: HTTP 413."""
+
+
+class LiveBusyError(RuntimeError):
+    """The model stayed busy with other requests for ``LOCK_WAIT_S``: HTTP 503."""
 
 
 class LiveModel:
@@ -47,7 +74,24 @@ class LiveModel:
 
     def describe(self) -> dict[str, Any]:
         return {"available": True, "model": self.name, "max_tokens": self.max_tokens, "max_chars": MAX_CHARS,
-                "layers": {str(layer): self.adapter.layer_kind(layer) for layer in range(self.adapter.n_layers)}}
+                "layers": {str(layer): self.adapter.layer_kind(layer) for layer in range(self.adapter.n_layers)},
+                "steer": {"reason": self.steer_unavailable(), "max_new_tokens": MAX_NEW_TOKENS, "modes": list(MODES)},
+                "attribute": {"max_tokens": min(MAX_ATTRIBUTE_TOKENS, self.max_tokens), "max_ig_steps": MAX_IG_STEPS,
+                              "ig_steps": min(ia.IG_STEPS, MAX_IG_STEPS), "baselines": ia.BASELINES,
+                              "baseline": ia.BASELINE, "default_methods": self.default_methods(),
+                              "methods": {m: ia.unavailable(self.model, m) for m in ia.TOKEN_METHODS}}}
+
+    def steer_unavailable(self) -> str | None:
+        """Why this model cannot generate (a family the decoding cache does not cover), or None."""
+        try:
+            check_generate(self.model, 1)
+        except UnsupportedFeature as exc:
+            return str(exc)
+        return None
+
+    def default_methods(self) -> list[str]:
+        """The whole-model attribution methods this model supports (the page's and the API's default)."""
+        return [m for m in ia.WHOLE_MODEL_METHODS if ia.unavailable(self.model, m) is None]
 
     def neuron_counts(self) -> dict[int, int]:
         """Neurons per layer that has them (from a one-token trace of the neuron units: shapes only)."""
@@ -69,17 +113,35 @@ class LiveModel:
                         f"{n}; give the run's model with --model")
         return None
 
-    def tokenize(self, text: str) -> torch.Tensor:
+    def tokenize(self, text: str, max_tokens: int | None = None, what: str = "a live trace",
+                 name: str = "text") -> torch.Tensor:
+        """[1, L] ids of ``text`` (no special tokens); LiveInputError / LiveTooLongError naming field ``name``
+        past ``MAX_CHARS`` or ``max_tokens`` (default: the live trace's ``self.max_tokens``)."""
+        limit = self.max_tokens if max_tokens is None else min(max_tokens, self.max_tokens)
         if not isinstance(text, str) or not text:
-            raise LiveInputError("text: give a non-empty string")
+            raise LiveInputError(f"{name}: give a non-empty string")
         if len(text) > MAX_CHARS:
-            raise LiveTooLongError(f"text: {len(text)} characters; at most {MAX_CHARS}")
+            raise LiveTooLongError(f"{name}: {len(text)} characters; at most {MAX_CHARS}")
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         if ids.shape[1] == 0:
-            raise LiveInputError("text: it has no tokens")
-        if ids.shape[1] > self.max_tokens:
-            raise LiveTooLongError(f"text: {ids.shape[1]} tokens; at most {self.max_tokens} for a live trace")
+            raise LiveInputError(f"{name}: it has no tokens")
+        if ids.shape[1] > limit:
+            raise LiveTooLongError(f"{name}: {ids.shape[1]} tokens; at most {limit} for {what}")
         return ids.to(next(self.model.parameters()).device)
+
+    @contextlib.contextmanager
+    def computing(self) -> Iterator[None]:
+        """Hold the model for one computation, waiting at most ``LOCK_WAIT_S`` (LiveBusyError after)."""
+        if not self._lock.acquire(timeout=LOCK_WAIT_S):
+            raise LiveBusyError(f"the model is busy with other requests (waited {LOCK_WAIT_S:g} s); try again")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def decode(self, ids: Sequence[int]) -> list[str]:
+        """Each token of ``ids`` decoded on its own (the strings a page shows)."""
+        return [self.tokenizer.decode([int(i)]) for i in ids]
 
     def trace(self, text: str, layer: int, neuron: int, position: int | None = None) -> dict[str, Any]:
         """``{"tokens", "activations", "position", "attention": {"unit", "index", "row"} | None, "reason"}``.
@@ -102,7 +164,7 @@ class LiveModel:
         ssm = kind in ("mamba", "mamba2")
         names = [f"blocks.{layer}.{unit}"] + ([f"blocks.{layer}.mixer.hook_{u}" for u in ("dt", "B", "C")]
                                               if ssm else [])
-        with self._lock, torch.no_grad():
+        with self.computing(), torch.no_grad():
             tr = trace(self.model, ids, names)
             post = tr[f"blocks.{layer}.{unit}"][0]
             if post.dim() != 2:  # MoE [L, X, F]: the census takes each expert's neurons separately
@@ -122,9 +184,88 @@ class LiveModel:
                 reason = (f"layer {layer} ({ad.layer_kind(layer)}) has no hidden attention: that is a quantity of "
                           "Mamba SSM layers; its neurons are the MLP's post")
         return {"model": self.name, "layer": layer, "neuron": neuron, "position": position,
-                "tokens": [self.tokenizer.decode([int(i)]) for i in ids[0].tolist()],
+                "tokens": self.decode(ids[0].tolist()),
                 "activations": [float(x) for x in post[:, neuron].tolist()], "attention": attention,
                 "reason": reason}
+
+
+    # ------------------------------------------------------------------------------------------ steering
+    def neuron_steering(self, layer: int, neuron: int) -> tuple[str, torch.Tensor]:
+        """(hook name, e_neuron) of a neuron (``trace.generate.neuron_steering``); LiveInputError if none."""
+        try:
+            return neuron_steering(self.model, layer, neuron)
+        except (ValueError, IndexError) as exc:
+            raise LiveInputError(str(exc)) from None
+
+    def steer(self, prompt: str, hook: str, direction: torch.Tensor, scale: float, mode: str = "add",
+              positions: str | None = None, max_new_tokens: int = 20) -> dict[str, Any]:
+        """``prompt`` continued greedily by ``max_new_tokens`` tokens without and with ``Steer(direction, scale,
+        positions, mode)`` at ``hook``: ``{"prompt_tokens", "unsteered", "steered": {"ids", "tokens", "text"},
+        ...}``.  ``positions``: ``mambascope steer``'s syntax (``"3,5:8,10:"``), None = every position."""
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
+                or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise LiveInputError(f"max_new_tokens: give an integer in 1..{MAX_NEW_TOKENS}")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise LiveInputError(f"scale: give a finite number, not {str(scale)[:40]}")
+        if mode not in MODES:
+            raise LiveInputError(f"mode: {str(mode)[:40]!r} is not one of {', '.join(MODES)}")
+        if positions is not None and not isinstance(positions, str):
+            raise LiveInputError("positions: give a string like \"0:3,7\" (A:B excludes B), or null for every "
+                                 "position")
+        ids = self.tokenize(prompt, what="a steered prompt", name="prompt")
+        try:
+            ranges = parse_positions(positions, "positions") if positions and positions.strip() else None
+            check_generate(self.model, max_new_tokens, prompt_length=ids.shape[1])
+            edit = Steer(direction, float(scale), ranges, mode)
+        except ValueError as exc:  # UnsupportedFeature included: a family generate does not cover
+            raise LiveInputError(str(exc)) from None
+        with self.computing():
+            runs = steered_pair(self.model, ids, hook, edit, max_new_tokens)
+        continuations = {name: {"ids": new[0].tolist(), "tokens": self.decode(new[0].tolist()),
+                                "text": self.tokenizer.decode(new[0].tolist())} for name, new in runs.items()}
+        return {"model": self.name, "hook": hook, "scale": float(scale), "mode": mode,
+                "positions": None if ranges is None else [list(r) for r in ranges], "max_new_tokens": max_new_tokens,
+                "decoding": "greedy", "prompt_tokens": self.decode(ids[0].tolist()), **continuations}
+
+    # --------------------------------------------------------------------------------------- attribution
+    def attribute(self, text: str, target: str | None = None, methods: Sequence[str] | None = None,
+                  position: int = -1, ig_steps: int = ia.IG_STEPS, baseline: str = ia.BASELINE) -> dict[str, Any]:
+        """Per-token relevance of the prediction at ``position`` of ``text`` (of ``target``, one token, or the
+        model's top prediction) by each of ``methods`` (default: the supported whole-model methods):
+        ``explain_prediction``'s answer with ``tokens`` and the target's ``token`` added."""
+        if methods is None:
+            methods = self.default_methods()
+        if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods):
+            raise LiveInputError(f"methods: give a non-empty list of names of {', '.join(ia.TOKEN_METHODS)}")
+        try:
+            methods = ia.check_token_methods(methods)
+        except ValueError as exc:
+            raise LiveInputError(f"methods: {exc}") from None
+        for method in methods:
+            reason = ia.unavailable(self.model, method)
+            if reason:
+                raise LiveInputError(f"methods: {method}: {reason}")
+        if not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or not 1 <= ig_steps <= MAX_IG_STEPS:
+            raise LiveInputError(f"ig_steps: give an integer in 1..{MAX_IG_STEPS}")
+        if baseline not in ia.BASELINES:
+            raise LiveInputError(f"baseline: {str(baseline)[:40]!r} is not one of {', '.join(ia.BASELINES)}")
+        if not isinstance(position, int) or isinstance(position, bool):
+            raise LiveInputError("position: give an integer")
+        ids = self.tokenize(text, MAX_ATTRIBUTE_TOKENS, "a live attribution")
+        L = ids.shape[1]
+        if not -L <= position < L:
+            raise LiveInputError(f"position: {position} is outside the text's {L} tokens")
+        if target is not None and not isinstance(target, str):
+            raise LiveInputError("target: give the token's text, or null for the model's top prediction")
+        try:
+            token = None if target is None else single_token(self.tokenizer, target, "target")
+        except ValueError as exc:
+            raise LiveInputError(str(exc)) from None
+        with self.computing():
+            result = ia.explain_prediction(self.model, ids[0], position, token, methods,
+                                           ia.Settings(ig_steps=ig_steps, baseline=baseline))
+        result["target"]["token"] = self.tokenizer.decode([result["target"]["id"]])
+        return {"model": self.name, "text": text, "tokens": self.decode(ids[0].tolist()), **result}
 
 
 def load_live(name: str, device: str = "cpu") -> tuple[LiveModel | None, str | None]:

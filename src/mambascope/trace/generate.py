@@ -79,6 +79,31 @@ def neuron_direction(width: int, index: int) -> torch.Tensor:
     return torch.zeros(width).index_fill_(0, torch.tensor([index]), 1.0)
 
 
+def neuron_steering(model: nn.Module, layer: int, neuron: int) -> tuple[str, torch.Tensor]:
+    """(hook name, e_neuron) of neuron ``neuron`` of ``layer``'s neuron unit (``blocks.L.mixer.hook_post``, or
+    ``blocks.L.mlp.hook_post`` on a transformer layer).  ValueError / IndexError in one line for a layer that is
+    not the model's or has no neurons, and for a neuron out of range."""
+    ad = adapter(model)
+    ad.check_layer(layer)
+    unit = ad.neuron_unit(layer)
+    if unit is None:
+        raise ValueError(f"layer {layer} is attention-only; it has no neurons")
+    width = ad.neuron_write_weights(layer).shape[1]
+    if not 0 <= neuron < width:
+        raise IndexError(f"neuron {neuron}: layer {layer} has neurons 0..{width - 1}")
+    return f"blocks.{layer}.{unit}", neuron_direction(width, neuron)
+
+
+def steered_pair(model: nn.Module, ids: torch.Tensor, hook: str, edit: Edit, max_new_tokens: int,
+                 **settings) -> dict[str, torch.Tensor]:
+    """``{"unsteered", "steered"}``: the new tokens [b, max_new_tokens] of :func:`generate` from ``ids``
+    without and with ``edit`` at ``hook``, with the same ``settings`` (do_sample, temperature, top_k, seed),
+    so that the two continuations differ by the edit only (``mambascope steer`` and the explorer's panel)."""
+    runs = {"unsteered": generate(model, ids, max_new_tokens, **settings),
+            "steered": generate(model, ids, max_new_tokens, edits={hook: edit}, **settings)}
+    return {name: tokens[:, ids.shape[-1]:] for name, tokens in runs.items()}
+
+
 def _edits_at(edits: Mapping[str, Edit], start: int) -> dict[str, Edit]:
     """The edits for a call whose first token is at absolute position ``start`` (see the module docstring)."""
     def bind(edit):
@@ -202,8 +227,9 @@ def dictionary_direction(directory: str | Path, index: int) -> tuple[str, torch.
         raise ValueError(f"--feature: {weights} is not a safetensors file ({exc})") from None
 
 
-def parse_positions(text: str) -> tuple[tuple[int, int | None], ...]:
-    """``"3,5:8,10:"`` -> ((3, 4), (5, 8), (10, None)): absolute positions, ranges [start, stop)."""
+def parse_positions(text: str, name: str = "--positions") -> tuple[tuple[int, int | None], ...]:
+    """``"3,5:8,10:"`` -> ((3, 4), (5, 8), (10, None)): absolute positions, ranges [start, stop).
+    ``name``: the flag or field that errors are about."""
     ranges = []
     for item in text.split(","):
         item = item.strip()
@@ -212,12 +238,12 @@ def parse_positions(text: str) -> tuple[tuple[int, int | None], ...]:
             start = int(lo)
             stop = (int(hi) if hi.strip() else None) if sep else start + 1
         except ValueError:
-            raise ValueError(f"--positions: {item!r} is not N, A:B or A:") from None
+            raise ValueError(f"{name}: {item!r} is not N, A:B or A:") from None
         if start < 0 or (stop is not None and stop <= start):
-            raise ValueError(f"--positions: {item!r} is not a non-empty range of non-negative positions")
+            raise ValueError(f"{name}: {item!r} is not a non-empty range of non-negative positions")
         ranges.append((start, stop))
     return tuple(ranges)
 
 
 __all__ = ["FAMILIES", "MODES", "Steer", "check_generate", "dictionary_direction", "generate", "neuron_direction",
-           "parse_positions"]
+           "neuron_steering", "parse_positions", "steered_pair"]
