@@ -105,6 +105,9 @@ FLAG_CASES = [
      "--noise-scale"),
     # flags that were ignored or changed without a word
     (["train-tiny", "--arch", "mamba", "--out", "x", "--shape", "hidden_size=64"], "--shape"),
+    (["train-tiny", "--arch", "mamba", "--out", "x", "--stop-at", "0.9"], "--stop-at"),
+    (["train-tiny", "--arch", "mamba", "--out", "x", "--task", "mqar", "--stop-at", "1.5"], "--stop-at"),
+    (["train-tiny", "--arch", "mamba", "--out", "x", "--task", "mqar", "--eval-every", "0"], "--eval-every"),
     (["train-tiny", "--arch", "mamba", "--out", "x", "--min-pairs", "2"], "--min-pairs"),
     (["train-tiny", "--arch", "mamba", "--out", "x", "--task", "mqar", "--warmup", "-3"], "--warmup"),
     # found only after the work: --task's bootstrap needs two queries; a later model's length limit

@@ -441,3 +441,32 @@ def test_attention_task_runs_on_every_bundled_task_model(name: str, tmp_path: Pa
     truth = json.loads((tmp_path / "gt" / "results.json").read_text())["ground_truth"]
     assert truth["task"] == task and truth["n_queries"] == 8 and not truth["errors"]
     assert {r["method"] for r in truth["rows"]} == {"random", "recency", "attention_weighted"}
+
+
+def test_task_training_checkpoints_and_stops_at_the_bar(tmp_path: Path) -> None:
+    """Each evaluation saves a loadable checkpoint (training.json: not complete, steps done); ``stop_at`` ends
+    training at the first evaluation that reaches it, and the saved model is the one evaluated."""
+    from mambascope.models import load_model
+    from mambascope.models.train_task import heldout_task_batch, task_accuracy, train_task
+
+    shape = {"n_embd": 16, "n_layer": 1, "n_head": 2, "n_inner": 32}
+    seen: list[dict] = []
+
+    def log(line: str) -> None:  # the checkpoint of each evaluation is on disk when the next step logs
+        if (tmp_path / "m" / "training.json").is_file():
+            seen.append(json.loads((tmp_path / "m" / "training.json").read_text()))
+
+    stats = train_task("gpt2", "mqar", tmp_path / "m", steps=6, batch_size=4, eval_examples=8, eval_every=2,
+                       device="cpu", config_overrides=shape, log=log)
+    partial = [s for s in seen if not s["complete"]]
+    assert [s["steps_done"] for s in partial][:1] == [2] and partial[-1]["steps_done"] == 4
+    assert stats["complete"] and stats["steps_done"] == 6 and stats["stopped_at_step"] is None
+    # the same run with the bar at its first evaluation's accuracy (above 0 for this seed) stops there
+    bar = next(e["heldout_query_accuracy"] for e in stats["curve"] if "heldout_query_accuracy" in e)
+    assert bar > 0
+    stopped = train_task("gpt2", "mqar", tmp_path / "s", steps=6, batch_size=4, eval_examples=8, eval_every=2,
+                         device="cpu", config_overrides=shape, stop_at=bar, log=lambda _: None)
+    assert stopped["stopped_at_step"] == 2 and stopped["steps_done"] == 2 and stopped["complete"]
+    model, _ = load_model(str(tmp_path / "s"), device="cpu")
+    heldout = heldout_task_batch("mqar", 8, 64, 8, 0)
+    assert round(task_accuracy(model, heldout), 4) == stopped["heldout_query_accuracy"]

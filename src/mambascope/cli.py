@@ -116,9 +116,10 @@ def _at_least(args: argparse.Namespace, flag: str, low: float) -> None:
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Every check that needs no model: fails in milliseconds rather than after minutes of work."""
+    # --queries: --task's accuracy has a bootstrap interval, so two queries at least
     for flag, low in (("--window", 2), ("--batch-size", 1), ("--max-tokens", 0), ("--draws", 3), ("--steps", 1),
                       ("--seq-len", 2), ("--threads", 1), ("--num-pairs", 1), ("--warmup", 1),
-                      ("--queries", 2)):  # --task's accuracy has a bootstrap interval: two queries at least
+                      ("--eval-every", 1), ("--queries", 2)):
         _at_least(args, flag, low)
     if getattr(args, "max_tokens", 0) and args.max_tokens < args.window:
         raise ValueError(f"--max-tokens {args.max_tokens} is smaller than one window (--window {args.window}); "
@@ -182,10 +183,13 @@ def _check_train_flags(args: argparse.Namespace) -> None:
     """``train-tiny``: the flags that only --task reads are refused without it, rather than ignored."""
     task_only = {"--shape": args.shape, "--min-pairs": args.min_pairs, "--train-queries": args.train_queries,
                  "--warmup": args.warmup, "--reference-init": args.reference_init,
-                 "--sinusoidal-positions": args.sinusoidal_positions, "--unit-decay": args.unit_decay}
+                 "--sinusoidal-positions": args.sinusoidal_positions, "--unit-decay": args.unit_decay,
+                 "--eval-every": args.eval_every, "--stop-at": args.stop_at}
     given = [flag for flag, value in task_only.items() if value not in (None, False)]
     if args.task is None and given:
         raise ValueError(f"{given[0]} applies only to a task model: add --task mqar or --task copy, or drop it")
+    if args.stop_at is not None and not 0 < args.stop_at <= 1:
+        raise ValueError(f"--stop-at must be a held-out accuracy in (0, 1], got {args.stop_at:g}")
 
 
 def _check_patch_flags(args: argparse.Namespace) -> None:
@@ -877,7 +881,7 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
                                device=args.device, num_threads=args.threads, min_pairs=args.min_pairs,
                                curriculum=args.curriculum, reference_init=args.reference_init,
                                sinusoidal_positions=args.sinusoidal_positions, train_queries=args.train_queries,
-                               unit_decay=args.unit_decay,
+                               unit_decay=args.unit_decay, eval_every=args.eval_every, stop_at=args.stop_at,
                                weight_decay=args.weight_decay, warmup=args.warmup,
                                config_overrides=_shape_overrides(args.shape))
         else:
@@ -1196,6 +1200,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--task, Mamba-1: start every state dimension at A = -1 instead of S4D-real -(1..N)")
     p.add_argument("--weight-decay", type=_finite, default=0.1, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="--task: measure held-out accuracy and save a checkpoint to --out every N steps "
+                        "(default: --steps / 6)")
+    p.add_argument("--stop-at", type=_finite, default=None, metavar="ACCURACY",
+                   help="--task: stop at the first evaluation whose held-out accuracy reaches this (e.g. 0.95)")
     p.add_argument("--shape", nargs="+", default=None, metavar="KEY=NUMBER",
                    help="--task: override config fields, e.g. hidden_size=128 initializer_range=0.05 "
                         "(train_task.TASK_SHAPES)")

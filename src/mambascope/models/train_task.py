@@ -12,7 +12,9 @@ so the checkpoint loads with ``load_model(path)`` like any other.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -198,6 +200,7 @@ def train_task(arch: str, task: str, out_dir: str | Path, *, seq_len: int = 64, 
                min_pairs: int | None = None, curriculum: str = "mix", reference_init: bool = False,
                sinusoidal_positions: bool = False, train_queries: int | None = None, unit_decay: bool = False,
                config_overrides: dict[str, Any] | None = None, num_threads: int | None = None,
+               eval_every: int | None = None, stop_at: float | None = None,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train ``arch`` on ``task`` ("mqar" or "copy") and save model, tokenizer and training.json to ``out_dir``.
 
@@ -210,12 +213,20 @@ def train_task(arch: str, task: str, out_dir: str | Path, *, seq_len: int = 64, 
     keep one per pair).  ``unit_decay`` (Mamba-1): every state dimension starts at A = −1
     (:func:`unit_decay_init`).  Returns the recorded stats, including
     ``heldout_query_accuracy`` on ``eval_examples`` held-out examples (always at ``num_pairs``).
+
+    Every ``eval_every`` steps (default ``steps // 6``) the held-out accuracy is measured and the model
+    saved to ``out_dir`` as a checkpoint (training.json says ``"complete": false`` and the steps done), so
+    a run stopped from outside keeps its last evaluated model.  ``stop_at``: end training at the first
+    evaluation whose accuracy reaches it (a complete run that did fewer than ``steps`` steps).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
-    for label, value in (("steps", steps), ("batch_size", batch_size), ("eval_examples", eval_examples)):
+    for label, value in (("steps", steps), ("batch_size", batch_size), ("eval_examples", eval_examples),
+                         ("eval_every", 1 if eval_every is None else eval_every)):
         if value < 1:
             raise ValueError(f"{label} must be positive, got {value}")
+    if stop_at is not None and not 0 < stop_at <= 1:
+        raise ValueError(f"stop_at must be in (0, 1] (a held-out accuracy), got {stop_at}")
     if train_queries is not None and task != "mqar":
         raise ValueError(f"train_queries applies to task mqar only, got task {task!r}")
     if min_pairs is not None and (task != "mqar" or not 1 <= min_pairs <= num_pairs):
@@ -231,7 +242,8 @@ def train_task(arch: str, task: str, out_dir: str | Path, *, seq_len: int = 64, 
                            weight_decay=weight_decay, warmup=warmup, min_pairs=min_pairs,
                            curriculum=curriculum, reference_init=reference_init,
                            sinusoidal_positions=sinusoidal_positions, train_queries=train_queries,
-                           unit_decay=unit_decay, config_overrides=config_overrides, log=log)
+                           unit_decay=unit_decay, config_overrides=config_overrides,
+                           eval_every=eval_every or max(1, steps // 6), stop_at=stop_at, log=log)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -240,7 +252,7 @@ def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len:
                 batch_size: int, lr: float, seed: int, device: str, weight_decay: float, warmup: int | None,
                 min_pairs: int | None, curriculum: str, reference_init: bool, sinusoidal_positions: bool,
                 train_queries: int | None, unit_decay: bool, config_overrides: dict[str, Any] | None,
-                log: Callable[[str], None]) -> dict[str, Any]:
+                eval_every: int, stop_at: float | None, log: Callable[[str], None]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
@@ -269,57 +281,102 @@ def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len:
     log(f"[{arch} {task}] {n_params:,} parameters; {steps} steps of {batch_size} x {seq_len} tokens; device {dev}")
     curve: list[dict[str, float]] = []
     pairs = PairCurriculum(curriculum if task == "mqar" else None, num_pairs, min_pairs)
-    log_every = max(1, steps // 30)
+    log_every = max(1, min(steps // 30, eval_every))
     running = 0.0
+    stopped_at: int | None = None
     t_train = time.perf_counter()
+
+    def stats(step: int, accuracy: float, complete: bool) -> dict[str, Any]:
+        return _stats(arch, task, model, config, tok, heldout, shape, pairs, settings, steps_done=step,
+                      accuracy=accuracy, complete=complete, stopped_at=stopped_at, curve=curve, dev=dev,
+                      train_time=time.perf_counter() - t_train, wall_time=time.perf_counter() - t_start)
+
+    settings = {"seq_len": seq_len, "num_pairs": num_pairs, "min_pairs": min_pairs, "steps": steps,
+                "batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay, "seed": seed,
+                "reference_init": reference_init, "sinusoidal_positions": sinusoidal_positions,
+                "train_queries": train_queries, "unit_decay": unit_decay, "eval_every": eval_every,
+                "stop_at": stop_at}
     with _training_scan(arch):
         for step in range(steps):
             batch = pairs.batch(task, batch_size, seq_len, seed, step, min_pairs, train_queries)
             loss = optimizer_step(model, opt, sched, batch.input_ids.to(dev), batch.labels.to(dev))
             pairs.update(step, loss)
             running += loss
-            if (step + 1) % log_every == 0 or step + 1 == steps:
+            evaluate = (step + 1) % eval_every == 0 or step + 1 == steps
+            if (step + 1) % log_every == 0 or evaluate:
                 n = (step % log_every) + 1
                 entry: dict[str, float] = {"step": step + 1, "train_loss": round(running / n, 4)}
                 if task == "mqar":
                     entry["train_pairs"] = pairs.current  # "mix": the largest count of the mix
-                if (step + 1) % (5 * log_every) == 0 or step + 1 == steps:
+                if evaluate:
                     entry["heldout_query_accuracy"] = round(task_accuracy(model, heldout), 4)
                 curve.append(entry)
                 shown = f"pairs {pairs.current} " if task == "mqar" else ""
                 log(f"[{arch} {task}] step {step + 1}/{steps} {shown}loss {running / n:.3f} "
                     f"acc {entry.get('heldout_query_accuracy', '-')} {time.perf_counter() - t_train:.0f}s")
                 running = 0.0
-    train_time = time.perf_counter() - t_train
+                if evaluate and step + 1 < steps:
+                    if stop_at is not None and entry["heldout_query_accuracy"] >= stop_at:
+                        stopped_at = step + 1
+                        break
+                    _save(model, tok, out, stats(step + 1, entry["heldout_query_accuracy"], complete=False))
+    steps_done = stopped_at or steps
     accuracy = task_accuracy(model, heldout)
     model.eval()
+    final = stats(steps_done, accuracy, complete=True)
+    _save(model, tok, out, final)
+    log(f"[{arch} {task}] held-out query accuracy {accuracy:.4f} on {heldout.num_queries} queries")
+    return final
+
+
+def _save(model: nn.Module, tok: Any, out: Path, stats: dict[str, Any]) -> None:
+    """Model, tokenizer and training.json to ``out``, each file replaced whole (a checkpoint or the result)."""
+    from mambascope.results.outputs import write_atomic
+
+    scratch = out / ".checkpoint"
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    shutil.rmtree(scratch, ignore_errors=True)
+    model.save_pretrained(scratch)
+    tok.save_pretrained(scratch)
+    for item in scratch.iterdir():
+        os.replace(item, out / item.name)
+    scratch.rmdir()
+    write_atomic(out / "training.json", json.dumps(stats, indent=2) + "\n")
+
+
+def _stats(arch: str, task: str, model: nn.Module, config: Any, tok: Any, heldout: TaskBatch,
+           shape: dict[str, Any], pairs: PairCurriculum, settings: dict[str, Any], *, steps_done: int,
+           accuracy: float, complete: bool, stopped_at: int | None, curve: list[dict[str, float]], dev: Any,
+           train_time: float, wall_time: float) -> dict[str, Any]:
+    """training.json: the model, the settings it was trained with, the outcome and the learning curve."""
     import transformers
 
-    stats: dict[str, Any] = {
-        "arch": arch, "model_class": type(model).__name__, "task": task, "parameters": n_params,
+    seed, num_pairs = settings["seed"], settings["num_pairs"]
+    return {
+        "arch": arch, "model_class": type(model).__name__, "task": task,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "layers": config.num_hidden_layers if arch != "gpt2" else config.n_layer,
         "d_model": config.hidden_size if arch != "gpt2" else config.n_embd, "vocab_size": len(tok),
-        "seq_len": seq_len, "num_pairs": num_pairs if task == "mqar" else None,
+        "seq_len": settings["seq_len"], "num_pairs": num_pairs if task == "mqar" else None,
         "queries_per_example": int(heldout.query.shape[1]), "shape": shape,
-        "min_pairs": min_pairs, "curriculum": pairs.kind,
-        "init": "reference (mixer in_proj/x_proj: nn.Linear default)" if reference_init else "transformers",
-        "position_init": "sinusoidal" if sinusoidal_positions else None, "train_queries": train_queries,
-        "a_init": "A = -1 (unit_decay_init)" if unit_decay else None,
-        "pairs_reached_at_step": pairs.reached if pairs.kind == "grow" else None, "steps": steps,
-        "batch_size": batch_size,
-        "examples_seen": steps * batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
-        "seed": seed, "train_seeds": _train_seeds(seed, steps, num_pairs, min_pairs if pairs.kind == "mix" else None),
+        "min_pairs": settings["min_pairs"], "curriculum": pairs.kind,
+        "init": "reference (mixer in_proj/x_proj: nn.Linear default)" if settings["reference_init"]
+        else "transformers",
+        "position_init": "sinusoidal" if settings["sinusoidal_positions"] else None,
+        "train_queries": settings["train_queries"],
+        "a_init": "A = -1 (unit_decay_init)" if settings["unit_decay"] else None,
+        "pairs_reached_at_step": pairs.reached if pairs.kind == "grow" else None,
+        "complete": complete, "steps": settings["steps"], "steps_done": steps_done, "stopped_at_step": stopped_at,
+        "stop_at": settings["stop_at"], "eval_every": settings["eval_every"], "batch_size": settings["batch_size"],
+        "examples_seen": steps_done * settings["batch_size"], "lr": settings["lr"], "warmup": settings["warmup"],
+        "weight_decay": settings["weight_decay"], "seed": seed,
+        "train_seeds": _train_seeds(seed, steps_done, num_pairs,
+                                    settings["min_pairs"] if pairs.kind == "mix" else None),
         "heldout_seed": seed * 1_000_000 - 1, "heldout_examples": int(heldout.input_ids.shape[0]),
         "heldout_queries": heldout.num_queries, "heldout_query_accuracy": round(accuracy, 4),
         "device": str(dev), "torch_threads": torch.get_num_threads(), "train_time_s": round(train_time, 1),
-        "wall_time_s": round(time.perf_counter() - t_start, 1), "python": platform.python_version(),
+        "wall_time_s": round(wall_time, 1), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "accuracy_definition": "argmax next-token prediction at each query position equals the answer",
         "curve": curve,
     }
-    (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-    log(f"[{arch} {task}] held-out query accuracy {accuracy:.4f} on {heldout.num_queries} queries")
-    return stats

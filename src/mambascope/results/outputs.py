@@ -170,6 +170,12 @@ def _readable_os_error(exc: OSError, what: str) -> OSError | ValueError:
     return ValueError(f"cannot write {what}: {reason}")
 
 
+def _has_finished_work(staging: Path) -> bool:
+    """Whether a staging folder holds something worth keeping: finished stages (results.json) or a
+    training checkpoint (training.json, written with the model at each evaluation of ``train-tiny --task``)."""
+    return any((staging / name).is_file() for name in ("results.json", "training.json"))
+
+
 def marker(path: Path) -> dict[str, Any] | None:
     """The marker of a mambascope output directory, or None if ``path`` is not one."""
     try:
@@ -231,8 +237,8 @@ class OutputDir:
                 shutil.rmtree(old, ignore_errors=True)
                 self.notice(f"removed {old}, the previous output of a run killed after its swap")
         for part in self._siblings("partial"):
-            if (part / "results.json").is_file():
-                self.notice(f"{part} holds the finished stages of an interrupted run (results.json); kept, "
+            if _has_finished_work(part):
+                self.notice(f"{part} holds the finished stages or last checkpoint of an interrupted run; kept, "
                             "delete it when you no longer need it")
             else:
                 shutil.rmtree(part, ignore_errors=True)
@@ -309,7 +315,7 @@ class OutputDir:
         if self.committed:
             return self.path
         self.abandoned = True
-        if not (self.staging / "results.json").is_file():
+        if not _has_finished_work(self.staging):
             shutil.rmtree(self.staging, ignore_errors=True)
             return None
         if self.path.exists() and any(self.path.iterdir()):
