@@ -9,10 +9,10 @@ import torch
 from mambascope import generate, load_model
 from mambascope.arch import adapter
 from mambascope.arch.base import UnsupportedFeature
+from mambascope.models import BUNDLED as BUNDLED_MODELS
 from mambascope.trace.generate import Steer, neuron_direction, parse_positions
 
-BUNDLED = ["tiny-mamba", "tiny-mamba2", "tiny-gpt", "tiny-hybrid", "tiny-mamba2-mqar", "tiny-gpt-mqar",
-           "tiny-gpt-copy"]
+BUNDLED = list(BUNDLED_MODELS)  # every bundled model, task models included
 PROMPTS = ["The quick brown fox", "Once upon a time there"]
 NEW = 10
 # the module, not the function ``mambascope.trace`` that shadows the package's attribute

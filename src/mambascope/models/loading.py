@@ -27,6 +27,7 @@ BUNDLED: dict[str, str] = {
     "tiny-mamba2": "Mamba-2 (Mamba2ForCausalLM)",
     "tiny-gpt": "GPT-2 style transformer (GPT2LMHeadModel)",
     "tiny-hybrid": "Bamba hybrid: Mamba-2 and attention layers, each with a SwiGLU MLP (BambaForCausalLM)",
+    "tiny-mamba-mqar": "Mamba-1 trained on MQAR, 8 key-value pairs in 64 tokens (docs/models.md, Task models)",
     "tiny-mamba2-mqar": "Mamba-2 trained on MQAR, 8 key-value pairs in 64 tokens (docs/models.md, Task models)",
     "tiny-gpt-mqar": "GPT-2 trained on MQAR, 8 key-value pairs in 64 tokens (docs/models.md, Task models)",
     "tiny-gpt-copy": "GPT-2 trained on copying 31 symbols in 64 tokens (docs/models.md, Task models)",
