@@ -52,6 +52,7 @@ from mambascope.attribution.input_attribution import (
 )
 from mambascope.attribution.layer_maps import layer_maps
 from mambascope.attribution.methods import method_records
+from mambascope.attribution.token_flipping import DEFAULT_POSITIONS, WINDOW, flipping_faithfulness
 from mambascope.data.tasks import TaskBatch, query_correct
 from mambascope.interventions.knockout import knockout_edits
 from mambascope.ssm.implicit_attention import residual_rollout
@@ -60,10 +61,12 @@ from mambascope.trace import trace
 DEFAULT_QUERIES = 64
 SSM_VARIANTS = ("full", "no_conv", "no_gate")
 DEFAULT = Settings()  # IG steps and the IG/occlusion baseline (input_attribution's defaults)
+FLIP_SCAN = 4  # windows scanned per ΔA^F position asked for (not every last position is context-dependent)
 KINDS = ("baseline", "attention neurons", "layer map", "layer-map rollout", "whole model")
 
-__all__ = ["DEFAULT_QUERIES", "KINDS", "SSM_VARIANTS", "Entry", "TaskQueries", "knockout_drop", "leaderboard_table",
-           "score_entries", "task_leaderboard", "task_queries"]
+__all__ = ["DEFAULT_QUERIES", "KINDS", "SSM_VARIANTS", "Entry", "TaskQueries", "check_models", "knockout_drop",
+           "language_models", "leaderboard_table", "model_task", "not_applicable", "print_leaderboard",
+           "run_leaderboard", "score_entries", "task_leaderboard", "task_models", "task_queries"]
 
 
 @dataclass
@@ -377,3 +380,110 @@ def task_models() -> list[str]:
         out.append(name)
     return [*out, handwired.NAME]
 
+
+
+def language_models() -> list[str]:
+    """The bundled language models (no task in their ``training.json``): where ΔA^F is measured."""
+    from mambascope.models import BUNDLED, bundled_path
+
+    out = []
+    for name in BUNDLED:
+        try:
+            task_settings(bundled_path(name))
+        except ValueError:
+            out.append(name)
+    return out
+
+
+def lm_windows(tokenizer: Any, window: int, n: int) -> Tensor:
+    """Up to ``n`` windows of ``window`` tokens from the built-in corpus's validation split."""
+    from mambascope.data.corpus import builtin_texts, split_texts
+    from mambascope.data.windows import tokenize_windows
+
+    return tokenize_windows(split_texts(builtin_texts(), "validation"), tokenizer, window, max_tokens=window * n).ids
+
+
+def check_models(models: Sequence[str], lm_models: Sequence[str]) -> None:
+    """ValueError naming the first model that is not a leaderboard task model or a bundled language model."""
+    tasks, lms = task_models(), language_models()
+    for name in models:
+        if name not in tasks and not (Path(name) / "training.json").is_file():
+            raise ValueError(f"--models {name!r}: not a task model; choose from {', '.join(tasks)} or a local "
+                             "directory with a training.json naming its task")
+    for name in lm_models:
+        if name not in lms:
+            raise ValueError(f"--lm-models {name!r}: not a bundled language model; choose from {', '.join(lms)}")
+
+
+def run_leaderboard(models: Sequence[str], lm_models: Sequence[str], *, n_queries: int = DEFAULT_QUERIES,
+                    n_positions: int = DEFAULT_POSITIONS, seed: int = 0, settings: Settings = DEFAULT,
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The ``leaderboard`` section of results.json: :func:`task_leaderboard` of every task model in ``models``
+    on ``n_queries`` held-out queries, and ΔA^F (:func:`~mambascope.attribution.token_flipping.
+    flipping_faithfulness`) of every language model in ``lm_models`` at ``n_positions`` context-dependent
+    positions.  A model that fails is recorded in ``errors`` by name with its reason."""
+    from mambascope.models import load_model
+    from mambascope.models.train_task import heldout_task_batch
+
+    if n_queries < 2:
+        raise ValueError(f"n_queries must be at least 2 for a bootstrap interval, got {n_queries}")
+    say = progress or (lambda _msg: None)
+    board: dict[str, Any] = {"models": {}, "flipping": {}, "errors": {}, "timings": {}}
+    for name in models:
+        start = time.perf_counter()
+        try:
+            model, task = model_task(name)
+            batch = heldout_task_batch(task["task"], n_queries, task["seq_len"], task["num_pairs"], task["seed"])
+            result = task_leaderboard(model, batch, seed=seed, settings=settings,
+                                      progress=lambda msg, name=name: say(f"{name}: {msg}"))
+        except Exception as exc:  # one failing model must not stop the others
+            board["errors"][name] = f"{type(exc).__name__}: {exc}"
+            continue
+        board["models"][name] = result | {"num_pairs": task["num_pairs"] if task["task"] == "mqar" else None,
+                                          "heldout_seed": task["seed"] * 1_000_000 - 1}
+        board["timings"][name] = round(time.perf_counter() - start, 3)
+    for name in lm_models:
+        start = time.perf_counter()
+        say(f"{name}: ΔA^F")
+        try:
+            model, tokenizer = load_model(name)
+            windows = lm_windows(tokenizer, WINDOW, FLIP_SCAN * n_positions)
+            board["flipping"][name] = flipping_faithfulness(model, windows, n_positions=n_positions,
+                                                            settings=settings, seed=seed)
+        except Exception as exc:
+            board["errors"][f"{name} (ΔA^F)"] = f"{type(exc).__name__}: {exc}"
+            continue
+        board["timings"][f"{name} (ΔA^F)"] = round(time.perf_counter() - start, 3)
+    board["table"] = leaderboard_table(board)
+    return board
+
+
+def _iv(entry: dict[str, Any]) -> str:
+    low, high = entry.get("low"), entry.get("high")
+    bounds = "" if low is None else f" [{low:.3f}, {high:.3f}]"
+    return f"{entry['mean']:.3f}{bounds}"
+
+
+def print_leaderboard(board: dict[str, Any], file: Any = None) -> None:
+    """The leaderboard in plain text: per model, each row's value and key hit@1 / MRR, knockout effect, time."""
+    lines = []
+    for name, result in board["models"].items():
+        lines.append(f"{name} ({result['arch']}, task {result['task']}): accuracy {result['task_accuracy']:.4f}; "
+                     f"{result['n_queries']} queries; knockout effect of the true value "
+                     f"{_iv(result['knockout_reference']['value'])}")
+        for r in result["rows"]:
+            layer = "-" if r["layer"] is None else r["layer"]
+            marks = "".join(m for b, m in (("random", "R"), ("recency", "C"))
+                            if (r["value"].get(f"beats_{b}") or {}).get("mrr"))
+            lines.append(f"  {r['method']:<26} {layer!s:>2}  value hit {_iv(r['value']['hit_rate'])} MRR "
+                         f"{_iv(r['value']['mrr'])} {marks:<2}  key hit {r['key']['hit_rate']['mean']:.3f}  "
+                         f"knockout {_iv(r['knockout_effect'])}  {r['seconds_per_query'] * 1000:.1f} ms/query")
+        for method, reason in result["errors"].items():
+            lines.append(f"  FAILED {method}: {reason}")
+    for name, result in board["flipping"].items():
+        lines.append(f"{name}: ΔA^F at {result['n_positions']} context-dependent positions")
+        for r in result["rows"]:
+            lines.append(f"  {r['method']:<22} {r['metric']:<8} ΔA^F {_iv(r['delta_a_f'])}")
+    for name, reason in board["errors"].items():
+        lines.append(f"FAILED {name}: {reason}")
+    print("\n".join(lines), file=file)
