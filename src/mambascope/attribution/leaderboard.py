@@ -175,12 +175,12 @@ def _map_variants(model: nn.Module) -> tuple[str, ...]:
     return ("full",) if adapter(model).transformer else SSM_VARIANTS
 
 
-def whole_model_entries(model: nn.Module, tq: TaskQueries, errors: dict[str, str],
-                        settings: Settings = DEFAULT) -> list[Entry]:
-    """Every whole-model method the model supports, query by query, for the answer at the query (Captum methods
-    and LRP: its logit; knockout: its log-prob)."""
+def whole_model_entries(model: nn.Module, tq: TaskQueries, errors: dict[str, str], settings: Settings = DEFAULT,
+                        methods: Sequence[str] = WHOLE_MODEL_METHODS) -> list[Entry]:
+    """Every whole-model method of ``methods`` that the model supports, query by query, for the answer at the
+    query (Captum methods and LRP: its logit; knockout: its log-prob)."""
     out = []
-    for method in WHOLE_MODEL_METHODS:
+    for method in methods:
         reason = unavailable(model, method)
         if reason:
             errors[method] = reason
