@@ -119,7 +119,7 @@ def neuron_entries(model: nn.Module, tq: TaskQueries, errors: dict[str, str], ba
             part = tq.ids[sl]
             for _, _, records in method_records(model, part, layers, [method], query=tq.query[sl],
                                                 batch_size=part.shape[0], errors=errors, target=tq.answer[sl]):
-                for layer in layers:
+                for layer in layers if method in records else ():
                     rel[layer].append(records[method][layer]["relevance"].detach().double().cpu())
         if method in errors:
             continue
@@ -140,7 +140,7 @@ def _variant_name(base: str, variant: str) -> str:
     return base if variant == "full" else f"{base}_{variant}"
 
 
-def map_entries(model: nn.Module, tq: TaskQueries, batch_size: int = 64) -> list[Entry]:
+def map_entries(model: nn.Module, tq: TaskQueries, errors: dict[str, str], batch_size: int = 64) -> list[Entry]:
     """Layer maps per token-mixing layer (the query's row) and their residual rollout, for every variant that
     applies (the implicit-attention ablations only where every token-mixing layer is an SSM mixer)."""
     ad = adapter(model)
@@ -149,15 +149,16 @@ def map_entries(model: nn.Module, tq: TaskQueries, batch_size: int = 64) -> list
     out = []
     for variant in _map_variants(model):
         start = time.perf_counter()
-        per_layer: dict[int, list[Tensor]] = {}
         maps_all: dict[int, list[Tensor]] = {}
-        for sl in _chunks(n, batch_size):
-            maps = layer_maps(model, tq.ids[sl], variant=variant)
-            for layer, c in maps.items():
-                maps_all.setdefault(layer, []).append(c.double().cpu())
+        try:
+            for sl in _chunks(n, batch_size):
+                for layer, c in layer_maps(model, tq.ids[sl], variant=variant).items():
+                    maps_all.setdefault(layer, []).append(c.double().cpu())
+        except Exception as exc:  # one failing variant must not stop the others
+            errors[_variant_name("layer_map", variant)] = f"{type(exc).__name__}: {exc}"
+            continue
         maps_cat = {layer: torch.cat(parts) for layer, parts in maps_all.items()}
-        for layer, c in maps_cat.items():
-            per_layer[layer] = c[rows_of, tq.query]
+        per_layer = {layer: c[rows_of, tq.query] for layer, c in maps_cat.items()}
         map_seconds = time.perf_counter() - start
         start = time.perf_counter()
         rolled = residual_rollout([maps_cat[layer] for layer in sorted(maps_cat)])[rows_of, tq.query]
@@ -307,7 +308,7 @@ def task_leaderboard(model: nn.Module, batch: TaskBatch, *, seed: int = 0, setti
     say("attention-neuron methods")
     entries += neuron_entries(model, tq, errors, batch_size)
     say("layer maps and rollout")
-    entries += map_entries(model, tq, batch_size)
+    entries += map_entries(model, tq, errors, batch_size)
     if whole_model:
         say("whole-model methods")
         entries += whole_model_entries(model, tq, errors, settings)
