@@ -235,7 +235,9 @@ def test_cli_leaderboard_writes_a_valid_results_file(tmp_path: Path, capsys) -> 
         if r["method"] in ("attention_weighted", "gradient_guided", "block", "lrp", "occlusion"):
             assert r["value"]["hit_rate"]["mean"] == 1.0  # the construction's source (models/handwired.py)
             assert r["knockout_effect"]["mean"] == pytest.approx(board["knockout_reference"]["value"]["mean"])
-    assert (out / "report.html").is_file() and (out / "figures" / "leaderboard.png").is_file()
+    assert (out / "figures" / "leaderboard.png").is_file()
+    html = (out / "report.html").read_text()
+    assert '<section id="leaderboard">' in html and "layer_map_rollout_no_conv" in html
     assert "ms/query" in capsys.readouterr().out
 
 
