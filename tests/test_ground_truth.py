@@ -96,7 +96,7 @@ def test_hit_rate_and_mrr_match_a_hand_computation() -> None:
     from mambascope.attribution import ground_truth as gt
 
     ranks = torch.tensor([1, 2, 4, 1])
-    st = gt._stats(ranks, seed=0)
+    st = gt.rank_stats(ranks, seed=0)
     assert st["hit_rate"]["mean"] == pytest.approx(0.5)
     assert st["mrr"]["mean"] == pytest.approx((1 + 0.5 + 0.25 + 1) / 4)
     expected = gt._random_expectation(torch.tensor([2, 4]))

@@ -1,4 +1,4 @@
-"""The hand-wired Mamba-1 recall model (tests/handwired.py): its recall checked through its own forward, and
+"""The hand-wired Mamba-1 recall model (mambascope.models.handwired): its recall checked through its own forward, and
 the ground-truth table on it, where the construction fixes which position each method must rank first."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from handwired import VALUE0, handwired_mamba_recall, save_handwired
 from mambascope.data.tasks import NUM_VALUES, generate, query_correct
+from mambascope.models.handwired import VALUE0, handwired_mamba_recall, save_handwired
 
 FINDS_VALUE = ("attention_weighted", "gradient_guided", "rollout", "block")  # handwired.py, "Consequences"
 

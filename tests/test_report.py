@@ -51,10 +51,10 @@ def _q16(b64: str, scale: float) -> list[float | None]:
 
 def test_every_figure_is_drawn_from_full_mamba_results(mamba_figures: FigureSet) -> None:
     # ground truth: task models only (tests/test_ground_truth.py); patching: `mambascope patch` only;
-    # attribution: `mambascope attribute` only
-    assert set(mamba_figures.skipped) == {"ground_truth", "patching", "attribution"}
+    # attribution: `mambascope attribute` only; leaderboard: `mambascope leaderboard` only
+    assert set(mamba_figures.skipped) == {"ground_truth", "patching", "attribution", "leaderboard"}
     stems = {p.stem for p in mamba_figures}
-    expected = set(FIGURES) - {"attention_neurons", "ground_truth", "patching", "attribution"}
+    expected = set(FIGURES) - {"attention_neurons", "ground_truth", "patching", "attribution", "leaderboard"}
     assert expected <= stems
     assert {"attention_neurons_L1"} <= stems  # the seed's 6-panel figure, one per analysed layer
     for path in mamba_figures:
@@ -91,12 +91,13 @@ def test_figures_from_the_run_census_layout(tmp_path: Path) -> None:
 
 def test_html_has_every_section_and_is_self_contained(mamba_html: str) -> None:
     for sid in SECTIONS:
-        if sid not in ("patching", "attribution"):
+        if sid not in ("patching", "attribution", "leaderboard"):
             assert f'<section id="{sid}">' in mamba_html, sid
     assert '<section id="patching">' not in mamba_html  # shown only for `mambascope patch` results
     assert '<section id="attribution">' not in mamba_html  # shown only for `mambascope attribute` results
-    # all but ground_truth, patching and attribution
-    assert mamba_html.count("data:image/png;base64,") >= len(FIGURES) - 3
+    assert '<section id="leaderboard">' not in mamba_html  # shown only for `mambascope leaderboard` results
+    # all but ground_truth, patching, attribution and leaderboard
+    assert mamba_html.count("data:image/png;base64,") >= len(FIGURES) - 4
     assert not re.search(r'(src|href)="(https?:)?//', mamba_html), "no network resources"
     assert "<link " not in mamba_html
     for text in ("Key counts per layer", "tiny-random-mamba", "held-out loss", "Token level (MoRF / LeRF)",

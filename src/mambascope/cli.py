@@ -666,6 +666,43 @@ def _run_ground_truth(args: argparse.Namespace) -> int:
     return FAILED if results["errors"] else OK
 
 
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    """Every attribution method on every task model against ground truth, and ΔA^F on the language models
+    (docs/methods.md, "The leaderboard")."""
+    import time
+
+    import torch
+
+    from mambascope.attribution.input_attribution import BASELINES, Settings
+    from mambascope.attribution.leaderboard import check_models, print_leaderboard, run_leaderboard
+    from mambascope.results import save_json
+
+    _at_least(args, "--flip-positions", 2)
+    _at_least(args, "--ig-steps", 1)
+    if args.baseline not in BASELINES:
+        raise ValueError(f"--baseline {args.baseline!r}: choose from {', '.join(BASELINES)}")
+    check_models(args.models, args.lm_models)
+    torch.manual_seed(args.seed)
+    with _claim(args, "leaderboard") as out:
+        start = time.perf_counter()
+        say = (lambda _msg: None) if args.quiet else (lambda msg: print(f"mambascope: {msg}", file=sys.stderr))
+        board = run_leaderboard(args.models, args.lm_models, n_queries=args.queries, n_positions=args.flip_positions,
+                                seed=args.seed, settings=Settings(ig_steps=args.ig_steps, baseline=args.baseline),
+                                progress=say)
+        names = [*board["models"], *board["flipping"]]
+        results = {"model": {"name": f"leaderboard: {', '.join(names)}", "arch": "several"},
+                   "corpus": {"name": "task held-out examples; builtin (validation) for ΔA^F", "split": "held-out"},
+                   "leaderboard": board, "errors": {f"leaderboard: {m}": r for m, r in board["errors"].items()},
+                   "timings": {"leaderboard": round(time.perf_counter() - start, 3)}, "incomplete": []}
+        if args.report:
+            _render(results, out.staging, args.debug)
+        save_json(out.file("results.json"), results)
+        path = out.commit()
+    print_leaderboard(board)
+    print(f"results: {path / 'results.json'}")
+    return FAILED if results["errors"] else OK
+
+
 def _cmd_patch(args: argparse.Namespace) -> int:
     """Activation patching of one prompt pair (docs/patching.md): grids, attribution estimates, heatmaps."""
     from mambascope.interventions.patching import grid_rows
@@ -1138,6 +1175,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(WHOLE_MODEL_METHODS)} (mambascope attribute's; default: none)")
     p.set_defaults(func=_cmd_attention)
 
+    p = sub.add_parser("leaderboard", parents=common,
+                       help="every attribution method on every task model against ground truth; ΔA^F")
+    _add_leaderboard_args(p)
+    p.set_defaults(func=_cmd_leaderboard)
+
     p = sub.add_parser("report", parents=common, help="re-render figures and report.html from a results directory")
     p.add_argument("directory", help="a directory holding results.json")
     p.set_defaults(func=_cmd_report)
@@ -1285,6 +1327,28 @@ def _add_patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="patches per forward pass (default: %(default)s)")
     _add_out_args(p, "mambascope-patch")
     p.add_argument("--no-report", dest="report", action="store_false", help="skip figures and report.html")
+
+
+def _add_leaderboard_args(p: argparse.ArgumentParser) -> None:
+    from mambascope.attribution.input_attribution import BASELINE, IG_STEPS
+    from mambascope.attribution.leaderboard import DEFAULT_QUERIES, language_models, task_models
+    from mambascope.attribution.token_flipping import DEFAULT_POSITIONS
+
+    p.add_argument("--models", nargs="+", default=task_models(), metavar="MODEL",
+                   help="task models: bundled ones, handwired-mamba-mqar, or local directories with a training.json "
+                        "naming the task (default: %(default)s)")
+    p.add_argument("--lm-models", nargs="*", default=language_models(), metavar="MODEL",
+                   help="bundled language models for ΔA^F; none to skip it (default: %(default)s)")
+    p.add_argument("--queries", type=int, default=DEFAULT_QUERIES,
+                   help="held-out queries per task model (default: %(default)s)")
+    p.add_argument("--flip-positions", type=int, default=DEFAULT_POSITIONS,
+                   help="context-dependent positions per language model for ΔA^F (default: %(default)s)")
+    p.add_argument("--ig-steps", type=int, default=IG_STEPS, help="integrated-gradients steps (default: %(default)s)")
+    p.add_argument("--baseline", default=BASELINE, help="reference input of IG and occlusion: mean or zero "
+                   "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_out_args(p, "mambascope-leaderboard")
+    p.add_argument("--no-report", dest="report", action="store_false", help="skip the figure and report.html")
 
 
 def _add_attribute_args(p: argparse.ArgumentParser) -> None:

@@ -36,7 +36,8 @@ SOURCES = ("value", "key")
 BASELINES = ("random", "recency")
 
 __all__ = ["BASELINES", "SOURCES", "attribution_accuracy", "check_whole_model", "ground_truth_table",
-           "one_query_per_example", "run_ground_truth", "source_ranks", "task_settings"]
+           "one_query_per_example", "paired_difference", "rank_stats", "run_ground_truth", "source_ranks",
+           "task_settings"]
 
 
 def one_query_per_example(batch: TaskBatch, seed: int) -> dict[str, Tensor]:
@@ -62,13 +63,16 @@ def source_ranks(relevance: Tensor, query: Tensor, source: Tensor, generator: to
     return (order == source[:, None].to(order.device)).long().argmax(1) + 1
 
 
-def _stats(ranks: Tensor, seed: int) -> dict:
+def rank_stats(ranks: Tensor, seed: int) -> dict:
+    """Hit rate and MRR of ``ranks`` [n] with bootstrap intervals; ``_hit``, ``_rr`` keep the per-query values
+    for :func:`paired_difference`."""
     hit, rr = (ranks == 1).double(), 1.0 / ranks.double()
     return {"hit_rate": bootstrap_mean(hit.numpy(), seed=seed), "mrr": bootstrap_mean(rr.numpy(), seed=seed + 1),
             "_hit": hit, "_rr": rr}
 
 
-def _diff(a: dict, b: dict, seed: int) -> dict:
+def paired_difference(a: dict, b: dict, seed: int) -> dict:
+    """The paired bootstrap of a − b per query, for hit rate and MRR (two :func:`rank_stats`)."""
     return {"hit_rate": bootstrap_mean((a["_hit"] - b["_hit"]).numpy(), seed=seed),
             "mrr": bootstrap_mean((a["_rr"] - b["_rr"]).numpy(), seed=seed + 1)}
 
@@ -118,8 +122,8 @@ def attribution_accuracy(model: nn.Module, batch: TaskBatch, layers: int | Seque
     rows_out: list[dict] = []
     for source in SOURCES:
         src = pick[f"{source}_pos"]
-        base = {"random": _stats(source_ranks(torch.rand(n, L, generator=gen), query, src, gen), seed),
-                "recency": _stats(query - src, seed)}
+        base = {"random": rank_stats(source_ranks(torch.rand(n, L, generator=gen), query, src, gen), seed),
+                "recency": rank_stats(query - src, seed)}
         rows_out.append(_row(source, "random", None, base["random"]) | {"expected": _random_expectation(query)})
         rows_out.append(_row(source, "recency", None, base["recency"]))
         for method in [m for m in [*wanted, *whole] if m in rel and m not in errors]:
@@ -132,10 +136,10 @@ def attribution_accuracy(model: nn.Module, batch: TaskBatch, layers: int | Seque
                 rows_out = [r for r in rows_out if r["method"] != method]
                 continue
             for layer in rel[method]:
-                st = _stats(ranks[layer], seed)
+                st = rank_stats(ranks[layer], seed)
                 row = _row(source, method, layer, st)
                 for bname, bst in base.items():
-                    d = _diff(st, bst, seed + 2)
+                    d = paired_difference(st, bst, seed + 2)
                     row[f"vs_{bname}"] = {k: {kk: v[kk] for kk in ("mean", "low", "high")} for k, v in d.items()}
                     row[f"beats_{bname}"] = {k: v["low"] is not None and v["low"] > 0 for k, v in d.items()}
                 rows_out.append(row)

@@ -734,6 +734,16 @@ def _plot_attribution(results: Mapping[str, Any], out_dir: str | Path) -> list[P
     return paths
 
 
+def _plot_leaderboard(results: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
+    """The leaderboard's hit@1 and knockout effects (report/leaderboard_plots.py)."""
+    from mambascope.report.leaderboard_plots import plot_leaderboard
+
+    paths = plot_leaderboard(results, out_dir)
+    if not paths:
+        raise FigureSkipped("no leaderboard results (mambascope leaderboard)")
+    return paths
+
+
 # ----------------------------------------------------------------------------------------------- driver
 
 def _pct(fraction: Any) -> str:
@@ -772,6 +782,7 @@ FIGURES: dict[str, PlotFunction] = {
     "ground_truth": plot_ground_truth,
     "patching": _plot_patching,
     "attribution": _plot_attribution,
+    "leaderboard": _plot_leaderboard,
 }
 """Every figure of the report by name (the PNG stem; ``attention_neurons`` writes one per layer)."""
 

@@ -56,6 +56,7 @@ SECTIONS: dict[str, str] = {
     "ground-truth": "Ground truth",
     "patching": "Patching",
     "attribution": "Token attribution",
+    "leaderboard": "Attribution leaderboard",
     "neurons": "Neuron pages",
     "errors": "Errors",
 }
@@ -73,6 +74,7 @@ _FIGURE_SECTION = {
     "ground_truth": "ground-truth",
     "patching": "patching", **dict.fromkeys(PATCHING_FIGURES, "patching"),
     "attribution": "attribution",
+    "leaderboard": "leaderboard",
 }
 
 MAX_LIST = 200  # neuron links listed inline per layer and group before "… and N more"
@@ -730,6 +732,44 @@ def _neurons_section(results: Mapping[str, Any], partial: Mapping[str, Any] | No
             "partial": partial}
 
 
+def _marks(entry: Mapping[str, Any]) -> str:
+    return "".join(m for b, m in (("random", " R"), ("recency", " C")) if (entry.get(f"beats_{b}") or {}).get("mrr"))
+
+
+def _leaderboard_section(results: Mapping[str, Any]) -> dict[str, Any]:
+    """``mambascope leaderboard``: per task model, every method's hit@1 / MRR, knockout effect and time; ΔA^F."""
+    board = results["leaderboard"]
+    blocks = [_note("Value / key: the position of the token to recall / of the matching key. R, C: the MRR beats "
+                    "random, recency (paired 95% bootstrap interval above 0). Knockout effect: the drop in the "
+                    "answer's log-prob when the method's top-ranked context token is knocked out of every later "
+                    "token in every SSM layer (scan term) and attention layer. Time: per query, every layer of a "
+                    "per-layer method together (docs/methods.md, \"The leaderboard\").")]
+    for name, model in (board.get("models") or {}).items():
+        ref = (model.get("knockout_reference") or {}).get("value")
+        blocks.append(_note(f"{name} ({model.get('arch')}, task {model.get('task')}): accuracy "
+                            f"{acc.fmt(model.get('task_accuracy'))}, {model.get('n_queries')} queries; knockout "
+                            f"effect of the true value {_interval(ref)}"))
+        rows = [[r.get("method"), "–" if r.get("layer") is None else r.get("layer"),
+                 _interval(r["value"].get("hit_rate")), _interval(r["value"].get("mrr")) + _marks(r["value"]),
+                 _interval(r["key"].get("hit_rate")), _interval(r["key"].get("mrr")) + _marks(r["key"]),
+                 _interval(r.get("knockout_effect")), f"{1000 * float(r.get('seconds_per_query') or 0):.1f}"]
+                for r in model.get("rows") or []]
+        blocks.append(_tb(["method", "layer", "value hit@1", "value MRR", "key hit@1", "key MRR",
+                           "knockout effect", "ms / query"], rows))
+        blocks += [_note(f"{m}: does not apply ({why})") for m, why in (model.get("not_applicable") or {}).items()]
+        blocks += [_error(f"{m} failed: {why}") for m, why in (model.get("errors") or {}).items()]
+    for name, flip in (board.get("flipping") or {}).items():
+        blocks.append(_note(f"{name}: ΔA^F = A(LeRF) − A(MoRF) at {flip.get('n_positions')} context-dependent "
+                            f"positions (of {flip.get('scanned')} windows of {flip.get('window')} tokens); flipped to "
+                            f"{flip.get('flip_to')}"))
+        blocks.append(_tb(["method", "metric", "A(MoRF)", "A(LeRF)", "ΔA^F", "s / position"],
+                          [[r.get("method"), r.get("metric"), _interval(r.get("a_morf")), _interval(r.get("a_lerf")),
+                            _interval(r.get("delta_a_f")), f"{float(r.get('seconds_per_position') or 0):.3f}"]
+                           for r in flip.get("rows") or []]))
+    blocks += [_error(f"{m} failed: {why}") for m, why in (board.get("errors") or {}).items()]
+    return {"blocks": blocks}
+
+
 def _errors_section(results: Mapping[str, Any], skipped: dict[str, str]) -> dict[str, Any]:
     rows = [[name, reason] for name, reason in acc.errors(results).items()]
     att = acc.attention_part(results)
@@ -772,7 +812,11 @@ def report_context(results: Mapping[str, Any], figures: Sequence[Path], skipped:
                                                                                    list)
     if has_attribution:
         sections["attribution"] = _attribution_section(results)
-    optional = {"patching": has_patching, "attribution": has_attribution}
+    has_leaderboard = isinstance(results.get("leaderboard"), dict) and isinstance(results["leaderboard"].get("models"),
+                                                                                   dict)
+    if has_leaderboard:
+        sections["leaderboard"] = _leaderboard_section(results)
+    optional = {"patching": has_patching, "attribution": has_attribution, "leaderboard": has_leaderboard}
     headings = {sid: label for sid, label in SECTIONS.items() if optional.get(sid, True)}
     figs = {sid: _figures(sid, paths, skipped, figure_src) for sid in [*headings, "other"]}
     corpus = results.get("corpus") if isinstance(results.get("corpus"), dict) else {}

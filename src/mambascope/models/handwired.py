@@ -1,5 +1,8 @@
 """A hand-wired Mamba-1 recall model: a real ``MambaForCausalLM`` whose weights are set analytically, so that
-the source of every MQAR prediction is known by construction (issue 19, item 4).
+the source of every MQAR prediction is known by construction (issue 19, item 4).  A model builder of the
+package (docs/models.md), so that the attribution leaderboard scores it beside the bundled task models
+(``mambascope leaderboard --models handwired-mamba-mqar``) and ``python -m mambascope.models.handwired OUT``
+saves it for any subcommand.
 
 Vocabulary: the task tokenizer's (:func:`mambascope.data.tasks.task_vocab`, V = 35): BOS, filler, ``|``,
 keys k_0…k_15 (ids 3…18), values v_0…v_15 (ids 19…34).  Shape: one layer, d_model H = 48, expand 1
@@ -77,7 +80,10 @@ A_LOG = -20.0  # A ≈ -2e-9: no forgetting over a few hundred positions
 KEY0, VALUE0 = 3, 3 + NUM_KEYS
 V_CH, K_CH, P_CH = 0, NUM_VALUES, NUM_VALUES + NUM_KEYS  # first channel of each group
 
-__all__ = ["handwired_mamba_recall", "save_handwired"]
+NAME = "handwired-mamba-mqar"  # its name where a command takes a model name (`mambascope leaderboard --models`)
+TASK = {"task": "mqar", "seq_len": 64, "num_pairs": 8, "seed": 0}  # the task it is scored on (as training.json)
+
+__all__ = ["NAME", "TASK", "handwired_mamba_recall", "save_handwired"]
 
 
 def handwired_mamba_recall():
@@ -146,12 +152,12 @@ def save_handwired(out_dir: str | Path, *, seq_len: int = 64, num_pairs: int = 8
     task_tokenizer().save_pretrained(out)
     record = {"arch": "mamba", "model_class": "MambaForCausalLM", "task": "mqar", "seq_len": seq_len,
               "num_pairs": num_pairs, "seed": seed, "trained": False,
-              "construction": "tests/handwired.py: weights set analytically (docstring), no training"}
+              "construction": "mambascope.models.handwired: weights set analytically (docstring), no training"}
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return out
 
 
-if __name__ == "__main__":  # python tests/handwired.py OUT_DIR
+if __name__ == "__main__":  # python -m mambascope.models.handwired OUT_DIR
     if len(sys.argv) != 2:
-        sys.exit("usage: python tests/handwired.py OUT_DIR")
+        sys.exit("usage: python -m mambascope.models.handwired OUT_DIR")
     print(save_handwired(sys.argv[1]))
