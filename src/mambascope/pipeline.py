@@ -249,6 +249,26 @@ def census_accumulate(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *
     return census, tops, experts, loss, rows
 
 
+def finish_layer(result: dict[str, Any], top: TopContextAccumulator, W: torch.Tensor | None,
+                 unembed: tuple[torch.Tensor, torch.Tensor], tokenizer: Any, head_dim: int = 1) -> None:
+    """Complete a finalized ``LayerCensus`` result in place: decoded detector and Δ tokens, ``suppression``,
+    ``overlap``, decoded ``top_contexts`` and ``logit_effects`` through the write weights W [d_model, E] and
+    ``unembed`` (final-norm weight, W_U) for each unit's typical sign.  W None (a unit with no linear write
+    into the residual stream): suppression and logit effects are None."""
+    norm_weight, W_U = unembed
+    for det in result["token_detectors"]:
+        det["token_strings"] = _decode(tokenizer, det["tokens"])
+    for d in result["delta_sensitive"] or []:
+        for t in d["top_tokens"] or []:
+            t["string"] = _decode(tokenizer, [t["token"]])[0]
+    sign = activation_sign(result)
+    result["suppression"] = None if W is None else detector_suppression(
+        W, norm_weight, W_U, result["token_detectors"], activation_sign=sign)
+    result["overlap"] = group_overlap(neuron_groups(result, result["arch"], head_dim), result["n_neurons"])
+    result["top_contexts"] = _decoded_contexts(top.finalize(), tokenizer)
+    result["logit_effects"] = None if W is None else _logit_effects(W, norm_weight, W_U, tokenizer, sign)
+
+
 def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, layers: Sequence[int] | None = None,
                 batch_size: int = 8, progress: bool = True, census_options: dict | None = None,
                 top_k_contexts: int = 5, context_width: int = 16,
@@ -283,19 +303,8 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
     for layer in layers:
         result = census[layer].finalize()
         result["layer_kind"] = ad.layer_kind(layer)
-        W = neuron_write_weights(model, layer).float()
-        for det in result["token_detectors"]:
-            det["token_strings"] = _decode(tokenizer, det["tokens"])
-        for d in result["delta_sensitive"] or []:
-            for t in d["top_tokens"] or []:
-                t["string"] = _decode(tokenizer, [t["token"]])[0]
-        sign = activation_sign(result)
-        result["suppression"] = detector_suppression(W, norm_weight, W_U, result["token_detectors"],
-                                                     activation_sign=sign)
-        result["overlap"] = group_overlap(neuron_groups(result, kinds[layer], _head_dim(model, layer)),
-                                          result["n_neurons"])
-        result["top_contexts"] = _decoded_contexts(tops[layer].finalize(), tokenizer)
-        result["logit_effects"] = _logit_effects(W, norm_weight, W_U, tokenizer, sign)
+        finish_layer(result, tops[layer], neuron_write_weights(model, layer).float(), (norm_weight, W_U),
+                     tokenizer, _head_dim(model, layer))
         out["layers"][str(layer)] = result
     out["detector_tokens_by_layer"] = detector_tokens_by_layer(
         [out["layers"][str(layer)]["tokens_covered"] for layer in layers])
@@ -403,6 +412,37 @@ def context_attention_rows(layer_results: dict[str, dict], rows: dict[int, TopAt
         result["attention_rows"] = accumulator.finalize(result["top_contexts"])
 
 
+def feature_census(model: nn.Module, tokenizer: Any, windows: torch.Tensor, dictionary: tuple[Any, Any, str],
+                   neuron_layers: dict[str, dict] | None = None, *, batch_size: int = 8, progress: bool = True,
+                   census_options: dict | None = None, top_k_contexts: int = 5, context_width: int = 16
+                   ) -> dict[str, Any]:
+    """The census of a dictionary's features on ``windows`` [n, T] in one traced pass (docs/features.md):
+    ``dictionary`` {path, kind, hooks, widths}, ``layers`` {layer: the finalized feature census, completed like
+    a neuron layer by ``finish_layer``}, ``tokens``, ``loss`` and, where ``neuron_layers`` holds the neuron
+    census of the same layer and tokens, ``versus_neurons`` (``features.census.feature_summary``)."""
+    from mambascope.features.census import FeatureCensus, feature_summary, feature_write_weights
+
+    coder, spec, path = dictionary
+    features = FeatureCensus(coder, spec, model.get_input_embeddings().num_embeddings, tokenizer.bos_token_id,
+                             census_options=census_options, top_k_contexts=top_k_contexts,
+                             context_width=context_width)
+    loss = scan_corpus(model, windows, features.consume, names=features.names, batch_size=batch_size,
+                       progress=progress, description="features")
+    result = features.census.finalize()
+    result["layer_kind"] = "features"
+    W, how = feature_write_weights(model, coder, spec)
+    finish_layer(result, features.tops, W, tuple(t.float() for t in unembedding(model)), tokenizer)
+    layer = str(features.layer)
+    out = {"dictionary": {"path": str(path), "kind": spec.kind, "hook_in": spec.hook_in, "hook_out": spec.hook_out,
+                          "d_in": spec.d_in, "d_out": spec.d_out, "d_sae": spec.d_sae, "k": spec.k,
+                          "model_name": spec.model_name},
+           "tokens": int(windows.numel()), "loss": loss.loss, "layers": {layer: result}, "logit_effects": how}
+    neurons = (neuron_layers or {}).get(layer)
+    if neurons is not None and adapter(model).neuron_unit(features.layer) is not None:
+        out["versus_neurons"] = feature_summary(neurons, result, features.layer)
+    return out
+
+
 def census_interventions(model: nn.Module, layer_results: dict[str, dict], heldout: torch.Tensor, *,
                          draws: int = 3, seed: int = 0, batch_size: int = 8,
                          pruning_ratios: Sequence[float] = (0.1, 0.25, 0.5), progress: bool = False) -> dict[str, Any]:
@@ -484,7 +524,7 @@ def model_info(model: nn.Module, name: str) -> dict[str, Any]:
             "device": str(next(model.parameters()).device)}
 
 
-STAGES = ("census", "interventions", "attention_neurons")
+STAGES = ("census", "features", "interventions", "attention_neurons")
 
 
 def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, info: dict[str, Any],
@@ -493,7 +533,7 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
                  heldout_fraction: float = 0.25, attention_windows: int = 16, faithfulness: bool = True,
                  batch_size: int = 8, draws: int = 3, seed: int = 0, progress: bool = True,
                  save: Any = None, scan: Callable[..., LossResult] | None = None,
-                 ngram_counters: int | None = None) -> dict[str, Any]:
+                 ngram_counters: int | None = None, dictionary: Any = None) -> dict[str, Any]:
     """Every analysis in ``stages`` on ``windows`` [n, T]; the results-file dict (docs/design.md §8).
 
     ``info`` holds ``model`` and ``corpus`` descriptions.  Selection (census, attention-neuron ranking)
@@ -502,7 +542,8 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
     others run; ``save(results)`` is called after each stage, so an interrupt (re-raised) loses nothing
     finished, and ``incomplete`` lists the stages that did not run.  ``scan``: the census's traced pass
     (``census_accumulate``), e.g. resumable or shared by ``torchrun`` ranks; ``ngram_counters``: bounded
-    n-gram summaries (``census_accumulate``).
+    n-gram summaries (``census_accumulate``).  ``dictionary`` (coder, spec, path) from
+    ``features.census.open_dictionary``: the ``features`` stage censuses its features on the same windows.
 
     The returned dict holds every per-neuron field; ``results.save_results`` writes it as a slim
     ``results.json`` plus the neuron store (``mambascope.results.store``; docs/results.md says where each field goes).
@@ -526,6 +567,12 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
         results["layers"] = out.pop("layers")
         results["census"] = out
 
+    def features() -> None:
+        if dictionary is None:
+            raise ValueError("the features stage needs a dictionary (--dictionary DIR)")
+        results["features"] = feature_census(model, tokenizer, select, dictionary, results["layers"],
+                                             batch_size=batch_size, progress=progress)
+
     def interventions() -> None:
         if not results["layers"]:
             raise RuntimeError("needs the census, which did not finish")
@@ -544,7 +591,7 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
             methods=methods, faithfulness=faithfulness, select_windows=select[:n], eval_windows=heldout,
             batch_size=batch_size, seed=seed, draws=draws, neuron_windows=n)
 
-    work = {"census": census, "interventions": interventions, "attention_neurons": attention}
+    work = {"census": census, "features": features, "interventions": interventions, "attention_neurons": attention}
     todo = [s for s in STAGES if s in stages]
     for index, name in enumerate(todo, 1):
         if progress:

@@ -16,8 +16,9 @@ from torch import Tensor
 from mambascope.trace.names import NEURON_UNIT
 
 # The neuron kinds a census reads (``mambascope.arch.Adapter.neuron_kind``): Mamba mixers, a plain MLP
-# ("gpt2": post = act(pre)), a gated MLP ("gated_mlp": post = act(gate) · up).
-ARCHS = ("mamba", "mamba2", "gpt2", "gated_mlp")
+# ("gpt2": post = act(pre)), a gated MLP ("gated_mlp": post = act(gate) · up); and "feature": a sparse
+# dictionary's latents (``features.census``: post = z, active ⇔ z > 0, no Δ).
+ARCHS = ("mamba", "mamba2", "gpt2", "gated_mlp", "feature")
 RULES = ("gate", "magnitude")
 
 # Unit whose sign decides whether a Mamba neuron is active: the gate z (docs/design.md §3).
