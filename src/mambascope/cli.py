@@ -149,6 +149,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         from mambascope.scale import parse_every
 
         parse_every(args.checkpoint_every)
+    if getattr(args, "dictionary", None):
+        _check_dictionary_flag(args)
     if hasattr(args, "noise_subject"):
         _check_patch_flags(args)
     if hasattr(args, "shape"):
@@ -170,6 +172,18 @@ def _check_flags(args: argparse.Namespace) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("--device-map spreads one model over the devices of one process; under torchrun "
                              "each rank holds a whole model on its own GPU: drop --device-map")
+
+
+def _check_dictionary_flag(args: argparse.Namespace) -> None:
+    """--dictionary names a readable dictionary (its hooks are checked against the model once it loads)."""
+    from mambascope.features.dictionary import load_dictionary
+
+    if getattr(args, "stream", False):
+        raise ValueError("--dictionary: the feature census reads the windows in memory; drop --stream")
+    try:
+        load_dictionary(args.dictionary)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--dictionary {exc}") from None
 
 
 def _check_out_parents(out: Path) -> None:
@@ -234,6 +248,10 @@ def _check_model_flags(args: argparse.Namespace, model, window: bool = True) -> 
             check_layers(model, getattr(args, flag, None))
         except IndexError as exc:
             raise IndexError(f"--{flag.replace('_', '-')}: {exc}") from None
+    if getattr(args, "dictionary", None):  # its hooks and widths against this model, before any tokenization
+        from mambascope.features.census import open_dictionary
+
+        args.feature_dictionary = (*open_dictionary(args.dictionary, model), args.dictionary)
     limit = getattr(model.config, "n_positions", None)  # learned position embeddings end there
     if window and limit is not None and args.window > limit:
         raise ValueError(f"--window {args.window} exceeds the model's maximum length of {limit} tokens")
@@ -465,7 +483,8 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
                 heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, draws=args.draws,
                 seed=args.seed, progress=not args.quiet, save=save,
                 scan=None if plan is None else scan_function(plan),
-                ngram_counters=None if plan is None else plan.ngram_counters)
+                ngram_counters=None if plan is None else plan.ngram_counters,
+                dictionary=getattr(args, "feature_dictionary", None))
             if getattr(args, "stream", False) and windows.n_windows is not None:
                 results["corpus"].update(_stream_counts(windows))
                 save_results(out.staging, results, store=False)
@@ -613,7 +632,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_census(args: argparse.Namespace) -> int:
-    return _run(args, ("census", "interventions") if not args.no_ablation else ("census",))
+    stages = ("census", *(("features",) if args.dictionary else ()), *(() if args.no_ablation else ("interventions",)))
+    return _run(args, stages)
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
@@ -1159,6 +1179,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_args(p)
     _add_run_args(p, "mambascope-census")
     p.add_argument("--no-ablation", action="store_true", help="skip ablation and pruning")
+    p.add_argument("--dictionary", default=None, metavar="DIR",
+                   help="also census the features of this sparse dictionary (a mambascope sae output) on the same "
+                   "windows, and compare them with the neurons of its layer (docs/features.md)")
     _add_scale_args(p)
     p.set_defaults(func=_cmd_census)
 

@@ -34,6 +34,9 @@ from mambascope.results.pages import neuron_data
 FORMAT = "mambascope-neuron-store"
 VERSION = 1
 STORE_DIR = "store"
+# a sparse dictionary's features (results["features"], docs/features.md): a store of their own, the same tables
+# with "neuron" meaning the feature index; unit ids "L:fI"
+FEATURE_STORE_DIR = "store-features"
 ROW_GROUP = 32  # neurons per row group of the detail table: one lookup decodes 32 neurons' contexts
 
 # per-layer path -> summary column: [E] lists, one value per neuron
@@ -300,7 +303,7 @@ def _write(table: pa.Table, path: Path, row_group_size: int | None = None) -> No
     pq.write_table(table, path, row_group_size=row_group_size, compression="zstd")
 
 
-def _split(results: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _split(results: Mapping[str, Any], store_dir: str = STORE_DIR) -> tuple[dict[str, Any], dict[str, Any]]:
     """(slim results dict, the store's tables as column dicts / row lists)."""
     slim: dict[str, Any] = dict(results)
     layers_key = "layers" if isinstance(results.get("layers"), Mapping) and results.get("layers") else None
@@ -335,31 +338,44 @@ def _split(results: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         slim["analysis_results"] = {**seed, "attention_neurons": attention}
     summary_columns = _concat(summaries)
     _add_importance(summary_columns, attention_rows)
-    slim["store"] = {"path": STORE_DIR, "version": VERSION}
+    slim["store"] = {"path": store_dir, "version": VERSION}
     return slim, {"layers_key": layers_key, "summary": summary_columns, "details": details,
                   "records": records_by_table, "tokens": tokens, "attention": attention_rows}
 
 
-def slim_results(results: Mapping[str, Any]) -> dict[str, Any]:
+def _features(results: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """``results["features"]`` when it holds a feature census (its own ``layers``)."""
+    features = results.get("features")
+    return features if isinstance(features, Mapping) and isinstance(features.get("layers"), Mapping) else None
+
+
+def slim_results(results: Mapping[str, Any], store_dir: str = STORE_DIR) -> dict[str, Any]:
     """What ``write_store`` returns, without writing: ``results`` less the fields the store holds."""
-    return _split(results)[0]
+    slim = _split(results, store_dir)[0]
+    if store_dir == STORE_DIR and _features(results) is not None:
+        slim["features"] = slim_results(_features(results), FEATURE_STORE_DIR)
+    return slim
 
 
-def write_store(directory: str | Path, results: Mapping[str, Any]) -> dict[str, Any]:
+def write_store(directory: str | Path, results: Mapping[str, Any], store_dir: str = STORE_DIR) -> dict[str, Any]:
     """Write the per-neuron fields of ``results`` (a ``run_analysis`` / ``run_census`` dict, JSON-ready:
     ``results.to_jsonable`` first) to ``directory/store/`` and return the slim dict for ``results.json``.
+    The per-feature fields of ``results["features"]`` go the same way to ``directory/store-features/``.
 
     The store is built in a temporary folder beside it and swapped in whole.  The slim dict records
     ``store`` {path, version}; ``hydrate(slim, NeuronStore(directory))`` equals ``results``.
     """
     directory = Path(directory)
-    slim, parts = _split(results)
-    tmp = directory / f".{STORE_DIR}.tmp-{os.getpid()}"
+    features = _features(results) if store_dir == STORE_DIR else None
+    if features is not None:
+        results = {**results, "features": write_store(directory, features, FEATURE_STORE_DIR)}
+    slim, parts = _split(results, store_dir)
+    tmp = directory / f".{store_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         _write_tables(tmp, parts)
-        _swap_in(tmp, directory / STORE_DIR)
+        _swap_in(tmp, directory / store_dir)
     except BaseException:  # an interrupt or a full disk leaves the earlier store, never half of a new one
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -411,16 +427,20 @@ class NeuronStore:
     """Read access to ``DIR/store/`` of an analysis output directory ``DIR``.
 
     ``layers``: the census layers; ``n_neurons``: neurons over all of them.  Raises FileNotFoundError when
-    ``DIR`` has no store and ValueError when the store has another format version.
+    ``DIR`` has no store and ValueError when the store has another format version.  ``store_dir``
+    ``FEATURE_STORE_DIR``: the store of a dictionary's features (``census --dictionary``), whose "neurons" are
+    the features and whose ``results`` is ``results.json``'s ``features``.
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, store_dir: str = STORE_DIR) -> None:
         self.directory = Path(directory)
-        self.path = self.directory / STORE_DIR
+        self.store_dir = store_dir
+        self.path = self.directory / store_dir
         manifest = self.path / "manifest.json"
         if not manifest.is_file():
-            raise FileNotFoundError(f"no neuron store in {self.directory} (no {STORE_DIR}/manifest.json): give "
-                                    "a directory written by mambascope analyze or census")
+            raise FileNotFoundError(f"no neuron store in {self.directory} (no {store_dir}/manifest.json): give "
+                                    "a directory written by mambascope analyze or census"
+                                    + (" --dictionary" if store_dir == FEATURE_STORE_DIR else ""))
         try:
             self.manifest = json.loads(manifest.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -489,8 +509,12 @@ class NeuronStore:
 
     @cached_property
     def results(self) -> dict[str, Any]:
-        """``results.json`` of the directory as written (slim, not hydrated)."""
-        return read_results_file(self.directory)
+        """``results.json`` of the directory as written (slim, not hydrated); for a feature store, its
+        ``features`` with the run's ``model``."""
+        results = read_results_file(self.directory)
+        if self.store_dir == FEATURE_STORE_DIR:
+            return {"model": results.get("model"), **(results.get("features") or {})}
+        return results
 
     def _check(self, layer: int, neuron: int | None = None) -> None:
         if layer not in self._sizes:
@@ -720,6 +744,9 @@ def hydrate(results: Mapping[str, Any], store: NeuronStore, detail: bool = True)
     field the store holds put back (``detail=False``: all but top contexts, logit effects and attention
     rows, which are the bulk on a large model)."""
     out = {k: v for k, v in results.items() if k != "store"}
+    features = results.get("features")
+    if store.store_dir == STORE_DIR and isinstance(features, Mapping) and has_store(features):
+        out["features"] = hydrate(features, NeuronStore(store.directory, FEATURE_STORE_DIR), detail)
     key = store.manifest.get("layers_key")
     layers = _get(results, key) if key else None
     if isinstance(layers, Mapping):
