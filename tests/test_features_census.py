@@ -210,7 +210,7 @@ def test_census_command_writes_the_feature_store(tmp_path, tiny):
     from mambascope.results import open_results
     from mambascope.results.store import FEATURE_STORE_DIR, NeuronStore
 
-    model, tokenizer, windows = tiny
+    model, _, windows = tiny
     path = _post_dictionary(tmp_path, model, windows)
     out = tmp_path / "census"
     code = main(["census", "--model", "tiny-mamba", "--max-tokens", "1024", "--window", "32", "--no-ablation",

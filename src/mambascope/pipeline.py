@@ -288,7 +288,6 @@ def census_pass(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, laye
         census_options=census_options, top_k_contexts=top_k_contexts, context_width=context_width, scan=scan,
         ngram_counters=ngram_counters)
     layers, skipped = census_layers(model, layers)
-    kinds = {layer: ad.neuron_kind(layer) for layer in layers}
     norm_weight, W_U = (t.float() for t in unembedding(model))
     moe_layers = {str(layer): {"layer_kind": ad.layer_kind(layer), "experts_as": EXPERT_KIND[kind],
                                "experts": _expert_results(experts[layer])} for layer, kind in moe.items()}

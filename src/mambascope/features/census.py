@@ -36,7 +36,7 @@ class _Stop(Exception):
 def unit_width(model: nn.Module, hook: str) -> int:
     """Features per token of the traced unit ``hook`` (``blocks.L.UNIT``, its axes after [b, L] flattened), from
     a forward of one two-token window that stops after layer L."""
-    layer, unit = split_hook(hook)
+    unit = split_hook(hook)[1]
     got: dict[str, torch.Tensor] = {}
 
     def keep(index: int, units: dict[str, torch.Tensor]) -> None:
