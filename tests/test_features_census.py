@@ -227,4 +227,9 @@ def test_census_command_writes_the_feature_store(tmp_path, tiny):
     assert page["logit_effects"]["promoted"] == full["logit_effects"]["promoted"][5]
     assert page["top_contexts"]["values"] == full["top_contexts"]["values"][5]
     assert results["features"]["versus_neurons"]["neurons"]["units"] == 256
-    assert "features" in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    assert 'id="features"' in report and "Features versus the neurons of layer 2" in report
+    pages = (out / "features.html").read_text()
+    data = json.loads(pages.split('<script type="application/json" id="neuron-data">')[1].split("</script>")[0])
+    assert data["unit"] == "feature" and data["layers"]["2"]["E"] == 40
+    assert data["layers"]["2"]["freq"][5] == pytest.approx(full["activation_frequency"][5], rel=1e-3)

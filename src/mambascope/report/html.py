@@ -57,6 +57,7 @@ SECTIONS: dict[str, str] = {
     "patching": "Patching",
     "attribution": "Token attribution",
     "leaderboard": "Attribution leaderboard",
+    "features": "Dictionary features",
     "neurons": "Neuron pages",
     "errors": "Errors",
 }
@@ -708,6 +709,61 @@ def _attribution_section(results: Mapping[str, Any]) -> dict[str, Any]:
                                    "IG convergence delta", "seconds (all layers)"], rows), *failed]}
 
 
+FEATURES_PAGE = "features.html"  # beside report.html: the feature pages of census --dictionary
+
+
+def feature_results(results: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The feature census of ``results`` (``census --dictionary``) as a results dict of its own (its ``layers``
+    are the dictionary's features), which the report's sections and pages read like a neuron census; None
+    when the run has none."""
+    features = results.get("features")
+    if not isinstance(features, Mapping) or not isinstance(features.get("layers"), Mapping):
+        return None
+    return {"model": results.get("model"), "corpus": results.get("corpus"), "errors": {}, "unit": "feature",
+            **features}
+
+
+def _unit_row(label: str, row: Mapping[str, Any]) -> list[Any]:
+    return [label, row.get("units"), row.get("alive"), row.get("dead"), row.get("rarely_active"), row.get("positional"),
+            row.get("token_detectors"), r4(row.get("share_of_alive")), r4(row.get("mean_precision")),
+            row.get("tokens_covered")]
+
+
+def _features_section(results: Mapping[str, Any], page: str | None) -> dict[str, Any]:
+    """The dictionary, its features beside the neurons of its layer (token detectors at the same precision on the
+    same tokens) and where the feature pages are."""
+    features = feature_results(results) or {}
+    d = features.get("dictionary") or {}
+    blocks = [_kv({"dictionary": d.get("path"), "kind": d.get("kind"), "reads": d.get("hook_in"),
+                   "writes": d.get("hook_out"), "latents (d_sae)": d.get("d_sae"), "k": d.get("k"),
+                   "logit effects": features.get("logit_effects")})]
+    vs = features.get("versus_neurons")
+    if isinstance(vs, Mapping):
+        c = vs.get("criteria") or {}
+        blocks.append(Block("h3", f"Features versus the neurons of layer {vs.get('layer')}"))
+        blocks.append(Block("muted", f"Token detectors at precision >= {c.get('min_precision')} (<= "
+                                     f"{c.get('max_types')} types covering >= {c.get('coverage')} of the unit's "
+                                     f"activations, >= {c.get('min_occurrences')} occurrences), on the same "
+                                     f"{vs.get('tokens')} tokens."))
+        blocks.append(_tb(["units", "count", "alive", "dead", "rarely active", "positional", "token detectors",
+                           "detectors / alive", "mean precision", "tokens covered"],
+                          [_unit_row("neurons", vs.get("neurons") or {}), _unit_row("features", vs.get("features") or {})]))
+    else:
+        blocks.append(_note("No side-by-side with neurons: the dictionary's layer has no neuron census in this run."))
+    for layer, r in acc.layer_items(features):
+        dets = r.get("token_detectors") or []
+        rows = [[Frag("link", f"L{layer} F{det['neuron']}", href=f"{page}#neuron-{layer}-{det['neuron']}")
+                 if page else text(f"L{layer} F{det['neuron']}"),
+                 _joined([[tok(t)] for t in det.get("token_strings") or []]), r4(min(det.get("precision") or [0])),
+                 r4(det.get("coverage"))] for det in dets[:MAX_DETECTOR_ROWS]]
+        blocks.append(Block("h3", f"Token-detector features of layer {layer}: {len(dets)}"))
+        if rows:
+            blocks.append(_tb(["feature", "trigger tokens", "min precision", "coverage"], rows))
+    blocks.append(_note(f"Every feature has a page: {page}." if page else
+                        "Feature pages: open the output with mambascope serve DIR, then features/."))
+    return {"blocks": blocks}
+
+
 def _neurons_section(results: Mapping[str, Any], partial: Mapping[str, Any] | None) -> dict[str, Any]:
     layers = acc.layer_items(results)
     if not layers:
@@ -784,7 +840,8 @@ def _errors_section(results: Mapping[str, Any], skipped: dict[str, str]) -> dict
 
 def report_context(results: Mapping[str, Any], figures: Sequence[Path], skipped: Mapping[str, str],
                    figure_src: Callable[[Path], str],
-                   partial: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   partial: Mapping[str, Any] | None = None, features_page: str | None = FEATURES_PAGE
+                   ) -> dict[str, Any]:
     """Everything the report template shows except the neuron data: the sections as plain data, in page order.
 
     ``figure_src(path) -> str`` gives an image's ``src`` (a data: URI here, a URL in the server)."""
@@ -816,7 +873,11 @@ def report_context(results: Mapping[str, Any], figures: Sequence[Path], skipped:
                                                                                    dict)
     if has_leaderboard:
         sections["leaderboard"] = _leaderboard_section(results)
-    optional = {"patching": has_patching, "attribution": has_attribution, "leaderboard": has_leaderboard}
+    has_features = feature_results(results) is not None
+    if has_features:
+        sections["features"] = _features_section(results, features_page)
+    optional = {"patching": has_patching, "attribution": has_attribution, "leaderboard": has_leaderboard,
+                "features": has_features}
     headings = {sid: label for sid, label in SECTIONS.items() if optional.get(sid, True)}
     figs = {sid: _figures(sid, paths, skipped, figure_src) for sid in [*headings, "other"]}
     corpus = results.get("corpus") if isinstance(results.get("corpus"), dict) else {}
@@ -870,6 +931,28 @@ def render_report(results: Mapping[str, Any], out_dir: str | Path, figures: Sequ
         **report_context(results, [Path(p) for p in figures], skipped, _data_uri, partial),
         served=False, css=static_text("report.css"), js=static_text("neurons.js"), neuron_data=data)
     path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    features = feature_results(results)
+    if features is not None:
+        render_feature_pages(features, out_dir, store=store)
+    return path
+
+
+def render_feature_pages(features: Mapping[str, Any], out_dir: str | Path, *, store: Any = None) -> Path:
+    """Write ``out_dir/features.html``: the report's page layout over the feature census (``feature_results``):
+    its dead, positional and detector sections, and a page per feature (the neuron pages' layout, "feature" for
+    "neuron").  ``store``: the run's neuron store when ``features`` is slim (its features' store is read)."""
+    from mambascope.results.store import FEATURE_STORE_DIR, NeuronStore
+
+    feature_store = None if store is None else NeuronStore(store.directory, FEATURE_STORE_DIR)
+    data, partial = embedded_neuron_data(features, feature_store)
+    context = report_context(features, [], {}, _data_uri, partial, features_page=None)
+    d = features.get("dictionary") or {}
+    context["name"] = f"{context['name']}: features of {d.get('hook_in')} ({d.get('d_sae')} latents, k = {d.get('k')})"
+    page = environment().get_template("report.html").render(
+        **context, served=False, css=static_text("report.css"), js=static_text("neurons.js"),
+        neuron_data={**data, "unit": "feature"})
+    path = Path(out_dir) / FEATURES_PAGE
     path.write_text(page, encoding="utf-8")
     return path
 

@@ -13,6 +13,8 @@
   var WINDOWS = DATA.windows || {};
   var LAYERS = DATA.layers || {};
   var SIZES = DATA.sizes || {};
+  // "feature" on the pages of a dictionary's features (features.html, serve's features/): the same layout
+  var UNIT = DATA.unit || "neuron";
   var LAYER_IDS = (SERVED ? Object.keys(SIZES) : Object.keys(LAYERS)).map(Number).sort(function (a, b) {
     return a - b;
   });
@@ -121,12 +123,12 @@
     if (!ctx) { notComputed(box, "Top contexts"); return; }
     if (ctx.v[e] === null) { notEmbedded(box); return; }
     var vals = ctx.v[e] || [];
-    if (!vals.length) { add(box, el("p", "muted", "No activations recorded for this neuron.")); return; }
+    if (!vals.length) { add(box, el("p", "muted", "No activations recorded for this " + UNIT + ".")); return; }
     var acts = q16(ctx.a[e], ctx.s[e]);
     var legend = el("p", "muted");
     var sw1 = el("span", "legend-swatch"); sw1.style.background = "linear-gradient(90deg,#fff,#e6550d)";
     var sw2 = el("span", "legend-swatch"); sw2.style.background = "linear-gradient(90deg,#fff,#3182bd)";
-    add(legend, "Each token is shaded by the neuron's activation there / the largest |activation| in the context " +
+    add(legend, "Each token is shaded by the " + UNIT + "'s activation there / the largest |activation| in the context " +
         "(orange", sw1, "positive, blue", sw2, "negative); the outlined token is the peak (the context ends at it).");
     add(box, legend);
     for (var j = 0; j < vals.length; j++) {
@@ -222,7 +224,7 @@
     det[1].forEach(function (sid, i) {
       row(t, [chip(str(sid)), fmt(det[4] ? det[4][i] : null), fmt(det[2][i]), det[5] ? fmt(det[5][i]) : "n/a"]);
     });
-    add(box, t, el("p", "muted", "These tokens cover " + fmt(det[3]) + " of the neuron's activations."));
+    add(box, t, el("p", "muted", "These tokens cover " + fmt(det[3]) + " of the " + UNIT + "'s activations."));
   }
 
   function renderDelta(box, e, d) {
@@ -251,13 +253,14 @@
     }
     var E = SERVED ? SIZES[String(L)] : LAYERS[String(L)].E;
     if (!(e >= 0 && e < E)) {
-      msg.textContent = "Neuron " + e + " is out of range: layer " + L + " has neurons 0.." + (E - 1) + ".";
+      msg.textContent = UNIT.charAt(0).toUpperCase() + UNIT.slice(1) + " " + e + " is out of range: layer " + L +
+        " has " + UNIT + "s 0.." + (E - 1) + ".";
       return false;
     }
     if (!SERVED) { show(L, e, LAYERS[String(L)]); return true; }
     var key = L + ":" + e;
     pending = key;
-    msg.textContent = "Loading layer " + L + " neuron " + e + "\u2026";
+    msg.textContent = "Loading layer " + L + " " + UNIT + " " + e + "\u2026";
     fetch("api/neuron/" + L + "/" + e).then(function (resp) {
       return resp.json().then(function (body) {
         if (!resp.ok) { throw new Error(body.error || ("HTTP " + resp.status)); }
@@ -270,7 +273,7 @@
       msg.textContent = "";
       show(L, e, body.layer);
     }).catch(function (err) {
-      if (pending === key) { msg.textContent = "Could not load layer " + L + " neuron " + e + ": " + err.message; }
+      if (pending === key) { msg.textContent = "Could not load layer " + L + " " + UNIT + " " + e + ": " + err.message; }
     });
     return true;
   }
@@ -279,11 +282,11 @@
     var page = document.getElementById("neuron-page");
     document.getElementById("neuron-layer").value = String(L);
     document.getElementById("neuron-index").value = String(e);
-    var head = el("h3", null, "Layer " + L + " \u00b7 neuron " + e);
+    var head = el("h3", null, "Layer " + L + " \u00b7 " + UNIT + " " + e);
     head.id = "neuron-title";
     var nav = el("p");
-    if (e > 0) { add(nav, link(L, e - 1, "\u2190 neuron " + (e - 1)), "  "); }
-    if (e < d.E - 1) { add(nav, link(L, e + 1, "neuron " + (e + 1) + " \u2192")); }
+    if (e > 0) { add(nav, link(L, e - 1, "\u2190 " + UNIT + " " + (e - 1)), "  "); }
+    if (e < d.E - 1) { add(nav, link(L, e + 1, UNIT + " " + (e + 1) + " \u2192")); }
     var badges = el("p");
     if (has(d.dead, e)) { add(badges, el("span", "badge dead", "dead")); }
     if (has(d.rare, e)) { add(badges, el("span", "badge rare", "rarely active")); }
@@ -309,8 +312,8 @@
   function parseQuery(q) {
     q = q.trim();
     var m = q.match(/^#?neuron-(\d+)-(\d+)$/i) ||
-            q.match(/^l(?:ayer)?\s*(\d+)\s*[,:\/.\-]?\s*n(?:euron)?\s*(\d+)$/i) ||
-            q.match(/^(\d+)\s*[:\/,.\s]\s*(\d+)$/);
+            q.match(/^l(?:ayer)?\s*(\d+)\s*[,:\/.\-]?\s*(?:n(?:euron)?|f(?:eature)?)\s*(\d+)$/i) ||
+            q.match(/^(\d+)\s*[:\/,.\s]\s*f?(\d+)$/i);  // a feature's id: "2:f17"
     return m ? [parseInt(m[1], 10), parseInt(m[2], 10)] : null;
   }
 
