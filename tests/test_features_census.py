@@ -206,16 +206,24 @@ def test_bad_dictionaries_exit_2_before_any_work(tmp_path, capsys):
         assert not out.exists()
 
 
-def test_census_command_writes_the_feature_store(tmp_path, tiny):
-    from mambascope.results import open_results
-    from mambascope.results.store import FEATURE_STORE_DIR, NeuronStore
-
+@pytest.fixture(scope="module")
+def census_out(tmp_path_factory, tiny):
+    """``mambascope census --dictionary`` of the hook_post dictionary on layer 2 of tiny-mamba, with its report."""
     model, _, windows = tiny
-    path = _post_dictionary(tmp_path, model, windows)
-    out = tmp_path / "census"
+    tmp = tmp_path_factory.mktemp("features-census")
+    path = _post_dictionary(tmp, model, windows)
+    out = tmp / "census"
     code = main(["census", "--model", "tiny-mamba", "--max-tokens", "1024", "--window", "32", "--no-ablation",
                  "--layers", str(LAYER), "--dictionary", str(path), "--out", str(out), "--quiet"])
     assert code == 0
+    return out, path
+
+
+def test_census_command_writes_the_feature_store(census_out):
+    from mambascope.results import open_results
+    from mambascope.results.store import FEATURE_STORE_DIR, NeuronStore
+
+    out, _ = census_out
     slim = json.loads((out / "results.json").read_text())
     assert slim["features"]["store"]["path"] == FEATURE_STORE_DIR and "in_store" in slim["features"]["layers"]["2"]
     results, _ = open_results(out, detail=True)
@@ -233,3 +241,38 @@ def test_census_command_writes_the_feature_store(tmp_path, tiny):
     data = json.loads(pages.split('<script type="application/json" id="neuron-data">')[1].split("</script>")[0])
     assert data["unit"] == "feature" and data["layers"]["2"]["E"] == 40
     assert data["layers"]["2"]["freq"][5] == pytest.approx(full["activation_frequency"][5], rel=1e-3)
+
+
+def test_serve_shows_feature_pages_and_traces_a_feature(census_out, tiny):
+    from starlette.testclient import TestClient
+
+    from mambascope.results import open_results
+    from mambascope.serve import create_app
+
+    out, path = census_out
+    model, tokenizer, _ = tiny
+    full = open_results(out, detail=True)[0]["features"]["layers"][str(LAYER)]
+    with TestClient(create_app(out, model="tiny-mamba"), base_url="http://127.0.0.1",
+                    raise_server_exceptions=False) as client:
+        assert 'href="features/' in client.get("/").text
+        page = client.get("/features/")
+        assert page.status_code == 200 and '"unit":"feature"' in page.text
+        listing = client.get("/features/api/neurons", params={"sort": "frequency", "order": "desc"}).json()
+        assert listing["total"] == 40
+        assert [r["frequency"] for r in listing["rows"]] == sorted(full["activation_frequency"], reverse=True)[:50]
+        one = client.get(f"/features/api/neuron/{LAYER}/7").json()
+        assert one["layer"]["freq"][7] == pytest.approx(full["activation_frequency"][7], rel=1e-3)
+        detail = client.get(f"/features/api/detail/{LAYER}/7").json()
+        assert detail["logit_effects"]["promoted"] == full["logit_effects"]["promoted"][7]
+        assert client.get(f"/features/api/neuron/{LAYER}/40").status_code == 404
+        text = "The cat <b>sat</b> on the mat."
+        live = client.post("/features/api/trace", json={"text": text, "layer": LAYER, "neuron": 7})
+        assert live.status_code == 200 and live.headers["content-type"].startswith("application/json")
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        z = _slow_codes(path, _captured(model, ids, LAYER, "post")[0], 4)[:, 7]
+        assert live.json()["activations"] == pytest.approx(z.tolist(), abs=1e-5 * max(1.0, float(z.abs().max())))
+        assert live.json()["attention"] is None and live.json()["unit"] == "feature"
+        bad = client.post("/features/api/trace", json={"text": text, "layer": LAYER, "neuron": 40})
+        assert bad.status_code == 400 and "out of range" in bad.json()["error"]
+        long = client.post("/features/api/trace", json={"text": " the" * 5000, "layer": LAYER, "neuron": 7})
+        assert long.status_code == 413

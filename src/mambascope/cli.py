@@ -251,7 +251,7 @@ def _check_model_flags(args: argparse.Namespace, model, window: bool = True) -> 
     if getattr(args, "dictionary", None):  # its hooks and widths against this model, before any tokenization
         from mambascope.features.census import open_dictionary
 
-        args.feature_dictionary = (*open_dictionary(args.dictionary, model), args.dictionary)
+        args.feature_dictionary = (*open_dictionary(args.dictionary, model), str(Path(args.dictionary).resolve()))
     limit = getattr(model.config, "n_positions", None)  # learned position embeddings end there
     if window and limit is not None and args.window > limit:
         raise ValueError(f"--window {args.window} exceeds the model's maximum length of {limit} tokens")

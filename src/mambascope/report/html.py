@@ -747,7 +747,8 @@ def _features_section(results: Mapping[str, Any], page: str | None) -> dict[str,
                                      f"{vs.get('tokens')} tokens."))
         blocks.append(_tb(["units", "count", "alive", "dead", "rarely active", "positional", "token detectors",
                            "detectors / alive", "mean precision", "tokens covered"],
-                          [_unit_row("neurons", vs.get("neurons") or {}), _unit_row("features", vs.get("features") or {})]))
+                          [_unit_row("neurons", vs.get("neurons") or {}),
+                           _unit_row("features", vs.get("features") or {})]))
     else:
         blocks.append(_note("No side-by-side with neurons: the dictionary's layer has no neuron census in this run."))
     for layer, r in acc.layer_items(features):
@@ -759,9 +760,7 @@ def _features_section(results: Mapping[str, Any], page: str | None) -> dict[str,
         blocks.append(Block("h3", f"Token-detector features of layer {layer}: {len(dets)}"))
         if rows:
             blocks.append(_tb(["feature", "trigger tokens", "min precision", "coverage"], rows))
-    blocks.append(_note(f"Every feature has a page: {page}." if page else
-                        "Feature pages: open the output with mambascope serve DIR, then features/."))
-    return {"blocks": blocks}
+    return {"blocks": blocks, "page": page}
 
 
 def _neurons_section(results: Mapping[str, Any], partial: Mapping[str, Any] | None) -> dict[str, Any]:

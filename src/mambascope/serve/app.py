@@ -15,6 +15,8 @@ Routes (docs/serve.md)::
                                     continued without and with the unit steered (with a model)
     GET  /attribute                 the attribution page: per-token relevance of one prediction
     POST /api/attribute             {"text", "target", "methods", "position", "ig_steps", "baseline"} (with a model)
+    /features/...                   the same routes over the dictionary's features of ``census --dictionary``
+                                    (``neuron`` = the feature index; its live trace encodes the traced hook)
 
 Nothing is written: the app reads ``results.json``, ``figures/`` and the neuron store.  Every error is a
 4xx/5xx with a one-line JSON (``/api``) or escaped HTML message; no traceback ever reaches a response.
@@ -44,12 +46,20 @@ from mambascope.report.html import environment, report_context
 from mambascope.results import to_jsonable
 from mambascope.results.store import StoreError
 from mambascope.serve.guard import RequestGuard
-from mambascope.serve.live import LiveBusyError, LiveInputError, LiveModel, LiveTooLongError, load_live
+from mambascope.serve.live import (
+    LiveBusyError,
+    LiveInputError,
+    LiveModel,
+    LiveTooLongError,
+    load_live,
+    load_live_features,
+)
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 MAX_PAGE = 500  # rows per /api/neurons page
 MAX_BY_TOKEN = 200
 MAX_BODY = 256 * 1024  # bytes of a POST request's body
+FEATURES_MOUNT = "/features"  # a dictionary's features (census --dictionary): the same routes under this prefix
 _FIGURE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.png")
 _SECURITY_HEADERS = {
     # the page loads only its own files; inline JSON data blocks are not scripts, figures may be data: URIs
@@ -128,6 +138,8 @@ def _live_answer(compute: Callable[..., dict[str, Any]], *args: Any, **kwargs: A
 class Explorer:
     """The state behind the routes: DIR, its results and store, the rendered summary page, the live model."""
 
+    unit = "neuron"  # what the store's units are (FeatureExplorer: "feature")
+
     def __init__(self, directory: Path, results: dict[str, Any], store: Any) -> None:
         self.dir, self.results, self.store = directory, results, store
         self.layers = [int(x) for x in store.layers]
@@ -169,8 +181,9 @@ class Explorer:
 
     def _render_page(self) -> str:
         data = {"source": "server", "model": acc.model_name(self.results), "arch": acc.arch(self.results),
-                "sizes": self.sizes}
-        context = report_context(self.results, self.figures(), {}, lambda p: f"figures/{p.name}")
+                "sizes": self.sizes, "unit": self.unit}
+        context = report_context(self.results, self.figures(), {}, lambda p: f"figures/{p.name}",
+                                 features_page=FEATURES_MOUNT.strip("/") + "/")
         return environment().get_template("serve.html").render(
             **context, served=True, neuron_data=data, layers=self.layers, sort_columns=self.sort_columns(),
             live=self.live_state())
@@ -308,6 +321,39 @@ class Explorer:
         return _live_answer(live.attribute, body["text"], **options)
 
 
+class FeatureExplorer(Explorer):
+    """The explorer over a dictionary's features (``census --dictionary``: ``results["features"]`` and its store),
+    mounted at ``FEATURES_MOUNT``: the same search, sort, pages and live trace, of features (``LiveFeatures``)."""
+
+    unit = "feature"
+
+    def __init__(self, directory: Path, results: dict[str, Any], store: Any) -> None:
+        super().__init__(directory, results, store)
+        self.steer_units = {"feature": self.feature_steering}  # {"kind": "feature", "layer", "feature"}
+
+    def figures(self) -> list[Path]:
+        return []  # DIR/figures are the neurons'
+
+    def feature_steering(self, unit: dict[str, Any]) -> tuple[str, Any]:
+        """(hook_out, W_dec[i]) of ``{"kind": "feature", "layer", "feature"}``."""
+        layer, feature = _integer(unit, "layer"), _integer(unit, "feature")
+        self._check_layer(layer)
+        return _live_answer(self.live_model().feature_steering, layer, feature)
+
+
+def feature_explorer(ex: Explorer) -> FeatureExplorer | None:
+    """The FeatureExplorer of ``ex``'s output, or None when it has no feature census."""
+    from mambascope.report.html import feature_results
+    from mambascope.results.store import FEATURE_STORE_DIR, NeuronStore
+
+    features = feature_results(ex.results)
+    if features is None:
+        return None
+    store = NeuronStore(ex.dir, FEATURE_STORE_DIR)
+    store.verify()
+    return FeatureExplorer(ex.dir, features, store)
+
+
 # --------------------------------------------------------------------------------------------- routes
 
 def _routes(ex: Explorer) -> list[Any]:
@@ -389,7 +435,7 @@ def _routes(ex: Explorer) -> list[Any]:
 
 
 def _error_response(request: Request, status: int, message: str) -> Response:
-    if request.url.path.startswith("/api/"):
+    if request.url.path.startswith(("/api/", f"{FEATURES_MOUNT}/api/")):
         return _json({"error": message, "status": status}, status)
     page = environment().get_template("error.html").render(status=status, message=message)
     return HTMLResponse(page, status_code=status, headers=_SECURITY_HEADERS)
@@ -427,7 +473,13 @@ def create_app(directory: str | Path, *, model: str | None = None, live: bool = 
         ex.set_live(None, "results.json names no model: start with --model M")
     else:
         ex.set_live(*load_live(str(name), device))
-    app = Starlette(debug=False, routes=_routes(ex),
+    routes = _routes(ex)
+    features = feature_explorer(ex)
+    if features is not None:  # the dictionary's features: the same app under FEATURES_MOUNT
+        path = (features.results.get("dictionary") or {}).get("path")
+        features.set_live(*load_live_features(ex.live, ex.live_reason, str(path)))
+        routes.append(Mount(FEATURES_MOUNT, routes=_routes(features)))
+    app = Starlette(debug=False, routes=routes,
                     middleware=[Middleware(RequestGuard, error=_error_response, allowed_hosts=allowed_hosts)],
                     exception_handlers={HTTPException: _http_error, StoreError: _store_error,
                                         Exception: _server_error})

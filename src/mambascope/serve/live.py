@@ -28,6 +28,8 @@ import torch
 from mambascope.arch import adapter
 from mambascope.arch.base import UnsupportedFeature
 from mambascope.attribution import input_attribution as ia
+from mambascope.features.census import open_dictionary
+from mambascope.features.dictionary import codes
 from mambascope.interventions.prompts import single_token
 from mambascope.ssm.hidden_attention import hidden_attention
 from mambascope.trace import trace
@@ -278,3 +280,67 @@ def load_live(name: str, device: str = "cpu") -> tuple[LiveModel | None, str | N
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return None, f"model {name!r} could not be loaded: {first}"
     return LiveModel(model, tokenizer, name), None
+
+
+class LiveFeatures(LiveModel):
+    """Live traces of a sparse dictionary's features (``census --dictionary``) through the model of a
+    ``LiveModel``, whose model, tokenizer and lock it shares (one computation at a time, steering and attribution
+    as the neurons'): the feature's activation z_i = TopK_k(ReLU(x W_enc + b_enc))_i at every token of a user's
+    text, x the traced ``hook_in``, encoded exactly as the census encoded it (``features.dictionary.codes``);
+    the same limits on the text as for neurons.  A feature has no hidden-attention row (the answer says so)."""
+
+    def __init__(self, live: LiveModel, coder: torch.nn.Module, spec: Any) -> None:
+        self.__dict__.update(live.__dict__)  # the same model, tokenizer, limits and lock
+        self.coder, self.spec = coder, spec
+        self.layer = int(spec.hook_in.split(".")[1])
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "dictionary": self.spec.hook_in, "features": self.spec.d_sae}
+
+    def mismatch(self, sizes: dict[int, int]) -> str | None:
+        """Why this dictionary is not the one of an output whose features are ``sizes`` {layer: count}, or None."""
+        if sizes != {self.layer: self.spec.d_sae}:
+            return (f"the dictionary ({self.spec.d_sae} features at layer {self.layer}) does not match this output's "
+                    f"features {sizes}")
+        return None
+
+    def trace(self, text: str, layer: int, feature: int, position: int | None = None) -> dict[str, Any]:
+        """``{"tokens", "activations", "position", "attention": None, "reason"}`` of feature ``feature``."""
+        if layer != self.layer:
+            raise LiveInputError(f"layer: the dictionary's features are at layer {self.layer}, not {layer}")
+        if not 0 <= feature < self.spec.d_sae:
+            raise LiveInputError(f"feature: {feature} is out of range: the dictionary has features "
+                                 f"0..{self.spec.d_sae - 1}")
+        ids = self.tokenize(text)
+        L = ids.shape[1]
+        position = L - 1 if position is None else position
+        if not -L <= position < L:
+            raise LiveInputError(f"position: {position} is outside the text's {L} tokens")
+        with self.computing(), torch.no_grad():
+            x = trace(self.model, ids, [self.spec.hook_in])[self.spec.hook_in][0]
+            z = codes(self.coder, x.reshape(L, self.spec.d_in).float().cpu())[:, feature]
+        return {"model": self.name, "layer": layer, "neuron": feature, "unit": "feature", "position": position % L,
+                "tokens": self.decode(ids[0].tolist()), "activations": [float(v) for v in z.tolist()],
+                "attention": None,
+                "reason": "a dictionary feature has no hidden-attention row: that is a quantity of an SSM channel"}
+
+    def feature_steering(self, layer: int, feature: int) -> tuple[str, torch.Tensor]:
+        """(hook name, W_dec[feature]): feature i steered adds scale·W_dec[i] at ``hook_out`` (``mambascope steer
+        --feature``'s direction, ``trace.generate.dictionary_direction``)."""
+        if layer != self.layer or not 0 <= feature < self.spec.d_sae:
+            raise LiveInputError(f"feature: the dictionary has features 0..{self.spec.d_sae - 1} at layer {self.layer}")
+        return self.spec.hook_out, self.coder.W_dec.detach()[feature].float().clone()
+
+
+def load_live_features(live: LiveModel | None, reason: str | None, directory: str
+                       ) -> tuple[LiveFeatures | None, str | None]:
+    """(LiveFeatures, None) over the live model, or (None, why not: no model, or the dictionary in ``directory``
+    cannot be read or does not fit the model)."""
+    if live is None:
+        return None, reason
+    try:
+        coder, spec = open_dictionary(directory, live.model)
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return None, f"the dictionary could not be loaded: {first}"
+    return LiveFeatures(live, coder, spec), None

@@ -306,7 +306,8 @@
     renderContexts(page, L, e, d);
     renderLogits(page, e, d);
     renderAttention(page, L, e, d);
-    document.dispatchEvent(new CustomEvent("mambascope:neuron", {detail: {layer: L, neuron: e, data: d}}));
+    document.dispatchEvent(new CustomEvent("mambascope:neuron", {detail: {layer: L, neuron: e, data: d,
+                                                                          unit: UNIT}}));
   }
 
   function parseQuery(q) {

@@ -88,6 +88,8 @@
     $("steer-form").addEventListener("submit", function (ev) { ev.preventDefault(); steer(); });
   }
   document.addEventListener("mambascope:neuron", function (ev) {
-    setUnit({kind: "neuron", layer: ev.detail.layer, neuron: ev.detail.neuron});
+    // a dictionary feature's page (serve's /features/) steers along its decoder row
+    setUnit(ev.detail.unit === "feature" ? {kind: "feature", layer: ev.detail.layer, feature: ev.detail.neuron}
+                                         : {kind: "neuron", layer: ev.detail.layer, neuron: ev.detail.neuron});
   });
 })();
