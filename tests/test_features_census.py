@@ -276,3 +276,83 @@ def test_serve_shows_feature_pages_and_traces_a_feature(census_out, tiny):
         assert bad.status_code == 400 and "out of range" in bad.json()["error"]
         long = client.post("/features/api/trace", json={"text": " the" * 5000, "layer": LAYER, "neuron": 7})
         assert long.status_code == 413
+
+
+def _pair(tokenizer, windows):
+    """Clean and corrupted ids of 8 tokens (two windows' starts) and the clean run's top next token."""
+    clean, corrupt = windows[0, 1:9], windows[3, 1:9]
+    return clean, corrupt
+
+
+def test_feature_patch_equals_a_hand_made_hook(tiny, tmp_path):
+    from mambascope.interventions.patching import Dictionary, activation_patching
+
+    model, tokenizer, windows = tiny
+    path = _post_dictionary(tmp_path, model, windows)
+    clean, corrupt = _pair(tokenizer, windows)
+    with torch.no_grad():
+        target = int(model(clean[None]).logits[0, -1].argmax())
+    dictionary = Dictionary(*open_dictionary(path, model), (3, 7, 11))
+    result = activation_patching(model, clean, corrupt, target=target, metric="logprob", unit_types=["features"],
+                                 dictionary=dictionary, batch_size=5)
+    grid = result.grids["features"]
+    W = load_file(str(path / "sae_weights.safetensors"))
+    z_clean = _slow_codes(path, _captured(model, clean[None], LAYER, "post")[0], 4)
+    out_proj = model.backbone.layers[LAYER].mixer.out_proj
+    checked = 0
+    for row, feature in enumerate((3, 7, 11)):
+        for p in range(8):
+            def hook(module, args, feature=feature, p=p):
+                x = args[0]
+                z = _slow_codes(path, x[0], 4)
+                change = (z_clean[p, feature] - z[p, feature]).float()
+                x = x.clone()
+                x[0, p] += change * W["W_dec"][feature]
+                return (x,)
+
+            handle = out_proj.register_forward_pre_hook(hook)
+            try:
+                with torch.no_grad():
+                    want = float(torch.log_softmax(model(corrupt[None]).logits[0, -1].double(), -1)[target])
+            finally:
+                handle.remove()
+            # float32 forwards of another batch shape: agreement to float32 rounding of logits of size ~10
+            assert float(grid.metric[row, p]) == pytest.approx(want, abs=1e-4)
+            checked += bool(grid.changed[row, p])
+    assert checked > 0  # some patch changed a feature's activation (the test is not all no-ops)
+
+
+def test_an_unchanged_feature_patch_leaves_the_forward_exactly(tiny, tmp_path):
+    from mambascope.interventions.patching import FEATURES, Dictionary, Patch, run_patched
+    from mambascope.trace import trace
+
+    model, tokenizer, windows = tiny
+    path = _post_dictionary(tmp_path, model, windows)
+    _, corrupt = _pair(tokenizer, windows)
+    dictionary = Dictionary(*open_dictionary(path, model))
+    hook = dictionary.spec.hook_in
+    base = trace(model, corrupt[None].expand(3, -1), names=[hook])
+    # the base run's own codes (encoded in the forward's batch shape, so bit for bit): each patch writes z onto z
+    source = {FEATURES: dictionary.codes(base[hook])[:1]}
+    rows = [[Patch(FEATURES, p, (i,))] for p, i in ((0, 5), (4, 9), (7, 30))]
+    patched = run_patched(model, corrupt[None], rows, source, dictionary=dictionary)
+    assert torch.equal(patched, base.logits)
+
+
+def test_patch_command_patches_features(tmp_path, tiny, capsys):
+    model, _, windows = tiny
+    path = _post_dictionary(tmp_path, model, windows)
+    common = ["patch", "--model", "tiny-mamba", "--clean", "The cat sat on the mat", "--corrupt",
+              "The dog sat on the mat", "--target", " and", "--quiet", "--no-report"]
+    out = tmp_path / "patch"
+    assert main([*common, "--units", "features", "--dictionary", str(path), "--features", "3,7",
+                 "--out", str(out)]) == 0
+    patching = json.loads((out / "results.json").read_text())["patching"]
+    assert patching["grids"]["features"]["layers"] == [LAYER, LAYER]
+    assert patching["dictionary"]["features"] == [3, 7]
+    capsys.readouterr()
+    assert main([*common, "--units", "features", "--out", str(tmp_path / "no")]) == 2
+    assert "--dictionary" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert main([*common, "--units", "features", "--dictionary", str(path), "--features", "40",
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "out of range" in capsys.readouterr().err and not (tmp_path / "no").exists()

@@ -237,6 +237,17 @@ def _check_patch_flags(args: argparse.Namespace) -> None:
     if (args.channels is not None) != ("channels" in (args.units or ())):
         raise ValueError("--units channels and --channels go together: --channels lists the neurons patched as "
                          "one unit")
+    if (args.dictionary is not None) != ("features" in (args.units or ())):
+        raise ValueError("--units features and --dictionary go together: --dictionary names the sparse dictionary "
+                         "whose features are patched")
+    if args.features is not None:
+        if args.dictionary is None:
+            raise ValueError("--features lists features of --dictionary: add --units features --dictionary DIR")
+        try:
+            args.features = tuple(dict.fromkeys(int(c) for c in args.features.split(",")))
+        except ValueError:
+            raise ValueError(f"--features {args.features!r}: give comma-separated feature indices, e.g. 3,17") \
+                from None
 
 
 def _check_model_flags(args: argparse.Namespace, model, window: bool = True) -> None:
@@ -735,12 +746,19 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     pair = prompt_pair(tokenizer, args.clean, args.corrupt, args.target, args.corrupt_target, args.noise_subject)
     units = args.units or _default_units(model)
-    rows = grid_rows(model, units, channels=args.channels)  # a unit type the model lacks fails before --out
+    dictionary = None
+    if args.dictionary is not None:  # its hooks and widths against the model, before --out
+        from mambascope.features.census import open_dictionary
+        from mambascope.interventions.patching import Dictionary
+
+        dictionary = Dictionary(*open_dictionary(args.dictionary, model), args.features)
+    rows = grid_rows(model, units, channels=args.channels, dictionary=dictionary)  # fails before --out
     _patch_estimate(args, model, pair, rows)
     with _claim(args, "patching") as out:
         patching, timings, errors = patch_prompts(
             model, tokenizer, pair, unit_types=units, metric=args.metric, direction=args.direction,
             channels=args.channels, noise_scale=args.noise_scale, seed=args.seed, batch_size=args.batch_size,
+            dictionary=dictionary,
             progress=not args.quiet)
         n = 1 if pair.corrupt_ids is None else 2
         results = {"model": model_info(model, args.model),
@@ -1337,6 +1355,10 @@ def _add_patch_args(p: argparse.ArgumentParser) -> None:
                    f"{', '.join(DEFAULT_UNITS)} the model has")
     p.add_argument("--channels", default=None, help="comma-separated neuron indices patched together (--units "
                    "channels)")
+    p.add_argument("--dictionary", default=None, metavar="DIR", help="a sparse dictionary (mambascope sae output) "
+                   "whose features --units features patches, one grid row per feature (docs/features.md)")
+    p.add_argument("--features", default=None, help="comma-separated feature indices of --dictionary, one row each "
+                   "(default: every feature)")
     p.add_argument("--metric", default="logit_diff", choices=METRICS,
                    help="logit_diff: logit of --target minus that of --corrupt-target; logprob: log-probability of "
                    "--target (default: %(default)s)")

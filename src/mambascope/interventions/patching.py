@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from mambascope.arch import adapter
 from mambascope.arch.units import STATE_UNIT
+from mambascope.features.dictionary import codes
 from mambascope.ssm.knockout import Knockout
 from mambascope.trace import trace
 from mambascope.trace.forward import KNOCKOUT_UNIT, Edit
@@ -50,6 +51,8 @@ UNIT_TYPES: dict[str, str] = {
              "(the conv window is not part of it)",
     "knockout": "mixer.hook_y without the position's token: its term removed from every later token's scan output "
                 "(Endy et al. 2025); an edit of the clean run, so direction 'noise' only",
+    "features": "one feature of a sparse dictionary (--dictionary): its activation z_i from the source run written "
+                "at the position, decoded through W_dec with the dictionary's error term kept",
 }
 ALIASES = {"resid": "resid_pre"}
 # unit type -> the hook it patches, where that is one hook per layer
@@ -60,6 +63,23 @@ DEFAULT_UNITS = ("resid_pre", "resid_post", "mixer_out", "attn_out", "mlp_out", 
 METRICS = ("logit_diff", "logprob")
 DIRECTIONS = ("denoise", "noise")
 NOISE_UNIT = "blocks.0.hook_resid_pre"  # the embeddings as every layer stack sees them
+FEATURES = "features"  # the source key of a dictionary's feature activations z [1, L, d_sae] (not a hook)
+
+
+@dataclass(frozen=True)
+class Dictionary:
+    """A sparse dictionary whose features the unit type ``features`` patches: ``coder`` / ``spec`` from
+    ``features.load_dictionary``; ``features``: the feature indices patched, one grid row each (None: all)."""
+
+    coder: nn.Module
+    spec: Any
+    features: tuple[int, ...] | None = None
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """z [b, L, d_sae] of the dictionary's input x [b, L, ...] (TopK codes, features.dictionary.codes)."""
+        b, L = x.shape[:2]
+        z = codes(self.coder, x.reshape(b * L, self.spec.d_in).float().to(self.coder.W_dec.device))
+        return z.reshape(b, L, self.spec.d_sae)
 
 
 def unit_type_name(name: str) -> str:
@@ -87,13 +107,16 @@ class UnitRow:
 
 
 def unit_rows(model: nn.Module, unit_type: str, *, layers: Iterable[int] | None = None,
-              channels: Sequence[int] | None = None) -> list[UnitRow]:
+              channels: Sequence[int] | None = None, dictionary: Dictionary | None = None) -> list[UnitRow]:
     """The rows of ``unit_type``'s grid on ``model``: every layer (of ``layers``) that has the unit.
 
-    ``channels`` (required for ``channels``): neuron indices patched together.  Raises ValueError when no
-    chosen layer has the unit, naming the layer kinds.
+    ``channels`` (required for ``channels``): neuron indices patched together; ``dictionary`` (required for
+    ``features``): one row per feature, at the dictionary's layer.  Raises ValueError when no chosen layer has
+    the unit, naming the layer kinds.
     """
     unit_type = unit_type_name(unit_type)
+    if unit_type == FEATURES:
+        return _feature_rows(dictionary, layers)
     ad = adapter(model)
     chosen = list(range(ad.n_layers)) if layers is None else list(layers)
     for layer in chosen:
@@ -109,6 +132,19 @@ def unit_rows(model: nn.Module, unit_type: str, *, layers: Iterable[int] | None 
         raise ValueError(f"this {ad.model_type} model has no {unit_type!r} unit in layers {chosen} "
                          f"(layer kinds: {', '.join(kinds)})")
     return rows
+
+
+def _feature_rows(dictionary: Dictionary | None, layers: Iterable[int] | None) -> list[UnitRow]:
+    if dictionary is None:
+        raise ValueError("unit type 'features' needs a dictionary (--dictionary DIR, a mambascope sae output)")
+    spec = dictionary.spec
+    if layers is not None and spec.layer not in set(layers):
+        raise ValueError(f"the dictionary's features are at layer {spec.layer}, not in layers {list(layers)}")
+    chosen = range(spec.d_sae) if dictionary.features is None else dictionary.features
+    bad = [i for i in chosen if not 0 <= i < spec.d_sae]
+    if bad:
+        raise ValueError(f"feature {bad[0]} is out of range: the dictionary has features 0..{spec.d_sae - 1}")
+    return [UnitRow(spec.layer, FEATURES, (int(i),)) for i in chosen]
 
 
 def _layer_rows(ad: Any, layer: int, unit_type: str, channels: Sequence[int] | None) -> list[UnitRow]:
@@ -245,13 +281,15 @@ def state_positions(rows: Sequence[Sequence[Patch]]) -> list[int] | None:
 
 
 def patch_edits(rows: Sequence[Sequence[Patch]], source: Mapping[str, torch.Tensor],
-                base_edits: Mapping[str, Edit] | None = None) -> dict[str, Edit]:
+                base_edits: Mapping[str, Edit] | None = None, dictionary: Dictionary | None = None
+                ) -> dict[str, Edit]:
     """Edits for a batch whose row i gets the patches ``rows[i]``, after the base run's own edits.
 
     source: hook name -> the source run's activation [1, L, ...] (the SSM state: [1, L, ...] traced after
-    every position).  Each edit writes, in one indexed assignment per (unit, index) group,
-    source[pos(, index)] into row i at pos(, index); on the state, the slot of pos among
-    :func:`state_positions` (the tracer's [b, K, ...] layout).
+    every position; ``FEATURES``: the dictionary's z [1, L, d_sae]).  Each edit writes, in one indexed
+    assignment per (unit, index) group, source[pos(, index)] into row i at pos(, index); on the state, the slot
+    of pos among :func:`state_positions` (the tracer's [b, K, ...] layout); features through
+    :func:`_feature_edits`.
     """
     groups: dict[str, dict[tuple[int, ...] | None, tuple[list[int], list[int]]]] = {}
     knockouts: dict[str, list[Knockout]] = {}
@@ -266,6 +304,9 @@ def patch_edits(rows: Sequence[Sequence[Patch]], source: Mapping[str, torch.Tens
     slots = {p: k for k, p in enumerate(state_positions(rows) or [])}
     edits = dict(base_edits or {})
     for name, by_index in groups.items():
+        if name == FEATURES:
+            _feature_edits(dictionary, _writer(source[name][0], by_index, None), edits)
+            continue
         edits[name] = compose(edits.get(name), _writer(source[name][0], by_index, slots if is_state(name) else None))
     for name, kos in knockouts.items():
         if name in edits:
@@ -301,12 +342,38 @@ def _writer(src: torch.Tensor, by_index: Mapping[tuple[int, ...] | None, tuple[l
     return write
 
 
+def _feature_edits(dictionary: Dictionary | None, write: Edit, edits: dict[str, Edit]) -> None:
+    """Add to ``edits`` the patch of a dictionary's features: at ``hook_out``,  t ← t + (z' − z) W_dec, with z the
+    codes of this forward's ``hook_in`` and z' = ``write``(z) (the source's z_i written in).  This is the
+    decoded patched codes plus the error term t − (z W_dec + b_dec), kept: where z' = z, t is left exactly as
+    it was.  A transcoder's ``hook_in`` is read on the way (an identity edit before its ``hook_out``)."""
+    if dictionary is None:
+        raise ValueError("a patch of 'features' needs the dictionary")
+    spec, seen = dictionary.spec, {}
+
+    def read(t: torch.Tensor) -> torch.Tensor:
+        seen["x"] = t
+        return t
+
+    def patch(t: torch.Tensor) -> torch.Tensor:
+        z = dictionary.codes(seen.pop("x"))
+        delta = (write(z) - z) @ dictionary.coder.W_dec.detach()  # [b, L, d_out]: zero but at the patched cells
+        return t + delta.to(device=t.device, dtype=t.dtype).reshape(t.shape)
+
+    if spec.hook_in == spec.hook_out:
+        edits[spec.hook_out] = compose(edits.get(spec.hook_out), lambda t: patch(read(t)))
+    else:
+        edits[spec.hook_in] = compose(edits.get(spec.hook_in), read)
+        edits[spec.hook_out] = compose(edits.get(spec.hook_out), patch)
+
+
 def run_patched(model: nn.Module, input_ids: torch.Tensor, rows: Sequence[Sequence[Patch]],
-                source: Mapping[str, torch.Tensor], base_edits: Mapping[str, Edit] | None = None) -> torch.Tensor:
+                source: Mapping[str, torch.Tensor], base_edits: Mapping[str, Edit] | None = None,
+                dictionary: Dictionary | None = None) -> torch.Tensor:
     """Logits [len(rows), L, V] of ``len(rows)`` copies of input_ids [1, L] under ``base_edits``, row i
     with the patches ``rows[i]`` (an empty row is the base run itself)."""
     ids = input_ids.expand(len(rows), -1)
-    return trace(model, ids, names=[], edits=patch_edits(rows, source, base_edits),
+    return trace(model, ids, names=[], edits=patch_edits(rows, source, base_edits, dictionary),
                  state_positions=state_positions(rows)).logits
 
 
@@ -464,10 +531,12 @@ def check_positions(positions: Sequence[int] | None, length: int) -> list[int]:
 
 
 def grid_rows(model: nn.Module, unit_types: Sequence[str], layers: Iterable[int] | None = None,
-              channels: Sequence[int] | None = None) -> dict[str, list[UnitRow]]:
+              channels: Sequence[int] | None = None, dictionary: Dictionary | None = None
+              ) -> dict[str, list[UnitRow]]:
     """unit type -> its rows (see :func:`unit_rows`), for every requested type."""
     chosen = None if layers is None else list(layers)
-    return {unit_type_name(u): unit_rows(model, u, layers=chosen, channels=channels) for u in unit_types}
+    return {unit_type_name(u): unit_rows(model, u, layers=chosen, channels=channels, dictionary=dictionary)
+            for u in unit_types}
 
 
 def activation_patching(
@@ -486,6 +555,7 @@ def activation_patching(
     corrupt_edits: Mapping[str, Edit] | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    dictionary: Dictionary | None = None,
 ) -> PatchingResult:
     """The effect grid of every unit type × layer × position (module docstring for the formula).
 
@@ -498,17 +568,22 @@ def activation_patching(
         unit_types: keys of :data:`UNIT_TYPES` (``channels`` needs ``channels``); layers, positions:
             default all.  direction: ``denoise`` (clean into corrupted) or ``noise`` (corrupted into clean).
         batch_size: patches (rows of the batch) per traced forward.
+        dictionary: the sparse dictionary whose features the unit type ``features`` patches.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    rows = grid_rows(model, unit_types, layers, channels)
+    rows = grid_rows(model, unit_types, layers, channels, dictionary)
     if "knockout" in rows and direction != "noise":
         raise ValueError("unit type 'knockout' removes a token inside the clean run: use direction 'noise'")
-    names = sorted({r.name for rs in rows.values() for r in rs})
+    names = sorted({r.name for rs in rows.values() for r in rs} - {FEATURES}
+                   | ({dictionary.spec.hook_in} if FEATURES in rows else set()))
     L = as_ids(clean_ids, "clean").shape[1]
     pos = check_positions(positions, L)
     runs = prepare_runs(model, clean_ids, corrupt_ids, names, target=target, metric=metric, other=other,
                         direction=direction, corrupt_edits=corrupt_edits)
+    if FEATURES in rows:  # the runs' feature activations, from their traced hook_in
+        for acts in (runs.source, runs.base):
+            acts[FEATURES] = dictionary.codes(acts[dictionary.spec.hook_in])
     # position-major, so that a batch patches the state at few positions (the tracer's cost grows with them);
     # one unit type per batch, so that a knockout never meets a patch of the same scan output
     cells = {u: [(u, i, j) for j in range(len(pos)) for i in range(len(rs))] for u, rs in rows.items()}
@@ -517,7 +592,7 @@ def activation_patching(
     bar = tqdm(total=sum(map(len, cells.values())), desc="patching", unit="patch", disable=not progress)
     for batch in batches:
         patches = [[Patch(rows[u][i].name, pos[j], rows[u][i].index, u == "knockout")] for u, i, j in batch]
-        m = runs.metric(run_patched(model, runs.base_ids, patches, runs.source, runs.base_edits)).cpu()
+        m = runs.metric(run_patched(model, runs.base_ids, patches, runs.source, runs.base_edits, dictionary)).cpu()
         for (u, i, j), value in zip(batch, m.tolist(), strict=True):
             values[u][i, j] = value
         bar.update(len(batch))
@@ -529,7 +604,8 @@ def activation_patching(
     return PatchingResult(runs.metric, direction, runs.clean_metric, runs.corrupt_metric, grids)
 
 
-__all__ = ["ALIASES", "DEFAULT_UNITS", "DIRECTIONS", "METRICS", "UNIT_TYPES", "Metric", "Patch", "PatchGrid",
+__all__ = ["ALIASES", "DEFAULT_UNITS", "DIRECTIONS", "FEATURES", "METRICS", "UNIT_TYPES", "Dictionary", "Metric",
+           "Patch", "PatchGrid",
            "PatchingResult", "Runs", "UnitRow", "activation_patching", "all_states", "as_ids", "check_positions",
            "compose", "embedding_std", "gaussian_noise", "grid_rows", "is_state", "patch_edits", "prepare_runs",
            "run_patched", "state_positions", "top_other", "unit_rows", "unit_type_name"]

@@ -83,8 +83,10 @@ def prompt_pair(tokenizer: Any, clean: str, corrupt: str | None, target: str, co
 def patch_prompts(model: nn.Module, tokenizer: Any, pair: PromptPair, *, unit_types: Sequence[str],
                   metric: str = "logit_diff", direction: str = "denoise", channels: Sequence[int] | None = None,
                   noise_scale: float = 3.0, seed: int = 0, batch_size: int = 64,
-                  progress: bool = False) -> tuple[dict[str, Any], dict[str, float], dict[str, str]]:
-    """Patching grids and their attribution estimates for one prompt pair.
+                  progress: bool = False, dictionary: Any = None
+                  ) -> tuple[dict[str, Any], dict[str, float], dict[str, str]]:
+    """Patching grids and their attribution estimates for one prompt pair (``dictionary``: a
+    ``patching.Dictionary`` for the unit type ``features``).
 
     Returns (``results["patching"]`` without ``model``, timings in seconds, errors by name): a failure of
     attribution patching is recorded, not raised, so that the true grids are kept.
@@ -97,7 +99,7 @@ def patch_prompts(model: nn.Module, tokenizer: Any, pair: PromptPair, *, unit_ty
               "channels": channels, "direction": direction, "corrupt_edits": noise}
     start = time.perf_counter()
     true = activation_patching(model, pair.clean_ids, pair.corrupt_ids, batch_size=batch_size, progress=progress,
-                               **common)
+                               dictionary=dictionary, **common)
     timings = {"patching": time.perf_counter() - start}
     corrupt_ids = pair.clean_ids if pair.corrupt_ids is None else pair.corrupt_ids
     other = true.metric.other
@@ -106,14 +108,20 @@ def patch_prompts(model: nn.Module, tokenizer: Any, pair: PromptPair, *, unit_ty
                        "clean_tokens": tokens(tokenizer, pair.clean_ids),
                        "corrupt_tokens": tokens(tokenizer, corrupt_ids)},
            **true.to_json()}
+    if dictionary is not None and "features" in unit_types:
+        spec = dictionary.spec
+        out["dictionary"] = {"kind": spec.kind, "hook_in": spec.hook_in, "hook_out": spec.hook_out,
+                             "d_sae": spec.d_sae, "k": spec.k,
+                             "features": [row.index[0] for row in true.grids["features"].rows]}
     if noise is not None:
         sigma = embedding_std(model)
         out["noise"] = {"subject_positions": pair.subject_positions, "scale": noise_scale, "embedding_std": sigma,
                         "nu": noise_scale * sigma, "seed": seed}
     errors = {}
     start = time.perf_counter()
-    # a knockout is not a patch of activations from the other run: it has no attribution-patching estimate
-    estimated = [u for u in unit_types if u != "knockout"]
+    # a knockout is not a patch of activations from the other run: it has no attribution-patching estimate;
+    # nor (not implemented) the features, whose gradient would have to pass through the TopK encoder
+    estimated = [u for u in unit_types if u not in ("knockout", "features")]
     try:
         estimate = attribution_patching(model, pair.clean_ids, pair.corrupt_ids,
                                         **{**common, "other": other, "unit_types": estimated}) if estimated else None
