@@ -688,6 +688,16 @@ def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
         lines.extend(_warning_lines(results["layers"]))
     if results.get("census"):
         lines.append(f"loss on the selection windows: {results['census']['loss']:.4f} nats/token")
+    vs = (results.get("features") or {}).get("versus_neurons")
+    if vs:
+        c = vs["criteria"]
+        lines.append(f"features of {results['features']['dictionary']['hook_in']} vs its neurons, token detectors at "
+                     f"precision >= {c['min_precision']} on the same {vs['tokens']} tokens:")
+        for unit in ("neurons", "features"):
+            row = vs[unit]
+            share = "n/a" if row["share_of_alive"] is None else f"{row['share_of_alive']:.3f}"
+            lines.append(f"  {unit:<9} {row['token_detectors']:>5} of {row['alive']:>5} alive ({share}); "
+                         f"dead {row['dead']}, rarely active {row['rarely_active']}, positional {row['positional']}")
     if results.get("ablation"):
         a = results["ablation"]
         lines.append(f"held-out loss {a['baseline_loss']:.4f}; zero-ablation Δloss per group (random control):")
