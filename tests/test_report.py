@@ -91,11 +91,12 @@ def test_figures_from_the_run_census_layout(tmp_path: Path) -> None:
 
 def test_html_has_every_section_and_is_self_contained(mamba_html: str) -> None:
     for sid in SECTIONS:
-        if sid not in ("patching", "attribution", "leaderboard"):
+        if sid not in ("patching", "attribution", "leaderboard", "features"):
             assert f'<section id="{sid}">' in mamba_html, sid
     assert '<section id="patching">' not in mamba_html  # shown only for `mambascope patch` results
     assert '<section id="attribution">' not in mamba_html  # shown only for `mambascope attribute` results
     assert '<section id="leaderboard">' not in mamba_html  # shown only for `mambascope leaderboard` results
+    assert '<section id="features">' not in mamba_html  # shown only for `census --dictionary` results
     # all but ground_truth, patching, attribution and leaderboard
     assert mamba_html.count("data:image/png;base64,") >= len(FIGURES) - 4
     assert not re.search(r'(src|href)="(https?:)?//', mamba_html), "no network resources"
