@@ -3,6 +3,7 @@ against a slow loop that encodes hand-captured activations from the saved file, 
 computation from the model's own parameters, the store round trip, and bad dictionaries refused."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -184,6 +185,20 @@ def test_features_versus_neurons_on_the_same_tokens(tiny, tmp_path):
     assert vs["neurons"]["token_detectors"] == len(neurons[str(LAYER)]["token_detectors"])
     assert vs["features"]["token_detectors"] == len(out["layers"][str(LAYER)]["token_detectors"])
     assert vs["features"]["dead"] == len(out["layers"][str(LAYER)]["dead_neurons"]) >= 3
+    # types covering 95 % of a unit's activations, counted by hand from the slow codes for the features
+    x = _captured(model, windows, LAYER, "post").reshape(-1, 256)
+    valid = windows.flatten() != tokenizer.bos_token_id
+    active = _slow_codes(path, x, 4)[valid] > 0
+    tokens = windows.flatten()[valid]
+    needed = []
+    for i in range(40):
+        if int(active[:, i].sum()) >= 5:
+            counts = torch.bincount(tokens[active[:, i]]).sort(descending=True).values
+            needed.append(int((counts.cumsum(0) < 0.95 * counts.sum()).sum()) + 1)
+    got = vs["features"]["types_needed"]
+    assert got["units_counted"] == len(needed)
+    assert got["at_most_20"] == sum(n <= 20 for n in needed)
+    assert got["median"] == statistics.median(needed)
 
 
 def test_bad_dictionaries_exit_2_before_any_work(tmp_path, capsys):

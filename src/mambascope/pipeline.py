@@ -696,8 +696,12 @@ def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
         for unit in ("neurons", "features"):
             row = vs[unit]
             share = "n/a" if row["share_of_alive"] is None else f"{row['share_of_alive']:.3f}"
+            need = row["types_needed"]
             lines.append(f"  {unit:<9} {row['token_detectors']:>5} of {row['alive']:>5} alive ({share}); "
-                         f"dead {row['dead']}, rarely active {row['rarely_active']}, positional {row['positional']}")
+                         f"dead {row['dead']}, rarely active {row['rarely_active']}, positional {row['positional']}; "
+                         f"types covering {c['coverage']} of a unit's activations: median {need['median']}, "
+                         f"<= {c['max_types']}: {need['at_most_max_types']}, <= 20: {need['at_most_20']} "
+                         f"(of {need['units_counted']})")
     if results.get("ablation"):
         a = results["ablation"]
         lines.append(f"held-out loss {a['baseline_loss']:.4f}; zero-ablation Δloss per group (random control):")

@@ -120,18 +120,31 @@ def feature_write_weights(model: nn.Module, coder: nn.Module, spec: DictionarySp
 def feature_summary(neurons: dict[str, Any], features: dict[str, Any], layer: int) -> dict[str, Any]:
     """Features versus the neurons of the same layer on the same tokens: how many of each are token detectors
     under the same criteria (precision, coverage, types, occurrences), as counts and as shares of the alive
-    units.  ``neurons`` / ``features``: finalized layer results."""
+    units, and (``types_needed``) how many token types cover the coverage share of each unit's activations.
+    ``neurons`` / ``features``: finalized layer results; ``mean_precision``: over detectors, of their least
+    precise trigger."""
+
+    criteria = features["detectors"]["criteria"]
+
+    def types_needed(r: dict[str, Any]) -> dict[str, Any]:
+        """The graded side of the detector test: per unit with >= min_occurrences activations, how many token
+        types cover ``coverage`` of its activations (whatever their precision)."""
+        needed = ((r["detectors"].get("ngram_coverage") or {}).get("1") or {}).get("needed") or []
+        counts = r["activity"]["active_count"]
+        v = sorted(n for n, a in zip(needed, counts, strict=False)
+                   if n is not None and a >= criteria["min_occurrences"])
+        return {"units_counted": len(v), "median": (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2 if v else None,
+                "at_most_max_types": sum(n <= criteria["max_types"] for n in v), "at_most_20": sum(n <= 20 for n in v)}
 
     def row(r: dict[str, Any]) -> dict[str, Any]:
         alive = r["n_neurons"] - r["n_dead"]
         n = len(r["token_detectors"])
         return {"units": r["n_neurons"], "alive": alive, "dead": r["n_dead"], "token_detectors": n,
                 "share_of_alive": n / alive if alive else None,
-                "mean_precision": (sum(d["precision"] for d in r["token_detectors"]) / n) if n else None,
+                "mean_precision": (sum(min(d["precision"]) for d in r["token_detectors"]) / n) if n else None,
                 "tokens_covered": len(r["tokens_covered"]), "positional": len(r["positional_neurons"]),
-                "rarely_active": len(r["rarely_active"])}
+                "rarely_active": len(r["rarely_active"]), "types_needed": types_needed(r)}
 
-    criteria = features["detectors"]["criteria"]
     same = neurons["detectors"]["criteria"] == criteria and neurons["tokens"] == features["tokens"]
     return {"layer": layer, "criteria": criteria, "tokens": features["tokens"], "same_tokens_and_criteria": same,
             "neurons": row(neurons), "features": row(features)}

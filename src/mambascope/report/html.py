@@ -724,9 +724,11 @@ def feature_results(results: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _unit_row(label: str, row: Mapping[str, Any]) -> list[Any]:
+    need = row.get("types_needed") or {}
     return [label, row.get("units"), row.get("alive"), row.get("dead"), row.get("rarely_active"), row.get("positional"),
             row.get("token_detectors"), r4(row.get("share_of_alive")), r4(row.get("mean_precision")),
-            row.get("tokens_covered")]
+            row.get("tokens_covered"), need.get("median"), need.get("at_most_max_types"), need.get("at_most_20"),
+            need.get("units_counted")]
 
 
 def _features_section(results: Mapping[str, Any], page: str | None) -> dict[str, Any]:
@@ -744,9 +746,12 @@ def _features_section(results: Mapping[str, Any], page: str | None) -> dict[str,
         blocks.append(Block("muted", f"Token detectors at precision >= {c.get('min_precision')} (<= "
                                      f"{c.get('max_types')} types covering >= {c.get('coverage')} of the unit's "
                                      f"activations, >= {c.get('min_occurrences')} occurrences), on the same "
-                                     f"{vs.get('tokens')} tokens."))
+                                     f"{vs.get('tokens')} tokens. Types to cover: how many token types cover "
+                                     f"{c.get('coverage')} of a unit's activations, whatever their precision "
+                                     "(units with enough activations)."))
         blocks.append(_tb(["units", "count", "alive", "dead", "rarely active", "positional", "token detectors",
-                           "detectors / alive", "mean precision", "tokens covered"],
+                           "detectors / alive", "mean precision", "tokens covered", "types to cover: median",
+                           f"<= {c.get('max_types')} types", "<= 20 types", "units with enough activations"],
                           [_unit_row("neurons", vs.get("neurons") or {}),
                            _unit_row("features", vs.get("features") or {})]))
     else:
