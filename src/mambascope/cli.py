@@ -151,6 +151,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         parse_every(args.checkpoint_every)
     if getattr(args, "dictionary", None):
         _check_dictionary_flag(args)
+    if not 0 < getattr(args, "detector_precision", 0.5) < 1:
+        raise ValueError(f"--detector-precision must be between 0 and 1 (exclusive), got {args.detector_precision:g}")
     if hasattr(args, "noise_subject"):
         _check_patch_flags(args)
     if hasattr(args, "shape"):
@@ -442,6 +444,12 @@ def _resume_hint(args: argparse.Namespace, stages: tuple[str, ...]) -> str:
     return "; the census checkpoint is kept: rerun with --resume to continue from it"
 
 
+def _census_options(args: argparse.Namespace) -> dict | None:
+    """``LayerCensus`` options from the flags (``census``'s --detector-precision), None for the defaults."""
+    precision = getattr(args, "detector_precision", None)
+    return None if precision is None else {"min_precision": precision}
+
+
 def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     """Under ``torchrun`` every rank runs its share of the census; rank 0 alone claims --out, merges the
     ranks' accumulators, runs the other stages and writes (docs/design.md §9)."""
@@ -466,7 +474,7 @@ def _run_rank(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
         plan = _scan_plan(args, ranks, model, windows, info)
         census_accumulate(model, tokenizer, split_windows(windows, args.heldout_fraction)[0], layers=args.layers,
                           batch_size=args.batch_size, progress=False, scan=scan_function(plan),
-                          ngram_counters=plan.ngram_counters)
+                          ngram_counters=plan.ngram_counters, census_options=_census_options(args))
     return OK
 
 
@@ -495,7 +503,7 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
                 seed=args.seed, progress=not args.quiet, save=save,
                 scan=None if plan is None else scan_function(plan),
                 ngram_counters=None if plan is None else plan.ngram_counters,
-                dictionary=getattr(args, "feature_dictionary", None))
+                dictionary=getattr(args, "feature_dictionary", None), census_options=_census_options(args))
             if getattr(args, "stream", False) and windows.n_windows is not None:
                 results["corpus"].update(_stream_counts(windows))
                 save_results(out.staging, results, store=False)
@@ -1200,6 +1208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dictionary", default=None, metavar="DIR",
                    help="also census the features of this sparse dictionary (a mambascope sae output) on the same "
                    "windows, and compare them with the neurons of its layer (docs/features.md)")
+    p.add_argument("--detector-precision", type=_finite, default=0.95, metavar="P",
+                   help="a token detector's triggers fire it on at least this share of their occurrences, for "
+                   "neurons and features alike (default: %(default)s, Voita et al. 2023)")
     _add_scale_args(p)
     p.set_defaults(func=_cmd_census)
 

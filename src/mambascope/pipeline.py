@@ -532,7 +532,8 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
                  heldout_fraction: float = 0.25, attention_windows: int = 16, faithfulness: bool = True,
                  batch_size: int = 8, draws: int = 3, seed: int = 0, progress: bool = True,
                  save: Any = None, scan: Callable[..., LossResult] | None = None,
-                 ngram_counters: int | None = None, dictionary: Any = None) -> dict[str, Any]:
+                 ngram_counters: int | None = None, dictionary: Any = None,
+                 census_options: dict | None = None) -> dict[str, Any]:
     """Every analysis in ``stages`` on ``windows`` [n, T]; the results-file dict (docs/design.md §8).
 
     ``info`` holds ``model`` and ``corpus`` descriptions.  Selection (census, attention-neuron ranking)
@@ -543,6 +544,7 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
     (``census_accumulate``), e.g. resumable or shared by ``torchrun`` ranks; ``ngram_counters``: bounded
     n-gram summaries (``census_accumulate``).  ``dictionary`` (coder, spec, path) from
     ``features.census.open_dictionary``: the ``features`` stage censuses its features on the same windows.
+    ``census_options``: ``LayerCensus`` options of both censuses (e.g. the detectors' ``min_precision``).
 
     The returned dict holds every per-neuron field; ``results.save_results`` writes it as a slim
     ``results.json`` plus the neuron store (``mambascope.results.store``; docs/results.md says where each field goes).
@@ -561,7 +563,7 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
 
     def census() -> None:
         out = census_pass(model, tokenizer, select, layers=layers, batch_size=batch_size, progress=progress,
-                          scan=scan, ngram_counters=ngram_counters)
+                          scan=scan, ngram_counters=ngram_counters, census_options=census_options)
         results["corpus"]["selection_tokens"] = out["tokens"]
         results["layers"] = out.pop("layers")
         results["census"] = out
@@ -570,7 +572,7 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
         if dictionary is None:
             raise ValueError("the features stage needs a dictionary (--dictionary DIR)")
         results["features"] = feature_census(model, tokenizer, select, dictionary, results["layers"],
-                                             batch_size=batch_size, progress=progress)
+                                             batch_size=batch_size, progress=progress, census_options=census_options)
 
     def interventions() -> None:
         if not results["layers"]:
@@ -697,7 +699,7 @@ def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
             row = vs[unit]
             share = "n/a" if row["share_of_alive"] is None else f"{row['share_of_alive']:.3f}"
             need = row["types_needed"]
-            lines.append(f"  {unit:<9} {row['token_detectors']:>5} of {row['alive']:>5} alive ({share}); "
+            lines.append(f"  {unit:<9} token detectors {row['token_detectors']} of {row['alive']} alive ({share}); "
                          f"dead {row['dead']}, rarely active {row['rarely_active']}, positional {row['positional']}; "
                          f"types covering {c['coverage']} of a unit's activations: median {need['median']}, "
                          f"<= {c['max_types']}: {need['at_most_max_types']}, <= 20: {need['at_most_20']} "
