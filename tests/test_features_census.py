@@ -219,6 +219,8 @@ def test_bad_dictionaries_exit_2_before_any_work(tmp_path, capsys):
         assert code == 2, err
         assert len(err) == 1 and says in err[0] and "--dictionary" in err[0]
         assert not out.exists()
+    code = main(["census", "--model", "tiny-mamba", "--detector-precision", "1.5", "--out", str(tmp_path / "p")])
+    assert code == 2 and "--detector-precision" in capsys.readouterr().err and not (tmp_path / "p").exists()
 
 
 @pytest.fixture(scope="module")

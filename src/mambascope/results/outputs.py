@@ -373,14 +373,16 @@ def recover_report(directory: Path, notice: Notice = _stderr) -> None:
 
 
 def swap_in_report(directory: Path, scratch: Path) -> None:
-    """Move ``scratch``'s ``figures/`` and ``report.html`` into ``directory``: figures -> .figures-old-PID,
-    scratch/figures -> figures, report.html replaced, then the old figures removed (``recover_report`` finishes
-    a swap that a kill interrupted)."""
+    """Move ``scratch``'s ``figures/``, ``report.html`` (and ``features.html``) into ``directory``: figures ->
+    .figures-old-PID, scratch/figures -> figures, the pages replaced, then the old figures removed
+    (``recover_report`` finishes a swap that a kill interrupted)."""
     figures, old = directory / "figures", directory / f".figures-old-{os.getpid()}"
     with signals_deferred():  # Ctrl-C waits for the swap to finish
         if figures.exists():
             os.rename(figures, old)
         os.rename(scratch / "figures", figures)
+        if (scratch / "features.html").exists():  # census --dictionary: the feature pages beside the report
+            os.replace(scratch / "features.html", directory / "features.html")
         os.replace(scratch / "report.html", directory / "report.html")
         fsync_dir(directory)
     if old.exists():
