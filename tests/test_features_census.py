@@ -258,6 +258,9 @@ def test_census_command_writes_the_feature_store(census_out):
     data = json.loads(pages.split('<script type="application/json" id="neuron-data">')[1].split("</script>")[0])
     assert data["unit"] == "feature" and data["layers"]["2"]["E"] == 40
     assert data["layers"]["2"]["freq"][5] == pytest.approx(full["activation_frequency"][5], rel=1e-3)
+    (out / "features.html").unlink()  # `mambascope report DIR` renders the feature pages again, from the store
+    assert main(["report", str(out)]) == 0
+    assert (out / "features.html").read_text() == pages
 
 
 def test_serve_shows_feature_pages_and_traces_a_feature(census_out, tiny):
