@@ -524,11 +524,12 @@ def model_info(model: nn.Module, name: str) -> dict[str, Any]:
 
 
 STAGES = ("census", "features", "interventions", "attention_neurons")
+DEFAULT_STAGES = ("census", "interventions", "attention_neurons")  # "features" needs a dictionary
 
 
 def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, info: dict[str, Any],
                  layers: Sequence[int] | None = None, attention_layers: Sequence[int] | None = None,
-                 methods: Sequence[str] | None = None, stages: Sequence[str] = STAGES,
+                 methods: Sequence[str] | None = None, stages: Sequence[str] = DEFAULT_STAGES,
                  heldout_fraction: float = 0.25, attention_windows: int = 16, faithfulness: bool = True,
                  batch_size: int = 8, draws: int = 3, seed: int = 0, progress: bool = True,
                  save: Any = None, scan: Callable[..., LossResult] | None = None,
