@@ -103,6 +103,13 @@ FLAG_CASES = [
      "--noise-scale"),
     (["patch", "--clean", "The cat", "--target", " sat", "--noise-subject", "cat", "--noise-scale", "inf"],
      "--noise-scale"),
+    # sparse dictionary features (docs/features.md): the directory and the pairings, before the model loads
+    (["census", "--dictionary", "no-such-dictionary"], "--dictionary no-such-dictionary"),
+    (["census", "--dictionary", "d", "--stream"], "--stream"),
+    (["census", "--detector-precision", "1"], "--detector-precision"),
+    (["patch", "--clean", "The cat", "--corrupt", "The dog", "--target", " sat", "--units", "features"],
+     "--dictionary"),
+    (["patch", "--clean", "The cat", "--corrupt", "The dog", "--target", " sat", "--features", "3"], "--features"),
     # flags that were ignored or changed without a word
     (["train-tiny", "--arch", "mamba", "--out", "x", "--shape", "hidden_size=64"], "--shape"),
     (["train-tiny", "--arch", "mamba", "--out", "x", "--stop-at", "0.9"], "--stop-at"),
