@@ -268,6 +268,7 @@ def test_serve_shows_feature_pages_and_traces_a_feature(census_out, tiny):
 
     from mambascope.results import open_results
     from mambascope.serve import create_app
+    from mambascope.trace.generate import Steer, dictionary_direction, steered_pair
 
     out, path = census_out
     model, tokenizer, _ = tiny
@@ -296,6 +297,21 @@ def test_serve_shows_feature_pages_and_traces_a_feature(census_out, tiny):
         assert bad.status_code == 400 and "out of range" in bad.json()["error"]
         long = client.post("/features/api/trace", json={"text": " the" * 5000, "layer": LAYER, "neuron": 7})
         assert long.status_code == 413
+        # the steer panel of a feature page: scale·W_dec[7] added at the dictionary's hook, as `steer --feature`
+        unit = {"kind": "feature", "layer": LAYER, "feature": 7}
+        steered = client.post("/features/api/steer", json={"prompt": "The cat", "unit": unit, "scale": 8.0,
+                                                           "max_new_tokens": 4})
+        assert steered.status_code == 200, steered.text
+        hook, direction = dictionary_direction(path, 7)
+        ids = tokenizer("The cat", return_tensors="pt", add_special_tokens=False)["input_ids"]
+        want = steered_pair(model, ids, hook, Steer(direction, 8.0), 4)
+        assert steered.json()["hook"] == hook == f"blocks.{LAYER}.mixer.hook_post"
+        assert steered.json()["steered"]["ids"] == want["steered"][0].tolist()
+        assert steered.json()["unsteered"]["ids"] == want["unsteered"][0].tolist()
+        assert steered.json()["steered"]["ids"] != steered.json()["unsteered"]["ids"]  # the direction mattered
+        neuron_kind = client.post("/features/api/steer", json={"prompt": "The cat", "scale": 1.0, "unit": {
+            "kind": "neuron", "layer": LAYER, "neuron": 7}})
+        assert neuron_kind.status_code == 400 and "feature" in neuron_kind.json()["error"]
 
 
 def _pair(tokenizer, windows):
