@@ -563,8 +563,10 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
                          "heldout_tokens": int(heldout.numel())}
 
     def census() -> None:
+        # census_options only when given: census_pass keeps its own default otherwise (or one bound to it)
+        options = {} if census_options is None else {"census_options": census_options}
         out = census_pass(model, tokenizer, select, layers=layers, batch_size=batch_size, progress=progress,
-                          scan=scan, ngram_counters=ngram_counters, census_options=census_options)
+                          scan=scan, ngram_counters=ngram_counters, **options)
         results["corpus"]["selection_tokens"] = out["tokens"]
         results["layers"] = out.pop("layers")
         results["census"] = out
