@@ -348,3 +348,37 @@ def test_served_steer_panel_and_attribution_page(served_url: str, playwright_bro
     labels = page.locator("#attribute-strip tr th:first-child").evaluate_all("ths => ths.map(t => t.textContent)")
     assert labels == ["method", "gradient_x_input", "integrated_gradients", "occlusion", "lrp", "knockout"]
     assert problems == [], problems
+
+
+@pytest.fixture(scope="module")
+def feature_report(tmp_path_factory) -> Path:
+    """``census --dictionary`` of a seeded random dictionary on layer 2 of tiny-mamba: report.html + features.html."""
+    import torch
+
+    from mambascope.cli import main
+    from mambascope.features import DictionarySpec, save_dictionary
+    from mambascope.features.dictionary import new_coder
+
+    tmp = tmp_path_factory.mktemp("feature-report")
+    spec = DictionarySpec("topk", "blocks.2.mixer.hook_post", "blocks.2.mixer.hook_post", 256, 256, 32, 4, "tiny-mamba")
+    torch.manual_seed(0)
+    (tmp / "sae").mkdir()
+    save_dictionary(new_coder(spec), spec, tmp / "sae")
+    out = tmp / "census"
+    assert main(["census", "--model", "tiny-mamba", "--layers", "2", "--max-tokens", "1024", "--window", "32",
+                 "--no-ablation", "--dictionary", str(tmp / "sae"), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_feature_page_renders_from_the_hash(feature_report: Path, tmp_path: Path) -> None:
+    dom, console = _dom((feature_report / "features.html").as_uri() + "#neuron-2-5", tmp_path)
+    assert console == [], console
+    assert re.search(r'<h3 id="neuron-title">Layer 2 · feature 5</h3>', dom)
+    page = dom[dom.index('<div id="neuron-page">'):dom.index('<main id="report"')]
+    for heading in ("Top-activating contexts", "Direct logit effects"):
+        assert heading in page, heading
+    # every label says "feature" (the ids, classes and #neuron-L-N links are the page's plumbing)
+    assert "feature 6 →" in page and "neuron" not in re.sub(r'(id|class|href)="[^"]*"', "", page)
+    report, console = _dom((feature_report / "report.html").as_uri() + "#features", tmp_path)
+    assert console == [], console
+    assert '<a href="features.html">features.html</a>' in report
