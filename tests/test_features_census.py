@@ -392,3 +392,53 @@ def test_patch_command_patches_features(tmp_path, tiny, capsys):
     assert main([*common, "--units", "features", "--dictionary", str(path), "--features", "40",
                  "--out", str(tmp_path / "no")]) == 2
     assert "out of range" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_transcoder_feature_patch_equals_hand_made_hooks(tiny, tmp_path):
+    """A transcoder reads blocks.1.hook_resid_pre and writes blocks.1.hook_mixer_out: the patch reads the block's
+    input on the way and changes the mixer's output, as a block pre-hook and a mixer forward hook do by hand."""
+    from mambascope.interventions.patching import Dictionary, activation_patching
+
+    model, tokenizer, windows = tiny
+    spec = DictionarySpec("transcoder", "blocks.1.hook_resid_pre", "blocks.1.hook_mixer_out", 128, 128, 24, 3,
+                          "tiny-mamba")
+    torch.manual_seed(2)
+    coder = new_coder(spec)
+    with torch.no_grad():
+        coder.encoder.bias.copy_(0.1 * torch.randn(24))
+        coder.W_dec.copy_(torch.randn(24, 128))
+    path = tmp_path / "tc"
+    path.mkdir()
+    save_dictionary(coder, spec, path)
+    clean, corrupt = _pair(tokenizer, windows)
+    with torch.no_grad():
+        target = int(model(clean[None]).logits[0, -1].argmax())
+    result = activation_patching(model, clean, corrupt, target=target, metric="logprob", unit_types=["features"],
+                                 dictionary=Dictionary(*open_dictionary(path, model), (0, 5)), batch_size=4)
+    W = load_file(str(path / "sae_weights.safetensors"))
+    block = model.backbone.layers[1]
+    z_clean = _slow_codes(path, _captured(model, clean[None], 1, "resid")[0], 3)
+    changed = 0
+    for row, feature in enumerate((0, 5)):
+        for p in range(8):
+            seen = {}
+
+            def read(module, args):
+                seen["x"] = args[0]
+
+            def patch(module, args, out, feature=feature, p=p):
+                change = (z_clean[p, feature] - _slow_codes(path, seen["x"][0], 3)[p, feature]).float()
+                out = out.clone()
+                out[0, p] += change * W["W_dec"][feature]
+                return out
+
+            handles = [block.register_forward_pre_hook(read), block.mixer.register_forward_hook(patch)]
+            try:
+                with torch.no_grad():
+                    want = float(torch.log_softmax(model(corrupt[None]).logits[0, -1].double(), -1)[target])
+            finally:
+                for handle in handles:
+                    handle.remove()
+            assert float(result.grids["features"].metric[row, p]) == pytest.approx(want, abs=1e-4)
+            changed += bool(result.grids["features"].changed[row, p])
+    assert changed > 0
