@@ -423,10 +423,10 @@ def test_transcoder_feature_patch_equals_hand_made_hooks(tiny, tmp_path):
         for p in range(8):
             seen = {}
 
-            def read(module, args):
+            def read(module, args, seen=seen):
                 seen["x"] = args[0]
 
-            def patch(module, args, out, feature=feature, p=p):
+            def patch(module, args, out, feature=feature, p=p, seen=seen):
                 change = (z_clean[p, feature] - _slow_codes(path, seen["x"][0], 3)[p, feature]).float()
                 out = out.clone()
                 out[0, p] += change * W["W_dec"][feature]
