@@ -139,10 +139,9 @@ def masked_logprob(model: nn.Module, ids: Tensor, rows: Tensor, masks: Tensor, q
         sel = by_query[start:start + chunk]
         u = uniq[sel]
         end = int(u[:, 1].max()) + 1
-        with torch.no_grad():
-            logits = trace_stream(model, ids[u[:, 0], :end], None, attention_mask=u[:, 3:3 + end])
-        at = logits[torch.arange(sel.numel(), device=logits.device), u[:, 1]].float()
-        out[sel] = torch.log_softmax(at, -1).gather(1, u[:, 2:3])[:, 0]
+        with torch.no_grad():  # the unembedding runs at the query positions only
+            at = trace_stream(model, ids[u[:, 0], :end], None, attention_mask=u[:, 3:3 + end], logits_at=u[:, 1])
+        out[sel] = torch.log_softmax(at.float(), -1).gather(1, u[:, 2:3])[:, 0]
     return out[inverse]
 
 
