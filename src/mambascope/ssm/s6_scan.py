@@ -5,8 +5,9 @@ intermediates (a doubling scan), and its backward moves far more memory than the
 module does what the released CUDA kernel does (``selective_scan_bwd`` in state-spaces/mamba): the forward
 runs the recurrence once and keeps only the states h_t; the backward runs the recurrence for ∂L/∂h_t
 backwards in time and then forms every gradient in closed form, as a few batched reductions.  Memory is
-O(L·b·E·N) for the states (and none without autograd), plus chunk-sized work buffers; each direction is
-one Python loop of L in-place multiply-adds over [b, N, E] slices.
+O(L·b·E·N) for the states, plus chunk-sized work buffers; each direction is one Python loop of L
+in-place multiply-adds over [b, N, E] slices.  Without autograd nothing is kept: the forward then updates
+one [b, N, E] state position by position (``_scan_in_cache``), which stays in cache.
 
 Forward (Gu & Dao 2023, Alg. 2, B̄ = Δ·B):  a_t = Δ_t ⊗ A,  x_t = (Δ_t·u_t) ⊗ B_t,
 h_t = exp(a_t) ⊙ h_{t-1} + x_t,  y_t[e] = Σ_n C_t[n]·h_t[e, n],  h_{-1} = initial state (0 if None).
@@ -47,29 +48,24 @@ class _S6Scan(torch.autograd.Function):
                 h0: Tensor | None) -> tuple[Tensor, Tensor]:
         L, b, _, E = u.shape
         N = At.shape[0]
-        save = any(ctx.needs_input_grad)
-        if not save:
+        if not any(ctx.needs_input_grad):
             return _scan_in_cache(u, dt, At, B, C, h0)
         chunks = _chunks(L, b * N * E)
-        T = chunks[0].stop
-        # with autograd every h_t is kept for the backward; without, only the current chunk's
-        states = u.new_empty(L, b, N, E) if save else u.new_empty(T, b, N, E)
-        decay_buf = u.new_empty(T, b, N, E)  # one work buffer for every chunk (see CHUNK_ELEMENTS)
+        states = u.new_empty(L, b, N, E)  # every h_t, kept for the backward
+        decay_buf = u.new_empty(chunks[0].stop, b, N, E)  # one work buffer for every chunk (see CHUNK_ELEMENTS)
         y = u.new_empty(L, b, 1, E)
         h = h0
         for c in chunks:
-            n = c.stop - c.start
-            hc = states[c] if save else states[:n]
+            hc = states[c]
             torch.mul(dt[c] * u[c], B[c], out=hc)  # x_t, overwritten by h_t below
-            decay = torch.mul(dt[c], At, out=decay_buf[:n]).exp_()
+            decay = torch.mul(dt[c], At, out=decay_buf[:c.stop - c.start]).exp_()
             if h is not None:
                 hc[0].addcmul_(decay[0], h)
-            for t in range(1, n):
+            for t in range(1, c.stop - c.start):
                 hc[t].addcmul_(decay[t], hc[t - 1])
             torch.matmul(C[c].transpose(-1, -2), hc, out=y[c])  # Σ_n C_t[n]·h_t[n, e]
-            h = hc[-1] if save else hc[-1].clone()
-        if save:
-            ctx.save_for_backward(u, dt, At, B, C, h0, states)
+            h = hc[-1]
+        ctx.save_for_backward(u, dt, At, B, C, h0, states)
         ctx.set_materialize_grads(False)
         return y.squeeze(2), h.clone()
 
