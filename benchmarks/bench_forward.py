@@ -1,11 +1,14 @@
 """Tokens/s of the Hugging Face forward vs the traced forward (every internal unit collected), side by side.
 
-    python benchmarks/bench_forward.py [--device cpu|cuda] [--quick] [--families]
+    python benchmarks/bench_forward.py [--device cpu|cuda] [--quick] [--families] [--attention]
 
 Configs: the bundled models' size, and a 130m-scale random config (d_model 768, 24 layers) at L 512 and
 1024.  ``--families``: one row per supported architecture family at bundled size (d_model 128, vocab
 4096, 4 layers; hybrids with their SSM / attention / MLP-MoE layer mix) at L 512 instead.  Each row
-times both forwards on the same inputs in the same process, best of ``--repeats``.
+times both forwards on the same inputs in the same process, best of ``--repeats``.  ``--attention``: the
+transformer families (GPT-2, GPT-NeoX / Pythia, Llama) at bundled size, batch 1, L 512, the model's own
+forward beside the traced forward with every unit except ``attn.hook_pattern`` (fused attention, as the
+model's own) and with every unit (the explicit softmax pattern), the three timed in turn.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
+from mambascope.arch import adapter
 from mambascope.trace import trace_stream
 
 CONFIGS = {
@@ -119,14 +123,57 @@ def run(name: str, batch: int, length: int, device: torch.device, repeats: int) 
             "hf_s": t_hf, "traced_s": t_ours, "speedup": t_hf / t_ours}
 
 
+ATTENTION_FAMILIES = ("gpt2", "gpt_neox", "llama")
+
+
+def run_attention(family: str, batch: int, length: int, device: torch.device, repeats: int) -> dict:
+    """Own forward, traced without the pattern, traced with it: seconds, best of ``repeats``, timed in turn."""
+    model = family_model(family, device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
+    every = [f"blocks.{layer}.{unit}" for layer in range(model.config.num_hidden_layers)
+             for unit in adapter(model).units(layer)]
+    no_pattern = [name for name in every if not name.endswith("attn.hook_pattern")]
+
+    def hf() -> None:
+        with torch.no_grad():
+            model(ids, use_cache=False)
+
+    def traced(names: list[str]) -> None:
+        kept = []
+        trace_stream(model, ids, lambda layer, units: kept.append(units), names=names)
+
+    runs = {"hf": hf, "no_pattern": lambda: traced(no_pattern), "pattern": lambda: traced(every)}
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for _ in range(repeats):  # interleaved, so that a change of machine load hits all three alike
+        for key, fn in runs.items():
+            times[key].append(best_time(fn, device, 1))
+    return {key: min(t) for key, t in times.items()}
+
+
+def attention_table(device: torch.device, repeats: int) -> None:
+    print(f"{'family':<10} {'HF s':>8} {'traced s':>9} {'HF/traced':>10} {'+pattern s':>11} {'HF/+pattern':>12}"
+          "   (traced: every unit but attn.hook_pattern; +pattern: every unit)")
+    for family in ATTENTION_FAMILIES:
+        t = run_attention(family, 1, 512, device, repeats)
+        print(f"{family:<10} {t['hf']:>8.4f} {t['no_pattern']:>9.4f} {t['hf'] / t['no_pattern']:>9.2f}x "
+              f"{t['pattern']:>11.4f} {t['hf'] / t['pattern']:>11.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="bundled size only")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--families", action="store_true", help="one row per architecture family, bundled size")
+    parser.add_argument("--attention", action="store_true",
+                        help="transformer families: own forward vs traced with and without attn.hook_pattern")
     args = parser.parse_args()
     device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if args.attention:
+        print(f"device: {name}; torch {torch.__version__}; batch 1, L 512, best of {args.repeats}")
+        attention_table(device, args.repeats)
+        return
     rows = [("mamba-tiny", 1, 512), ("mamba2-tiny", 1, 512), ("mamba-tiny", 8, 256), ("mamba2-tiny", 8, 256)]
     if args.families:
         rows = [(family, 1, 512) for family in FAMILIES]
@@ -134,7 +181,6 @@ def main() -> None:
         rows += [("mamba-130m", 1, 512), ("mamba2-130m", 1, 512), ("mamba-130m", 1, 1024), ("mamba2-130m", 1, 1024)]
         if device.type == "cuda":
             rows += [("mamba-130m", 4, 1024), ("mamba2-130m", 4, 1024)]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; traced = every unit of every layer collected")
     print(f"{'config':<16} {'batch':>5} {'L':>5} {'HF tok/s':>10} {'traced tok/s':>13} {'HF s':>8} {'traced s':>9} "
           f"{'speedup':>8}")

@@ -159,6 +159,23 @@ def test_context_queries_pick_the_largest_gap_above_the_margin():
     assert fixed["query"].tolist() == [T - 2] * 6 and bool(fixed["keep"].all())
 
 
+def test_context_queries_stop_once_enough_windows_qualify():
+    """Scoring in blocks until ``enough`` qualify gives a prefix of what scoring every window gives."""
+    from mambascope.attribution.faithfulness import context_queries
+
+    model = make_model("mamba")
+    ev = windows(12, 5)
+    every = context_queries(model, ev, margin=0.05, candidates=4, seed=2)
+    assert 3 <= int(every["keep"].sum()) < 12  # some windows qualify, some do not: the stop is exercised
+    part = context_queries(model, ev, margin=0.05, candidates=4, seed=2, enough=3, block=2)
+    n = part["keep"].shape[0]
+    assert n < 12 and int(part["keep"].sum()) >= 3 and int(part["keep"][:n - 2].sum()) < 3  # stopped at once
+    assert torch.equal(part["query"], every["query"][:n]) and torch.equal(part["keep"], every["keep"][:n])
+    for key in ("full", "masked"):
+        assert torch.allclose(part[key], every[key][:n], atol=1e-5)
+    assert context_queries(model, ev, margin=0.05, candidates=4, seed=2, enough=100, block=5)["keep"].shape == (12,)
+
+
 def test_random_std_over_one_seed_is_null_and_per_row_queries():
     model = make_model("gpt2")
     res = evaluate_faithfulness(model, windows(2, 1), windows(6, 4), [0], ["attention_weighted"], steps=2,

@@ -109,6 +109,18 @@ def test_fp32_outputs_equal_the_reference_to_rounding():
     assert torch.equal(y32, y32_nograd)  # autograd or not, the same arithmetic
 
 
+@pytest.mark.parametrize("use_h0,pad", [(False, 0), (True, 0), (True, 4)])
+def test_forward_without_autograd_equals_the_loop_reference_fp64(use_h0, pad):
+    """The forward without autograd (two states kept, not L) against the loop reference: outputs and last state."""
+    x = _inputs(b=3, L=17, E=6, N=5, pad=pad)
+    h0 = x["h0"] if use_h0 else None
+    y_ref, last_ref = _reference(x["u"], x["dt"], x["A"], x["B"], x["C"], h0)
+    with torch.no_grad():
+        y, last = _fast(x["u"], x["dt"], x["A"], x["B"], x["C"], h0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(last, last_ref, rtol=1e-12, atol=1e-12)
+
+
 def test_training_scan_matches_transformers_reference():
     """``hf_selective_scan`` (the scan ``train-tiny`` swaps in) against transformers' own scan, outputs and
     gradients of every input (with D, z, Δ bias, softplus and the last state), to fp32 rounding."""

@@ -179,6 +179,25 @@ def test_too_long_sequence_and_bad_mask():
         trace(model, torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.zeros(1, 5, dtype=torch.long))
 
 
+@pytest.mark.parametrize("kind,cfg", [("mamba", MAMBA1_CONFIGS[0]), ("mamba2", MAMBA2_CONFIGS[0]),
+                                      ("gpt2", dict(n_embd=32, n_head=4))])
+def test_logits_at_chosen_positions(kind, cfg):
+    """logits_at: the unembedding at one (or k) positions per row only, equal to those rows of the full
+    logits (fp32: the same dot products of length d_model, up to the GEMM's summation order)."""
+    model = _random_model(kind, cfg)
+    ids, mask = _padded_batch(97)
+    q = torch.tensor([40, 20, 13])  # real tokens of each row
+    with torch.no_grad():
+        full = trace_stream(model, ids, None, attention_mask=mask)
+        at = trace_stream(model, ids, None, attention_mask=mask, logits_at=q)
+        several = trace_stream(model, ids, None, attention_mask=mask, logits_at=torch.stack([q, q - 5], 1))
+    assert at.shape == (3, 97) and _rel(at, full[torch.arange(3), q]) < 1e-6
+    assert several.shape == (3, 2, 97) and _rel(several[:, 1], full[torch.arange(3), q - 5]) < 1e-6
+    for bad in (torch.tensor([0, 1]), torch.tensor([0, 1, 41]), torch.zeros(3, 1, 1, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"positions in 0\.\.40, \[b\] or \[b, k\]"):
+            trace_stream(model, ids, None, logits_at=bad)
+
+
 def _naive_s6(u, dt, A, B, C):
     b, L, E = u.shape
     h = torch.zeros(b, E, A.shape[1], dtype=u.dtype)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambascope.arch.base import Emit
-from mambascope.arch.lrp_mode import activation, held, lrp_rules, product, silu
+from mambascope.arch.lrp_mode import LRPRules, activation, held, lrp_rules, product, silu
 from mambascope.arch.units import STATE_UNIT
 from mambascope.ssm.knockout import s6_knockout_terms, ssd_knockout_terms
 from mambascope.ssm.scan import selective_scan, ssd_scan
@@ -231,38 +231,54 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if cache is not None:
         k, v = (torch.cat([cache[name], t], dim=1) if name in cache else t for name, t in (("k", k), ("v", v)))
         cache["k"], cache["v"] = k, v
-    Lk = k.shape[1]
     rep = H // k.shape[2]
     k, v = (t.repeat_interleave(rep, dim=2) if rep > 1 else t for t in (k, v))
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    allowed = torch.ones(L, Lk, dtype=torch.bool, device=q.device).tril(Lk - L)
+    rules = lrp_rules()
+    if need_pattern or rules is not None:
+        z = _explicit_attention(q, k, v, _allowed(L, k.shape[2], mask, q.device), emit, scale, rules)
+    elif mask is None and k.shape[2] == L:
+        # the model's own path: fused attention with the causal flag; no [L, L] tensor is made at all
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(L, k.shape[2], mask, q.device), scale=scale)
+    z = emit("attn.hook_z", z.transpose(1, 2))
+    return z.reshape(b, L, -1)
+
+
+def _allowed(L: int, Lk: int, mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """[L, Lk] (or [b, 1, L, Lk] with a padding mask) bool: which keys each query may attend to, causally."""
+    allowed = torch.ones(L, Lk, dtype=torch.bool, device=device).tril(Lk - L)
     if mask is not None:
         # A padding query attends to itself alone: a fully masked row would be NaN, and NaN values at
         # padding positions would poison real rows through 0·NaN in the next layer.
-        eye = torch.eye(L, dtype=torch.bool, device=q.device)
+        eye = torch.eye(L, dtype=torch.bool, device=device)
         allowed = allowed & mask[:, None, None, :].bool() | eye
-    rules = lrp_rules()
-    if need_pattern or rules is not None:
-        # scale and mask fused into the score matmul (baddbmm): at these sizes every extra pass over the
-        # [b, H, L, L] scores costs as much as the matmul itself
-        bias = torch.zeros(allowed.shape, device=q.device, dtype=_score_dtype(q)).masked_fill_(~allowed, -torch.inf)
-        if bias.dim() == 4:  # per-row padding mask [b, 1, L, L]
-            bias = bias.expand(b, H, L, L).reshape(b * H, L, L)
-        qf, kf = (t.to(_score_dtype(q)).reshape(b * H, t.shape[2], -1) for t in (q, k))
+    return allowed
 
-        def scores_of(qq: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
-            return torch.baddbmm(bias, qq, kk.transpose(1, 2), alpha=scale)
 
-        # LRP (AttnLRP): the uniform rule on the bilinear q·kᵀ and pattern·v, the softmax's own gradient
-        scores = product(scores_of, qf, kf, "attnlrp").view(b, H, L, Lk)
-        pattern = emit("attn.hook_pattern", torch.softmax(scores, -1).to(v.dtype))
-        if rules is not None and rules.attention == "cp":
-            pattern = pattern.detach()  # CP-LRP: relevance flows through the values only
-        z = product(torch.matmul, pattern, v, "attnlrp")
-    else:
-        z = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
-    z = emit("attn.hook_z", z.transpose(1, 2))
-    return z.reshape(b, L, -1)
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, emit: Emit,
+                        scale: float, rules: LRPRules | None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + mask)·v with the pattern [b, H, L, Lk] made and emitted (``attn.hook_pattern``);
+    q, k, v [b, H, ·, dh].  In LRP mode the AttnLRP rules apply to the two products."""
+    b, H, L, _ = q.shape
+    Lk = k.shape[2]
+    # scale and mask fused into the score matmul (baddbmm): at these sizes every extra pass over the
+    # [b, H, L, L] scores costs as much as the matmul itself
+    bias = torch.zeros(allowed.shape, device=q.device, dtype=_score_dtype(q)).masked_fill_(~allowed, -torch.inf)
+    if bias.dim() == 4:  # per-row padding mask [b, 1, L, L]
+        bias = bias.expand(b, H, L, Lk).reshape(b * H, L, Lk)
+    qf, kf = (t.to(_score_dtype(q)).reshape(b * H, t.shape[2], -1) for t in (q, k))
+
+    def scores_of(qq: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(bias, qq, kk.transpose(1, 2), alpha=scale)
+
+    # LRP (AttnLRP): the uniform rule on the bilinear q·kᵀ and pattern·v, the softmax's own gradient
+    scores = product(scores_of, qf, kf, "attnlrp").view(b, H, L, Lk)
+    pattern = emit("attn.hook_pattern", torch.softmax(scores, -1).to(v.dtype))
+    if rules is not None and rules.attention == "cp":
+        pattern = pattern.detach()  # CP-LRP: relevance flows through the values only
+    return product(torch.matmul, pattern, v, "attnlrp")
 
 
 def gated_mlp(x: torch.Tensor, gate_proj: Callable, up_proj: Callable, down_proj: Callable, act: Callable,

@@ -18,14 +18,14 @@ Units per architecture (the "neurons" whose activation/importance the methods sc
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mambascope.arch import adapter, is_transformer
 from mambascope.ssm.hidden_attention import AttentionMemoryError, hidden_attention, output_gate
-from mambascope.trace import architecture, head_write_weights, mixer_params, n_layers, trace
+from mambascope.trace import MixerParams, Trace, architecture, head_write_weights, mixer_params, n_layers, trace
 
 METHODS = ("attention_weighted", "gradient_guided", "rollout", "block", "gradient_x_post")
 GRADIENT_METHODS = frozenset({"gradient_guided", "gradient_x_post"})
@@ -225,6 +225,8 @@ def extract(
     row's query is explained (a task's answer); default the actual next token, else the argmax prediction.
     Rollout needs every layer 0..max(layer_indices) (its product starts at layer 0), so those layers are
     traced and their channel-mean |α| stored in ``data.rollout_matrices``.
+
+    One traced forward and (for the gradient methods) one backward serve every method and layer.
     """
     arch = architecture(model)
     if store not in STORE:
@@ -233,192 +235,239 @@ def extract(
         raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
     requested = check_layers(model, layer_indices)
     errors: dict[str, str] = {}
-    if on_error == "raise":
-        methods = check_methods(methods, arch)
-    else:
-        # Record mode (integrate_mamba_attention_neurons): a bad method name is that method's failure only.
-        wanted = check_methods(None, arch) if methods is None else [methods] if isinstance(methods, str) else methods
-        valid: list[str] = []
-        for m in wanted:
-            try:
-                check_method(m, arch)
-            except ValueError as exc:
-                errors[m] = str(exc)
-                continue
-            if m not in valid:
-                valid.append(m)
-        methods = valid
+    methods = _valid_methods(methods, arch, on_error, errors)
     device = model.get_input_embeddings().weight.device
     input_ids = input_ids.to(device)
     mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)).long()
     if mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(input_ids.shape)}")
     q = resolve_query(query, mask)
-    b, L = input_ids.shape
-    rows = torch.arange(b, device=device)
-    chain = list(range(max(requested) + 1)) if "rollout" in methods else []
-    gaps = [layer for layer in chain if not is_transformer(arch) and layer not in adapter(model).ssm_layers()]
-    if gaps:
-        why = (f"rollout multiplies every layer's attention from layer 0, and layers {gaps} of this {arch} model "
-               "are not SSM layers (rollout through attention and MLP layers of a hybrid is not implemented)")
-        if on_error == "raise":
-            raise ValueError(why)
-        errors["rollout"] = why
-        methods = [m for m in methods if m != "rollout"]
-        chain = []
-    grad = any(m in GRADIENT_METHODS for m in methods)
-
-    names = _names(arch, methods, requested, chain)
+    methods, chain = _rollout_chain(model, arch, requested, methods, on_error, errors)
     trace_mask = None if attention_mask is None else mask
-    try:
-        tr = trace(model, input_ids, names, attention_mask=trace_mask, grad=grad)
-    except RuntimeError as exc:
-        if not grad or on_error == "raise":
-            raise
-        # Only the autograd forward failed: that is the gradient methods' failure; the others still run
-        # from a plain forward (a second trace only on this error path).
-        for m in methods:
-            if m in GRADIENT_METHODS:
-                errors[m] = f"autograd forward failed: {type(exc).__name__}: {exc}"
-        methods = [m for m in methods if m not in GRADIENT_METHODS]
-        grad = False
-        tr = trace(model, input_ids, names, attention_mask=trace_mask)
-    # Target: log p(actual next token) where one exists at q+1, else log p(argmax prediction).
-    logp = torch.log_softmax(tr.logits[rows, q].float(), dim=-1)  # [b, V]
-    has_next = (q + 1 < L) & mask.gather(1, (q + 1).clamp_max(L - 1)[:, None])[:, 0].bool()
-    nxt = input_ids.gather(1, (q + 1).clamp_max(L - 1)[:, None])[:, 0]
-    given = target is not None
-    if given:
-        target = torch.as_tensor(target, device=device).long().reshape(-1)
-        if target.shape != (b,):
-            raise ValueError(f"target must hold one token per row ({b}), got shape {tuple(target.shape)}")
-    else:
-        target = torch.where(has_next, nxt, logp.argmax(-1))
-    target_lp = logp[rows, target]
-
-    grads: dict[str, Tensor] = {}
-    if grad:
-        if is_transformer(arch):
-            wrt = [f"blocks.{layer}.attn.hook_pattern" for layer in requested]
-        else:
-            wrt = [f"blocks.{layer}.mixer.hook_y" for layer in requested if "gradient_guided" in methods]
-            wrt += [f"blocks.{layer}.mixer.hook_post" for layer in requested if "gradient_x_post" in methods]
-        # Rows of a batch never interact, so d(Σ_b target_b)/d(unit of row b) = d target_b / d(unit of row b).
-        got = torch.autograd.grad(target_lp.sum(), [tr[n] for n in wrt], materialize_grads=True)
-        grads = {n: g.detach() for n, g in zip(wrt, got, strict=True)}
-
-    data = AttentionData()
-    data.arch, data.layers, data.methods, data.store = arch, requested, list(methods), store
-    data.input_ids, data.attention_mask, data.query = input_ids, mask, q
-    data.target_token, data.target_logprob = target.detach(), target_lp.detach()
-    data.target_kind = ["given" if given else "next" if bool(h) else "argmax" for h in has_next]
-    data.rollout_matrices, data.n_units, data.errors = {}, {}, errors
-    data.unit = "head" if is_transformer(arch) else "channel"
-
-    def attempt(method: str, fn) -> None:
-        if method not in methods or method in data.errors:
-            return
-        try:
-            fn()
-        except Exception as exc:
-            if on_error == "raise":
-                raise
-            data.errors[method] = f"{type(exc).__name__}: {exc}"
-
-    kernel_mask = None if attention_mask is None else mask
+    tr, methods = _traced(model, input_ids, _names(arch, methods, requested, chain), trace_mask, methods,
+                          on_error, errors)
+    data = _new_data(tr, arch, requested, methods, store, input_ids, mask, q, target, errors)
+    grad = any(m in GRADIENT_METHODS for m in methods)
+    grads = _gradients(tr, arch, requested, methods, data.target_logprob) if grad else {}
+    data.target_logprob = data.target_logprob.detach()
     with torch.no_grad():
         for layer in sorted(set(requested) | set(chain)):
             units = {k: v.detach() for k, v in tr.layer(layer).items()}
-            entry: dict[str, Tensor] = {}
-            is_requested = layer in requested
             if is_transformer(arch):
-                pattern = units["attn.hook_pattern"].float()  # [b, H, L, L]
-                if is_requested:
-                    data.n_units[layer] = pattern.shape[1]
-                    if store == "full":
-                        entry["attention_matrix"] = pattern
-                    if store in ("full", "vectors"):
-                        entry["attention_vectors"] = pattern.mean(1)
-                    entry["query_attention"] = pattern[rows, :, q]
-                if "rollout" in methods:
-                    data.rollout_matrices[layer] = _row_normalise(pattern.mean(1))
-                if is_requested:
-                    name = f"blocks.{layer}.attn.hook_pattern"
-
-                    def aw(entry=entry, units=units, layer=layer, pattern=pattern) -> None:
-                        v = units["attn.hook_v"].transpose(1, 2).float()  # [b, H_kv, L, dh]
-                        # grouped-query attention: each query head reads its group's values
-                        v = v.repeat_interleave(pattern.shape[1] // v.shape[1], dim=1)  # [b, H, L, dh]
-                        W = head_write_weights(model, layer).float()
-                        entry["value_norm"] = v.norm(dim=-1)
-                        entry["value_write_norm"] = torch.einsum("bhsp,hpd->bhsd", v, W).norm(dim=-1)
-
-                    def gg(entry=entry, name=name) -> None:
-                        entry["grad_query_attention"] = grads[name].float()[rows, :, q]
-
-                    def gxp(entry=entry, name=name, pattern=pattern) -> None:
-                        entry["grad_x_attention"] = (grads[name].float() * pattern).sum(-1)
-
-                    attempt("attention_weighted", aw)
-                    attempt("gradient_guided", gg)
-                    attempt("gradient_x_post", gxp)
+                entry = _transformer_layer(model, data, layer, units, grads, on_error)
             else:
-                params = mixer_params(model, layer)
-                if is_requested:
-                    data.n_units[layer] = params.d_inner
-                    full = None
-                    if store == "full":
-                        try:
-                            full = hidden_attention(units, params, "s6", attention_mask=kernel_mask,
-                                                    max_bytes=max_bytes)
-                        except AttentionMemoryError as exc:
-                            raise AttentionMemoryError(
-                                f"layer {layer}: {exc} Here: extract with store='rows' (only the query rows the "
-                                "methods use) or store='vectors' (the [b, L, L] channel mean).") from exc
-                        entry["attention_matrix"] = full
-                        entry["attention_vectors"] = full.mean(1)
-                        entry["query_attention"] = full[rows, :, q]
-                    else:
-                        if store == "vectors":
-                            entry["attention_vectors"] = hidden_attention(
-                                units, params, "s6", reduce="mean", attention_mask=kernel_mask, max_bytes=max_bytes)
-                        uniq, inv = torch.unique(q, return_inverse=True)
-                        qrows = hidden_attention(units, params, "s6", rows=uniq, attention_mask=kernel_mask,
-                                                 max_bytes=max_bytes)
-                        entry["query_attention"] = qrows[rows, :, inv]
-                    wd = entry["query_attention"].dtype
-                    u = units["mixer.hook_ssm_input"].to(wd)
-                    y, gate = units["mixer.hook_y"].to(wd), units["mixer.hook_gate"].to(wd)
-                    gate = output_gate(y, gate, params)
-                    entry["ssm_input"] = u
-                    entry["gate_q"] = gate[rows, q]
-                    entry["write_norm"] = params.out_proj_weight.to(wd).norm(dim=0)
-                    if "gradient_guided" in methods:
-                        entry["grad_y_q"] = grads[f"blocks.{layer}.mixer.hook_y"].to(wd)[rows, q]
-                    if "gradient_x_post" in methods:
-                        name = f"blocks.{layer}.mixer.hook_post"
-                        entry["post_x_grad"] = units["mixer.hook_post"].to(wd) * grads[name].to(wd)
-
-                    def blk(entry=entry, units=units, params=params) -> None:
-                        uniq, inv = torch.unique(q, return_inverse=True)
-                        m = hidden_attention(units, params, "block", rows=uniq, attention_mask=kernel_mask,
-                                             max_bytes=max_bytes)
-                        entry["block_query"] = m[rows, :, inv]
-                        entry["x"] = units["mixer.hook_x"].to(m.dtype)
-
-                    attempt("block", blk)
-                if "rollout" in methods:
-                    full = entry.get("attention_matrix")
-                    absmean = full.abs().mean(1) if full is not None else hidden_attention(
-                        units, params, "s6", reduce="absmean", attention_mask=kernel_mask, max_bytes=max_bytes)
-                    data.rollout_matrices[layer] = _row_normalise(absmean)
-            if is_requested:
+                entry = _mamba_layer(model, data, layer, units, grads, trace_mask, max_bytes, on_error)
+            if layer in requested:
                 data[layer] = entry
     # keep the requested order for iteration
     ordered = {layer: data[layer] for layer in requested}
     data.clear()
     data.update(ordered)
     return data
+
+
+def _valid_methods(methods: str | Iterable[str] | None, arch: str, on_error: str, errors: dict[str, str]) -> list[str]:
+    """The methods to extract: raise mode checks them all; record mode (integrate_mamba_attention_neurons)
+    makes a bad method name that method's failure only, in ``errors``."""
+    if on_error == "raise":
+        return check_methods(methods, arch)
+    wanted = check_methods(None, arch) if methods is None else [methods] if isinstance(methods, str) else methods
+    valid: list[str] = []
+    for m in wanted:
+        try:
+            check_method(m, arch)
+        except ValueError as exc:
+            errors[m] = str(exc)
+            continue
+        if m not in valid:
+            valid.append(m)
+    return valid
+
+
+def _rollout_chain(model: nn.Module, arch: str, requested: list[int], methods: list[str], on_error: str,
+                   errors: dict[str, str]) -> tuple[list[str], list[int]]:
+    """(methods, the layers 0..max(requested) rollout multiplies, [] without rollout); on a hybrid whose
+    chain crosses a non-SSM layer, rollout is refused (raised, or recorded and dropped)."""
+    chain = list(range(max(requested) + 1)) if "rollout" in methods else []
+    gaps = [layer for layer in chain if not is_transformer(arch) and layer not in adapter(model).ssm_layers()]
+    if not gaps:
+        return methods, chain
+    why = (f"rollout multiplies every layer's attention from layer 0, and layers {gaps} of this {arch} model "
+           "are not SSM layers (rollout through attention and MLP layers of a hybrid is not implemented)")
+    if on_error == "raise":
+        raise ValueError(why)
+    errors["rollout"] = why
+    return [m for m in methods if m != "rollout"], []
+
+
+def _traced(model: nn.Module, input_ids: Tensor, names: list[str], mask: Tensor | None, methods: list[str],
+            on_error: str, errors: dict[str, str]) -> tuple[Trace, list[str]]:
+    """(the trace, methods): with autograd when a gradient method is asked for.  In record mode a failed
+    autograd forward is the gradient methods' failure only: the others run from a plain forward."""
+    grad = any(m in GRADIENT_METHODS for m in methods)
+    try:
+        return trace(model, input_ids, names, attention_mask=mask, grad=grad), methods
+    except RuntimeError as exc:
+        if not grad or on_error == "raise":
+            raise
+        for m in methods:
+            if m in GRADIENT_METHODS:
+                errors[m] = f"autograd forward failed: {type(exc).__name__}: {exc}"
+        return trace(model, input_ids, names, attention_mask=mask), [m for m in methods if m not in GRADIENT_METHODS]
+
+
+def _new_data(tr: Trace, arch: str, requested: list[int], methods: list[str], store: str, input_ids: Tensor,
+              mask: Tensor, q: Tensor, target: Tensor | None, errors: dict[str, str]) -> AttentionData:
+    """The shared attributes, the target among them: log p(target) at each row's query, where the target
+    is the given token, else the actual next token where one exists at q+1, else the argmax prediction.
+    ``target_logprob`` is still attached to the graph (for :func:`_gradients`)."""
+    b, L = input_ids.shape
+    rows = torch.arange(b, device=input_ids.device)
+    logp = torch.log_softmax(tr.logits[rows, q].float(), dim=-1)  # [b, V]
+    has_next = (q + 1 < L) & mask.gather(1, (q + 1).clamp_max(L - 1)[:, None])[:, 0].bool()
+    nxt = input_ids.gather(1, (q + 1).clamp_max(L - 1)[:, None])[:, 0]
+    given = target is not None
+    if given:
+        target = torch.as_tensor(target, device=input_ids.device).long().reshape(-1)
+        if target.shape != (b,):
+            raise ValueError(f"target must hold one token per row ({b}), got shape {tuple(target.shape)}")
+    else:
+        target = torch.where(has_next, nxt, logp.argmax(-1))
+    data = AttentionData()
+    data.arch, data.layers, data.methods, data.store = arch, requested, list(methods), store
+    data.input_ids, data.attention_mask, data.query = input_ids, mask, q
+    data.target_token, data.target_logprob = target.detach(), logp[rows, target]
+    data.target_kind = ["given" if given else "next" if bool(h) else "argmax" for h in has_next]
+    data.rollout_matrices, data.n_units, data.errors = {}, {}, errors
+    data.unit = "head" if is_transformer(arch) else "channel"
+    return data
+
+
+def _gradients(tr: Trace, arch: str, requested: list[int], methods: list[str], target_lp: Tensor) -> dict[str, Tensor]:
+    """One backward of Σ_b target_b to every unit a gradient method reads, at every requested layer."""
+    if is_transformer(arch):
+        wrt = [f"blocks.{layer}.attn.hook_pattern" for layer in requested]
+    else:
+        wrt = [f"blocks.{layer}.mixer.hook_y" for layer in requested if "gradient_guided" in methods]
+        wrt += [f"blocks.{layer}.mixer.hook_post" for layer in requested if "gradient_x_post" in methods]
+    # Rows of a batch never interact, so d(Σ_b target_b)/d(unit of row b) = d target_b / d(unit of row b).
+    got = torch.autograd.grad(target_lp.sum(), [tr[n] for n in wrt], materialize_grads=True)
+    return {n: g.detach() for n, g in zip(wrt, got, strict=True)}
+
+
+def _attempt(data: AttentionData, method: str, fn: Callable[[], None], on_error: str) -> None:
+    """Run one method's piece; in record mode its failure goes to ``data.errors[method]``."""
+    if method not in data.methods or method in data.errors:
+        return
+    try:
+        fn()
+    except Exception as exc:
+        if on_error == "raise":
+            raise
+        data.errors[method] = f"{type(exc).__name__}: {exc}"
+
+
+def _transformer_layer(model: nn.Module, data: AttentionData, layer: int, units: dict[str, Tensor],
+                       grads: dict[str, Tensor], on_error: str) -> dict[str, Tensor]:
+    """A transformer layer's entry from its softmax pattern (and the rollout matrix when rollout runs)."""
+    pattern = units["attn.hook_pattern"].float()  # [b, H, L, L]
+    rows, q = torch.arange(pattern.shape[0], device=pattern.device), data.query
+    if "rollout" in data.methods:
+        data.rollout_matrices[layer] = _row_normalise(pattern.mean(1))
+    if layer not in data.layers:
+        return {}
+    entry: dict[str, Tensor] = {}
+    data.n_units[layer] = pattern.shape[1]
+    if data.store == "full":
+        entry["attention_matrix"] = pattern
+    if data.store in ("full", "vectors"):
+        entry["attention_vectors"] = pattern.mean(1)
+    entry["query_attention"] = pattern[rows, :, q]
+    name = f"blocks.{layer}.attn.hook_pattern"
+
+    def aw() -> None:
+        v = units["attn.hook_v"].transpose(1, 2).float()  # [b, H_kv, L, dh]
+        # grouped-query attention: each query head reads its group's values
+        v = v.repeat_interleave(pattern.shape[1] // v.shape[1], dim=1)  # [b, H, L, dh]
+        W = head_write_weights(model, layer).float()
+        entry["value_norm"] = v.norm(dim=-1)
+        entry["value_write_norm"] = torch.einsum("bhsp,hpd->bhsd", v, W).norm(dim=-1)
+
+    def gg() -> None:
+        entry["grad_query_attention"] = grads[name].float()[rows, :, q]
+
+    def gxp() -> None:
+        entry["grad_x_attention"] = (grads[name].float() * pattern).sum(-1)
+
+    _attempt(data, "attention_weighted", aw, on_error)
+    _attempt(data, "gradient_guided", gg, on_error)
+    _attempt(data, "gradient_x_post", gxp, on_error)
+    return entry
+
+
+def _mamba_layer(model: nn.Module, data: AttentionData, layer: int, units: dict[str, Tensor],
+                 grads: dict[str, Tensor], mask: Tensor | None, max_bytes: int | None,
+                 on_error: str) -> dict[str, Tensor]:
+    """An SSM layer's entry from its hidden attention (and the rollout matrix when rollout runs)."""
+    params = mixer_params(model, layer)
+    entry: dict[str, Tensor] = {}
+    if layer in data.layers:
+        entry = _mamba_entry(model, data, layer, units, params, grads, mask, max_bytes, on_error)
+    if "rollout" in data.methods:
+        full = entry.get("attention_matrix")
+        absmean = full.abs().mean(1) if full is not None else hidden_attention(
+            units, params, "s6", reduce="absmean", attention_mask=mask, max_bytes=max_bytes)
+        data.rollout_matrices[layer] = _row_normalise(absmean)
+    return entry
+
+
+def _query_rows(data: AttentionData, layer: int, units: dict[str, Tensor], params: MixerParams, mask: Tensor | None,
+                max_bytes: int | None) -> dict[str, Tensor]:
+    """``attention_matrix``, ``attention_vectors`` (as ``data.store`` says) and ``query_attention`` of the s6 α."""
+    rows, q = torch.arange(data.query.shape[0], device=data.query.device), data.query
+    if data.store == "full":
+        try:
+            full = hidden_attention(units, params, "s6", attention_mask=mask, max_bytes=max_bytes)
+        except AttentionMemoryError as exc:
+            raise AttentionMemoryError(
+                f"layer {layer}: {exc} Here: extract with store='rows' (only the query rows the "
+                "methods use) or store='vectors' (the [b, L, L] channel mean).") from exc
+        return {"attention_matrix": full, "attention_vectors": full.mean(1), "query_attention": full[rows, :, q]}
+    out: dict[str, Tensor] = {}
+    if data.store == "vectors":
+        out["attention_vectors"] = hidden_attention(units, params, "s6", reduce="mean", attention_mask=mask,
+                                                    max_bytes=max_bytes)
+    uniq, inv = torch.unique(q, return_inverse=True)
+    qrows = hidden_attention(units, params, "s6", rows=uniq, attention_mask=mask, max_bytes=max_bytes)
+    out["query_attention"] = qrows[rows, :, inv]
+    return out
+
+
+def _mamba_entry(model: nn.Module, data: AttentionData, layer: int, units: dict[str, Tensor], params: MixerParams,
+                 grads: dict[str, Tensor], mask: Tensor | None, max_bytes: int | None,
+                 on_error: str) -> dict[str, Tensor]:
+    rows, q = torch.arange(data.query.shape[0], device=data.query.device), data.query
+    data.n_units[layer] = params.d_inner
+    entry = _query_rows(data, layer, units, params, mask, max_bytes)
+    wd = entry["query_attention"].dtype
+    u = units["mixer.hook_ssm_input"].to(wd)
+    y, gate = units["mixer.hook_y"].to(wd), units["mixer.hook_gate"].to(wd)
+    entry["ssm_input"] = u
+    entry["gate_q"] = output_gate(y, gate, params)[rows, q]
+    entry["write_norm"] = params.out_proj_weight.to(wd).norm(dim=0)
+    if "gradient_guided" in data.methods:
+        entry["grad_y_q"] = grads[f"blocks.{layer}.mixer.hook_y"].to(wd)[rows, q]
+    if "gradient_x_post" in data.methods:
+        entry["post_x_grad"] = units["mixer.hook_post"].to(wd) * grads[f"blocks.{layer}.mixer.hook_post"].to(wd)
+
+    def blk() -> None:
+        uniq, inv = torch.unique(q, return_inverse=True)
+        m = hidden_attention(units, params, "block", rows=uniq, attention_mask=mask, max_bytes=max_bytes)
+        entry["block_query"] = m[rows, :, inv]
+        entry["x"] = units["mixer.hook_x"].to(m.dtype)
+
+    _attempt(data, "block", blk, on_error)
+    return entry
 
 
 def per_channel(data: AttentionData, layer: int, t: Tensor, dim: int = 1) -> Tensor:

@@ -139,10 +139,9 @@ def masked_logprob(model: nn.Module, ids: Tensor, rows: Tensor, masks: Tensor, q
         sel = by_query[start:start + chunk]
         u = uniq[sel]
         end = int(u[:, 1].max()) + 1
-        with torch.no_grad():
-            logits = trace_stream(model, ids[u[:, 0], :end], None, attention_mask=u[:, 3:3 + end])
-        at = logits[torch.arange(sel.numel(), device=logits.device), u[:, 1]].float()
-        out[sel] = torch.log_softmax(at, -1).gather(1, u[:, 2:3])[:, 0]
+        with torch.no_grad():  # the unembedding runs at the query positions only
+            at = trace_stream(model, ids[u[:, 0], :end], None, attention_mask=u[:, 3:3 + end], logits_at=u[:, 1])
+        out[sel] = torch.log_softmax(at.float(), -1).gather(1, u[:, 2:3])[:, 0]
     return out[inverse]
 
 
@@ -253,7 +252,7 @@ def evaluate_faithfulness(
 
 
 def context_queries(model: nn.Module, windows: Tensor, *, margin: float | None, candidates: int = 8, seed: int = 0,
-                    chunk: int = 64) -> dict:
+                    chunk: int = 64, enough: int | None = None, block: int = 16) -> dict:
     """Per window, a query position where the context matters for the actual next token.
 
     ``margin`` None: q = T−2 in every window.  Otherwise ``candidates`` positions per window are drawn
@@ -262,26 +261,45 @@ def context_queries(model: nn.Module, windows: Tensor, *, margin: float | None, 
     the candidate with the largest gap is the window's query if the gap is at least ``margin`` nats, else
     the window is left out.  Returns ``keep`` [n] bool, ``query`` [n], ``full``, ``masked`` [n] (log-probs
     at the chosen query; the T−2 ones where no candidate qualified).
+
+    ``enough``: the windows are scored in order, ``block`` at a time, until this many qualify, and the
+    result covers the windows scored (a prefix of ``windows``).  Each window's candidates are drawn for
+    all windows at once and its scores depend on no other window, so the prefix is what scoring every
+    window would give there.
     """
     n, T = windows.shape
-    device = windows.device
-    with torch.no_grad():
-        logits = trace_stream(model, windows, None).float()
-    full_all = torch.log_softmax(logits[:, :-1], -1).gather(2, windows[:, 1:, None])[..., 0].double()  # [n, T-1]
+    cand = _query_candidates(n, T, margin, candidates, seed, windows.device)
+    step = n if enough is None else block
+    parts: list[dict] = []
+    for start in range(0, n, step):  # a loop over blocks of windows, until enough qualify
+        parts.append(_score_queries(model, windows[start:start + step], cand[start:start + step], margin, chunk))
+        if enough is not None and sum(int(p["keep"].sum()) for p in parts) >= enough:
+            break
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def _query_candidates(n: int, T: int, margin: float | None, candidates: int, seed: int,
+                      device: torch.device) -> Tensor:
+    """[n, k] candidate query positions per window (``context_queries``)."""
     if margin is None:
-        q = torch.full((n,), T - 2, device=device)
-        cand = q[:, None]
-    else:
-        low = T // 4
-        k = min(candidates, T - 1 - low)
-        gen = torch.Generator().manual_seed(seed + 4049)
-        cand = (torch.rand(n, T - 1 - low, generator=gen).argsort(1)[:, :k] + low).to(device)  # [n, k]
-    k = cand.shape[1]
+        return torch.full((n, 1), T - 2, device=device)
+    low = T // 4
+    k = min(candidates, T - 1 - low)
+    gen = torch.Generator().manual_seed(seed + 4049)
+    return (torch.rand(n, T - 1 - low, generator=gen).argsort(1)[:, :k] + low).to(device)
+
+
+def _score_queries(model: nn.Module, windows: Tensor, cand: Tensor, margin: float | None, chunk: int) -> dict:
+    """``context_queries`` of ``windows`` [n, T] with their candidates ``cand`` [n, k]."""
+    n, k = cand.shape
+    device = windows.device
+    with torch.no_grad():  # the unembedding at the candidates only
+        at = trace_stream(model, windows, None, logits_at=cand).float()  # [n, k, V]
+    full = torch.log_softmax(at, -1).gather(2, windows.gather(1, cand + 1)[..., None])[..., 0].double()
     rows = torch.arange(n, device=device).repeat_interleave(k)
     qs = cand.reshape(-1)
-    masks = (torch.arange(T - 1, device=device)[None, :] >= qs[:, None]).long()
+    masks = (torch.arange(windows.shape[1] - 1, device=device)[None, :] >= qs[:, None]).long()
     masked = masked_logprob(model, windows, rows, masks, qs, windows[rows, qs + 1], chunk=chunk).reshape(n, k).double()
-    full = full_all.gather(1, cand)
     best = (full - masked).argmax(1)
     pick = torch.arange(n, device=device)
     q = cand[pick, best]
@@ -298,7 +316,7 @@ def _token_level(model: nn.Module, windows: Tensor, layers: list[int], methods: 
                  candidates: int, max_windows: int | None) -> dict | None:
     """The token-level result; None (and ``errors["token_level"]``) when no window qualifies."""
     T = windows.shape[1]
-    chosen = context_queries(model, windows, margin=margin, candidates=candidates, seed=seed)
+    chosen = context_queries(model, windows, margin=margin, candidates=candidates, seed=seed, enough=max_windows)
     keep = chosen["keep"].nonzero()[:, 0]
     if max_windows is not None:
         keep = keep[:max_windows]

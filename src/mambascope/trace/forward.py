@@ -188,6 +188,7 @@ def trace_stream(
     grad: bool = False,
     state_positions: Iterable[int] | None = None,
     cache: DecodeCache | None = None,
+    logits_at: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the model once, handing ``callback(layer, {unit: tensor})`` each layer's requested units.
 
@@ -207,11 +208,18 @@ def trace_stream(
             ``_Emitter.state``); only the SSM state, not the conv window, is replaced.
         cache: decoding state (``mambascope.trace.generate``): the SSM and attention parts continue from it
             and update it, and input_ids are the tokens from position ``cache.offset`` on.
-    Returns the logits [b, L, V].
+        logits_at: [b] one position per row, or [b, k] k positions per row: only the logits there are
+            computed and returned, [b, V] or [b, k, V] (the final norm and unembedding run on those
+            positions alone, not on all b·L).
+    Returns the logits [b, L, V] (with ``logits_at``: [b, V] or [b, k, V]).
     """
     ad = adapter(model)
     check_inputs(model, input_ids, attention_mask, max_length)
     positions = state_positions_of(state_positions, input_ids.shape[1])
+    if logits_at is not None and (logits_at.dim() not in (1, 2) or logits_at.shape[0] != input_ids.shape[0] or not bool(
+            ((logits_at >= 0) & (logits_at < input_ids.shape[1])).all())):
+        raise ValueError(f"logits_at must hold positions in 0..{input_ids.shape[1] - 1}, [b] or [b, k] for the "
+                         f"{input_ids.shape[0]} rows, got shape {tuple(logits_at.shape)}")
     edits, knockouts = split_knockouts(edits or {})
     units, wanted_names = resolve_units(ad, names, edits, positions)
     wanted = set(wanted_names) if callback is not None else set()
@@ -234,8 +242,11 @@ def trace_stream(
             h = ad.run_block(index, ad.on_block_device(index, h, ctx), ctx, emit)
             if collected:
                 callback(index, collected)
-        logits = ad.logits(h)
-    return logits
+        if logits_at is None:
+            return ad.logits(h)
+        at = logits_at.to(h.device)
+        picked = h.gather(1, at.reshape(h.shape[0], -1, 1).expand(-1, -1, h.shape[-1]))  # [b, k, D]
+        return ad.logits(picked).reshape(*at.shape, -1)
 
 
 def trace(
