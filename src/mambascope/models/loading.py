@@ -31,6 +31,7 @@ BUNDLED: dict[str, str] = {
     "tiny-mamba2-mqar": "Mamba-2 trained on MQAR, 8 key-value pairs in 64 tokens (docs/models.md, Task models)",
     "tiny-gpt-mqar": "GPT-2 trained on MQAR, 8 key-value pairs in 64 tokens (docs/models.md, Task models)",
     "tiny-gpt-copy": "GPT-2 trained on copying 31 symbols in 64 tokens (docs/models.md, Task models)",
+    "tiny-mamba-copy": "Mamba-1 trained on copying 31 symbols in 64 tokens (docs/models.md, Task models)",
     "tiny-mamba2-copy": "Mamba-2 trained on copying 31 symbols in 64 tokens (docs/models.md, Task models)",
 }
 _DTYPES: dict[str, torch.dtype] = {
