@@ -19,7 +19,8 @@ ARCH_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "gpt2"
               "bamba": "BambaForCausalLM"}
 BUNDLED_ARCH = {"tiny-mamba": "mamba", "tiny-mamba2": "mamba2", "tiny-gpt": "gpt2", "tiny-hybrid": "bamba"}
 # The bundled task models (docs/models.md, "Task models"); each must reach 95 % held-out query accuracy.
-TASK_ARCH = {"tiny-mamba-mqar": "mamba", "tiny-mamba-copy": "mamba", "tiny-mamba2-mqar": "mamba2", "tiny-gpt-mqar": "gpt2", "tiny-gpt-copy": "gpt2",
+TASK_ARCH = {"tiny-mamba-mqar": "mamba", "tiny-mamba-copy": "mamba",
+             "tiny-mamba2-mqar": "mamba2", "tiny-gpt-mqar": "gpt2", "tiny-gpt-copy": "gpt2",
              "tiny-mamba2-copy": "mamba2"}
 # Smallest shapes that still exercise every code path (Mamba-2: 2 heads, 1 group, chunking).
 TINY = {
