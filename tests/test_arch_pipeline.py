@@ -27,8 +27,10 @@ def hybrid_checkpoint(tmp_path_factory, small_tokenizer):
 
 def test_analyze_a_hybrid(tmp_path, hybrid_checkpoint):
     out = tmp_path / "hyb"
+    # every method named, rollout included (analyze's default leaves it out)
     code = main(["analyze", "--model", hybrid_checkpoint, "--window", "32", "--max-tokens", "512", "--draws", "3",
-                 "--out", str(out), "--quiet", "--device", "cpu"])
+                 "--out", str(out), "--quiet", "--device", "cpu", "--methods", "attention_weighted",
+                 "gradient_guided", "rollout", "block", "gradient_x_post"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["model"]["layer_kinds"] == ["mamba2", "mlp", "attention", "mamba2"]
@@ -56,3 +58,21 @@ def test_compare_a_hybrid_with_pure_models(tmp_path, hybrid_checkpoint, small_ch
     rows = [r for r in comparison["layers"] if r["arch"] == "nemotron_h"]
     assert [r["layer_kind"] for r in rows] == ["mamba2", "mlp", "attention", "mamba2"]
     assert rows[2]["entropy"] is not None and "entropy" not in rows[1]  # real softmax pattern; MLP has none
+
+
+def test_analyze_leaves_rollout_out_of_its_default_methods(small_checkpoints):
+    """``analyze`` without --methods: every method the model supports but rollout; --methods and the other
+    commands are passed through unchanged."""
+    import argparse
+
+    from mambascope.cli import _attention_methods
+    from mambascope.models import load_model
+
+    mamba, _ = load_model(small_checkpoints["mamba2"], device="cpu")
+    gpt, _ = load_model(small_checkpoints["gpt2"], device="cpu")
+    analyze = argparse.Namespace(command="analyze", methods=None)
+    assert _attention_methods(analyze, mamba) == ["attention_weighted", "gradient_guided", "block", "gradient_x_post"]
+    assert _attention_methods(analyze, gpt) == ["attention_weighted", "gradient_guided", "gradient_x_post"]
+    named = argparse.Namespace(command="analyze", methods=["rollout"])
+    assert _attention_methods(named, mamba) == ["rollout"]
+    assert _attention_methods(argparse.Namespace(command="attention", methods=None), mamba) is None

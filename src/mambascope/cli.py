@@ -19,7 +19,7 @@ import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 OK, FAILED, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
 # Raised for what the user gave us (flags, files, models): exit 2.  Anything else reaching main() is a failure.
@@ -478,6 +478,22 @@ def _run_rank(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
     return OK
 
 
+# `analyze`'s default attention-neuron methods leave out `rollout`: its input, the channel mean of every layer's
+# full [L, L] hidden attention, and its faithfulness curves are a third of the stage (docs/design.md §8).
+ANALYZE_SKIPS = ("rollout",)
+
+
+def _attention_methods(args: argparse.Namespace, model: Any) -> list[str] | None:
+    """``--methods``, or for ``analyze`` without it every method the model supports except ``ANALYZE_SKIPS``."""
+    methods = getattr(args, "methods", None)
+    if methods is not None or args.command != "analyze":
+        return methods
+    from mambascope.arch import architecture
+    from mambascope.attribution import check_methods
+
+    return [m for m in check_methods(None, architecture(model)) if m not in ANALYZE_SKIPS]
+
+
 def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
     from mambascope.pipeline import neuron_table, print_analysis_summary, run_analysis
     from mambascope.results import save_results, save_table
@@ -498,7 +514,7 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
         try:
             results = run_analysis(
                 model, tokenizer, windows, info=info, layers=args.layers, stages=stages,
-                attention_layers=getattr(args, "attention_layers", None), methods=getattr(args, "methods", None),
+                attention_layers=getattr(args, "attention_layers", None), methods=_attention_methods(args, model),
                 heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, draws=args.draws,
                 seed=args.seed, progress=not args.quiet, save=save,
                 scan=None if plan is None else scan_function(plan),
@@ -1196,7 +1212,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p, "mambascope-out")
     p.add_argument("--attention-layers", type=int, nargs="+", default=None,
                    help="layers for attention neurons (default: as --layers)")
-    p.add_argument("--methods", nargs="+", default=None, help="attention-neuron methods (default: all)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="attention-neuron methods (default: all but rollout, which costs a third of the stage; "
+                        "name it to include it)")
     _add_scale_args(p)
     p.set_defaults(func=_cmd_analyze)
 
