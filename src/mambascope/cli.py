@@ -695,7 +695,6 @@ def _run_ground_truth(args: argparse.Namespace) -> int:
     from mambascope.attribution.ground_truth import print_ground_truth, run_ground_truth, task_settings
     from mambascope.models import BUNDLED, bundled_path, load_model
     from mambascope.pipeline import model_info
-    from mambascope.results import save_json
 
     torch.manual_seed(args.seed)
     with _claim(args, "ground_truth") as out:
@@ -707,18 +706,28 @@ def _run_ground_truth(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         truth = run_ground_truth(model, settings, n_queries=args.queries, layers=args.layers, methods=args.methods,
                                  seed=args.seed, whole_model=args.whole_model_methods or ())
-        results = {"model": model_info(model, args.model),
-                   "corpus": {"name": f"task:{args.task}", "split": "held-out", "windows": truth["n_queries"],
-                              "window": truth["seq_len"], "tokens": truth["n_queries"] * truth["seq_len"]},
-                   "ground_truth": truth, "errors": {f"ground_truth: {m}": r for m, r in truth["errors"].items()},
-                   "timings": {"ground_truth": round(time.perf_counter() - start, 3)}, "incomplete": []}
-        if args.report:
-            _render(results, out.staging, args.debug)
-        save_json(out.file("results.json"), results)
-        path = out.commit()
+        corpus = {"name": f"task:{args.task}", "split": "held-out", "windows": truth["n_queries"],
+                  "window": truth["seq_len"], "tokens": truth["n_queries"] * truth["seq_len"]}
+        path, results = _commit_section(args, out, model_info(model, args.model), corpus, "ground_truth", truth,
+                                        time.perf_counter() - start)
     print_ground_truth(truth)
     print(f"results: {path / 'results.json'}")
     return FAILED if results["errors"] else OK
+
+
+def _commit_section(args: argparse.Namespace, out: Any, model: dict, corpus: dict, key: str, section: dict,
+                    seconds: float) -> tuple[Path, dict]:
+    """The results of a one-section command (``attention --task``, ``leaderboard``): results.json with the
+    section under ``key`` and its failures named in ``errors``, the report, then the output swapped in."""
+    from mambascope.results import save_json
+
+    results = {"model": model, "corpus": corpus, key: section,
+               "errors": {f"{key}: {m}": r for m, r in section["errors"].items()},
+               "timings": {key: round(seconds, 3)}, "incomplete": []}
+    if args.report:
+        _render(results, out.staging, args.debug)
+    save_json(out.file("results.json"), results)
+    return out.commit(), results
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -730,7 +739,6 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 
     from mambascope.attribution.input_attribution import BASELINES, Settings
     from mambascope.attribution.leaderboard import check_models, print_leaderboard, run_leaderboard
-    from mambascope.results import save_json
 
     _at_least(args, "--flip-positions", 2)
     _at_least(args, "--ig-steps", 1)
@@ -745,14 +753,10 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
                                 seed=args.seed, settings=Settings(ig_steps=args.ig_steps, baseline=args.baseline),
                                 progress=say)
         names = [*board["models"], *board["flipping"]]
-        results = {"model": {"name": f"leaderboard: {', '.join(names)}", "arch": "several"},
-                   "corpus": {"name": "task held-out examples; builtin (validation) for ΔA^F", "split": "held-out"},
-                   "leaderboard": board, "errors": {f"leaderboard: {m}": r for m, r in board["errors"].items()},
-                   "timings": {"leaderboard": round(time.perf_counter() - start, 3)}, "incomplete": []}
-        if args.report:
-            _render(results, out.staging, args.debug)
-        save_json(out.file("results.json"), results)
-        path = out.commit()
+        path, results = _commit_section(
+            args, out, {"name": f"leaderboard: {', '.join(names)}", "arch": "several"},
+            {"name": "task held-out examples; builtin (validation) for ΔA^F", "split": "held-out"},
+            "leaderboard", board, time.perf_counter() - start)
     print_leaderboard(board)
     print(f"results: {path / 'results.json'}")
     return FAILED if results["errors"] else OK
