@@ -6,6 +6,7 @@ import jsonschema
 import pytest
 import torch
 
+from cli_helpers import one_line, run
 from mambascope.attribution.input_attribution import CAPTUM_METHODS, TOKEN_METHODS
 from mambascope.cli import main
 from mambascope.interventions.knockout import knockout_edits
@@ -15,20 +16,6 @@ from mambascope.trace import trace
 
 TEXT = "def read(self, path):\n    return open(path)."
 ATTRIBUTE = ["attribute", "--model", "tiny-mamba", "--quiet"]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line(err, *needles):
-    assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if line.startswith("mambascope: error")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,26 +13,16 @@ from pathlib import Path
 
 import pytest
 
+import cli_helpers
+from cli_helpers import run
 from mambascope.cli import main
 
 FAST = ["--window", "32", "--max-tokens", "256", "--no-ablation", "--no-report", "--quiet"]
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def one_line(err: str, *needles: str) -> str:
-    """The single mambascope error line of ``err``, checked to name each of ``needles``."""
-    assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if line.startswith("mambascope: error")
-             or line.startswith("mambascope: failed")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    """The single mambascope error (or failure) line of ``err``, checked to name each of ``needles``."""
+    return cli_helpers.one_line(err, *needles, prefixes=("mambascope: error", "mambascope: failed"))
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

@@ -4,18 +4,12 @@ import json
 
 import pytest
 
-from mambascope.cli import main
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from cli_helpers import run
 
 
 def test_census_writes_results_and_table(tmp_path, capsys, small_checkpoints):
     out = tmp_path / "census"
-    code, stdout, _ = _run(capsys, "census", "--model", small_checkpoints["mamba2"], "--window", "32",
+    code, stdout, _ = run(capsys, "census", "--model", small_checkpoints["mamba2"], "--window", "32",
                            "--max-tokens", "512", "--draws", "3", "--out", str(out), "--quiet")
     assert code == 0
     results = json.loads((out / "results.json").read_text())
@@ -34,7 +28,7 @@ def test_census_writes_results_and_table(tmp_path, capsys, small_checkpoints):
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, small_checkpoints, argv, message):
     argv = ["census", "--model", small_checkpoints["mamba"], *argv, "--out", str(tmp_path / "o"), "--quiet"]
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run(capsys, *argv)
     assert code == 2
     lines = [line for line in err.strip().splitlines() if line.startswith("mambascope")]
     assert len(lines) == 1 and message in lines[0]
@@ -46,12 +40,12 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys, small_che
     out = tmp_path / "o"
     args = ["census", "--model", small_checkpoints["gpt2"], "--window", "32", "--max-tokens", "256",
             "--no-ablation", "--out", str(out), "--quiet"]
-    assert _run(capsys, *args)[0] == 0
+    assert run(capsys, *args)[0] == 0
     first = (out / "results.json").read_text()
-    code, _, err = _run(capsys, *args)
+    code, _, err = run(capsys, *args)
     assert code == 2 and "--overwrite" in err
     assert (out / "results.json").read_text() == first
-    code, _, _ = _run(capsys, *args, "--overwrite")
+    code, _, _ = run(capsys, *args, "--overwrite")
     assert code == 0 and (out / "results.json").exists() and (out / ".mambascope").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no staging, old copy or lock left behind
 
@@ -64,7 +58,7 @@ def test_interrupt_keeps_finished_parts(tmp_path, capsys, small_checkpoints, mon
 
     monkeypatch.setattr(pipeline, "census_interventions", interrupt)
     out = tmp_path / "o"
-    code, _, err = _run(capsys, "census", "--model", small_checkpoints["mamba"], "--window", "32",
+    code, _, err = run(capsys, "census", "--model", small_checkpoints["mamba"], "--window", "32",
                         "--max-tokens", "512", "--out", str(out), "--quiet")
     assert code == 130 and "finished stages kept" in err
     results = json.loads((out / "results.json").read_text())

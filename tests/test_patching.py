@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from mambascope.cli import main
+from cli_helpers import one_line, run
 from mambascope.interventions import activation_patching, attribution_patching, gaussian_noise, run_patched
 from mambascope.interventions.patching import NOISE_UNIT, Patch, embedding_std, unit_rows
 from mambascope.models import load_model
@@ -325,20 +325,6 @@ def test_api_refuses_bad_requests(bundled):
 
 
 # ------------------------------------------------------------------------------------------ CLI
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line(err, *needles):
-    assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if line.startswith("mambascope: error")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
 
 PATCH = ["patch", "--model", "tiny-mamba", "--quiet"]
 

@@ -8,23 +8,26 @@ import torch
 from safetensors.torch import save_file
 
 import mambascope.models
+from cli_helpers import run
 from mambascope import load_model
 from mambascope.arch import adapter
-from mambascope.cli import main
 
 PROMPT = "The quick brown fox"
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _one_error_line(err: str) -> str:
     lines = [line for line in err.strip().splitlines() if line.startswith("mambascope")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def _steer_feature(capsys, tmp_path, feature: str, scale: float, new: int) -> dict:
+    """``mambascope steer --feature DIR:i`` on tiny-mamba; its steer.json."""
+    out = tmp_path / "steer"
+    code, _, _ = run(capsys, "steer", "--model", "tiny-mamba", "--device", "cpu", "--prompt", PROMPT, "--feature",
+                     feature, "--scale", scale, "--max-new-tokens", new, "--out", out, "--quiet")
+    assert code == 0
+    return json.loads((out / "steer.json").read_text())
 
 
 def _slow_greedy(model, ids, new, module, hook, pre):
@@ -48,7 +51,7 @@ def test_unit_steering_matches_hf_hooks(tmp_path, capsys, mamba):
     model, tokenizer = mamba
     layer, neuron, scale, new = 1, 12, 20.0, 8
     out = tmp_path / "steer"
-    code, stdout, _ = _run(capsys, "steer", "--model", "tiny-mamba", "--device", "cpu", "--prompt", PROMPT,
+    code, stdout, _ = run(capsys, "steer", "--model", "tiny-mamba", "--device", "cpu", "--prompt", PROMPT,
                            "--unit", f"{layer}:{neuron}", "--scale", str(scale), "--max-new-tokens", str(new),
                            "--out", str(out), "--quiet")
     assert code == 0
@@ -88,12 +91,7 @@ def test_feature_steering_adds_the_decoder_row(tmp_path, capsys, mamba):
     W_dec = torch.randn(6, d, generator=torch.Generator().manual_seed(0))
     sae = _dictionary(tmp_path / "sae", "blocks.0.hook_resid_post", W_dec)
     feature, scale, new = 4, 3.0, 8
-    out = tmp_path / "steer"
-    code, _, _ = _run(capsys, "steer", "--model", "tiny-mamba", "--device", "cpu", "--prompt", PROMPT, "--feature",
-                      f"{sae}:{feature}", "--scale", str(scale), "--max-new-tokens", str(new), "--out", str(out),
-                      "--quiet")
-    assert code == 0
-    record = json.loads((out / "steer.json").read_text())
+    record = _steer_feature(capsys, tmp_path, f"{sae}:{feature}", scale, new)
     ids = torch.tensor([tokenizer.encode(PROMPT)])
 
     def add(module, args, output):
@@ -114,12 +112,7 @@ def test_transcoder_feature_writes_at_its_output_hook(tmp_path, capsys, mamba):
     sae = _dictionary(tmp_path / "tc", "blocks.1.hook_resid_pre", W_dec, architecture="transcoder",
                       hook_name_out="blocks.1.hook_mixer_out", d_out=d)
     feature, scale, new = 2, 4.0, 6
-    out = tmp_path / "steer"
-    code, _, _ = _run(capsys, "steer", "--model", "tiny-mamba", "--device", "cpu", "--prompt", PROMPT, "--feature",
-                      f"{sae}:{feature}", "--scale", str(scale), "--max-new-tokens", str(new), "--out", str(out),
-                      "--quiet")
-    assert code == 0
-    record = json.loads((out / "steer.json").read_text())
+    record = _steer_feature(capsys, tmp_path, f"{sae}:{feature}", scale, new)
     assert record["hook_name"] == "blocks.1.hook_mixer_out"
     ids = torch.tensor([tokenizer.encode(PROMPT)])
 
@@ -153,14 +146,14 @@ def test_bad_input_fails_before_the_model_loads(capsys, monkeypatch, argv, messa
         argv += ["--scale", "2"]
     if "--prompt" not in argv:
         argv += ["--prompt", PROMPT]
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run(capsys, *argv)
     assert code == 2
     assert message in _one_error_line(err)
 
 
 def test_set_mode_refused_for_a_feature(tmp_path, capsys):
     sae = _dictionary(tmp_path / "sae", "blocks.0.hook_resid_post", torch.ones(3, 4))
-    code, _, err = _run(capsys, "steer", "--prompt", PROMPT, "--feature", f"{sae}:1", "--scale", "1",
+    code, _, err = run(capsys, "steer", "--prompt", PROMPT, "--feature", f"{sae}:1", "--scale", "1",
                         "--mode", "set")
     assert code == 2 and "--mode set" in _one_error_line(err)
 
@@ -181,7 +174,7 @@ def test_model_dependent_errors_are_one_line(tmp_path, capsys, spec, message):
         width = int(rest[1]) if rest[0] == "width" else 128
         sae = _dictionary(tmp_path / "sae", hook, torch.ones(4, width))
         what = ["--feature", f"{sae}:{rest[1] if rest[0] == 'index' else 1}"]
-    code, _, err = _run(capsys, "steer", "--model", "tiny-mamba", "--device", "cpu", "--prompt", PROMPT, *what,
+    code, _, err = run(capsys, "steer", "--model", "tiny-mamba", "--device", "cpu", "--prompt", PROMPT, *what,
                         "--scale", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "o"), "--quiet")
     assert code == 2
     assert message in _one_error_line(err)
@@ -200,7 +193,7 @@ def test_an_existing_out_is_refused_before_any_generation(tmp_path, capsys, monk
         raise AssertionError("generated before --out was claimed")
 
     monkeypatch.setattr(generation, "generate", refuse)
-    code, stdout, err = _run(capsys, "steer", "--model", "tiny-mamba", "--prompt", PROMPT, "--unit", "0:1",
+    code, stdout, err = run(capsys, "steer", "--model", "tiny-mamba", "--prompt", PROMPT, "--unit", "0:1",
                              "--scale", "2", "--max-new-tokens", "2", "--out", str(out))
     assert code == 2 and stdout == ""
     assert "exists; pass --overwrite" in _one_error_line(err)
