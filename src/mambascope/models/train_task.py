@@ -286,16 +286,18 @@ def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len:
     stopped_at: int | None = None
     t_train = time.perf_counter()
 
-    def stats(step: int, accuracy: float, complete: bool) -> dict[str, Any]:
-        return _stats(arch, task, model, config, tok, heldout, shape, pairs, settings, steps_done=step,
-                      accuracy=accuracy, complete=complete, stopped_at=stopped_at, curve=curve, dev=dev,
-                      train_time=time.perf_counter() - t_train, wall_time=time.perf_counter() - t_start)
-
     settings = {"seq_len": seq_len, "num_pairs": num_pairs, "min_pairs": min_pairs, "steps": steps,
                 "batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay, "seed": seed,
                 "reference_init": reference_init, "sinusoidal_positions": sinusoidal_positions,
                 "train_queries": train_queries, "unit_decay": unit_decay, "eval_every": eval_every,
                 "stop_at": stop_at}
+
+    def stats(step: int, accuracy: float, complete: bool) -> dict[str, Any]:
+        return _stats(arch, task, model, config, tok, heldout, shape, pairs, settings, steps_done=step,
+                      accuracy=accuracy, complete=complete, stopped_at=stopped_at, curve=curve, dev=dev,
+                      train_time=time.perf_counter() - t_train, wall_time=time.perf_counter() - t_start)
+
+    accuracy = float("nan")  # of the last evaluation; the last step always evaluates
     with _training_scan(arch):
         for step in range(steps):
             batch = pairs.batch(task, batch_size, seq_len, seed, step, min_pairs, train_queries)
@@ -309,7 +311,8 @@ def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len:
                 if task == "mqar":
                     entry["train_pairs"] = pairs.current  # "mix": the largest count of the mix
                 if evaluate:
-                    entry["heldout_query_accuracy"] = round(task_accuracy(model, heldout), 4)
+                    accuracy = task_accuracy(model, heldout)
+                    entry["heldout_query_accuracy"] = round(accuracy, 4)
                 curve.append(entry)
                 shown = f"pairs {pairs.current} " if task == "mqar" else ""
                 log(f"[{arch} {task}] step {step + 1}/{steps} {shown}loss {running / n:.3f} "
@@ -320,10 +323,8 @@ def _train_task(arch: str, task: str, out: Path, heldout: TaskBatch, *, seq_len:
                         stopped_at = step + 1
                         break
                     _save(model, tok, out, stats(step + 1, entry["heldout_query_accuracy"], complete=False))
-    steps_done = stopped_at or steps
-    accuracy = task_accuracy(model, heldout)
     model.eval()
-    final = stats(steps_done, accuracy, complete=True)
+    final = stats(stopped_at or steps, accuracy, complete=True)
     _save(model, tok, out, final)
     log(f"[{arch} {task}] held-out query accuracy {accuracy:.4f} on {heldout.num_queries} queries")
     return final

@@ -64,9 +64,9 @@ class _S6Scan(torch.autograd.Function):
         L, b, N, E = states.shape
         need_u, need_dt, need_A, need_B, need_C, need_h0 = ctx.needs_input_grad
         gy = None if gy is None else gy.unsqueeze(2).contiguous()  # [L, b, 1, E]
-        dtu = dt * u
-        GB = states.new_zeros(L, b, 1, E)  # Σ_n ∂L/∂x_t[n, e]·B_t[n]
-        ga_dt = states.new_zeros(L, b, 1, E)  # Σ_n ∂L/∂a_t[n, e]·A[e, n]
+        dtu = dt * u if need_B else None
+        GB = states.new_zeros(L, b, 1, E) if need_u or need_dt else None  # Σ_n ∂L/∂x_t[n, e]·B_t[n]
+        ga_dt = states.new_zeros(L, b, 1, E) if need_dt else None  # Σ_n ∂L/∂a_t[n, e]·A[e, n]
         gB = torch.zeros_like(B) if need_B else None
         gC = torch.zeros_like(C) if need_C else None
         gA_sum = states.new_zeros(b, N, E) if need_A else None  # Σ_t ∂L/∂a_t·Δ_t, summed over b at the end
@@ -80,7 +80,8 @@ class _S6Scan(torch.autograd.Function):
                 if need_C:
                     torch.matmul(states[t], gy[t].transpose(-1, -2), out=gC[t])  # Σ_e gy_t[e]·h_t[n, e]
             torch.mul(dt[t], At, out=decay).exp_()
-            torch.matmul(B[t].transpose(-1, -2), G, out=GB[t])
+            if GB is not None:
+                torch.matmul(B[t].transpose(-1, -2), G, out=GB[t])
             if need_B:
                 torch.matmul(G, dtu[t].transpose(-1, -2), out=gB[t])  # Σ_e ∂L/∂x_t[n, e]·Δ_t[e]·u_t[e]
             h_prev = states[t - 1] if t > 0 else h0
