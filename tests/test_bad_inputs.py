@@ -65,6 +65,8 @@ FLAG_CASES = [
     (["analyze", "--attention-layers", "-2"], "--attention-layers"),
     (["analyze", "--methods", "bogus_method"], "bogus_method"),
     (["attention", "--methods", "rollout", "nope"], "nope"),
+    (["analyze", "--whole-model-methods", "lrp", "saliency"], "--whole-model-methods"),
+    (["attention", "--whole-model-methods", "block"], "--whole-model-methods"),
     (["census", "--split", "test"], "--split"),
     (["census", "--device", "tpu"], "tpu"),
     (["census", "--device", "cuda:7"], "cuda"),

@@ -7,6 +7,7 @@ import torch
 
 from mambascope.attribution import evaluate_faithfulness, faithfulness, faithfulness_table
 from mambascope.attribution.faithfulness import context_ranking, perturbed_logprob, token_ranking
+from mambascope.attribution.input_attribution import TOKEN_METHODS, Settings
 from mambascope.interventions import ablation_edits, heldout_loss
 from mambascope.trace import trace
 from test_attention_neurons import V, make_model
@@ -24,7 +25,7 @@ def evaluated(request):
     sel, ev = windows(4, 1), windows(5, 2)
     res = evaluate_faithfulness(model, sel, ev, [0, 1], ["attention_weighted", "rollout", "gradient_x_post"],
                                 k=3 if request.param != "gpt2" else 1, steps=4, seed=0, batch_size=3,
-                                query_margin=None)
+                                query_margin=None, whole_model=["lrp", "gradient_x_input"])
     return request.param, model, sel, ev, res
 
 
@@ -59,6 +60,38 @@ def test_token_curves(evaluated):
             assert vs["mean"] == pytest.approx(e["difference"] - tok["random"]["difference"])
 
 
+def test_whole_model_methods_are_scored_by_the_same_curves(evaluated):
+    """Each whole-model method's MoRF / LeRF curves equal a slow loop: its relevance for one window at a time
+    (input_attribution's one-prediction functions), a plain sort, the top (bottom) round(f·q) context
+    positions masked by hand, the traced forward's log-prob of the next token."""
+    _, model, _, ev, res = evaluated
+    tok, q = res["token"], T - 2
+    assert set(tok["whole_model"]) == {"lrp", "gradient_x_input"} and res["whole_model_methods"] == list(
+        tok["whole_model"])
+    for method, entry in tok["whole_model"].items():
+        morf, lerf = torch.zeros(len(ev), 5), torch.zeros(len(ev), 5)
+        for w, ids in enumerate(ev):
+            target = int(ids[q + 1])
+            relevance = TOKEN_METHODS[method](model, ids, q, target, Settings())[0].relevance[:q]
+            order = torch.argsort(relevance, descending=True)
+            for i, f in enumerate(tok["fractions"]):
+                k = round(f * q)
+                for curve, removed in ((morf, order[:k]), (lerf, order.flip(0)[:k])):
+                    mask = torch.ones(1, T, dtype=torch.long)
+                    mask[0, removed] = 0
+                    with torch.no_grad():
+                        logits = trace(model, ids[None], [], attention_mask=mask).logits[0, q]
+                    curve[w, i] = torch.log_softmax(logits, -1)[target]
+        assert entry["morf"] == pytest.approx(morf.mean(0).tolist(), abs=1e-5)
+        assert entry["lerf"] == pytest.approx(lerf.mean(0).tolist(), abs=1e-5)
+        vs = entry["vs_random"]
+        assert entry["above_random"] == (vs["low"] > 0) and (method in tok["above_random"]) == entry["above_random"]
+    table = faithfulness_table(res)
+    whole = table[table["method"].isin(["lrp", "gradient_x_input"])]
+    assert len(whole) == 2 and whole["layer"].isna().all() and list(whole["layer"]) == [None, None]
+    assert not table[table["method"] == "random"]["layer"].isna().any()
+
+
 def test_neuron_ablation_against_random(evaluated):
     kind, model, _, ev, res = evaluated
     neu = res["neuron"]
@@ -80,8 +113,9 @@ def test_neuron_ablation_against_random(evaluated):
         loss = heldout_loss(model, ev, edits=ablation_edits(model, {1: ent["units"]})).loss
         assert ent["loss"] == pytest.approx(loss)
     table = faithfulness_table(res)
-    assert set(table["method"]) == {"attention_weighted", "rollout", "gradient_x_post", "random"}
-    assert len(table) == 4 * 2
+    assert set(table["method"]) == {"attention_weighted", "rollout", "gradient_x_post", "random", "lrp",
+                                    "gradient_x_input"}
+    assert len(table) == 4 * 2 + 2  # per layer, and one row for each whole-model method
     assert {"morf_area", "lerf_area", "area_difference", "delta_loss", "random_delta_mean", "random_delta_std"} <= set(
         table.columns)
 

@@ -14,6 +14,8 @@ from torch import nn
 from family_check import rel
 from mambascope.attribution.input_attribution import (
     TOKEN_METHODS,
+    Settings,
+    batch_relevance,
     gradient_x_input,
     integrated_gradients,
     occlusion,
@@ -66,6 +68,30 @@ def test_linear_model_gives_the_exact_contributions(method, position):
     # (``single_attrib.float()``) to fp32: their error is fp32's, gradient × input's fp64's
     assert rel(got.relevance, model.exact(IDS, position, 4)) < (1e-12 if method is gradient_x_input else 1e-6)
     assert torch.all(got.relevance[position + 1:] == 0)
+
+
+def test_batched_gradient_x_input_is_each_rows_exact_contribution():
+    """A batch of predictions at different positions and targets: row r's relevance is row r's exact terms."""
+    model = LinearLM()
+    ids = torch.tensor([IDS, IDS[::-1], IDS[2:] + IDS[:2]])
+    positions, targets = torch.tensor([8, 5, 3]), torch.tensor([4, 0, 11])
+    got = batch_relevance(model, ids, positions, targets, "gradient_x_input")
+    for r in range(3):
+        assert rel(got[r], model.exact(ids[r].tolist(), int(positions[r]), int(targets[r]))) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["lrp", "gradient_x_input", "occlusion"])
+def test_batch_relevance_equals_one_prediction_at_a_time(tiny_mamba, method):
+    model, ids = tiny_mamba
+    batch = torch.tensor([ids, ids[::-1]])
+    positions, targets = torch.tensor([len(ids) - 1, 6]), torch.tensor([17, 300])
+    got = batch_relevance(model, batch, positions, targets, method)
+    for r in range(2):
+        one = TOKEN_METHODS[method](model, batch[r], int(positions[r]), int(targets[r]), Settings())[0].relevance
+        assert rel(got[r], one) < 1e-10
+        assert torch.all(got[r, int(positions[r]) + 1:] == 0)
+    with pytest.raises(ValueError, match="not a whole-model method"):
+        batch_relevance(model, batch, positions, targets, "block")
 
 
 @pytest.fixture(scope="module")

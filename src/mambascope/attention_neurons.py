@@ -224,6 +224,7 @@ def run_attention_analysis(
     random_seeds: int = 3,
     draws: int = 3,
     neuron_windows: int | None = None,
+    whole_model: Sequence[str] = (),
 ) -> dict:
     """JSON-ready attention-neuron summary of ``windows`` [n, T] for the CLI / pipeline.
 
@@ -231,7 +232,8 @@ def run_attention_analysis(
     the full ``activation`` and ``importance`` vectors, and ``relevance_first_window`` [T] (window 0).
     With ``faithfulness``: :func:`~mambascope.attribution.faithfulness.evaluate_faithfulness` on
     ``select_windows``/``eval_windows`` (default: the first/second half of ``windows``, recorded as such)
-    and its table rows.  Failures are reported by name in ``errors`` (a method, or ``"faithfulness"``).
+    and its table rows, with the ``whole_model`` token attributions scored beside the methods.  Failures are
+    reported by name in ``errors`` (a method, or ``"faithfulness"``).
     """
     if not isinstance(windows, Tensor) or windows.dim() != 2 or windows.shape[0] == 0:
         raise ValueError("windows must be a non-empty LongTensor [n, T]")
@@ -286,7 +288,8 @@ def run_attention_analysis(
             try:
                 faith = evaluate_faithfulness(model, select_windows, eval_windows, layers, wanted, k=k, steps=steps,
                                               seed=seed, random_seeds=random_seeds, draws=draws,
-                                              batch_size=batch_size, neuron_windows=neuron_windows)
+                                              batch_size=batch_size, neuron_windows=neuron_windows,
+                                              whole_model=whole_model)
                 summary["faithfulness"] = faith | {"split": split,
                                                    "table": faithfulness_table(faith).to_dict(orient="records")}
             except Exception as exc:

@@ -138,6 +138,14 @@ def _check_flags(args: argparse.Namespace) -> None:
         unknown = [m for m in args.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    whole = getattr(args, "whole_model_methods", None)
+    if whole and whole != ["none"]:
+        from mambascope.attribution.ground_truth import check_whole_model
+
+        try:
+            check_whole_model(whole)
+        except ValueError as exc:
+            raise ValueError(f"--whole-model-methods: {exc} (or none)") from None
     if hasattr(args, "split"):
         if args.split is None:
             args.split = "all" if Path(args.corpus).suffix.lower() in (".txt", ".jsonl") else "validation"
@@ -494,6 +502,17 @@ def _attention_methods(args: argparse.Namespace, model: Any) -> list[str] | None
     return [m for m in check_methods(None, architecture(model)) if m not in ANALYZE_SKIPS]
 
 
+def _whole_model_methods(args: argparse.Namespace, model: Any) -> list[str]:
+    """``--whole-model-methods`` (``none``: no method), by default ``DEFAULT_WHOLE_MODEL``'s that the model supports."""
+    from mambascope.attribution.faithfulness import DEFAULT_WHOLE_MODEL
+    from mambascope.attribution.input_attribution import unavailable
+
+    methods = getattr(args, "whole_model_methods", None)
+    if methods is None:
+        return [m for m in DEFAULT_WHOLE_MODEL if unavailable(model, m) is None]
+    return [] if methods == ["none"] else methods
+
+
 def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
     from mambascope.pipeline import neuron_table, print_analysis_summary, run_analysis
     from mambascope.results import save_results, save_table
@@ -515,6 +534,7 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
             results = run_analysis(
                 model, tokenizer, windows, info=info, layers=args.layers, stages=stages,
                 attention_layers=getattr(args, "attention_layers", None), methods=_attention_methods(args, model),
+                whole_model_methods=_whole_model_methods(args, model),
                 heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, draws=args.draws,
                 seed=args.seed, progress=not args.quiet, save=save,
                 scan=None if plan is None else scan_function(plan),
@@ -672,15 +692,6 @@ def _cmd_census(args: argparse.Namespace) -> int:
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
-    if args.whole_model_methods:
-        from mambascope.attribution.ground_truth import check_whole_model
-
-        if args.task is None:
-            raise ValueError("--whole-model-methods scores against a task's ground truth: add --task")
-        try:
-            check_whole_model(args.whole_model_methods)
-        except ValueError as exc:
-            raise ValueError(f"--whole-model-methods: {exc}") from None
     if args.task is not None:
         return _run_ground_truth(args)
     return _run(args, ("attention_neurons",))
@@ -705,7 +716,7 @@ def _run_ground_truth(args: argparse.Namespace) -> int:
         _check_model_flags(args, model, window=False)  # a task model's length is the task's
         start = time.perf_counter()
         truth = run_ground_truth(model, settings, n_queries=args.queries, layers=args.layers, methods=args.methods,
-                                 seed=args.seed, whole_model=args.whole_model_methods or ())
+                                 seed=args.seed, whole_model=_whole_model_methods(args, model))
         corpus = {"name": f"task:{args.task}", "split": "held-out", "windows": truth["n_queries"],
                   "window": truth["seq_len"], "tokens": truth["n_queries"] * truth["seq_len"]}
         path, results = _commit_section(args, out, model_info(model, args.model), corpus, "ground_truth", truth,
@@ -1201,8 +1212,18 @@ def _cmd_sae(args: argparse.Namespace) -> int:
     return FAILED if results["errors"] else OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_whole_model_arg(p: argparse.ArgumentParser) -> None:
+    from mambascope.attribution.faithfulness import DEFAULT_WHOLE_MODEL
     from mambascope.attribution.input_attribution import WHOLE_MODEL_METHODS
+
+    p.add_argument("--whole-model-methods", nargs="+", default=None, metavar="METHOD",
+                   help="whole-model token attributions scored beside the attention-neuron methods (token-level "
+                   f"faithfulness; with --task, against the ground truth), of {', '.join(WHOLE_MODEL_METHODS)}, or "
+                   f"none (default: {' '.join(DEFAULT_WHOLE_MODEL)} where the model supports them; "
+                   "integrated_gradients, occlusion and knockout cost 10-60x more a window: name them to add them)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     from mambascope.models.train import ARCHS as TRAIN_ARCHS
 
     parser = _Parser(prog="mambascope", description="Neuron-level interpretability of Mamba models.",
@@ -1219,6 +1240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None,
                    help="attention-neuron methods (default: all but rollout, which costs a third of the stage; "
                         "name it to include it)")
+    _add_whole_model_arg(p)
     _add_scale_args(p)
     p.set_defaults(func=_cmd_analyze)
 
@@ -1244,9 +1266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, choices=["mqar", "copy"],
                    help="score the methods against the ground truth of a task model (train-tiny --task)")
     p.add_argument("--queries", type=int, default=512, help="held-out queries for --task (default: %(default)s)")
-    p.add_argument("--whole-model-methods", nargs="+", default=None, metavar="METHOD",
-                   help="--task: also score these whole-model methods, one forward set per query: "
-                   f"{', '.join(WHOLE_MODEL_METHODS)} (mambascope attribute's; default: none)")
+    _add_whole_model_arg(p)
     p.set_defaults(func=_cmd_attention)
 
     p = sub.add_parser("leaderboard", parents=common,

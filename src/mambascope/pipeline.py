@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mambascope.arch import adapter
-from mambascope.interventions import ablation_study, check_draws, pruning_study
+from mambascope.interventions import ablation_study, check_draws, heldout_loss, pruning_study
 from mambascope.neurons import (
     ATTENTION_ROW_UNITS,
     EmptyAccumulatorError,
@@ -459,10 +459,11 @@ def census_interventions(model: nn.Module, layer_results: dict[str, dict], heldo
                 for layer in layers}
     by_group = {g: {layer: groups[layer][g] for layer in layers} for g in GROUPS}
     n_neurons = {layer: layer_results[str(layer)]["n_neurons"] for layer in layers}
+    base = heldout_loss(model, heldout, batch_size=batch_size)  # both studies' unedited loss
     ablation = ablation_study(model, heldout, by_group, means, n_neurons, draws=draws, seed=seed,
-                              batch_size=batch_size, progress=progress)
+                              batch_size=batch_size, progress=progress, baseline=base)
     pruning = pruning_study(model, heldout, priority, pruning_ratios, draws=draws, seed=seed, batch_size=batch_size,
-                            progress=progress)
+                            progress=progress, baseline=base)
     pruning["priority"] = "dead, then rarely active (rarest first), then lowest mean|post| x |out_proj column|"
     return {"ablation": ablation, "pruning": pruning}
 
@@ -529,7 +530,8 @@ DEFAULT_STAGES = ("census", "interventions", "attention_neurons")  # "features" 
 
 def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, info: dict[str, Any],
                  layers: Sequence[int] | None = None, attention_layers: Sequence[int] | None = None,
-                 methods: Sequence[str] | None = None, stages: Sequence[str] = DEFAULT_STAGES,
+                 methods: Sequence[str] | None = None, whole_model_methods: Sequence[str] = (),
+                 stages: Sequence[str] = DEFAULT_STAGES,
                  heldout_fraction: float = 0.25, attention_windows: int = 16, faithfulness: bool = True,
                  batch_size: int = 8, draws: int = 3, seed: int = 0, progress: bool = True,
                  save: Any = None, scan: Callable[..., LossResult] | None = None,
@@ -546,6 +548,8 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
     n-gram summaries (``census_accumulate``).  ``dictionary`` (coder, spec, path) from
     ``features.census.open_dictionary``: the ``features`` stage censuses its features on the same windows.
     ``census_options``: ``LayerCensus`` options of both censuses (e.g. the detectors' ``min_precision``).
+    ``whole_model_methods``: whole-model token attributions scored in the attention stage's token-level
+    faithfulness beside the attention-neuron methods (``evaluate_faithfulness``).
 
     The returned dict holds every per-neuron field; ``results.save_results`` writes it as a slim
     ``results.json`` plus the neuron store (``mambascope.results.store``; docs/results.md says where each field goes).
@@ -593,7 +597,7 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
         results["attention_neurons"] = run_attention_analysis(
             model, select[:n], layers=list(attention_layers if attention_layers is not None else default),
             methods=methods, faithfulness=faithfulness, select_windows=select[:n], eval_windows=heldout,
-            batch_size=batch_size, seed=seed, draws=draws, neuron_windows=n)
+            batch_size=batch_size, seed=seed, draws=draws, neuron_windows=n, whole_model=whole_model_methods)
 
     work = {"census": census, "features": features, "interventions": interventions, "attention_neurons": attention}
     todo = [s for s in STAGES if s in stages]
@@ -731,9 +735,10 @@ def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
             ci = "" if row.get("area_difference_low") is None else (
                 f" [{row['area_difference_low']:+.3f}, {row['area_difference_high']:+.3f}]"
                 + {True: " above random", False: " not above random", None: ""}[row.get("above_random")])
-            lines.append(f"  {row['method']:<18} layer {row['layer']}: area diff "
-                         f"{'n/a' if area is None else f'{area:+.4f}'}{ci}, Δloss "
-                         f"{'n/a' if delta is None else f'{delta:+.4f}'}")
+            where = "whole model" if row["layer"] is None else f"layer {row['layer']}"
+            lines.append(f"  {row['method']:<18} {where}: area diff "
+                         f"{'n/a' if area is None else f'{area:+.4f}'}{ci}"
+                         + ("" if row["layer"] is None else f", Δloss {'n/a' if delta is None else f'{delta:+.4f}'}"))
     for method, reason in attention.get("errors", {}).items():
         lines.append(f"FAILED attention neurons {method}: {reason}")
     for name, reason in results.get("errors", {}).items():

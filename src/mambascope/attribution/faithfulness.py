@@ -13,7 +13,9 @@ context) at q is recorded.  Areas are trapezoids over f ∈ [0, 1]; difference =
 (``random_seeds`` seeds, averaged per window) is always a row; a method is *above random* when the
 bootstrap interval of its paired per-window difference minus random's lies above 0.  Every perturbed
 input of a batch (all methods, layers, directions, fractions, random seeds) is built first and each
-distinct one runs once (:func:`masked_logprob`).
+distinct one runs once (:func:`masked_logprob`).  Whole-model token attributions (MambaLRP, gradient ×
+input, …; :mod:`mambascope.attribution.input_attribution`, for the target's logit at q) rank the same
+context once per window, not per layer, and are scored by the same curves against the same random rows.
 
 (b) Neuron level: each layer's units are ranked by each method's importance, summed over the selection
 windows (same query/target rule); the top k are zero-ablated (Mamba: channels of ``mixer.hook_post``
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 from mambascope.arch import is_transformer
 from mambascope.attribution.bootstrap import bootstrap_mean
 from mambascope.attribution.extract import METHODS, check_layers, check_method, extract
+from mambascope.attribution.input_attribution import WHOLE_MODEL_METHODS, batch_relevance, unavailable
 from mambascope.attribution.methods import method_records
 from mambascope.interventions.ablation import ablation_edits, heldout_loss, random_groups
 from mambascope.trace import architecture, trace_stream
@@ -43,10 +46,14 @@ from mambascope.trace.forward import Edit
 FRACTIONS_DEFAULT_STEPS = 4
 QUERY_MARGIN = 1.0  # nats: the context must raise log p(next token) at least this much over no context
 TOKEN_WINDOWS = 64
+WHOLE = "whole model"  # the layer of a whole-model method's curves
+# one forward and backward per batch of windows; integrated gradients (64 per window), occlusion and knockout
+# (one forward per context token) cost 10-60x more and are named to be run
+DEFAULT_WHOLE_MODEL = ("lrp", "gradient_x_input")
 
-__all__ = ["FRACTIONS_DEFAULT_STEPS", "QUERY_MARGIN", "TOKEN_WINDOWS", "context_queries", "context_ranking",
-           "evaluate_faithfulness", "faithfulness_table", "masked_logprob", "monte_carlo_p", "perturbed_logprob",
-           "removal_masks", "token_ranking"]
+__all__ = ["DEFAULT_WHOLE_MODEL", "FRACTIONS_DEFAULT_STEPS", "QUERY_MARGIN", "TOKEN_WINDOWS", "WHOLE",
+           "context_queries", "context_ranking", "evaluate_faithfulness", "faithfulness_table", "masked_logprob",
+           "monte_carlo_p", "perturbed_logprob", "removal_masks", "token_ranking"]
 
 
 def _check_windows(windows: Tensor, what: str, min_len: int) -> Tensor:
@@ -201,6 +208,7 @@ def evaluate_faithfulness(
     query_candidates: int = 8,
     token_windows: int | None = TOKEN_WINDOWS,
     neuron_windows: int | None = None,
+    whole_model: Sequence[str] = (),
 ) -> dict:
     """Token- and neuron-level faithfulness of ``methods`` at ``layers`` (module docstring).
 
@@ -211,6 +219,7 @@ def evaluate_faithfulness(
     query_margin, query_candidates: how each eval window's query is chosen (:func:`context_queries`; None:
     q = T−2); token_windows: the first this many qualifying eval windows are scored (None: all);
     neuron_windows: the ablation loss is measured on the first this many eval windows (None: all).
+    whole_model: whole-model methods (``WHOLE_MODEL_METHODS``) scored at the token level too.
     A method that fails is reported in ``errors[method]`` and the others go on.  Returns a JSON-ready dict
     (see :func:`faithfulness_table` for the flat view).
     """
@@ -233,12 +242,19 @@ def evaluate_faithfulness(
             valid.append(m)
         except ValueError as exc:
             errors[m] = str(exc)
-    result: dict = {"arch": arch, "layers": layers, "methods": methods, "seed": seed, "errors": errors}
+    unknown = [m for m in whole_model if m not in WHOLE_MODEL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown whole-model method {unknown[0]!r}; choose from {', '.join(WHOLE_MODEL_METHODS)}")
+    whole_model = list(dict.fromkeys(whole_model))
+    errors |= {m: reason for m in whole_model if (reason := unavailable(model, m))}
+    result: dict = {"arch": arch, "layers": layers, "methods": methods, "whole_model_methods": whole_model,
+                    "seed": seed, "errors": errors}
     fractions = [i / steps for i in range(steps + 1)]
 
     if token_level:
         result["token"] = _token_level(model, eval_windows, layers, valid, fractions, seed, random_seeds,
-                                       batch_size, errors, query_margin, query_candidates, token_windows)
+                                       batch_size, errors, query_margin, query_candidates, token_windows,
+                                       whole_model)
     if neuron_level:
         select_windows = _check_windows(select_windows, "select_windows", 3).to(device)
         if select_windows.shape[1] == eval_windows.shape[1]:
@@ -311,10 +327,29 @@ def _interval(values: Tensor, seed: int) -> dict:
     return bootstrap_mean(values.cpu().numpy(), seed=seed)
 
 
+def _whole_model_orders(model: nn.Module, batch: Tensor, query: Tensor, context: Tensor, methods: Sequence[str],
+                        generator: torch.Generator, errors: dict[str, str]) -> dict[tuple, Tensor]:
+    """{(method, WHOLE): removal order [b, n]} of each whole-model method not yet failed, for log p(next token)
+    at each row's query; a method that fails is recorded in ``errors`` (later batches skip it)."""
+    targets = batch[torch.arange(batch.shape[0]), query + 1]
+    cut = batch[:, :int(query.max()) + 1]
+    orders = {}
+    for method in [m for m in methods if m not in errors]:
+        try:
+            relevance = batch_relevance(model, cut, query, targets, method)
+            orders[(method, WHOLE)] = context_ranking(relevance[:, :context.shape[1]].to(context.device), context,
+                                                      generator, method)
+        except Exception as exc:  # one failing method must not stop the others
+            errors[method] = f"{type(exc).__name__}: {exc}"
+    return orders
+
+
 def _token_level(model: nn.Module, windows: Tensor, layers: list[int], methods: list[str], fractions: list[float],
                  seed: int, random_seeds: int, batch_size: int, errors: dict[str, str], margin: float | None,
-                 candidates: int, max_windows: int | None) -> dict | None:
-    """The token-level result; None (and ``errors["token_level"]``) when no window qualifies."""
+                 candidates: int, max_windows: int | None, whole_model: Sequence[str] = ()) -> dict | None:
+    """The token-level result; None (and ``errors["token_level"]``) when no window qualifies.  ``whole_model``:
+    methods of ``input_attribution.WHOLE_MODEL_METHODS`` ranked beside the per-layer ones (``whole_model``
+    entries), for the target log-prob's token at each query."""
     T = windows.shape[1]
     chosen = context_queries(model, windows, margin=margin, candidates=candidates, seed=seed, enough=max_windows)
     keep = chosen["keep"].nonzero()[:, 0]
@@ -331,6 +366,7 @@ def _token_level(model: nn.Module, windows: Tensor, layers: list[int], methods: 
     frac = torch.tensor(fractions, dtype=torch.float64, device=ids.device)
     counts_all = torch.round(frac[:, None] * q[None, :].double()).long()  # [F, n]
     gen = torch.Generator().manual_seed(seed)
+    whole_gen = torch.Generator().manual_seed(seed + 1)  # its own ties: the per-layer rankings stay as they were
     rand_gens = [torch.Generator().manual_seed(seed * 1000 + 1 + s) for s in range(random_seeds)]
     curves: dict[tuple, list[Tensor]] = {}  # (method, layer, direction) -> per-batch [b, F]
     n = ids.shape[0]
@@ -353,6 +389,7 @@ def _token_level(model: nn.Module, windows: Tensor, layers: list[int], methods: 
                     errors[method] = str(exc)
                     continue
                 orders |= {(method, layer): order for layer, order in ranked.items()}
+        orders |= _whole_model_orders(model, batch, qb, context, whole_model, whole_gen, errors)
         masks, rows = [], []
         for order in orders.values():
             for direction in (order, _context_reversed(order, qb)):
@@ -381,22 +418,18 @@ def _token_level(model: nn.Module, windows: Tensor, layers: list[int], methods: 
                # a std over one seed is undefined (null), not 0
                "difference_std": float(seed_diffs.std()) if random_seeds > 1 else None,
                "difference_ci": _interval(rand_diff, seed)}
-    out_methods: dict[str, dict] = {}
-    above: list[str] = []
-    for method in methods:
-        if method in errors:
-            continue
-        out_methods[method] = {}
-        for layer in layers:
-            morf, lerf = cat[(method, layer, "morf")], cat[(method, layer, "lerf")]
-            diff = per_window(morf, lerf)
-            entry = _curve_entry(morf.mean(0), lerf.mean(0), fractions)
-            vs = _interval(diff - rand_diff, seed + 1)
-            entry |= {"difference_ci": _interval(diff, seed), "vs_random": vs,
-                      "above_random": vs["low"] is not None and vs["low"] > 0}
-            if entry["above_random"]:
-                above.append(f"{method}@{layer}")
-            out_methods[method][str(layer)] = entry
+    def entry(key: tuple) -> dict:
+        morf, lerf = cat[(*key, "morf")], cat[(*key, "lerf")]
+        diff = per_window(morf, lerf)
+        vs = _interval(diff - rand_diff, seed + 1)
+        return _curve_entry(morf.mean(0), lerf.mean(0), fractions) | {
+            "difference_ci": _interval(diff, seed), "vs_random": vs,
+            "above_random": vs["low"] is not None and vs["low"] > 0}
+
+    out_methods = {m: {str(layer): entry((m, layer)) for layer in layers} for m in methods if m not in errors}
+    out_whole = {m: entry((m, WHOLE)) for m in whole_model if m not in errors}
+    above = [f"{m}@{layer}" for m, per in out_methods.items() for layer, e in per.items() if e["above_random"]]
+    above += [m for m, e in out_whole.items() if e["above_random"]]
     rule = ("q = T-2 in every window" if margin is None else
             f"per window, of {candidates} seeded candidates in {T // 4}..{T - 2}, the position where the full "
             f"context raises log p(next token) most over the fully masked context, if by >= {margin} nats")
@@ -406,7 +439,7 @@ def _token_level(model: nn.Module, windows: Tensor, layers: list[int], methods: 
             "baseline_logprob": float(chosen["full"][keep].mean()),
             "masked_context_logprob": float(chosen["masked"][keep].mean()),
             "interval": "95% percentile bootstrap over windows (2000 resamples); vs_random is paired",
-            "methods": out_methods, "random": random, "above_random": above}
+            "methods": out_methods, "whole_model": out_whole, "random": random, "above_random": above}
 
 
 def _context_reversed(order: Tensor, query: Tensor) -> Tensor:
@@ -469,36 +502,45 @@ def monte_carlo_p(delta: float, random_deltas: Sequence[float]) -> dict:
     return {"random_at_least": at_least, "p_vs_random": (1 + at_least) / (len(random_deltas) + 1)}
 
 
+def _token_row(tok: dict | None) -> dict:
+    if tok is None:
+        return {}
+    ci = tok.get("difference_ci") or {}
+    row = {"morf_area": tok["morf_area"], "lerf_area": tok["lerf_area"], "area_difference": tok["difference"],
+           "area_difference_low": ci.get("low"), "area_difference_high": ci.get("high")}
+    return row | ({"above_random": tok["above_random"]} if "above_random" in tok else {})
+
+
 def faithfulness_table(result: dict) -> pd.DataFrame:
     """One row per (method, layer), ``random`` included: token-curve areas and their difference, and the
-    neuron ablation's loss change against the random units' mean and std, with its Monte Carlo p-value."""
+    neuron ablation's loss change against the random units' mean and std, with its Monte Carlo p-value.
+    Whole-model methods have one row, layer None, token level only."""
     token, neuron = result.get("token") or {}, result.get("neuron") or {}
+    errors = result.get("errors", {})
     rows = []
-    for method in [*[m for m in result["methods"] if m in METHODS], "random"]:
-        if method in result.get("errors", {}):
-            continue
+    for method in [m for m in result["methods"] if m in METHODS and m not in errors]:
         for layer in result["layers"]:
             key = str(layer)
             row: dict = {"method": method, "layer": layer}
-            tok = token.get("random") if method == "random" else token.get("methods", {}).get(method, {}).get(key)
-            if tok is not None:
-                ci = tok.get("difference_ci") or {}
-                row |= {"morf_area": tok["morf_area"], "lerf_area": tok["lerf_area"],
-                        "area_difference": tok["difference"], "area_difference_low": ci.get("low"),
-                        "area_difference_high": ci.get("high")}
-                if "above_random" in tok:
-                    row["above_random"] = tok["above_random"]
+            row |= _token_row(token.get("methods", {}).get(method, {}).get(key))
             rnd = neuron.get("random", {}).get(key)
-            if method == "random" and rnd is not None:
-                row |= {"k": rnd["k"], "delta_loss": rnd["delta_mean"], "delta_loss_std": rnd["delta_std"]}
-            elif rnd is not None and key in neuron.get("methods", {}).get(method, {}):
+            if rnd is not None and key in neuron.get("methods", {}).get(method, {}):
                 ent = neuron["methods"][method][key]
                 row |= {"k": ent["k"], "delta_loss": ent["delta"], "random_delta_mean": rnd["delta_mean"],
                         "random_delta_std": rnd["delta_std"], "random_draws": len(rnd["deltas"]),
                         "p_vs_random": ent["p_vs_random"]}
             rows.append(row)
+    for method in [m for m in result.get("whole_model_methods", []) if m not in errors]:
+        rows.append({"method": method, "layer": None, **_token_row(token.get("whole_model", {}).get(method))})
+    for layer in result["layers"]:
+        row = {"method": "random", "layer": layer, **_token_row(token.get("random"))}
+        rnd = neuron.get("random", {}).get(str(layer))
+        if rnd is not None:
+            row |= {"k": rnd["k"], "delta_loss": rnd["delta_mean"], "delta_loss_std": rnd["delta_std"]}
+        rows.append(row)
     columns = ["method", "layer", "morf_area", "lerf_area", "area_difference", "area_difference_low",
                "area_difference_high", "above_random", "k", "delta_loss", "delta_loss_std",
                "random_delta_mean", "random_delta_std", "random_draws", "p_vs_random"]
     table = pd.DataFrame(rows)
+    table["layer"] = pd.Series([row["layer"] for row in rows], dtype=object)  # None, not NaN, for whole-model rows
     return table[[c for c in columns if c in table.columns]]

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from mambascope.attribution.bootstrap import bootstrap_mean
 from mambascope.attribution.extract import check_layers, check_methods
 from mambascope.attribution.faithfulness import context_ranking
+from mambascope.attribution.input_attribution import batch_relevance
 from mambascope.attribution.methods import method_records
 from mambascope.data.tasks import TaskBatch, query_correct
 from mambascope.results import to_jsonable
@@ -115,7 +116,7 @@ def attribution_accuracy(model: nn.Module, batch: TaskBatch, layers: int | Seque
     n, L = batch.input_ids.shape
     for method in whole:
         try:
-            rel[method] = {None: [_whole_model_relevance(model, method, batch.input_ids, query, pick["answer"])]}
+            rel[method] = {None: [batch_relevance(model, batch.input_ids, query, pick["answer"], method)]}
         except Exception as exc:  # one failing method must not stop the others
             errors[method] = f"{type(exc).__name__}: {exc}"
     gen = torch.Generator().manual_seed(seed + 17)
@@ -161,15 +162,6 @@ def check_whole_model(methods: Sequence[str]) -> list[str]:
     if bad:
         raise ValueError(f"unknown whole-model method {bad[0]!r}; choose from {', '.join(WHOLE_MODEL_METHODS)}")
     return list(dict.fromkeys(methods))
-
-
-def _whole_model_relevance(model: nn.Module, method: str, ids: Tensor, query: Tensor, answer: Tensor) -> Tensor:
-    """[n, L] relevance of a whole-model method for log p(answer_i) at query_i of each example i."""
-    from mambascope.attribution.input_attribution import TOKEN_METHODS, Settings
-
-    rows = [TOKEN_METHODS[method](model, ids[i], int(query[i]), int(answer[i]), Settings())[0].relevance
-            for i in range(ids.shape[0])]
-    return torch.stack(rows)
 
 
 def _correct(model: nn.Module, part: TaskBatch) -> Tensor:

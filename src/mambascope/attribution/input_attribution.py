@@ -95,13 +95,15 @@ def check_prediction(model: nn.Module, ids: Tensor | Sequence[int], target_posit
     return t.to(model.get_input_embeddings().weight.device), target_position % L
 
 
-def target_logit(model: nn.Module, ids: Tensor, position: int, token: int) -> Callable[[Tensor], Tensor]:
-    """f(e) = logits[position, token] of ``model`` on ``ids`` [1, L] with the embedding layer's output replaced
-    by e [n, L, D] (a batch of embeddings, as Captum passes them) -> [n].
+def target_logit(model: nn.Module, ids: Tensor, position: int | Tensor,
+                 token: int | Tensor) -> Callable[[Tensor], Tensor]:
+    """f(e) = logits[r, position_r, token_r] of ``model`` on ``ids`` [1, L] or [n, L] with the embedding layer's
+    output replaced by e [n, L, D] (a batch of embeddings, as Captum passes them) -> [n].
 
-    A supported family runs through the tracer (its forward equals the model's own, tests/test_trace.py, and
-    is faster than Hugging Face's reference scans on CPU); any other causal LM (``get_input_embeddings``,
-    ``forward(input_ids=...).logits``) runs its own forward."""
+    ``position`` and ``token``: one for every row, or [n] tensors, one per row of a batch of predictions (the
+    rows do not interact, so ∂f_r/∂e is row r's own).  A supported family runs through the tracer (its
+    forward equals the model's own, tests/test_trace.py, and is faster than Hugging Face's reference scans on
+    CPU); any other causal LM (``get_input_embeddings``, ``forward(input_ids=...).logits``) runs its own forward."""
     embedding = model.get_input_embeddings()
     traced = getattr(getattr(model, "config", None), "model_type", None) in ADAPTERS
 
@@ -115,7 +117,9 @@ def target_logit(model: nn.Module, ids: Tensor, position: int, token: int) -> Ca
                 logits = model(input_ids=batch).logits
         finally:
             handle.remove()
-        return logits[:, position, token]
+        dev = logits.device
+        rows = torch.arange(emb.shape[0], device=dev)
+        return logits[rows, torch.as_tensor(position, device=dev), torch.as_tensor(token, device=dev)]
 
     return f
 
@@ -146,11 +150,18 @@ def _padded(per_token: Tensor, length: int) -> Tensor:
 def gradient_x_input(model: nn.Module, ids: Tensor | Sequence[int], target_position: int,
                      target_token: int) -> TokenRelevance:
     """R_j = Σ_d e[j, d]·∂f/∂e[j, d] (Captum ``InputXGradient``), f the target logit."""
+    t, P = check_prediction(model, ids, target_position, target_token)
+    relevance = _gradient_x_input_rows(model, t[:, :P + 1], torch.tensor([P]), torch.tensor([target_token]))
+    return TokenRelevance("gradient_x_input", _padded(relevance[0], t.shape[1]), "target logit")
+
+
+def _gradient_x_input_rows(model: nn.Module, ids: Tensor, positions: Tensor, targets: Tensor) -> Tensor:
+    """[b, L] float64 gradient × input of each row's target logit (one forward and backward for the batch)."""
     from captum.attr import InputXGradient
 
-    L, _, emb, f = _setup(model, ids, target_position, target_token)
-    attr = InputXGradient(f).attribute(emb.requires_grad_())
-    return TokenRelevance("gradient_x_input", _padded(attr[0].sum(-1), L), "target logit")
+    emb = model.get_input_embeddings()(ids).detach()
+    attr = InputXGradient(target_logit(model, ids, positions, targets)).attribute(emb.requires_grad_())
+    return attr.sum(-1).detach().double().cpu()
 
 
 def integrated_gradients(model: nn.Module, ids: Tensor | Sequence[int], target_position: int, target_token: int,
@@ -299,6 +310,23 @@ def token_relevance(model: nn.Module, ids: Tensor | Sequence[int], target_positi
     return rows
 
 
+def batch_relevance(model: nn.Module, ids: Tensor, positions: Tensor, targets: Tensor, method: str,
+                    settings: Settings = Settings()) -> Tensor:
+    """[b, L] float64 relevance of whole-model ``method`` for row r's prediction of ``targets[r]`` at
+    ``positions[r]`` (0 after it), ids [b, L].  ``lrp`` and ``gradient_x_input`` run the batch in one forward
+    and backward; the others run row by row."""
+    if method not in WHOLE_MODEL_METHODS:
+        raise ValueError(f"{method!r} is not a whole-model method ({', '.join(WHOLE_MODEL_METHODS)})")
+    positions, targets = positions.long().cpu(), targets.long().cpu()
+    with torch.enable_grad():
+        if method == "lrp":
+            return lrp(model, ids, positions, targets).relevance.cpu()
+        if method == "gradient_x_input":
+            return _gradient_x_input_rows(model, ids, positions, targets)
+        return torch.stack([TOKEN_METHODS[method](model, row, int(p), int(t), settings)[0].relevance
+                            for row, p, t in zip(ids, positions, targets, strict=True)])
+
+
 def explain_prediction(model: nn.Module, ids: Tensor | Sequence[int], target_position: int = -1,
                        target_token: int | None = None, methods: Sequence[str] | None = None,
                        settings: Settings = Settings()) -> dict[str, Any]:
@@ -328,6 +356,6 @@ def explain_prediction(model: nn.Module, ids: Tensor | Sequence[int], target_pos
 
 
 __all__ = ["BASELINE", "BASELINES", "CAPTUM_METHODS", "IG_STEPS", "TOKEN_METHODS", "WHOLE_MODEL_METHODS", "Settings",
-           "TokenMethod", "TokenRelevance", "baseline_embedding", "check_prediction", "check_token_methods",
-           "explain_prediction", "gradient_x_input", "integrated_gradients", "knockout", "neuron_method", "occlusion",
-           "target_logit", "token_relevance", "unavailable"]
+           "TokenMethod", "TokenRelevance", "baseline_embedding", "batch_relevance", "check_prediction",
+           "check_token_methods", "explain_prediction", "gradient_x_input", "integrated_gradients", "knockout",
+           "neuron_method", "occlusion", "target_logit", "token_relevance", "unavailable"]

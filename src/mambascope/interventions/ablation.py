@@ -81,18 +81,18 @@ def _spread(values: list[float]) -> dict[str, float | list[float] | None]:
 
 def ablation_study(model: nn.Module, windows: torch.Tensor, groups: Mapping[str, Mapping[int, Sequence[int]]],
                    means: Mapping[int, torch.Tensor], n_neurons: int | Mapping[int, int], *, draws: int = 3,
-                   seed: int = 0,
-                   batch_size: int = 16, progress: bool = False) -> dict:
+                   seed: int = 0, batch_size: int = 16, progress: bool = False,
+                   baseline: LossResult | None = None) -> dict:
     """Loss with each named group zero- and mean-ablated, against random groups of the same size per layer.
 
     groups: group name -> {layer: neuron indices}.  n_neurons: the layers' width (one int, or per layer
     when layers differ, as in hybrids).  Returns the baseline and, per group and mode, the
     loss, its change, and the random control's mean, std and draws (``draws`` >= 3).  An empty group is
-    reported as such.
+    reported as such.  ``baseline``: the unedited ``heldout_loss`` of ``windows`` when already measured.
     """
     check_draws(draws)
     bar = tqdm(unit="tok", unit_scale=True, desc="ablation", disable=not progress)
-    base = heldout_loss(model, windows, batch_size=batch_size, bar=bar)
+    base = baseline if baseline is not None else heldout_loss(model, windows, batch_size=batch_size, bar=bar)
     out: dict = {"baseline_loss": base.loss, "tokens": base.tokens, "draws": draws, "groups": {}}
     for g_index, (name, layers) in enumerate(groups.items()):
         size = {layer: len(idx) for layer, idx in layers.items() if len(idx)}
@@ -118,19 +118,19 @@ def ablation_study(model: nn.Module, windows: torch.Tensor, groups: Mapping[str,
 
 def pruning_study(model: nn.Module, windows: torch.Tensor, priority: Mapping[int, torch.Tensor],
                   ratios: Sequence[float] = (0.1, 0.25, 0.5), *, draws: int = 3, seed: int = 0,
-                  batch_size: int = 16, progress: bool = False) -> dict:
+                  batch_size: int = 16, progress: bool = False, baseline: LossResult | None = None) -> dict:
     """Zero-prune the first ``ratio`` of each layer's neurons in ``priority`` order, against random pruning.
 
     priority: layer -> [E] neuron indices, first = pruned first (e.g. dead, then rarely active, then
     lowest importance).  Returns per ratio the loss before/after and the random control's spread
-    (``draws`` >= 3).  Arguments are checked before any forward pass.
+    (``draws`` >= 3).  Arguments are checked before any forward pass.  ``baseline``: as in :func:`ablation_study`.
     """
     check_draws(draws)
     bad = [ratio for ratio in ratios if not 0 < ratio < 1]
     if bad:
         raise ValueError(f"pruning ratio {bad[0]} must be in (0, 1)")
     bar = tqdm(unit="tok", unit_scale=True, desc="pruning", disable=not progress)
-    base = heldout_loss(model, windows, batch_size=batch_size, bar=bar)
+    base = baseline if baseline is not None else heldout_loss(model, windows, batch_size=batch_size, bar=bar)
     out: dict = {"baseline_loss": base.loss, "tokens": base.tokens, "ratios": {}}
     for ratio in ratios:
         chosen = {layer: order[: round(ratio * order.numel())] for layer, order in priority.items()}

@@ -606,22 +606,25 @@ def _faith_or_skip(results: Mapping[str, Any], level: str) -> dict[str, Any]:
 
 def plot_faithfulness_curves(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     """Token-level perturbation curves per layer: log p(target) as the most (MoRF, solid) or least (LeRF,
-    dashed) relevant context tokens are masked, per method, with the random ranking in grey."""
+    dashed) relevant context tokens are masked, per method, with the random ranking in grey; the whole-model
+    methods (LRP, gradient × input, …) in a panel of their own."""
     tok = _faith_or_skip(results, "token")
     fractions = tok.get("fractions")
     if not fractions:
         raise FigureSkipped("token-level faithfulness has no fractions")
     layers = sorted({int(layer) for per in tok["methods"].values() if isinstance(per, dict) for layer in per})
-    if not layers:
-        raise FigureSkipped("token-level faithfulness has no per-layer curves")
-    rows, cols = _grid(len(layers), 3)
+    panels: list[tuple[str, dict[str, Any]]] = [
+        (f"layer {layer}", {m: (per or {}).get(str(layer)) for m, per in tok["methods"].items()}) for layer in layers]
+    if tok.get("whole_model"):
+        panels.append(("whole-model methods", tok["whole_model"]))
+    if not panels:
+        raise FigureSkipped("token-level faithfulness has no curves")
+    rows, cols = _grid(len(panels), 3)
     fig, axes = _figure(rows, cols, (max(7.5, 5.2 * cols), 4.0 * rows + 0.8))
     cmap = _cmap("tab10")
-    methods = list(tok["methods"])
     rnd = tok.get("random") or {}
-    for ax, layer in zip(axes.flat, layers, strict=False):
-        for i, method in enumerate(methods):
-            entry = (tok["methods"].get(method) or {}).get(str(layer))
+    for ax, (name, entries) in zip(axes.flat, panels, strict=False):
+        for i, (method, entry) in enumerate(entries.items()):
             if not isinstance(entry, dict):
                 continue
             diff = num(entry.get("difference"))
@@ -633,9 +636,9 @@ def plot_faithfulness_curves(results: Mapping[str, Any], out_dir: str | Path) ->
             ax.plot(fractions, _nan(rnd["morf"]), color="gray",
                     label=f"random ({diff:.3g})" if diff is not None else "random")
             ax.plot(fractions, _nan(rnd.get("lerf")), color="gray", linestyle="--")
-        ax.set(title=f"layer {layer}", xlabel="fraction of context masked", ylabel="log p(target)")
+        ax.set(title=name, xlabel="fraction of context masked", ylabel="log p(target)")
         ax.legend(fontsize=7)
-    _hide_unused(axes, len(layers))
+    _hide_unused(axes, len(panels))
     _suptitle(fig, title(results, "faithfulness: MoRF (solid) / LeRF (dashed) token perturbation"))
     return _save(fig, out_dir, "faithfulness_curves")
 

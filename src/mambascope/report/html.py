@@ -596,12 +596,14 @@ def _faithfulness_section(results: Mapping[str, Any]) -> dict[str, Any]:
                            "token": None, "neuron": None}
     tok_part = faith.get("token")
     if isinstance(tok_part, dict) and isinstance(tok_part.get("methods"), dict):
-        rows = []
-        for method, per in tok_part["methods"].items():
-            for layer, e in sorted((per or {}).items(), key=lambda kv: int(kv[0])):
-                above = e.get("above_random")
-                rows.append([method, int(layer), e.get("morf_area"), e.get("lerf_area"), e.get("difference"),
-                             _ci(e.get("difference_ci")), "n/a" if above is None else ("yes" if above else "no")])
+        def curve_row(method: str, layer: int | str, e: Mapping[str, Any]) -> list:
+            above = e.get("above_random")
+            return [method, layer, e.get("morf_area"), e.get("lerf_area"), e.get("difference"),
+                    _ci(e.get("difference_ci")), "n/a" if above is None else ("yes" if above else "no")]
+
+        rows = [curve_row(method, int(layer), e) for method, per in tok_part["methods"].items()
+                for layer, e in sorted((per or {}).items(), key=lambda kv: int(kv[0]))]
+        rows += [curve_row(method, "whole model", e) for method, e in (tok_part.get("whole_model") or {}).items()]
         rnd = tok_part.get("random") or {}
         if rnd:
             rows.append([f"random ({rnd.get('seeds', '?')} seeds)", "all", rnd.get("morf_area"), rnd.get("lerf_area"),

@@ -20,8 +20,33 @@ single step, never ratios, so nothing overflows for long L or large Δ·A.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
+
+# ATen's grain size (at::internal::GRAIN_SIZE): elementwise ops on fewer elements gain nothing from threads
+SMALL_SLICE = 1 << 15
+
+
+@contextmanager
+def _loop_threads(slice_numel: int) -> Iterator[None]:
+    """One intra-op thread while the loops run on [b, N, E] slices of at most ``SMALL_SLICE`` elements.
+
+    Each position costs a handful of ops on its slice; on a slice this small, waking a second thread for
+    every op costs more than the op (batch 8, E 256, N 16, L 128 on 2 cores: 17 ms with two threads,
+    9 ms with one; ``benchmarks/bench_scan_threads.py``), and a busy second core stalls every op.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or slice_numel > SMALL_SLICE:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _S6Scan(torch.autograd.Function):
@@ -46,13 +71,14 @@ class _S6Scan(torch.autograd.Function):
         dtu = dt * u
         y = u.new_empty(L, b, 1, E)
         h = h0
-        for t in range(L):
-            h_t = states[t if save else t % 2]
-            torch.mul(B[t], dtu[t], out=h_t)  # x_t = (Δ_t u_t) ⊗ B_t
-            if h is not None:
-                h_t.addcmul_(torch.mul(dt[t], At, out=decay).exp_(), h)
-            torch.matmul(C[t].transpose(-1, -2), h_t, out=y[t])  # Σ_n C_t[n]·h_t[n, e]
-            h = h_t
+        with _loop_threads(decay.numel()):
+            for t in range(L):
+                h_t = states[t if save else t % 2]
+                torch.mul(B[t], dtu[t], out=h_t)  # x_t = (Δ_t u_t) ⊗ B_t
+                if h is not None:
+                    h_t.addcmul_(torch.mul(dt[t], At, out=decay).exp_(), h)
+                torch.matmul(C[t].transpose(-1, -2), h_t, out=y[t])  # Σ_n C_t[n]·h_t[n, e]
+                h = h_t
         if save:
             ctx.save_for_backward(u, dt, At, B, C, h0, states)
         ctx.set_materialize_grads(False)
@@ -72,26 +98,27 @@ class _S6Scan(torch.autograd.Function):
         gA_sum = states.new_zeros(b, N, E) if need_A else None  # Σ_t ∂L/∂a_t·Δ_t, summed over b at the end
         G = states.new_zeros(b, N, E) if g_last is None else g_last.clone()  # ∂L/∂h_t, from t = L-1 down
         decay, decay_next, ga = states.new_empty(3, b, N, E)
-        for t in range(L - 1, -1, -1):
-            if t < L - 1:
-                G.mul_(decay_next)  # exp(a_{t+1}) ⊙ G_{t+1}
-            if gy is not None:
-                G.addcmul_(C[t], gy[t])  # + gy_t ⊗ C_t
-                if need_C:
-                    torch.matmul(states[t], gy[t].transpose(-1, -2), out=gC[t])  # Σ_e gy_t[e]·h_t[n, e]
-            torch.mul(dt[t], At, out=decay).exp_()
-            if GB is not None:
-                torch.matmul(B[t].transpose(-1, -2), G, out=GB[t])
-            if need_B:
-                torch.matmul(G, dtu[t].transpose(-1, -2), out=gB[t])  # Σ_e ∂L/∂x_t[n, e]·Δ_t[e]·u_t[e]
-            h_prev = states[t - 1] if t > 0 else h0
-            if (need_dt or need_A) and h_prev is not None:
-                torch.mul(G, decay, out=ga).mul_(h_prev)  # ∂L/∂a_t = G_t ⊙ exp(a_t) ⊙ h_{t-1}
-                if need_A:
-                    gA_sum.addcmul_(ga, dt[t])
-                if need_dt:
-                    torch.sum(ga.mul_(At), 1, keepdim=True, out=ga_dt[t])
-            decay, decay_next = decay_next, decay
+        with _loop_threads(G.numel()):
+            for t in range(L - 1, -1, -1):
+                if t < L - 1:
+                    G.mul_(decay_next)  # exp(a_{t+1}) ⊙ G_{t+1}
+                if gy is not None:
+                    G.addcmul_(C[t], gy[t])  # + gy_t ⊗ C_t
+                    if need_C:
+                        torch.matmul(states[t], gy[t].transpose(-1, -2), out=gC[t])  # Σ_e gy_t[e]·h_t[n, e]
+                torch.mul(dt[t], At, out=decay).exp_()
+                if GB is not None:
+                    torch.matmul(B[t].transpose(-1, -2), G, out=GB[t])
+                if need_B:
+                    torch.matmul(G, dtu[t].transpose(-1, -2), out=gB[t])  # Σ_e ∂L/∂x_t[n, e]·Δ_t[e]·u_t[e]
+                h_prev = states[t - 1] if t > 0 else h0
+                if (need_dt or need_A) and h_prev is not None:
+                    torch.mul(G, decay, out=ga).mul_(h_prev)  # ∂L/∂a_t = G_t ⊙ exp(a_t) ⊙ h_{t-1}
+                    if need_A:
+                        gA_sum.addcmul_(ga, dt[t])
+                    if need_dt:
+                        torch.sum(ga.mul_(At), 1, keepdim=True, out=ga_dt[t])
+                decay, decay_next = decay_next, decay
         # the chain rule through a_t = Δ_t·A and x_t = Δ_t·u_t·B_t
         gu = GB * dt if need_u else None
         gdt = torch.addcmul(ga_dt, GB, u) if need_dt else None
