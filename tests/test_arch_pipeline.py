@@ -44,6 +44,10 @@ def test_analyze_a_hybrid(tmp_path, hybrid_checkpoint):
     attention = results["attention_neurons"]
     assert sorted(int(layer) for layer in attention["layers"]) == [0, 3]
     assert "rollout" in attention["errors"] and "not SSM layers" in attention["errors"]["rollout"]
+    # the whole-model methods by default: MambaLRP's rules cover Nemotron-H's SSM, attention and MLP layers
+    assert attention["faithfulness"]["whole_model_methods"] == ["lrp", "gradient_x_input"]
+    assert attention["faithfulness"]["token"] is None or set(attention["faithfulness"]["token"]["whole_model"]) == {
+        "lrp", "gradient_x_input"}
     assert set(results["errors"]) == set()
     page = (out / "report.html").read_text()
     assert "1 (mlp)" in page and "0 (mamba2)" in page
@@ -76,3 +80,25 @@ def test_analyze_leaves_rollout_out_of_its_default_methods(small_checkpoints):
     named = argparse.Namespace(command="analyze", methods=["rollout"])
     assert _attention_methods(named, mamba) == ["rollout"]
     assert _attention_methods(argparse.Namespace(command="attention", methods=None), mamba) is None
+
+
+def test_whole_model_methods_default_to_the_cheap_ones_the_model_supports(small_checkpoints):
+    """``--whole-model-methods``: lrp and gradient × input by default, lrp only where the family has its rules;
+    ``none`` runs none; names pass through; analyze's token level scores 32 windows, attention's 64."""
+    import argparse
+
+    from mambascope.cli import _whole_model_methods, build_parser
+    from mambascope.models import load_model
+    from test_ssm_state import FAMILIES
+
+    mamba, _ = load_model(small_checkpoints["mamba2"], device="cpu")
+    default, none = argparse.Namespace(whole_model_methods=None), argparse.Namespace(whole_model_methods=["none"])
+    assert _whole_model_methods(default, mamba) == ["lrp", "gradient_x_input"]
+    assert _whole_model_methods(none, mamba) == []
+    named = argparse.Namespace(whole_model_methods=["occlusion", "lrp"])
+    assert _whole_model_methods(named, mamba) == ["occlusion", "lrp"]
+    # a family without LRP rules (Zamba2's shared blocks re-read the embeddings)
+    assert _whole_model_methods(default, FAMILIES["zamba2"]()) == ["gradient_x_input"]
+    parser = build_parser()
+    assert parser.parse_args(["analyze"]).token_windows == 32
+    assert parser.parse_args(["attention"]).token_windows == 64

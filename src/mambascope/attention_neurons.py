@@ -40,7 +40,12 @@ from mambascope.attribution.extract import (
     check_methods,
     extract,
 )
-from mambascope.attribution.faithfulness import FRACTIONS_DEFAULT_STEPS, evaluate_faithfulness, faithfulness_table
+from mambascope.attribution.faithfulness import (
+    FRACTIONS_DEFAULT_STEPS,
+    TOKEN_WINDOWS,
+    evaluate_faithfulness,
+    faithfulness_table,
+)
 from mambascope.attribution.methods import compute_method, method_records
 from mambascope.results import to_jsonable
 from mambascope.trace import architecture, n_layers
@@ -225,6 +230,7 @@ def run_attention_analysis(
     draws: int = 3,
     neuron_windows: int | None = None,
     whole_model: Sequence[str] = (),
+    token_windows: int | None = TOKEN_WINDOWS,
 ) -> dict:
     """JSON-ready attention-neuron summary of ``windows`` [n, T] for the CLI / pipeline.
 
@@ -232,7 +238,8 @@ def run_attention_analysis(
     the full ``activation`` and ``importance`` vectors, and ``relevance_first_window`` [T] (window 0).
     With ``faithfulness``: :func:`~mambascope.attribution.faithfulness.evaluate_faithfulness` on
     ``select_windows``/``eval_windows`` (default: the first/second half of ``windows``, recorded as such)
-    and its table rows, with the ``whole_model`` token attributions scored beside the methods.  Failures are
+    and its table rows, with the ``whole_model`` token attributions scored beside the methods on
+    ``token_windows`` windows.  Failures are
     reported by name in ``errors`` (a method, or ``"faithfulness"``).
     """
     if not isinstance(windows, Tensor) or windows.dim() != 2 or windows.shape[0] == 0:
@@ -289,7 +296,7 @@ def run_attention_analysis(
                 faith = evaluate_faithfulness(model, select_windows, eval_windows, layers, wanted, k=k, steps=steps,
                                               seed=seed, random_seeds=random_seeds, draws=draws,
                                               batch_size=batch_size, neuron_windows=neuron_windows,
-                                              whole_model=whole_model)
+                                              whole_model=whole_model, token_windows=token_windows)
                 summary["faithfulness"] = faith | {"split": split,
                                                    "table": faithfulness_table(faith).to_dict(orient="records")}
             except Exception as exc:

@@ -119,7 +119,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     # --queries: --task's accuracy has a bootstrap interval, so two queries at least
     for flag, low in (("--window", 2), ("--batch-size", 1), ("--max-tokens", 0), ("--draws", 3), ("--steps", 1),
                       ("--seq-len", 2), ("--threads", 1), ("--num-pairs", 1), ("--warmup", 1),
-                      ("--eval-every", 1), ("--queries", 2)):
+                      ("--eval-every", 1), ("--queries", 2), ("--token-windows", 2)):
         _at_least(args, flag, low)
     if getattr(args, "max_tokens", 0) and args.max_tokens < args.window:
         raise ValueError(f"--max-tokens {args.max_tokens} is smaller than one window (--window {args.window}); "
@@ -489,6 +489,9 @@ def _run_rank(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
 # `analyze`'s default attention-neuron methods leave out `rollout`: its input, the channel mean of every layer's
 # full [L, L] hidden attention, and its faithfulness curves are a third of the stage (docs/design.md §8).
 ANALYZE_SKIPS = ("rollout",)
+# analyze's token-level test scores half of `attention`'s windows (TOKEN_WINDOWS): its masked forwards are
+# half of the stage; 32 windows keep every interval within √2 of the 64-window width
+ANALYZE_TOKEN_WINDOWS = 32
 
 
 def _attention_methods(args: argparse.Namespace, model: Any) -> list[str] | None:
@@ -514,6 +517,7 @@ def _whole_model_methods(args: argparse.Namespace, model: Any) -> list[str]:
 
 
 def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
+    from mambascope.attribution.faithfulness import TOKEN_WINDOWS
     from mambascope.pipeline import neuron_table, print_analysis_summary, run_analysis
     from mambascope.results import save_results, save_table
     from mambascope.scale import remove_checkpoints, scan_function
@@ -535,6 +539,7 @@ def _run_main(args: argparse.Namespace, stages: tuple[str, ...], ranks) -> int:
                 model, tokenizer, windows, info=info, layers=args.layers, stages=stages,
                 attention_layers=getattr(args, "attention_layers", None), methods=_attention_methods(args, model),
                 whole_model_methods=_whole_model_methods(args, model),
+                token_windows=getattr(args, "token_windows", TOKEN_WINDOWS),
                 heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, draws=args.draws,
                 seed=args.seed, progress=not args.quiet, save=save,
                 scan=None if plan is None else scan_function(plan),
@@ -1212,9 +1217,13 @@ def _cmd_sae(args: argparse.Namespace) -> int:
     return FAILED if results["errors"] else OK
 
 
-def _add_whole_model_arg(p: argparse.ArgumentParser) -> None:
+def _add_token_level_args(p: argparse.ArgumentParser, token_windows: int) -> None:
+    """The token-level faithfulness test's flags: which whole-model methods join it, on how many windows."""
     from mambascope.attribution.faithfulness import DEFAULT_WHOLE_MODEL
     from mambascope.attribution.input_attribution import WHOLE_MODEL_METHODS
+
+    p.add_argument("--token-windows", type=int, default=token_windows, metavar="N",
+                   help="held-out windows scored by the token-level faithfulness test (default: %(default)s)")
 
     p.add_argument("--whole-model-methods", nargs="+", default=None, metavar="METHOD",
                    help="whole-model token attributions scored beside the attention-neuron methods (token-level "
@@ -1224,6 +1233,7 @@ def _add_whole_model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mambascope.attribution.faithfulness import TOKEN_WINDOWS
     from mambascope.models.train import ARCHS as TRAIN_ARCHS
 
     parser = _Parser(prog="mambascope", description="Neuron-level interpretability of Mamba models.",
@@ -1240,7 +1250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None,
                    help="attention-neuron methods (default: all but rollout, which costs a third of the stage; "
                         "name it to include it)")
-    _add_whole_model_arg(p)
+    _add_token_level_args(p, ANALYZE_TOKEN_WINDOWS)
     _add_scale_args(p)
     p.set_defaults(func=_cmd_analyze)
 
@@ -1266,7 +1276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, choices=["mqar", "copy"],
                    help="score the methods against the ground truth of a task model (train-tiny --task)")
     p.add_argument("--queries", type=int, default=512, help="held-out queries for --task (default: %(default)s)")
-    _add_whole_model_arg(p)
+    _add_token_level_args(p, TOKEN_WINDOWS)
     p.set_defaults(func=_cmd_attention)
 
     p = sub.add_parser("leaderboard", parents=common,

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mambascope.arch import adapter
+from mambascope.attribution.faithfulness import TOKEN_WINDOWS
 from mambascope.interventions import ablation_study, check_draws, heldout_loss, pruning_study
 from mambascope.neurons import (
     ATTENTION_ROW_UNITS,
@@ -531,7 +532,7 @@ DEFAULT_STAGES = ("census", "interventions", "attention_neurons")  # "features" 
 def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, info: dict[str, Any],
                  layers: Sequence[int] | None = None, attention_layers: Sequence[int] | None = None,
                  methods: Sequence[str] | None = None, whole_model_methods: Sequence[str] = (),
-                 stages: Sequence[str] = DEFAULT_STAGES,
+                 token_windows: int | None = TOKEN_WINDOWS, stages: Sequence[str] = DEFAULT_STAGES,
                  heldout_fraction: float = 0.25, attention_windows: int = 16, faithfulness: bool = True,
                  batch_size: int = 8, draws: int = 3, seed: int = 0, progress: bool = True,
                  save: Any = None, scan: Callable[..., LossResult] | None = None,
@@ -549,7 +550,7 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
     ``features.census.open_dictionary``: the ``features`` stage censuses its features on the same windows.
     ``census_options``: ``LayerCensus`` options of both censuses (e.g. the detectors' ``min_precision``).
     ``whole_model_methods``: whole-model token attributions scored in the attention stage's token-level
-    faithfulness beside the attention-neuron methods (``evaluate_faithfulness``).
+    faithfulness beside the attention-neuron methods (``evaluate_faithfulness``), on ``token_windows`` windows.
 
     The returned dict holds every per-neuron field; ``results.save_results`` writes it as a slim
     ``results.json`` plus the neuron store (``mambascope.results.store``; docs/results.md says where each field goes).
@@ -597,7 +598,8 @@ def run_analysis(model: nn.Module, tokenizer: Any, windows: torch.Tensor, *, inf
         results["attention_neurons"] = run_attention_analysis(
             model, select[:n], layers=list(attention_layers if attention_layers is not None else default),
             methods=methods, faithfulness=faithfulness, select_windows=select[:n], eval_windows=heldout,
-            batch_size=batch_size, seed=seed, draws=draws, neuron_windows=n, whole_model=whole_model_methods)
+            batch_size=batch_size, seed=seed, draws=draws, neuron_windows=n, whole_model=whole_model_methods,
+            token_windows=token_windows)
 
     work = {"census": census, "features": features, "interventions": interventions, "attention_neurons": attention}
     todo = [s for s in STAGES if s in stages]

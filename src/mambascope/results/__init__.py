@@ -26,7 +26,9 @@ __all__ = ["REQUIRED_KEYS", "load_results", "open_results", "read_results_file",
 def to_jsonable(value: Any) -> Any:
     """Tensors to lists, NaN/inf floats to None (JSON has neither), tuples to lists, keys to strings."""
     if isinstance(value, torch.Tensor):
-        return to_jsonable(value.tolist())
+        finite = not value.is_floating_point() or bool(torch.isfinite(value).all())
+        # a finite tensor's tolist() is already JSON (floats and ints, nested lists): no element-wise walk
+        return value.tolist() if finite else to_jsonable(value.tolist())
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
