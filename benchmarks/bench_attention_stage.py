@@ -4,7 +4,8 @@
 
 The same call as ``analyze`` makes (``run_analysis`` on the built-in validation corpus, 128-token windows,
 65,536 tokens, held-out fraction 0.25, attention neurons on the first 16 selection windows, faithfulness on
-the held-out windows), with only the ``attention_neurons`` stage.  Prints the stage's wall seconds from
+the held-out windows, with analyze's default methods, whole-model methods and token windows), with only the
+``attention_neurons`` stage.  Prints the stage's wall seconds from
 ``results["timings"]``; ``--out`` writes the stage's result (to compare two versions of the code, run
 once with each on ``PYTHONPATH`` and diff the files); ``--profile`` writes a cProfile of the stage.
 """
@@ -18,6 +19,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from mambascope.cli import _attention_methods, _whole_model_methods, build_parser
 from mambascope.data import load_corpus, tokenize_windows
 from mambascope.models import load_model
 from mambascope.pipeline import run_analysis
@@ -36,8 +38,12 @@ def main() -> None:
     profile = cProfile.Profile() if args.profile else None
     if profile is not None:
         profile.enable()
+    defaults = build_parser().parse_args(["analyze"])
     results = run_analysis(model, tokenizer, windows, info={"model": {}, "corpus": {}},
-                           stages=["attention_neurons"], progress=False)
+                           stages=["attention_neurons"], progress=False,
+                           methods=_attention_methods(defaults, model),
+                           whole_model_methods=_whole_model_methods(defaults, model),
+                           token_windows=defaults.token_windows)
     if profile is not None:
         profile.disable()
         profile.dump_stats(args.profile)
