@@ -159,3 +159,35 @@ def test_training_scan_is_swapped_in_only_inside_the_context():
     with _training_scan("mamba"):
         assert modeling_mamba.mamba_selective_scan is hf_selective_scan
     assert modeling_mamba.mamba_selective_scan is original
+
+
+@pytest.mark.parametrize("small_slice", [0, 1 << 30])
+def test_small_slices_run_on_one_thread_and_give_the_same_result(monkeypatch, small_slice):
+    """With the loops on one thread (every slice small) or on all threads (none small), outputs and gradients
+    equal the loop reference, and the caller's thread count is restored after the forward and the backward."""
+    from mambascope.ssm import s6_scan
+
+    seen: list[int] = []
+    real_mul = torch.Tensor.mul_
+
+    def spy(self, *args, **kwargs):  # the backward loop's first op each step: the threads it runs on
+        seen.append(torch.get_num_threads())
+        return real_mul(self, *args, **kwargs)
+
+    monkeypatch.setattr(s6_scan, "SMALL_SLICE", small_slice)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inputs = _inputs(b=2, L=9, E=6, N=3, pad=2)
+        y_ref, last_ref, g_ref = _grads(_reference, inputs, True)
+        monkeypatch.setattr(torch.Tensor, "mul_", spy)
+        y, last, g = _grads(_fast, inputs, True)
+        monkeypatch.undo()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == ({1} if small_slice else {2})
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(last, last_ref, rtol=1e-10, atol=1e-10)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-10, atol=1e-10, msg=f"gradient w.r.t. {name}")
