@@ -1,6 +1,7 @@
 """Tokens/s of the Hugging Face forward vs the traced forward (every internal unit collected), side by side.
 
-    python benchmarks/bench_forward.py [--device cpu|cuda] [--quick] [--families] [--attention]
+    python benchmarks/bench_forward.py [--device cpu|cuda] [--quick] [--families] [--attention] [--repeats N]
+                                       [--threads N]
 
 Configs: the bundled models' size, and a 130m-scale random config (d_model 768, 24 layers) at L 512 and
 1024.  ``--families``: one row per supported architecture family at bundled size (d_model 128, vocab
@@ -8,13 +9,18 @@ Configs: the bundled models' size, and a 130m-scale random config (d_model 768, 
 times both forwards on the same inputs in the same process, best of ``--repeats``.  ``--attention``: the
 transformer families (GPT-2, GPT-NeoX / Pythia, Llama) at bundled size, batch 1, L 512, the model's own
 forward beside the traced forward with every unit except ``attn.hook_pattern`` (fused attention, as the
-model's own) and with every unit (the explicit softmax pattern), the three timed in turn.
+model's own) and with every unit (the explicit softmax pattern), both holding every layer's units to the
+end, and the first again with each layer's units let go once handed over (``streamed``, what a per-layer
+consumer such as the census pays), the four timed in turn, ``--repeats`` rounds: best of the rounds, and
+the median of the per-round ratios.  ``--threads``: torch's CPU threads (a CPU shared with another job
+times more steadily with 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -142,21 +148,31 @@ def run_attention(family: str, batch: int, length: int, device: torch.device, re
         kept = []
         trace_stream(model, ids, lambda layer, units: kept.append(units), names=names)
 
-    runs = {"hf": hf, "no_pattern": lambda: traced(no_pattern), "pattern": lambda: traced(every)}
+    def streamed() -> None:  # the same units, each layer's let go once handed over (a per-layer consumer)
+        trace_stream(model, ids, lambda layer, units: None, names=no_pattern)
+
+    runs = {"hf": hf, "no_pattern": lambda: traced(no_pattern), "pattern": lambda: traced(every),
+            "streamed": streamed}
     times: dict[str, list[float]] = {key: [] for key in runs}
     for _ in range(repeats):  # interleaved, so that a change of machine load hits all three alike
         for key, fn in runs.items():
             times[key].append(best_time(fn, device, 1))
-    return {key: min(t) for key, t in times.items()}
+    # the ratio within each round, whose median a burst of load on one round cannot move
+    paired = {key: statistics.median(a / b for a, b in zip(times["hf"], times[key], strict=True))
+              for key in ("no_pattern", "streamed")}
+    return {**{key: min(t) for key, t in times.items()}, "paired": paired}
 
 
 def attention_table(device: torch.device, repeats: int) -> None:
-    print(f"{'family':<10} {'HF s':>8} {'traced s':>9} {'HF/traced':>10} {'+pattern s':>11} {'HF/+pattern':>12}"
-          "   (traced: every unit but attn.hook_pattern; +pattern: every unit)")
+    print(f"{'family':<10} {'HF s':>8} {'traced s':>9} {'HF/traced':>10} {'median':>7} {'+pattern s':>11} "
+          f"{'HF/+pattern':>12} {'streamed s':>11} {'HF/streamed':>12} {'median':>7}")
+    print("(traced: every unit but attn.hook_pattern, all layers' units held; +pattern: every unit; streamed: "
+          "as traced, each layer's units let go once handed over; median: of the per-round HF/x ratios)")
     for family in ATTENTION_FAMILIES:
         t = run_attention(family, 1, 512, device, repeats)
         print(f"{family:<10} {t['hf']:>8.4f} {t['no_pattern']:>9.4f} {t['hf'] / t['no_pattern']:>9.2f}x "
-              f"{t['pattern']:>11.4f} {t['hf'] / t['pattern']:>11.2f}x")
+              f"{t['paired']['no_pattern']:>6.2f}x {t['pattern']:>11.4f} {t['hf'] / t['pattern']:>11.2f}x "
+              f"{t['streamed']:>11.4f} {t['hf'] / t['streamed']:>11.2f}x {t['paired']['streamed']:>6.2f}x")
 
 
 def main() -> None:
@@ -164,11 +180,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="bundled size only")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--families", action="store_true", help="one row per architecture family, bundled size")
     parser.add_argument("--attention", action="store_true",
                         help="transformer families: own forward vs traced with and without attn.hook_pattern")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     if args.attention:
         print(f"device: {name}; torch {torch.__version__}; batch 1, L 512, best of {args.repeats}")

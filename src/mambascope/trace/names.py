@@ -42,10 +42,13 @@ def resolve_names(units_by_layer: Sequence[Mapping[str, str]], patterns: str | I
         return names
     if isinstance(patterns, str):
         patterns = [patterns]
+    known = set(names)
     chosen: set[str] = set()
     for pattern in patterns:
         full = pattern if pattern.startswith(("blocks.", "*")) else f"blocks.*.{pattern}"
-        hits = fnmatch.filter(names, full)
+        # an exact name matches itself alone (no name holds a wildcard): a set lookup instead of a scan of
+        # every name, which for a list of every unit was most of the tracer's fixed cost
+        hits = [full] if full in known else fnmatch.filter(names, full)
         if not hits:
             units = sorted({unit for layer in units_by_layer for unit in layer})
             near = difflib.get_close_matches(pattern, names + units, n=1, cutoff=0.3)
