@@ -431,7 +431,8 @@ def test_train_tiny_shape_flag_and_unknown_config_fields(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("name", list(TASK_ARCH))
 def test_attention_task_runs_on_every_bundled_task_model(name: str, tmp_path: Path) -> None:
-    """``mambascope attention --model NAME --task TASK`` scores the bundled model against its task's ground truth."""
+    """``mambascope attention --model NAME --task TASK`` scores the bundled model against its task's ground truth,
+    the default whole-model methods (lrp, gradient × input) included."""
     from mambascope.cli import main
 
     task = name.rsplit("-", 1)[1]
@@ -440,7 +441,9 @@ def test_attention_task_runs_on_every_bundled_task_model(name: str, tmp_path: Pa
     assert code == 0
     truth = json.loads((tmp_path / "gt" / "results.json").read_text())["ground_truth"]
     assert truth["task"] == task and truth["n_queries"] == 8 and not truth["errors"]
-    assert {r["method"] for r in truth["rows"]} == {"random", "recency", "attention_weighted"}
+    # with the default whole-model methods, one row each (layer None)
+    assert {r["method"] for r in truth["rows"]} == {"random", "recency", "attention_weighted", "lrp",
+                                                    "gradient_x_input"}
 
 
 def test_task_training_checkpoints_and_stops_at_the_bar(tmp_path: Path) -> None:
