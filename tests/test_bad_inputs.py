@@ -67,6 +67,8 @@ FLAG_CASES = [
     (["attention", "--methods", "rollout", "nope"], "nope"),
     (["analyze", "--whole-model-methods", "lrp", "saliency"], "--whole-model-methods"),
     (["attention", "--whole-model-methods", "block"], "--whole-model-methods"),
+    (["analyze", "--whole-model-methods", "none", "lrp"], "--whole-model-methods none"),
+    (["analyze", "--token-windows", "1"], "--token-windows"),
     (["census", "--split", "test"], "--split"),
     (["census", "--device", "tpu"], "tpu"),
     (["census", "--device", "cuda:7"], "cuda"),

@@ -271,3 +271,24 @@ def test_non_finite_relevance_is_refused_naming_the_method(monkeypatch):
                                 query_margin=None)
     assert res["errors"]["rollout"].startswith("rollout at layer 0: non-finite relevance")
     assert set(res["token"]["methods"]) == {"attention_weighted"}
+
+
+def test_a_whole_model_method_the_family_lacks_is_named_and_the_others_run():
+    """Zamba2 has no LRP rules: ``lrp`` is reported by name with the reason (and by the run's summary), gradient
+    × input is scored; an unknown name is refused before any work."""
+    import io
+
+    from mambascope.pipeline import print_analysis_summary
+    from test_ssm_state import FAMILIES
+
+    model = FAMILIES["zamba2"]()
+    w = torch.randint(0, 50, (6, T), generator=torch.Generator().manual_seed(3))
+    res = evaluate_faithfulness(model, w[:3], w[3:], None, ["attention_weighted"], steps=2, query_margin=None,
+                                whole_model=["lrp", "gradient_x_input"], k=1, neuron_level=False)
+    assert "not zamba2" in res["errors"]["lrp"] and list(res["token"]["whole_model"]) == ["gradient_x_input"]
+    out = io.StringIO()
+    print_analysis_summary({"layers": {}, "errors": {}, "attention_neurons": {"errors": {}, "faithfulness": res}},
+                           file=out)
+    assert "FAILED faithfulness lrp: LRP is implemented for" in out.getvalue()
+    with pytest.raises(ValueError, match="unknown whole-model method 'saliency'"):
+        evaluate_faithfulness(model, w[:3], w[3:], None, ["attention_weighted"], whole_model=["saliency"])

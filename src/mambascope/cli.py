@@ -139,6 +139,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         if unknown:
             raise ValueError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     whole = getattr(args, "whole_model_methods", None)
+    if whole and "none" in whole and len(whole) > 1:
+        raise ValueError("--whole-model-methods none runs no whole-model method: give it alone, or only names")
     if whole and whole != ["none"]:
         from mambascope.attribution.ground_truth import check_whole_model
 

@@ -743,6 +743,10 @@ def print_analysis_summary(results: dict[str, Any], file: Any = None) -> None:
                          + ("" if row["layer"] is None else f", Δloss {'n/a' if delta is None else f'{delta:+.4f}'}"))
     for method, reason in attention.get("errors", {}).items():
         lines.append(f"FAILED attention neurons {method}: {reason}")
+    faith_errors = (attention.get("faithfulness") or {}).get("errors", {})
+    for method, reason in faith_errors.items():
+        if attention.get("errors", {}).get(method) != reason:  # not already said above
+            lines.append(f"FAILED faithfulness {method}: {reason}")
     for name, reason in results.get("errors", {}).items():
         lines.append(f"FAILED {name}: {reason}")
     print("\n".join(lines), file=file)
