@@ -69,6 +69,7 @@ FLAG_CASES = [
     (["attention", "--whole-model-methods", "block"], "--whole-model-methods"),
     (["analyze", "--whole-model-methods", "none", "lrp"], "--whole-model-methods none"),
     (["analyze", "--token-windows", "1"], "--token-windows"),
+    (["attention", "--task", "mqar", "--token-windows", "16"], "--token-windows"),
     (["census", "--split", "test"], "--split"),
     (["census", "--device", "tpu"], "tpu"),
     (["census", "--device", "cuda:7"], "cuda"),

@@ -138,6 +138,11 @@ def _check_flags(args: argparse.Namespace) -> None:
         unknown = [m for m in args.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if getattr(args, "task", None) is not None and hasattr(args, "token_windows"):
+        from mambascope.attribution.faithfulness import TOKEN_WINDOWS
+
+        if args.token_windows != TOKEN_WINDOWS:
+            raise ValueError("--token-windows sizes the token-level faithfulness test, which --task does not run")
     whole = getattr(args, "whole_model_methods", None)
     if whole and "none" in whole and len(whole) > 1:
         raise ValueError("--whole-model-methods none runs no whole-model method: give it alone, or only names")

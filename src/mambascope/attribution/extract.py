@@ -437,10 +437,17 @@ def _query_rows(data: AttentionData, layer: int, units: dict[str, Tensor], param
     if data.store == "vectors":
         out["attention_vectors"] = hidden_attention(units, params, "s6", reduce="mean", attention_mask=mask,
                                                     max_bytes=max_bytes)
-    uniq, inv = torch.unique(q, return_inverse=True)
-    qrows = hidden_attention(units, params, "s6", rows=uniq, attention_mask=mask, max_bytes=max_bytes)
-    out["query_attention"] = qrows[rows, :, inv]
+    out["query_attention"] = _at_queries(units, params, "s6", q, mask, max_bytes)
     return out
+
+
+def _at_queries(units: dict[str, Tensor], params: MixerParams, kind: str, q: Tensor, mask: Tensor | None,
+                max_bytes: int | None) -> Tensor:
+    """[b, E, L] the ``kind`` hidden attention's row at each row's query q [b]: each distinct query row is
+    computed once for the batch, then every row takes its own."""
+    uniq, inv = torch.unique(q, return_inverse=True)
+    m = hidden_attention(units, params, kind, rows=uniq, attention_mask=mask, max_bytes=max_bytes)
+    return m[torch.arange(q.shape[0], device=q.device), :, inv]
 
 
 def _mamba_entry(model: nn.Module, data: AttentionData, layer: int, units: dict[str, Tensor], params: MixerParams,
@@ -461,10 +468,8 @@ def _mamba_entry(model: nn.Module, data: AttentionData, layer: int, units: dict[
         entry["post_x_grad"] = units["mixer.hook_post"].to(wd) * grads[f"blocks.{layer}.mixer.hook_post"].to(wd)
 
     def blk() -> None:
-        uniq, inv = torch.unique(q, return_inverse=True)
-        m = hidden_attention(units, params, "block", rows=uniq, attention_mask=mask, max_bytes=max_bytes)
-        entry["block_query"] = m[rows, :, inv]
-        entry["x"] = units["mixer.hook_x"].to(m.dtype)
+        entry["block_query"] = _at_queries(units, params, "block", q, mask, max_bytes)
+        entry["x"] = units["mixer.hook_x"].to(entry["block_query"].dtype)
 
     _attempt(data, "block", blk, on_error)
     return entry

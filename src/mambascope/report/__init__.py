@@ -37,7 +37,7 @@ def results_schema() -> dict[str, Any]:
 
 
 def __getattr__(name: str) -> Any:
-    # the seed's other figures live in sibling modules (pyplot-based); imported on first use
+    # the seed's other figures live in sibling modules; imported on first use
     if name == "plot_attention_neurons_analysis":
         from mambascope.report.attention_plots import plot_attention_neurons_analysis
 

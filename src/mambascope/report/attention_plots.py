@@ -3,20 +3,19 @@
 Panels: (1) activation histogram, (2) top-10 units by importance, (3) activation vs importance,
 (4) attention heatmap (the layer's channel-mean hidden attention of window 0 when available, otherwise
 the token relevance of window 0 per method), (5) neuron diversity per method, (6) statistics table.
-Matplotlib's Agg backend; the figure is saved to a file and shown only when ``show=True``.
+The figure is a ``matplotlib.figure.Figure`` saved to a file (no pyplot: no global figure state, no display,
+nothing that blocks a headless run); ``show=True`` also displays the saved image in a notebook (IPython).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg", force=False)  # never needs a display; an interactive backend set by the user stays
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 __all__ = ["plot_attention_neurons_analysis"]
 
@@ -93,7 +92,8 @@ def plot_attention_neurons_analysis(
     act, imp, analysis = m["activation"], m["importance"], m["analysis"]
     unit = analysis.get("unit") or "unit"
 
-    fig, axes = plt.subplots(2, 3, figsize=(17, 10))
+    fig = Figure(figsize=(17, 10), layout="tight")
+    axes = fig.subplots(2, 3)
     fig.suptitle(f"Attention neurons, layer {layer_idx} — {primary}")
     ax = axes[0, 0]
     ax.hist(act, bins=min(50, max(5, act.size // 4)), color="tab:blue", alpha=0.8)
@@ -141,11 +141,20 @@ def plot_attention_neurons_analysis(
     table.scale(1, 1.4)
     ax.set_title("statistics")
 
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     if show:
-        plt.show()
-    plt.close(fig)
+        _display(path)
     return path
+
+
+def _display(path: Path) -> None:
+    """The saved figure shown inline in a notebook; elsewhere a warning naming the file (never a blocking window)."""
+    try:
+        from IPython.display import Image, display
+    except ImportError:
+        warnings.warn(f"show=True displays the figure in a notebook (IPython), which is not installed; the figure "
+                      f"is at {path}", stacklevel=3)
+        return
+    display(Image(filename=str(path)))

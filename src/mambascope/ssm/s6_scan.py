@@ -31,15 +31,16 @@ SMALL_SLICE = 1 << 15
 
 
 @contextmanager
-def _loop_threads(slice_numel: int) -> Iterator[None]:
-    """One intra-op thread while the loops run on [b, N, E] slices of at most ``SMALL_SLICE`` elements.
+def _loop_threads(work: Tensor) -> Iterator[None]:
+    """One intra-op thread while the loops run on CPU [b, N, E] slices (``work``) of at most ``SMALL_SLICE``
+    elements.
 
     Each position costs a handful of ops on its slice; on a slice this small, waking a second thread for
     every op costs more than the op (batch 8, E 256, N 16, L 128 on 2 cores: 17 ms with two threads,
     9 ms with one; ``benchmarks/bench_scan_threads.py``), and a busy second core stalls every op.
     """
     threads = torch.get_num_threads()
-    if threads == 1 or slice_numel > SMALL_SLICE:
+    if threads == 1 or work.device.type != "cpu" or work.numel() > SMALL_SLICE:
         yield
         return
     torch.set_num_threads(1)
@@ -71,7 +72,7 @@ class _S6Scan(torch.autograd.Function):
         dtu = dt * u
         y = u.new_empty(L, b, 1, E)
         h = h0
-        with _loop_threads(decay.numel()):
+        with _loop_threads(decay):
             for t in range(L):
                 h_t = states[t if save else t % 2]
                 torch.mul(B[t], dtu[t], out=h_t)  # x_t = (Δ_t u_t) ⊗ B_t
@@ -98,7 +99,7 @@ class _S6Scan(torch.autograd.Function):
         gA_sum = states.new_zeros(b, N, E) if need_A else None  # Σ_t ∂L/∂a_t·Δ_t, summed over b at the end
         G = states.new_zeros(b, N, E) if g_last is None else g_last.clone()  # ∂L/∂h_t, from t = L-1 down
         decay, decay_next, ga = states.new_empty(3, b, N, E)
-        with _loop_threads(G.numel()):
+        with _loop_threads(G):
             for t in range(L - 1, -1, -1):
                 if t < L - 1:
                     G.mul_(decay_next)  # exp(a_{t+1}) ⊙ G_{t+1}

@@ -176,6 +176,14 @@ def split_knockouts(edits: Mapping[str, AnyEdit]) -> tuple[dict[str, Edit], dict
     return plain, knockouts
 
 
+def _check_logits_at(logits_at: torch.Tensor, b: int, L: int) -> None:
+    """``logits_at``: [b] or [b, k] positions in 0..L-1; ValueError otherwise."""
+    shape_ok = logits_at.dim() in (1, 2) and logits_at.shape[0] == b
+    if not shape_ok or not bool(((logits_at >= 0) & (logits_at < L)).all()):
+        raise ValueError(f"logits_at must hold positions in 0..{L - 1}, [b] or [b, k] for the {b} rows, "
+                         f"got shape {tuple(logits_at.shape)}")
+
+
 def trace_stream(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -216,10 +224,8 @@ def trace_stream(
     ad = adapter(model)
     check_inputs(model, input_ids, attention_mask, max_length)
     positions = state_positions_of(state_positions, input_ids.shape[1])
-    if logits_at is not None and (logits_at.dim() not in (1, 2) or logits_at.shape[0] != input_ids.shape[0] or not bool(
-            ((logits_at >= 0) & (logits_at < input_ids.shape[1])).all())):
-        raise ValueError(f"logits_at must hold positions in 0..{input_ids.shape[1] - 1}, [b] or [b, k] for the "
-                         f"{input_ids.shape[0]} rows, got shape {tuple(logits_at.shape)}")
+    if logits_at is not None:
+        _check_logits_at(logits_at, *input_ids.shape)
     edits, knockouts = split_knockouts(edits or {})
     units, wanted_names = resolve_units(ad, names, edits, positions)
     wanted = set(wanted_names) if callback is not None else set()
